@@ -1,0 +1,21 @@
+//! vmmu: x86 memory virtualization the way Linux KVM does it, in user space.
+//!
+//! The crate is layered bottom to top; a module may use the ones above it in
+//! this list, never the ones below (see ARCHITECTURE.md):
+//!
+//! - [`addr`]: address and frame newtypes, page sizes, levels.
+//! - [`arch`]: x86 formats, pure data and pure functions.
+//! - [`walker`]: the one guest page-table walker, generic over the format.
+//! - [`mem`]: host frames, the host address space and its MMU notifiers,
+//!   memslots, dirty logging structures, guest memory.
+//! - [`conform`]: the x86 paging conformance case format and its replay.
+//! - [`bench`]: benchmarks shared by `cargo bench` and `vmmu bench`.
+
+#![warn(missing_docs)]
+
+pub mod addr;
+pub mod arch;
+pub mod bench;
+pub mod conform;
+pub mod mem;
+pub mod walker;
