@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vmmu::conform::{self, Replayer};
 
 #[derive(Parser)]
-#[command(name = "vmmu", version, about = "x86 memory virtualization the way KVM does it, in user space")]
+#[command(
+    name = "vmmu",
+    version,
+    about = "x86 memory virtualization the way KVM does it, in user space"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,7 +77,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match cli.command {
@@ -132,12 +140,21 @@ fn run_conform(args: ConformArgs) -> ExitCode {
         }
         if files.len() > 1 {
             for f in &per_file {
-                println!("{}: {} passed, {} failed", f["file"].as_str().unwrap_or(""), f["passed"], f["failed"]);
+                println!(
+                    "{}: {} passed, {} failed",
+                    f["file"].as_str().unwrap_or(""),
+                    f["passed"],
+                    f["failed"]
+                );
             }
         }
         println!("{} passed, {} failed", total.passed, total.failed);
     }
-    if total.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if total.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn run_bench(args: BenchArgs) -> ExitCode {

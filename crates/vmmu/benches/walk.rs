@@ -10,14 +10,17 @@ use vmmu::bench::walk::{WalkSetup, lm4_paging, reference_loads};
 use vmmu::walker::Root;
 
 fn walk(c: &mut Criterion) {
-    let setup = WalkSetup::new(8, 4096);
+    let setup = WalkSetup::new(vmmu::bench::walk::FANOUT, 4096);
     let paging = lm4_paging();
     let root = Root::Table(Gpa::new(setup.root));
     let mut i = 0usize;
     c.bench_function("walk/lm4", |b| {
         b.iter(|| {
             i = (i + 1) & (setup.vas.len() - 1);
-            paging.walk(&setup.mem, &root, black_box(setup.vas[i]), Access::supervisor_read(), 0).ok().map(|w| w.gpa)
+            paging
+                .walk(&setup.mem, &root, black_box(setup.vas[i]), Access::supervisor_read(), 0)
+                .ok()
+                .map(|w| w.gpa)
         })
     });
     let mut j = 0usize;
@@ -28,7 +31,10 @@ fn walk(c: &mut Criterion) {
         })
     });
     let r = vmmu::bench::walk::run(2_000_000);
-    println!("walk: {:.1} ns/walk, reference {:.1} ns, ratio {:.2} (goal <= 3)", r.per_op_ns, r.reference_ns, r.ratio);
+    println!(
+        "walk: {:.1} ns/walk, reference {:.1} ns, ratio {:.2} (goal <= 3)",
+        r.per_op_ns, r.reference_ns, r.ratio
+    );
 }
 
 criterion_group!(benches, walk);

@@ -19,3 +19,8 @@ pub mod bench;
 pub mod conform;
 pub mod mem;
 pub mod walker;
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -201,7 +201,10 @@ mod tests {
     fn paging_mode_from_registers() {
         let pg = Cr0::PG | Cr0::PE;
         assert_eq!(PagingMode::from_regs(Cr0::PE, Cr4::PAE, Efer::LMA), PagingMode::None);
-        assert_eq!(PagingMode::from_regs(pg, Cr4::empty(), Efer::empty()), PagingMode::Bits32);
+        assert_eq!(
+            PagingMode::from_regs(pg, Cr4::empty(), Efer::empty()),
+            PagingMode::Bits32
+        );
         assert_eq!(PagingMode::from_regs(pg, Cr4::PSE, Efer::LME), PagingMode::Bits32);
         assert_eq!(PagingMode::from_regs(pg, Cr4::PAE, Efer::LME), PagingMode::Pae);
         assert_eq!(PagingMode::from_regs(pg, Cr4::PAE, Efer::LMA), PagingMode::Level4);
@@ -210,7 +213,10 @@ mod tests {
             PagingMode::Level5
         );
         // LA57 without long mode is PAE.
-        assert_eq!(PagingMode::from_regs(pg, Cr4::PAE | Cr4::LA57, Efer::empty()), PagingMode::Pae);
+        assert_eq!(
+            PagingMode::from_regs(pg, Cr4::PAE | Cr4::LA57, Efer::empty()),
+            PagingMode::Pae
+        );
     }
 
     #[test]
@@ -219,7 +225,7 @@ mod tests {
         assert!(!is_canonical(0x0000_8000_0000_0000, 48));
         assert!(is_canonical(0xffff_8000_0000_0000, 48));
         assert!(!is_canonical(0xfff7_8000_0000_0000, 48));
-        assert!(is_canonical(0x00ff_ffff_ffff_ffff, 57) == false);
+        assert!(!is_canonical(0x01ff_ffff_ffff_ffff, 57));
         assert!(is_canonical(0x00ff_ffff_ffff_ffff >> 1, 57));
         assert!(is_canonical(0xff00_0000_0000_0000, 57));
         assert!(PagingMode::Pae.is_canonical(0xdead_beef_0000_0000));

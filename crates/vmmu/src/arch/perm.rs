@@ -309,10 +309,22 @@ mod tests {
 
     #[test]
     fn supervisor_fetch_from_user_page_depends_on_smep() {
-        assert!(faults(&Permissions::guest(false, true, false), sup(Fetch, false), U | X));
-        assert!(!faults(&Permissions::guest(false, false, false), sup(Fetch, false), U | X));
+        assert!(faults(
+            &Permissions::guest(false, true, false),
+            sup(Fetch, false),
+            U | X
+        ));
+        assert!(!faults(
+            &Permissions::guest(false, false, false),
+            sup(Fetch, false),
+            U | X
+        ));
         // SMAP does not restrict fetches.
-        assert!(!faults(&Permissions::guest(false, false, true), sup(Fetch, false), U | X));
+        assert!(!faults(
+            &Permissions::guest(false, false, true),
+            sup(Fetch, false),
+            U | X
+        ));
         assert!(!faults(&Permissions::guest(false, true, false), usr(Fetch), U | X));
     }
 
@@ -351,7 +363,11 @@ mod tests {
             for kind in [Read, Write, Fetch] {
                 for privilege in [Privilege::User, Privilege::Supervisor, Privilege::ImplicitSupervisor] {
                     for ac in [false, true] {
-                        let a = Access { kind, privilege, rflags_ac: ac };
+                        let a = Access {
+                            kind,
+                            privilege,
+                            rflags_ac: ac,
+                        };
                         for rights in 0..8u8 {
                             let r = AccessRights::from_bits_truncate(rights);
                             let user_page = r.contains(U);
@@ -360,15 +376,25 @@ mod tests {
                                 Fetch => !r.contains(X) || (!sup_mode && !user_page) || (sup_mode && smep && user_page),
                                 Read => {
                                     (!sup_mode && !user_page)
-                                        || (sup_mode && smap && user_page && (privilege == Privilege::ImplicitSupervisor || !ac))
+                                        || (sup_mode
+                                            && smap
+                                            && user_page
+                                            && (privilege == Privilege::ImplicitSupervisor || !ac))
                                 }
                                 Write => {
                                     (!sup_mode && (!user_page || !r.contains(W)))
                                         || (sup_mode && wp && !r.contains(W))
-                                        || (sup_mode && smap && user_page && (privilege == Privilege::ImplicitSupervisor || !ac))
+                                        || (sup_mode
+                                            && smap
+                                            && user_page
+                                            && (privilege == Privilege::ImplicitSupervisor || !ac))
                                 }
                             };
-                            assert_eq!(p.faults(a.perm_index(), r), expected, "wp={wp} smep={smep} smap={smap} {a:?} {r:?}");
+                            assert_eq!(
+                                p.faults(a.perm_index(), r),
+                                expected,
+                                "wp={wp} smep={smep} smap={smap} {a:?} {r:?}"
+                            );
                         }
                     }
                 }

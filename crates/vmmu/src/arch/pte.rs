@@ -114,9 +114,7 @@ impl PteFormat for Pte32 {
     }
     #[inline(always)]
     fn rights(pte: u64) -> AccessRights {
-        AccessRights::from_bits_truncate(
-            (pte & (PT_WRITABLE | PT_USER)) as u8 | AccessRights::EXEC.bits(),
-        )
+        AccessRights::from_bits_truncate((pte & (PT_WRITABLE | PT_USER)) as u8 | AccessRights::EXEC.bits())
     }
     #[inline(always)]
     fn table_addr(pte: u64) -> u64 {

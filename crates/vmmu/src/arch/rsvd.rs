@@ -59,10 +59,7 @@ impl RsvdBits {
                 m[1][4] = high | bits(7, 7);
             }
         }
-        RsvdBits {
-            mask: m,
-            bad_mt_xwr: 0,
-        }
+        RsvdBits { mask: m, bad_mt_xwr: 0 }
     }
 
     /// Masks for EPT entries (SDM vol. 3C 29.3.3.1).
@@ -141,7 +138,10 @@ mod tests {
         assert!(r.is_reserved(0x83, 4, false)); // PS in PML4E
         let r = RsvdBits::guest(PagingMode::Level4, &f40(), false, true);
         assert!(r.is_reserved(1 << 63 | 1, 2, false));
-        let no_gb = CpuFeatures { gbpages: false, ..f40() };
+        let no_gb = CpuFeatures {
+            gbpages: false,
+            ..f40()
+        };
         let r = RsvdBits::guest(PagingMode::Level4, &no_gb, true, true);
         assert!(r.is_reserved(0x83, 3, true));
     }
@@ -160,7 +160,12 @@ mod tests {
         let r = RsvdBits::guest(PagingMode::Bits32, &f40(), false, true);
         assert!(r.is_reserved(0x83 | 1 << 21, 2, true));
         assert!(!r.is_reserved(0x83 | 0xff << 13, 2, true));
-        let r36 = RsvdBits::guest(PagingMode::Bits32, &CpuFeatures::default().with_maxphyaddr(36), false, true);
+        let r36 = RsvdBits::guest(
+            PagingMode::Bits32,
+            &CpuFeatures::default().with_maxphyaddr(36),
+            false,
+            true,
+        );
         assert!(r36.is_reserved(0x83 | 1 << 17, 2, true));
         assert!(!r36.is_reserved(0x83 | 1 << 16, 2, true));
         let nopse = RsvdBits::guest(PagingMode::Bits32, &f40(), false, false);
@@ -176,7 +181,10 @@ mod tests {
         assert!(r.is_reserved(0b111 | 2 << 3, 1, true)); // memtype 2
         assert!(!r.is_reserved(0b111 | 6 << 3, 1, true)); // WB
         assert!(!r.is_reserved(0, 1, true));
-        let no_xo = CpuFeatures { ept_exec_only: false, ..f40() };
+        let no_xo = CpuFeatures {
+            ept_exec_only: false,
+            ..f40()
+        };
         assert!(RsvdBits::ept(&no_xo).is_reserved(0b100, 1, true));
         assert!(r.is_reserved(0b111 | 1 << 3, 4, false)); // memtype bits in PML4E
     }

@@ -132,7 +132,11 @@ pub struct Outcome {
 impl Outcome {
     /// The vector, defaulting to #PF for a fault.
     pub fn effective_vector(&self) -> Option<u8> {
-        if self.fault { Some(self.vector.unwrap_or(14)) } else { None }
+        if self.fault {
+            Some(self.vector.unwrap_or(14))
+        } else {
+            None
+        }
     }
 
     /// Whether two outcomes are the same result.
@@ -307,10 +311,25 @@ impl Case {
     pub fn parse(line: &str) -> Result<Case, String> {
         let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
         let obj = value.as_object().ok_or("a case must be a JSON object")?;
+        // Name the offending field: "steps[3].va: bad hex number ...".
+        fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T, String> {
+            // The control fields are flattened into the case, which hides
+            // their names from the path: check them on their own first.
+            serde_path_to_error::deserialize::<_, CaseControl>(&value)
+                .map_err(|e| format!("bad {what}: {}: {}", e.path(), e.inner()))?;
+            serde_path_to_error::deserialize(value).map_err(|e| {
+                let path = e.path().to_string();
+                if path == "." {
+                    format!("bad {what}: {}", e.inner())
+                } else {
+                    format!("bad {what}: {path}: {}", e.inner())
+                }
+            })
+        }
         let case = if obj.contains_key("steps") {
-            Case::Steps(serde_json::from_value(value).map_err(|e| format!("bad step case: {e}"))?)
+            Case::Steps(typed(value, "step case")?)
         } else {
-            Case::Single(serde_json::from_value(value).map_err(|e| format!("bad case: {e}"))?)
+            Case::Single(typed(value, "case")?)
         };
         case.validate()?;
         Ok(case)
@@ -389,7 +408,9 @@ mod tests {
         assert!(Case::parse(bad_hex).unwrap_err().contains("hex"));
         let bad_mode = bad_hex.replace("\"lm4\"", "\"lm3\"").replace("\"1000\"", "\"0x1000\"");
         assert!(Case::parse(&bad_mode).unwrap_err().contains("lm3"));
-        let bad_cpl = bad_hex.replace("\"cpl\": 0", "\"cpl\": 7").replace("\"1000\"", "\"0x1000\"");
+        let bad_cpl = bad_hex
+            .replace("\"cpl\": 0", "\"cpl\": 7")
+            .replace("\"1000\"", "\"0x1000\"");
         assert!(Case::parse(&bad_cpl).unwrap_err().contains("cpl 7"));
         let missing = r#"{"id": 3, "mode": "lm4"}"#;
         assert!(Case::parse(missing).unwrap_err().contains("missing field"));

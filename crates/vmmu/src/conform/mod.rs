@@ -126,7 +126,10 @@ pub fn check_final(c: &StepCase, read: impl Fn(u64) -> u64) -> Result<(), Failur
         if got & e.mask.0 != e.value.0 {
             return Err(Failure {
                 id: c.id,
-                expected: format!("final entry {:#x} = {:#x} under mask {:#x}", e.pa.0, e.value.0, e.mask.0),
+                expected: format!(
+                    "final entry {:#x} = {:#x} under mask {:#x}",
+                    e.pa.0, e.value.0, e.mask.0
+                ),
                 got: format!("{:#x}", got & e.mask.0),
             });
         }

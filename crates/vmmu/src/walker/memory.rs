@@ -26,13 +26,7 @@ pub trait PtMemory {
     /// Atomically replaces the entry at `gpa` with `new` if it still holds
     /// `old`. Returns `Ok(Ok(()))` on success and `Ok(Err(current))` when the
     /// entry changed under the caller.
-    fn cmpxchg_entry(
-        &self,
-        gpa: Gpa,
-        size: EntrySize,
-        old: u64,
-        new: u64,
-    ) -> Result<Result<(), u64>, Self::Error>;
+    fn cmpxchg_entry(&self, gpa: Gpa, size: EntrySize, old: u64, new: u64) -> Result<Result<(), u64>, Self::Error>;
 }
 
 impl<M: PtMemory + ?Sized> PtMemory for &M {
@@ -42,13 +36,7 @@ impl<M: PtMemory + ?Sized> PtMemory for &M {
         (**self).read_entry(gpa, size)
     }
     #[inline(always)]
-    fn cmpxchg_entry(
-        &self,
-        gpa: Gpa,
-        size: EntrySize,
-        old: u64,
-        new: u64,
-    ) -> Result<Result<(), u64>, Self::Error> {
+    fn cmpxchg_entry(&self, gpa: Gpa, size: EntrySize, old: u64, new: u64) -> Result<Result<(), u64>, Self::Error> {
         (**self).cmpxchg_entry(gpa, size, old, new)
     }
 }

@@ -33,7 +33,7 @@ use std::marker::PhantomData;
 
 use crate::addr::{Gfn, Gpa, PAGE_SHIFT, PageSize};
 use crate::arch::control::{
-    CR3_32_ROOT_MASK, CR3_LM_ROOT_MASK, CR3_PAE_PDPT_MASK, Cr0, Cr4, CpuFeatures, Efer, PagingMode,
+    CR3_32_ROOT_MASK, CR3_LM_ROOT_MASK, CR3_PAE_PDPT_MASK, CpuFeatures, Cr0, Cr4, Efer, PagingMode,
 };
 use crate::arch::perm::{Access, AccessRights, Permissions, pkru_denies};
 use crate::arch::pfec::PfErrorCode;

@@ -41,8 +41,9 @@ impl SparseMemory {
         let mut pages = self.pages();
         for (i, b) in data.iter().enumerate() {
             let a = gpa.raw().wrapping_add(i as u64);
-            pages.entry(a / PAGE_SIZE).or_insert_with(|| Box::new([0; PAGE_SIZE as usize]))
-                [(a % PAGE_SIZE) as usize] = *b;
+            pages
+                .entry(a / PAGE_SIZE)
+                .or_insert_with(|| Box::new([0; PAGE_SIZE as usize]))[(a % PAGE_SIZE) as usize] = *b;
         }
     }
 
@@ -65,7 +66,11 @@ impl SparseMemory {
 
     /// Stops recording and returns the addresses read since the start.
     pub fn take_read_log(&self) -> Vec<Gpa> {
-        self.read_log.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default()
+        self.read_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default()
     }
 }
 
@@ -94,8 +99,9 @@ impl PtMemory for SparseMemory {
         }
         for (i, b) in new.to_le_bytes()[..n].iter().enumerate() {
             let a = gpa.raw() + i as u64;
-            pages.entry(a / PAGE_SIZE).or_insert_with(|| Box::new([0; PAGE_SIZE as usize]))
-                [(a % PAGE_SIZE) as usize] = *b;
+            pages
+                .entry(a / PAGE_SIZE)
+                .or_insert_with(|| Box::new([0; PAGE_SIZE as usize]))[(a % PAGE_SIZE) as usize] = *b;
         }
         Ok(Ok(()))
     }

@@ -1,0 +1,167 @@
+//! The command line contract: exit codes, last lines, JSON, bad input.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn vmmu(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmmu"))
+        .args(args)
+        .output()
+        .expect("run vmmu")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/conformance");
+
+fn temp_file(name: &str, content: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmmu-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(content.as_bytes())
+        .unwrap();
+    path
+}
+
+fn first_lines(file: &str, n: usize) -> String {
+    let text = std::fs::read_to_string(format!("{CORPUS}/{file}")).unwrap();
+    text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n"
+}
+
+#[test]
+fn conform_passes_and_ends_with_the_count() {
+    let o = vmmu(&[
+        "conform",
+        &format!("{CORPUS}/public-pae.jsonl"),
+        &format!("{CORPUS}/public-steps-tlb-lm5.jsonl"),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().last(), Some("1267 passed, 0 failed"));
+}
+
+#[test]
+fn conform_json_has_the_contract_fields() {
+    let o = vmmu(&[
+        "conform",
+        "--json",
+        "--mmu",
+        "walker",
+        &format!("{CORPUS}/public-ia32.jsonl"),
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    assert_eq!(v["passed"], 1000);
+    assert_eq!(v["failed"], 0);
+    assert_eq!(v["mmu"], "walker");
+    assert!(v["failures"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn conform_reports_a_failing_case_with_exit_1() {
+    let good = first_lines("public-lm4.jsonl", 3);
+    let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
+    let mut case: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    case["result"]["error_code"] = serde_json::json!(case["result"]["error_code"].as_u64().unwrap_or(0) ^ 2);
+    case["result"]["fault"] = serde_json::json!(true);
+    case["result"]["pa"] = serde_json::Value::Null;
+    lines[1] = case.to_string();
+    let path = temp_file("one-bad.jsonl", &(lines.join("\n") + "\n"));
+    let o = vmmu(&["conform", "--max-failures", "1", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains(&format!("id {}", case["id"])), "{out}");
+    assert_eq!(out.lines().last(), Some("2 passed, 1 failed"));
+}
+
+#[test]
+fn malformed_files_exit_2_naming_file_line_and_reason() {
+    let good = first_lines("public-lm4.jsonl", 2);
+    let cases = [
+        (
+            "truncated.jsonl",
+            format!("{good}{{\"id\": 9, \"mode\": \"lm4\""),
+            "line 3",
+            "invalid JSON",
+        ),
+        (
+            "wrongtype.jsonl",
+            good.replacen("\"cpl\": 0", "\"cpl\": \"zero\"", 1),
+            "line 1",
+            "cpl",
+        ),
+        ("badmode.jsonl", good.replacen("\"lm4\"", "\"lm6\"", 1), "line 1", "lm6"),
+        ("badhex.jsonl", good.replacen("\"0x", "\"1x", 1), "line 1", "hex"),
+        (
+            "huge.jsonl",
+            good.replacen("\"maxphyaddr\": 40", "\"maxphyaddr\": 99999", 1),
+            "line 1",
+            "maxphyaddr",
+        ),
+        ("array.jsonl", "[]\n".to_string(), "line 1", "object"),
+    ];
+    for (name, content, line, reason) in cases {
+        let path = temp_file(name, &content);
+        let o = vmmu(&["conform", path.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(2), "{name}: {}", stderr(&o));
+        let err = stderr(&o);
+        let line_tag = format!("{}:{}", name, &line[5..]);
+        assert!(err.contains(&line_tag), "{name}: {err}");
+        assert!(err.contains(reason), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        assert!(stdout(&o).is_empty(), "nothing replayed from a malformed input");
+    }
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    for args in [
+        vec!["conform"],
+        vec!["conform", "/nonexistent/cases.jsonl"],
+        vec!["conform", "--mmu", "nonsense", "x.jsonl"],
+        vec!["conform", "--max-failures", "-3", "x.jsonl"],
+        vec!["bench", "nosuchbench"],
+        vec!["bench", "walk", "-i", "0"],
+        vec!["frobnicate"],
+    ] {
+        let o = vmmu(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).is_empty(), "{args:?} explains itself");
+        assert!(!stderr(&o).contains("panicked"));
+    }
+    let o = vmmu(&["conform", "/nonexistent/cases.jsonl"]);
+    assert!(stderr(&o).contains("/nonexistent/cases.jsonl"));
+}
+
+#[test]
+fn help_exits_0() {
+    for args in [vec!["--help"], vec!["conform", "--help"], vec!["bench", "--help"]] {
+        assert_eq!(vmmu(&args).status.code(), Some(0), "{args:?}");
+    }
+}
+
+#[test]
+fn bench_walk_json() {
+    let o = vmmu(&["bench", "walk", "-i", "20000", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    for key in [
+        "bench",
+        "mmu",
+        "vcpus",
+        "pages",
+        "seconds",
+        "per_op_ns",
+        "reference_ns",
+        "ratio",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(v["bench"], "walk");
+}
