@@ -8,6 +8,7 @@
 //! - [`walker`]: the one guest page-table walker, generic over the format.
 //! - [`mem`]: host frames, the host address space and its MMU notifiers,
 //!   memslots, dirty logging structures, guest memory.
+//! - [`mmu`]: what both MMUs share, starting with the SPTE format.
 //! - [`conform`]: the x86 paging conformance case format and its replay.
 //! - [`bench`]: benchmarks shared by `cargo bench` and `vmmu bench`.
 
@@ -18,6 +19,7 @@ pub mod arch;
 pub mod bench;
 pub mod conform;
 pub mod mem;
+pub mod mmu;
 pub mod walker;
 
 /// The README's example, compiled and run as a doctest so it stays true.

@@ -1,0 +1,3 @@
+//! What both MMUs share. Today: the SPTE format ([`spte`]).
+
+pub mod spte;
