@@ -9,6 +9,7 @@
 //! - [`mem`]: host frames, the host address space and its MMU notifiers,
 //!   memslots, dirty logging structures, guest memory.
 //! - [`mmu`]: what both MMUs share, starting with the SPTE format.
+//! - [`cpu`]: the vCPU and the hardware model, starting with the TLB.
 //! - [`conform`]: the x86 paging conformance case format and its replay.
 //! - [`bench`]: benchmarks shared by `cargo bench` and `vmmu bench`.
 
@@ -18,6 +19,7 @@ pub mod addr;
 pub mod arch;
 pub mod bench;
 pub mod conform;
+pub mod cpu;
 pub mod mem;
 pub mod mmu;
 pub mod walker;

@@ -1,0 +1,432 @@
+//! The TLB model: what a processor may cache of a translation, and exactly
+//! what each invalidation removes (SDM vol. 3A 4.10, vol. 3C 29.4).
+//!
+//! An entry maps one linear page (4 KiB, 2 MiB, 4 MiB or 1 GiB) straight to a
+//! host-physical page, tagged by the address space it was made in: VPID,
+//! EPTP (for TDP) and PCID. Entries made from a leaf with G = 1 while
+//! CR4.PGE = 1 are global: they match every PCID. The TLB caches the
+//! *rights* of the translation, not the decision: every hit is checked
+//! against the current CR0.WP, CR4.SMEP/SMAP, RFLAGS.AC and PKRU by the
+//! caller, and a hit that would fault, or a write through an entry cached
+//! from a clean leaf, is dropped and walked again (as processors do).
+//!
+//! Paging-structure caches are not modelled: every miss walks from the
+//! root. That is a legal implementation (the SDM never requires caching),
+//! and every flush below removes at least what the SDM requires.
+
+use crate::addr::{Hpa, PageSize};
+use crate::arch::perm::AccessRights;
+
+/// Page sizes a TLB entry can have, each with its own array.
+const SIZES: [PageSize; 4] = [PageSize::Size4K, PageSize::Size2M, PageSize::Size4M, PageSize::Size1G];
+
+fn size_index(size: PageSize) -> usize {
+    match size {
+        PageSize::Size4K => 0,
+        PageSize::Size2M => 1,
+        PageSize::Size4M => 2,
+        PageSize::Size1G => 3,
+    }
+}
+
+/// The address-space tag of a translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TlbTag {
+    /// VPID (0 = the host / no VPID).
+    pub vpid: u16,
+    /// EPTP root tag for TDP translations (0 without EPT).
+    pub eptp: u64,
+    /// PCID (0 when CR4.PCIDE = 0).
+    pub pcid: u16,
+}
+
+/// One cached translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlbEntry {
+    /// Linear address of the page (aligned to its size).
+    pub va_base: u64,
+    /// Page size.
+    pub size: PageSize,
+    /// Address-space tag.
+    pub tag: TlbTag,
+    /// Global: matches every PCID of the same VPID/EPTP.
+    pub global: bool,
+    /// Host-physical address of the page (aligned to its size).
+    pub hpa_base: Hpa,
+    /// Guest-physical address of the page, for checks and exits.
+    pub gpa_base: u64,
+    /// Effective rights (guest ∧ MMU).
+    pub rights: AccessRights,
+    /// Protection key of the guest leaf.
+    pub pkey: u8,
+    /// Whether the guest leaf (and the SPTE) were dirty when cached: a
+    /// write through a clean entry must walk to set D.
+    pub dirty: bool,
+}
+
+impl TlbEntry {
+    /// The host-physical address of `va` through this entry.
+    #[inline]
+    pub fn hpa(&self, va: u64) -> Hpa {
+        Hpa::new(self.hpa_base.raw() + (va & (self.size.bytes() - 1)))
+    }
+
+    /// The guest-physical address of `va` through this entry.
+    #[inline]
+    pub fn gpa(&self, va: u64) -> u64 {
+        self.gpa_base + (va & (self.size.bytes() - 1))
+    }
+
+    #[inline]
+    fn matches(&self, va: u64, tag: TlbTag) -> bool {
+        self.va_base == va & !(self.size.bytes() - 1)
+            && self.tag.vpid == tag.vpid
+            && self.tag.eptp == tag.eptp
+            && (self.global || self.tag.pcid == tag.pcid)
+    }
+}
+
+/// TLB geometry: per page size, `sets` × `ways` entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlbConfig {
+    /// Sets per page-size array (a power of two).
+    pub sets: usize,
+    /// Ways per set.
+    pub ways: usize,
+}
+
+impl Default for TlbConfig {
+    /// 64 sets × 8 ways (512 entries) per size: a second-level TLB.
+    fn default() -> Self {
+        TlbConfig { sets: 64, ways: 8 }
+    }
+}
+
+/// Counters of TLB activity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlbStats {
+    /// Lookups that hit.
+    pub hits: u64,
+    /// Lookups that missed.
+    pub misses: u64,
+    /// Entries evicted by replacement.
+    pub evictions: u64,
+    /// Invalidation operations performed.
+    pub flushes: u64,
+}
+
+/// A set-associative TLB, one array per page size, round-robin replacement.
+#[derive(Clone, Debug)]
+pub struct Tlb {
+    config: TlbConfig,
+    arrays: [Vec<Option<TlbEntry>>; 4],
+    next_victim: [Vec<u8>; 4],
+    stats: TlbStats,
+}
+
+/// What an invalidation removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flush {
+    /// INVLPG `va`: the page's translations for the current VPID/EPTP and
+    /// PCID, and its global translations.
+    Page {
+        /// The linear address.
+        va: u64,
+        /// The current tag.
+        tag: TlbTag,
+    },
+    /// INVPCID type 0: `va`'s non-global translations for `pcid`.
+    PcidPage {
+        /// The linear address.
+        va: u64,
+        /// The tag, with the descriptor's PCID.
+        tag: TlbTag,
+    },
+    /// MOV to CR3 without no-flush / INVPCID type 1: all non-global
+    /// translations of the tag's PCID.
+    Pcid(TlbTag),
+    /// INVPCID type 3: all non-global translations of every PCID of the
+    /// tag's VPID/EPTP.
+    AllNonGlobal(TlbTag),
+    /// INVPCID type 2, a CR4.PGE or PCIDE change, CR0.PG changes: all
+    /// translations of the tag's VPID/EPTP, global ones included.
+    All(TlbTag),
+    /// INVVPID (single context): everything of one VPID.
+    Vpid(u16),
+    /// INVEPT (single context): everything made through one EPTP.
+    Eptp(u64),
+    /// INVEPT/INVVPID all-context, or a vCPU reset: everything.
+    Everything,
+}
+
+impl Tlb {
+    /// An empty TLB with the given geometry.
+    ///
+    /// # Panics
+    /// If `sets` is not a power of two or `ways` is 0 or above 255 (a
+    /// configuration error, rejected before a TLB is built by callers that
+    /// take user input).
+    pub fn new(config: TlbConfig) -> Tlb {
+        assert!(config.sets.is_power_of_two(), "TLB sets must be a power of two");
+        assert!((1..=255).contains(&config.ways), "TLB ways must be 1..=255");
+        let n = config.sets * config.ways;
+        Tlb {
+            config,
+            arrays: std::array::from_fn(|_| vec![None; n]),
+            next_victim: std::array::from_fn(|_| vec![0; config.sets]),
+            stats: TlbStats::default(),
+        }
+    }
+
+    /// The geometry.
+    pub fn config(&self) -> TlbConfig {
+        self.config
+    }
+
+    /// Activity counters.
+    pub fn stats(&self) -> TlbStats {
+        self.stats
+    }
+
+    #[inline]
+    fn set_range(&self, size: PageSize, va: u64) -> std::ops::Range<usize> {
+        let vpn = va / size.bytes();
+        let set = (vpn as usize) & (self.config.sets - 1);
+        set * self.config.ways..(set + 1) * self.config.ways
+    }
+
+    /// The translation of `va` under `tag`, if cached.
+    #[inline]
+    pub fn lookup(&mut self, va: u64, tag: TlbTag) -> Option<TlbEntry> {
+        for (i, size) in SIZES.iter().enumerate() {
+            let range = self.set_range(*size, va);
+            for e in self.arrays[i][range].iter().flatten() {
+                if e.matches(va, tag) {
+                    self.stats.hits += 1;
+                    return Some(*e);
+                }
+            }
+        }
+        self.stats.misses += 1;
+        None
+    }
+
+    /// Caches a translation, replacing any entry for the same page and tag.
+    pub fn insert(&mut self, entry: TlbEntry) {
+        let i = size_index(entry.size);
+        let range = self.set_range(entry.size, entry.va_base);
+        let set = range.start / self.config.ways;
+        let ways = &mut self.arrays[i][range];
+        let slot = ways
+            .iter()
+            .position(|e| e.is_some_and(|e| e.va_base == entry.va_base && e.tag == entry.tag))
+            .or_else(|| ways.iter().position(Option::is_none));
+        match slot {
+            Some(s) => ways[s] = Some(entry),
+            None => {
+                let v = &mut self.next_victim[i][set];
+                ways[*v as usize] = Some(entry);
+                *v = ((*v as usize + 1) % self.config.ways) as u8;
+                self.stats.evictions += 1;
+            }
+        }
+    }
+
+    /// Removes one entry that was found stale by its user (a hit whose
+    /// rights fault, or a write through a clean entry).
+    pub fn remove(&mut self, va: u64, tag: TlbTag) {
+        for (i, size) in SIZES.iter().enumerate() {
+            let range = self.set_range(*size, va);
+            for e in &mut self.arrays[i][range] {
+                if e.is_some_and(|x| x.matches(va, tag)) {
+                    *e = None;
+                }
+            }
+        }
+    }
+
+    /// Performs an invalidation.
+    pub fn flush(&mut self, flush: Flush) {
+        self.stats.flushes += 1;
+        let same_space = |e: &TlbEntry, t: &TlbTag| e.tag.vpid == t.vpid && e.tag.eptp == t.eptp;
+        let in_page = |e: &TlbEntry, va: u64| e.va_base == va & !(e.size.bytes() - 1);
+        let removes = |e: &TlbEntry| match &flush {
+            Flush::Page { va, tag } => in_page(e, *va) && same_space(e, tag) && (e.global || e.tag.pcid == tag.pcid),
+            Flush::PcidPage { va, tag } => in_page(e, *va) && same_space(e, tag) && !e.global && e.tag.pcid == tag.pcid,
+            Flush::Pcid(tag) => same_space(e, tag) && !e.global && e.tag.pcid == tag.pcid,
+            Flush::AllNonGlobal(tag) => same_space(e, tag) && !e.global,
+            Flush::All(tag) => same_space(e, tag),
+            Flush::Vpid(vpid) => e.tag.vpid == *vpid,
+            Flush::Eptp(eptp) => e.tag.eptp == *eptp,
+            Flush::Everything => true,
+        };
+        let drop_matching = |slots: &mut [Option<TlbEntry>]| {
+            for slot in slots {
+                if slot.as_ref().is_some_and(removes) {
+                    *slot = None;
+                }
+            }
+        };
+        if let Flush::Page { va, .. } | Flush::PcidPage { va, .. } = flush {
+            // A page flush only needs the sets that can hold the page.
+            for (i, size) in SIZES.iter().enumerate() {
+                let range = self.set_range(*size, va);
+                drop_matching(&mut self.arrays[i][range]);
+            }
+        } else {
+            for array in &mut self.arrays {
+                drop_matching(array);
+            }
+        }
+    }
+
+    /// Number of valid entries.
+    pub fn len(&self) -> usize {
+        self.arrays.iter().map(|a| a.iter().flatten().count()).sum()
+    }
+
+    /// Whether no entry is valid.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every valid entry (for checkers).
+    pub fn entries(&self) -> impl Iterator<Item = &TlbEntry> {
+        self.arrays.iter().flat_map(|a| a.iter().flatten())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(pcid: u16) -> TlbTag {
+        TlbTag { vpid: 1, eptp: 0, pcid }
+    }
+
+    fn entry(va: u64, size: PageSize, pcid: u16, global: bool) -> TlbEntry {
+        TlbEntry {
+            va_base: va & !(size.bytes() - 1),
+            size,
+            tag: tag(pcid),
+            global,
+            hpa_base: Hpa::new(0x10_0000_0000 + (va & !(size.bytes() - 1))),
+            gpa_base: va & !(size.bytes() - 1),
+            rights: AccessRights::all(),
+            pkey: 0,
+            dirty: true,
+        }
+    }
+
+    #[test]
+    fn lookup_finds_every_page_size() {
+        let mut t = Tlb::new(TlbConfig::default());
+        t.insert(entry(0x1000, PageSize::Size4K, 1, false));
+        t.insert(entry(0x4020_0000, PageSize::Size2M, 1, false));
+        t.insert(entry(0x8000_0000, PageSize::Size1G, 1, false));
+        assert_eq!(t.lookup(0x1abc, tag(1)).unwrap().hpa(0x1abc), Hpa::new(0x10_0000_1abc));
+        assert!(t.lookup(0x4020_0000 + 0x1f_ffff, tag(1)).is_some());
+        assert!(t.lookup(0x8000_0000 + 0x3fff_ffff, tag(1)).is_some());
+        assert!(t.lookup(0x2000, tag(1)).is_none());
+        assert_eq!(t.stats().hits, 3);
+    }
+
+    #[test]
+    fn pcids_are_separate_but_globals_are_shared() {
+        let mut t = Tlb::new(TlbConfig::default());
+        t.insert(entry(0x1000, PageSize::Size4K, 1, false));
+        t.insert(entry(0x5000, PageSize::Size4K, 1, true));
+        assert!(t.lookup(0x1000, tag(2)).is_none(), "non-global entries are per PCID");
+        assert!(t.lookup(0x5000, tag(2)).is_some(), "global entries match every PCID");
+        // Another VPID never matches, global or not.
+        let other = TlbTag { vpid: 2, ..tag(1) };
+        assert!(t.lookup(0x5000, other).is_none());
+    }
+
+    #[test]
+    fn mov_cr3_keeps_globals_and_other_pcids() {
+        let mut t = Tlb::new(TlbConfig::default());
+        t.insert(entry(0x1000, PageSize::Size4K, 1, false));
+        t.insert(entry(0x2000, PageSize::Size4K, 2, false));
+        t.insert(entry(0x3000, PageSize::Size4K, 1, true));
+        t.flush(Flush::Pcid(tag(1)));
+        assert!(t.lookup(0x1000, tag(1)).is_none());
+        assert!(t.lookup(0x2000, tag(2)).is_some());
+        assert!(t.lookup(0x3000, tag(1)).is_some());
+    }
+
+    #[test]
+    fn invlpg_removes_the_page_and_its_global_translation() {
+        let mut t = Tlb::new(TlbConfig::default());
+        t.insert(entry(0x1000, PageSize::Size4K, 1, false));
+        t.insert(entry(0x1000, PageSize::Size4K, 2, false));
+        t.insert(entry(0x4000_0000, PageSize::Size2M, 2, true));
+        t.flush(Flush::Page {
+            va: 0x1000,
+            tag: tag(1),
+        });
+        assert!(t.lookup(0x1000, tag(1)).is_none());
+        assert!(t.lookup(0x1000, tag(2)).is_some(), "other PCIDs may keep theirs");
+        // INVLPG of any address inside a large page removes it, global too.
+        t.flush(Flush::Page {
+            va: 0x4012_3000,
+            tag: tag(1),
+        });
+        assert!(t.lookup(0x4000_0000, tag(2)).is_none());
+    }
+
+    #[test]
+    fn invpcid_types() {
+        let mut t = Tlb::new(TlbConfig::default());
+        let fill = |t: &mut Tlb| {
+            t.insert(entry(0x1000, PageSize::Size4K, 1, false));
+            t.insert(entry(0x2000, PageSize::Size4K, 2, false));
+            t.insert(entry(0x3000, PageSize::Size4K, 1, true));
+        };
+        fill(&mut t);
+        t.flush(Flush::PcidPage {
+            va: 0x3000,
+            tag: tag(1),
+        });
+        assert!(t.lookup(0x3000, tag(1)).is_some(), "type 0 keeps global translations");
+        t.flush(Flush::PcidPage {
+            va: 0x1000,
+            tag: tag(1),
+        });
+        assert!(t.lookup(0x1000, tag(1)).is_none());
+        fill(&mut t);
+        t.flush(Flush::AllNonGlobal(tag(0)));
+        assert_eq!(t.len(), 1, "type 3 keeps only globals");
+        fill(&mut t);
+        t.flush(Flush::All(tag(0)));
+        assert!(t.is_empty(), "type 2 removes everything");
+    }
+
+    #[test]
+    fn vpid_and_eptp_flushes() {
+        let mut t = Tlb::new(TlbConfig::default());
+        t.insert(entry(0x1000, PageSize::Size4K, 1, true));
+        let mut e = entry(0x1000, PageSize::Size4K, 1, true);
+        e.tag.eptp = 0x5000;
+        e.tag.vpid = 3;
+        t.insert(e);
+        t.flush(Flush::Eptp(0x5000));
+        assert_eq!(t.len(), 1);
+        t.flush(Flush::Vpid(1));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn replacement_evicts_within_a_set() {
+        let mut t = Tlb::new(TlbConfig { sets: 1, ways: 2 });
+        for va in [0x1000, 0x2000, 0x3000] {
+            t.insert(entry(va, PageSize::Size4K, 1, false));
+        }
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.stats().evictions, 1);
+        assert!(t.lookup(0x3000, tag(1)).is_some(), "the newest entry is cached");
+        // Re-inserting the same page replaces, never duplicates.
+        t.insert(entry(0x3000, PageSize::Size4K, 1, false));
+        assert_eq!(t.len(), 2);
+    }
+}
