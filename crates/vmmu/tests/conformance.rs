@@ -59,3 +59,63 @@ fn an_altered_case_fails() {
     run_cases(&mut WalkerReplayer, &cases, &mut report);
     assert_eq!(report.failed, altered);
 }
+
+/// The walker over the memory layer's `GuestMemory` (gpa → memslot → hva →
+/// host frame) agrees with every single-access case, as over the plain
+/// sparse memory.
+#[test]
+fn walker_over_guest_memory_passes_the_single_access_cases() {
+    use std::sync::Arc;
+    use vmmu::addr::{Gpa, Hva};
+    use vmmu::arch::perm::Access;
+    use vmmu::conform::{Case, case_features, case_regs, check_after, check_outcome, outcome_of};
+    use vmmu::mem::{
+        FrameArena, GuestMemory, HostAddressSpace, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags,
+    };
+    use vmmu::walker::{GuestPaging, load_pdptes};
+
+    const SIZE: u64 = 64 << 20;
+    let arena = Arc::new(FrameArena::with_reserve(256 << 20).unwrap());
+    let host = Arc::new(HostAddressSpace::new(arena).unwrap());
+    host.mmap(Hva::new(0x7000_0000), SIZE, VmaFlags::WRITE).unwrap();
+    let slots = Arc::new(MemslotTable::new(MemslotConfig::default()));
+    slots
+        .create(MemoryRegion {
+            as_id: 0,
+            id: 0,
+            flags: MemslotFlags::empty(),
+            guest_phys_addr: Gpa::new(0),
+            memory_size: SIZE,
+            userspace_addr: Hva::new(0x7000_0000),
+        })
+        .unwrap();
+    let mem = GuestMemory::new(host, slots);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/conformance");
+    let mut passed = 0;
+    for mode in ["lm4", "lm5", "pae", "ia32"] {
+        for case in read_cases(&dir.join(format!("public-{mode}.jsonl"))).unwrap() {
+            let Case::Single(c) = case else {
+                unreachable!("single-access file")
+            };
+            let esize = c.control.mode.entry_size();
+            for e in &c.memory {
+                mem.write_value(Gpa::new(e.pa.0), esize, e.value.0).unwrap();
+            }
+            let regs = case_regs(&c.control);
+            let features = case_features(&c.control);
+            let paging = GuestPaging::new(&regs, &features);
+            let pdptes = load_pdptes(&mem, c.control.cr3.0, &features).unwrap_or([0; 4]);
+            let root = paging.root(c.control.cr3.0, pdptes);
+            let access = Access::new(c.access.into(), c.cpl, c.rflags_ac);
+            let got = outcome_of(&paging.walk(&mem, &root, c.va.0, access, c.control.pkru.0 as u32));
+            check_outcome(c.id, None, &c.result, &got).unwrap_or_else(|f| panic!("{mode}: {f:?}"));
+            check_after(&c, |pa| mem.read_value(Gpa::new(pa), esize).unwrap())
+                .unwrap_or_else(|f| panic!("{mode}: {f:?}"));
+            for e in &c.memory {
+                mem.write_value(Gpa::new(e.pa.0), esize, 0).unwrap();
+            }
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 5467);
+}
