@@ -174,20 +174,22 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         }
     } else {
         println!(
-            "{:<10} {:>6} {:>12} {:>14} {:>8} {:>6}  reference",
+            "{:<22} {:>6} {:>12} {:>14} {:>8} {:>6}  reference",
             "bench", "mmu", "per_op_ns", "reference_ns", "ratio", "goal"
         );
         for r in &results {
-            println!(
-                "{:<10} {:>6} {:>12.2} {:>14.2} {:>8.2} {:>6}  {}",
-                r.bench,
-                r.mmu,
-                r.per_op_ns,
-                r.reference_ns,
-                r.ratio,
-                r.goal_ratio.map(|g| format!("<={g}")).unwrap_or_default(),
-                r.reference
-            );
+            for p in &r.phases {
+                println!(
+                    "{:<22} {:>6} {:>12.2} {:>14.2} {:>8.2} {:>6}  {}",
+                    format!("{}/{}", r.bench, p.phase),
+                    r.mmu,
+                    p.per_op_ns,
+                    p.reference_ns,
+                    p.ratio,
+                    r.goal_ratio.map(|g| format!("<={g}")).unwrap_or_default(),
+                    r.reference
+                );
+            }
         }
     }
     ExitCode::SUCCESS

@@ -27,7 +27,7 @@ fn walk(c: &mut Criterion) {
     c.bench_function("walk/reference-4-loads", |b| {
         b.iter(|| {
             j = (j + 1) & (setup.vas.len() - 1);
-            reference_loads(&setup.mem, setup.root, black_box(&setup.vas[j..j + 1]), 1)
+            reference_loads(&setup.mem, setup.root, black_box(&setup.vas[j..j + 1]), 1, false)
         })
     });
     let r = vmmu::bench::walk::run(2_000_000);

@@ -5,7 +5,6 @@
 //! 5-level paging) and [`PteEpt`] (EPT, for nested TDP) implement it. This is
 //! the job `paging_tmpl.h`'s `PTTYPE` does in KVM.
 
-use super::bits;
 use super::perm::AccessRights;
 
 /// The width of a paging-structure entry.
@@ -65,6 +64,9 @@ pub trait PteFormat: Copy + Send + Sync + 'static {
     const ACCESSED: u64;
     /// The Dirty bit.
     const DIRTY: u64;
+    /// Whether leaves carry a memory type whose illegal values (and illegal
+    /// R/W/X combinations) are misconfigurations: EPT only.
+    const HAS_MEMTYPE: bool = false;
 
     /// Whether the entry is present (for EPT: readable, writable or executable).
     fn is_present(pte: u64) -> bool;
@@ -159,7 +161,13 @@ impl PteFormat for Pte64 {
     }
     #[inline(always)]
     fn leaf_addr(pte: u64, level: u8) -> u64 {
-        pte & PT64_ADDR_MASK & !bits(0, 11 + 9 * (level as u32 - 1))
+        const MASKS: [u64; 4] = [
+            PT64_ADDR_MASK,
+            PT64_ADDR_MASK & !((1 << 21) - 1),
+            PT64_ADDR_MASK & !((1 << 30) - 1),
+            PT64_ADDR_MASK & !((1 << 39) - 1),
+        ];
+        pte & MASKS[(level as usize - 1) & 3]
     }
     #[inline(always)]
     fn pkey(pte: u64) -> u8 {
@@ -178,6 +186,7 @@ impl PteFormat for PteEpt {
     const INDEX_BITS: u32 = 9;
     const ACCESSED: u64 = super::ept::EPT_ACCESSED;
     const DIRTY: u64 = super::ept::EPT_DIRTY;
+    const HAS_MEMTYPE: bool = true;
 
     #[inline(always)]
     fn is_present(pte: u64) -> bool {

@@ -10,7 +10,7 @@ use super::control::{CpuFeatures, PagingMode};
 /// Reserved bits of paging entries for one paging configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct RsvdBits {
-    mask: [[u64; 5]; 2],
+    flat: [u64; 16],
     bad_mt_xwr: u64,
 }
 
@@ -59,7 +59,10 @@ impl RsvdBits {
                 m[1][4] = high | bits(7, 7);
             }
         }
-        RsvdBits { mask: m, bad_mt_xwr: 0 }
+        RsvdBits {
+            flat: flatten(&m),
+            bad_mt_xwr: 0,
+        }
     }
 
     /// Masks for EPT entries (SDM vol. 3C 29.3.3.1).
@@ -92,7 +95,7 @@ impl RsvdBits {
             }
         }
         RsvdBits {
-            mask: m,
+            flat: flatten(&m),
             bad_mt_xwr: bad,
         }
     }
@@ -100,7 +103,7 @@ impl RsvdBits {
     /// The reserved bits for an entry at `level` whose bit 7 is `ps`.
     #[inline(always)]
     pub fn mask(&self, level: u8, ps: bool) -> u64 {
-        self.mask[ps as usize][(level - 1) as usize]
+        self.flat[((level as usize) << 1 | ps as usize) & 15]
     }
 
     /// Whether a present `pte` at `level` has a reserved bit set (or, for
@@ -108,13 +111,34 @@ impl RsvdBits {
     /// only counts in leaves; callers pass `leaf` accordingly.
     #[inline(always)]
     pub fn is_reserved(&self, pte: u64, level: u8, leaf: bool) -> bool {
-        let ps = (pte >> 7) & 1 != 0;
-        if pte & self.mask(level, ps) != 0 {
-            return true;
-        }
+        self.has_reserved_bits(pte, level) || self.is_bad_mt_xwr(pte, leaf)
+    }
+
+    /// Whether `pte` at `level` has a bit set that its reserved mask names.
+    #[inline(always)]
+    pub fn has_reserved_bits(&self, pte: u64, level: u8) -> bool {
+        let index = ((level as usize) << 1 | ((pte >> 7) & 1) as usize) & 15;
+        pte & self.flat[index] != 0
+    }
+
+    /// EPT only: whether the memory type (of a leaf) or the R/W/X
+    /// combination is illegal.
+    #[inline(always)]
+    pub fn is_bad_mt_xwr(&self, pte: u64, leaf: bool) -> bool {
         let index = if leaf { pte & 0x3f } else { pte & 0x7 };
         (self.bad_mt_xwr >> index) & 1 != 0
     }
+}
+
+/// `[ps][level - 1]` → `[level << 1 | ps]`.
+fn flatten(m: &[[u64; 5]; 2]) -> [u64; 16] {
+    let mut flat = [0u64; 16];
+    for level in 1..=5usize {
+        for ps in 0..2usize {
+            flat[level << 1 | ps] = m[ps][level - 1];
+        }
+    }
+    flat
 }
 
 #[cfg(test)]

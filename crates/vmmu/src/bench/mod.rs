@@ -29,6 +29,22 @@ pub struct BenchResult {
     pub reference: &'static str,
     /// The goal for `ratio`, if the issue sets one.
     pub goal_ratio: Option<f64>,
+    /// Phases measured, each against its own reference (the top-level
+    /// figures are the first phase's).
+    pub phases: Vec<Phase>,
+}
+
+/// One phase of a benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct Phase {
+    /// Phase name.
+    pub phase: &'static str,
+    /// Nanoseconds per operation.
+    pub per_op_ns: f64,
+    /// Nanoseconds per operation of the reference.
+    pub reference_ns: f64,
+    /// `per_op_ns / reference_ns`.
+    pub ratio: f64,
 }
 
 /// Runs `f` `iters` times and returns the best of `rounds` rounds in

@@ -402,8 +402,11 @@ impl<F: PteFormat> Paging<F> {
                 if !F::is_present(pte) {
                     return Err(fault(self.access_error_code(access), rights));
                 }
-                let leaf = level == 1 || (self.allows_large(level) && F::has_page_size(pte));
-                if self.rsvd.is_reserved(pte, level, leaf) {
+                // Bit 7 makes a leaf only at levels that may hold one.
+                let leaf = level == 1 || ((self.large_levels as u64 >> level) & (pte >> 7) & 1) != 0;
+                let reserved =
+                    self.rsvd.has_reserved_bits(pte, level) || (F::HAS_MEMTYPE && self.rsvd.is_bad_mt_xwr(pte, leaf));
+                if reserved {
                     return Err(fault(
                         self.access_error_code(access) | PfErrorCode::PRESENT | PfErrorCode::RSVD,
                         rights,
