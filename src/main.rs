@@ -33,6 +33,8 @@ enum Command {
 enum ConformMmu {
     /// The guest page-table walker alone (a fresh walk at every access).
     Walker,
+    /// A one-vCPU VM on the TDP MMU: TLB, two-dimensional walk, EPT exits.
+    Tdp,
 }
 
 #[derive(clap::Args)]
@@ -105,6 +107,7 @@ fn run_conform(args: ConformArgs) -> ExitCode {
     }
     let mut replayer: Box<dyn Replayer> = match args.mmu {
         ConformMmu::Walker => Box::new(conform::WalkerReplayer),
+        ConformMmu::Tdp => Box::new(conform::TdpReplayer),
     };
     let mut total = conform::Report::default();
     let mut per_file = Vec::new();

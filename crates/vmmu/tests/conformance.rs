@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use vmmu::conform::{Report, WalkerReplayer, read_cases, run_cases};
+use vmmu::conform::{Report, TdpReplayer, WalkerReplayer, read_cases, run_cases};
 
 fn corpus() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/conformance");
@@ -25,6 +25,25 @@ fn walker_passes_every_vendored_case() {
         assert!(!cases.is_empty(), "{} has cases", file.display());
         let mut report = Report::default();
         run_cases(&mut WalkerReplayer, &cases, &mut report);
+        assert_eq!(
+            report.failed,
+            0,
+            "{}: {:?}",
+            file.display(),
+            &report.failures[..report.failures.len().min(5)]
+        );
+        total += report.passed;
+    }
+    assert_eq!(total, 7667);
+}
+
+#[test]
+fn tdp_mmu_passes_every_vendored_case() {
+    let mut total = 0;
+    for file in corpus() {
+        let cases = read_cases(&file).unwrap_or_else(|e| panic!("{e}"));
+        let mut report = Report::default();
+        run_cases(&mut TdpReplayer, &cases, &mut report);
         assert_eq!(
             report.failed,
             0,

@@ -7,6 +7,7 @@
 //! with a fresh walk at every access and stores written straight to memory.
 
 pub mod case;
+pub mod tdp;
 
 use std::fmt;
 use std::io::BufRead;
@@ -20,6 +21,7 @@ use crate::arch::perm::Access;
 use crate::arch::pfec::GP_VECTOR;
 use crate::walker::{ControlRegs, GuestPaging, Root, SparseMemory, WalkError, load_pdptes};
 pub use case::{Case, CaseControl, Hex, Outcome, SingleCase, Step, StepCase};
+pub use tdp::TdpReplayer;
 
 /// The verdict on one case.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -1,5 +1,8 @@
-//! What both MMUs share. Today: the SPTE format ([`spte`]) and the walk
-//! cursor over SPTE tables in host frames ([`iter`]).
+//! The MMUs and what they share: the SPTE format ([`spte`]), the walk
+//! cursor over SPTE tables in host frames ([`iter`]), KVM-named counters
+//! ([`stats`]), and the TDP MMU ([`tdp`]).
 
 pub mod iter;
 pub mod spte;
+pub mod stats;
+pub mod tdp;

@@ -1,0 +1,472 @@
+//! A vCPU running on the TDP MMU: architectural state, its TLB, and the
+//! access path (TLB → two-dimensional walk → exit to the MMU → retry).
+
+use std::sync::Arc;
+
+use super::hw::{EptExit, EptGuestMemory, EptStage, EptTranslator};
+use super::tlb::{Flush, Tlb, TlbConfig, TlbEntry, TlbTag};
+use crate::addr::{Gpa, Hpa, Pfn};
+use crate::arch::control::{CR3_NOFLUSH, CR3_PAE_PDPT_MASK, CR3_PCID_MASK, CpuFeatures, Cr0, Cr4, PagingMode};
+use crate::arch::perm::{Access, AccessKind, AccessRights};
+use crate::arch::pfec::PfErrorCode;
+use crate::arch::pte::PT_GLOBAL;
+use crate::mem::{MemslotTable, SlotCache};
+use crate::mmu::tdp::{FaultOutcome, RootRef, TdpError, TdpFault, TdpMmu};
+use crate::walker::{ControlRegs, EntrySize, GuestPaging, PtMemory, WalkError};
+
+/// A fault the guest sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestFault {
+    /// #PF with its error code (CR2 = the linear address).
+    PageFault {
+        /// The error code.
+        error_code: PfErrorCode,
+        /// The faulting linear address.
+        gva: u64,
+    },
+    /// #GP(0): a non-canonical address.
+    GeneralProtection,
+}
+
+/// The result of one guest access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessResult {
+    /// The access completed.
+    Done {
+        /// The guest-physical address reached.
+        gpa: Gpa,
+        /// The value read (0 for writes and for MMIO reads).
+        value: u64,
+        /// Whether the gpa had no memslot and the VMM emulated it.
+        mmio: bool,
+    },
+    /// The guest takes an exception.
+    Fault(GuestFault),
+}
+
+/// Counters of one vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VcpuStats {
+    /// Accesses made.
+    pub accesses: u64,
+    /// Accesses served by a TLB hit.
+    pub tlb_hits: u64,
+    /// EPT-violation exits.
+    pub ept_violations: u64,
+    /// EPT-misconfiguration exits.
+    pub ept_misconfigs: u64,
+    /// Exceptions delivered to the guest.
+    pub guest_faults: u64,
+    /// Full TLB flushes requested by the MMU.
+    pub remote_flushes: u64,
+}
+
+/// Retries of one access before the vCPU reports that the MMU made no
+/// progress (each retry follows an MMU fix or a lost race; a correct MMU
+/// converges in a few).
+const MAX_RETRIES: u32 = 1000;
+
+/// Why an access could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The MMU failed.
+    #[error(transparent)]
+    Mmu(#[from] TdpError),
+    /// The MMU kept answering "retry".
+    #[error("no progress on {gva:#x} after {MAX_RETRIES} retries (last exit {last:?})")]
+    NoProgress {
+        /// The linear address.
+        gva: u64,
+        /// The last exit.
+        last: Option<EptExit>,
+    },
+}
+
+/// A vCPU on the TDP MMU.
+pub struct Vcpu {
+    mmu: Arc<TdpMmu>,
+    slots: Arc<MemslotTable>,
+    root: RootRef,
+    features: CpuFeatures,
+    regs: ControlRegs,
+    cr3: u64,
+    pdptes: [u64; 4],
+    pkru: u32,
+    paging: GuestPaging,
+    tlb: Tlb,
+    vpid: u16,
+    seen_flush_gen: u64,
+    slot_cache: SlotCache,
+    stats: VcpuStats,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("regs", &self.regs)
+            .field("cr3", &self.cr3)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vcpu {
+    /// A vCPU with paging off, on address space 0 of `mmu`.
+    pub fn new(mmu: Arc<TdpMmu>, slots: Arc<MemslotTable>, features: CpuFeatures, vpid: u16) -> Result<Vcpu, TdpError> {
+        let root = mmu.get_root(0)?;
+        let regs = ControlRegs::default();
+        Ok(Vcpu {
+            seen_flush_gen: mmu.tlb_flush_gen(),
+            mmu,
+            slots,
+            root,
+            features,
+            regs,
+            cr3: 0,
+            pdptes: [0; 4],
+            pkru: 0,
+            paging: GuestPaging::new(&regs, &features),
+            tlb: Tlb::new(TlbConfig::default()),
+            vpid,
+            slot_cache: SlotCache::default(),
+            stats: VcpuStats::default(),
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> VcpuStats {
+        self.stats
+    }
+
+    /// The TLB.
+    pub fn tlb(&self) -> &Tlb {
+        &self.tlb
+    }
+
+    /// The control registers.
+    pub fn regs(&self) -> ControlRegs {
+        self.regs
+    }
+
+    /// Sets CR0, CR4 and EFER together (as at VM entry), and CR3 and PKRU,
+    /// flushing everything (KVM's `kvm_mmu_reset_context`).
+    pub fn set_state(&mut self, regs: ControlRegs, cr3: u64, pkru: u32) -> Result<(), VcpuError> {
+        self.regs = regs;
+        self.pkru = pkru;
+        self.paging = GuestPaging::new(&regs, &self.features);
+        self.tlb.flush(Flush::Everything);
+        self.mov_cr3(cr3)
+    }
+
+    /// MOV to CR0 changing only CR0.WP: no invalidation (rights are
+    /// re-checked at every access; SDM 4.10.4.1).
+    pub fn set_cr0_wp(&mut self, wp: bool) {
+        self.regs.cr0.set(Cr0::WP, wp);
+        self.paging = GuestPaging::new(&self.regs, &self.features);
+    }
+
+    /// MOV to CR4 of SMEP/SMAP/PGE. A change of PGE flushes everything,
+    /// global translations included.
+    pub fn set_cr4_bits(&mut self, smep: Option<bool>, smap: Option<bool>, pge: Option<bool>) {
+        let old_pge = self.regs.cr4.contains(Cr4::PGE);
+        for (v, bit) in [(smep, Cr4::SMEP), (smap, Cr4::SMAP), (pge, Cr4::PGE)] {
+            if let Some(v) = v {
+                self.regs.cr4.set(bit, v);
+            }
+        }
+        if self.regs.cr4.contains(Cr4::PGE) != old_pge {
+            self.tlb.flush(Flush::All(self.tag()));
+        }
+        self.paging = GuestPaging::new(&self.regs, &self.features);
+    }
+
+    fn pcid(&self) -> u16 {
+        if self.regs.cr4.contains(Cr4::PCIDE) {
+            (self.cr3 & CR3_PCID_MASK) as u16
+        } else {
+            0
+        }
+    }
+
+    fn tag(&self) -> TlbTag {
+        TlbTag {
+            vpid: self.vpid,
+            eptp: self.root.root().pfn().raw(),
+            pcid: self.pcid(),
+        }
+    }
+
+    /// MOV to CR3 (KVM's `kvm_mmu_new_pgd`): with PCIDE, bit 63 means no
+    /// flush; otherwise the new PCID's non-global translations go. In PAE
+    /// paging the PDPTE registers are loaded here.
+    pub fn mov_cr3(&mut self, value: u64) -> Result<(), VcpuError> {
+        let pcide = self.regs.cr4.contains(Cr4::PCIDE);
+        let noflush = pcide && value & CR3_NOFLUSH != 0;
+        self.cr3 = if pcide { value & !CR3_NOFLUSH } else { value };
+        if !noflush {
+            self.tlb.flush(Flush::Pcid(self.tag()));
+        }
+        if self.paging.mode() == PagingMode::Pae {
+            self.load_pdptes()?;
+        }
+        Ok(())
+    }
+
+    fn load_pdptes(&mut self) -> Result<(), VcpuError> {
+        let base = self.cr3 & CR3_PAE_PDPT_MASK;
+        let mut last = None;
+        for _ in 0..MAX_RETRIES {
+            self.sync_remote_flush();
+            let _epoch = crossbeam_epoch::pin();
+            let mut pdptes = [0u64; 4];
+            let exit = {
+                let mem = self.guest_memory(EptStage::NoLinearAddress);
+                pdptes.iter_mut().enumerate().find_map(|(i, p)| {
+                    match mem.read_entry(Gpa::new(base + 8 * i as u64), EntrySize::Eight) {
+                        Ok(v) => {
+                            *p = v;
+                            None
+                        }
+                        Err(e) => Some(e),
+                    }
+                })
+            };
+            match exit {
+                None => {
+                    self.pdptes = pdptes;
+                    return Ok(());
+                }
+                Some(e) => {
+                    last = Some(e);
+                    self.handle_exit(e, AccessKind::Read)?;
+                }
+            }
+        }
+        Err(VcpuError::NoProgress { gva: base, last })
+    }
+
+    /// INVLPG.
+    pub fn invlpg(&mut self, va: u64) {
+        self.tlb.flush(Flush::Page { va, tag: self.tag() });
+    }
+
+    /// INVPCID of `kind` 0..=3 with descriptor (`pcid`, `va`).
+    pub fn invpcid(&mut self, kind: u8, pcid: u16, va: u64) {
+        let tag = TlbTag { pcid, ..self.tag() };
+        let flush = match kind {
+            0 => Flush::PcidPage { va, tag },
+            1 => Flush::Pcid(tag),
+            2 => Flush::All(tag),
+            _ => Flush::AllNonGlobal(tag),
+        };
+        self.tlb.flush(flush);
+    }
+
+    fn ept(&self) -> EptTranslator<'_> {
+        let cfg = self.mmu.config();
+        EptTranslator::new(
+            self.mmu.arena(),
+            Hpa::new(self.root.root().pfn().raw() << 12),
+            cfg.geometry.levels,
+            cfg.ad,
+        )
+    }
+
+    fn guest_memory(&self, stage: EptStage) -> EptGuestMemory<'_> {
+        EptGuestMemory {
+            ept: self.ept(),
+            slots: &self.slots,
+            as_id: self.root.root().as_id(),
+            stage,
+        }
+    }
+
+    /// Flushes the translations made through this MMU if it has asked for a
+    /// remote TLB flush since the last check (KVM's `KVM_REQ_TLB_FLUSH`
+    /// processed at the next entry).
+    fn sync_remote_flush(&mut self) {
+        let generation = self.mmu.tlb_flush_gen();
+        if generation != self.seen_flush_gen {
+            self.seen_flush_gen = generation;
+            self.tlb.flush(Flush::Eptp(self.root.root().pfn().raw()));
+            self.stats.remote_flushes += 1;
+        }
+    }
+
+    /// Hands an exit to the MMU.
+    fn handle_exit(&mut self, exit: EptExit, kind: AccessKind) -> Result<FaultOutcome, VcpuError> {
+        match exit {
+            EptExit::Violation { .. } => self.stats.ept_violations += 1,
+            EptExit::Misconfig { .. } => self.stats.ept_misconfigs += 1,
+        }
+        let fault = TdpFault {
+            gpa: exit.gpa(),
+            write: kind == AccessKind::Write,
+            exec: kind == AccessKind::Fetch,
+        };
+        Ok(self.mmu.page_fault(&self.root, fault, &mut self.slot_cache)?)
+    }
+
+    /// One access of `size` (1..=8) bytes at `gva`, as the instruction at
+    /// `cpl` with RFLAGS.AC = `ac` makes it; a write stores the low `size`
+    /// bytes of `value`. An access that crosses a page is split in two.
+    pub fn access(
+        &mut self,
+        gva: u64,
+        kind: AccessKind,
+        cpl: u8,
+        ac: bool,
+        size: usize,
+        value: u64,
+    ) -> Result<AccessResult, VcpuError> {
+        debug_assert!((1..=8).contains(&size));
+        let in_page = (0x1000 - (gva & 0xfff)) as usize;
+        if size > in_page {
+            let low = self.access(gva, kind, cpl, ac, in_page, value)?;
+            let AccessResult::Done { value: v0, .. } = low else {
+                return Ok(low);
+            };
+            let high = self.access(
+                gva + in_page as u64,
+                kind,
+                cpl,
+                ac,
+                size - in_page,
+                value >> (8 * in_page),
+            )?;
+            return Ok(match high {
+                AccessResult::Done { value: v1, mmio, .. } => AccessResult::Done {
+                    gpa: match low {
+                        AccessResult::Done { gpa, .. } => gpa,
+                        AccessResult::Fault(_) => unreachable!("checked above"),
+                    },
+                    value: v0 | v1 << (8 * in_page),
+                    mmio,
+                },
+                fault => fault,
+            });
+        }
+        self.stats.accesses += 1;
+        self.sync_remote_flush();
+        let access = Access::new(kind, cpl, ac);
+        let tag = self.tag();
+        let write = kind == AccessKind::Write;
+        // Pinned for the whole access: tables the MMU unlinks meanwhile are
+        // not freed under the walk.
+        let _epoch = crossbeam_epoch::pin();
+        if let Some(e) = self.tlb.lookup(gva, tag) {
+            if self.check(access, &e) {
+                self.stats.tlb_hits += 1;
+                return Ok(self.touch(e.hpa(gva), Gpa::new(e.gpa(gva)), write, size, value));
+            }
+            // Rights cached, not decisions: a hit that faults, or a write
+            // through a clean entry, walks again.
+            self.tlb.remove(gva, tag);
+        }
+        let mut last = None;
+        for _ in 0..MAX_RETRIES {
+            let root = self.paging.root(self.cr3, self.pdptes);
+            let walk = {
+                let mem = self.guest_memory(EptStage::GuestPagingStructure);
+                self.paging.walk(&mem, &root, gva, access, self.pkru)
+            };
+            let walk = match walk {
+                Ok(w) => w,
+                Err(WalkError::PageFault(pf)) => {
+                    self.stats.guest_faults += 1;
+                    return Ok(AccessResult::Fault(GuestFault::PageFault {
+                        error_code: pf.error_code,
+                        gva,
+                    }));
+                }
+                Err(WalkError::NonCanonical) => {
+                    self.stats.guest_faults += 1;
+                    return Ok(AccessResult::Fault(GuestFault::GeneralProtection));
+                }
+                Err(WalkError::Memory { error, .. }) => {
+                    last = Some(error);
+                    self.handle_exit(error, AccessKind::Read)?;
+                    continue;
+                }
+            };
+            let ept = self.ept().translate(walk.gpa.raw(), kind, EptStage::FinalTranslation);
+            let ept_walk = match ept {
+                Ok(w) => w,
+                Err(exit) => {
+                    last = Some(exit);
+                    match self.handle_exit(exit, kind)? {
+                        FaultOutcome::Mmio | FaultOutcome::ReadOnlySlot => {
+                            return Ok(AccessResult::Done {
+                                gpa: walk.gpa,
+                                value: 0,
+                                mmio: true,
+                            });
+                        }
+                        _ => continue,
+                    }
+                }
+            };
+            // The TLB entry covers the smaller of the guest page and the EPT page.
+            let size_cached = if ept_walk.page_size.bytes() < walk.page_size.bytes() {
+                ept_walk.page_size
+            } else {
+                walk.page_size
+            };
+            let mask = size_cached.bytes() - 1;
+            let ept_rights = ept_walk.rights;
+            if ept_rights.contains(AccessRights::USER) {
+                let mut rights = walk.rights;
+                if !ept_rights.contains(AccessRights::EXEC) {
+                    rights.remove(AccessRights::EXEC);
+                }
+                let leaf = walk.leaf().map_or(0, |l| l.pte);
+                let global =
+                    self.regs.cr4.contains(Cr4::PGE) && leaf & PT_GLOBAL != 0 && self.paging.mode() != PagingMode::None;
+                self.tlb.insert(TlbEntry {
+                    va_base: walk.va & !mask,
+                    size: size_cached,
+                    tag,
+                    global,
+                    hpa_base: Hpa::new(ept_walk.gpa.raw() & !mask),
+                    gpa_base: walk.gpa.raw() & !mask,
+                    rights,
+                    pkey: walk.pkey,
+                    // A write through an entry whose guest leaf was clean, or
+                    // whose EPT mapping is not writable, must walk again.
+                    dirty: walk.dirty && ept_rights.contains(AccessRights::WRITE),
+                });
+            }
+            return Ok(self.touch(Hpa::new(ept_walk.gpa.raw()), walk.gpa, write, size, value));
+        }
+        Err(VcpuError::NoProgress { gva, last })
+    }
+
+    /// Whether a cached translation serves `access` now.
+    fn check(&self, access: Access, e: &TlbEntry) -> bool {
+        let allowed = match &self.paging {
+            GuestPaging::None => true,
+            GuestPaging::Bits32(p) => p.check_access(access, e.rights, e.pkey, self.pkru).is_none(),
+            GuestPaging::Pae64(p, _) => p.check_access(access, e.rights, e.pkey, self.pkru).is_none(),
+        };
+        allowed && (!access.is_write() || e.dirty)
+    }
+
+    /// Reads or writes host memory at `hpa`.
+    fn touch(&self, hpa: Hpa, gpa: Gpa, write: bool, size: usize, value: u64) -> AccessResult {
+        let arena = self.mmu.arena();
+        let pfn = Pfn::new(hpa.raw() >> 12);
+        let offset = hpa.page_offset() as usize;
+        let mut buf = [0u8; 8];
+        let value = if write {
+            arena.write(pfn, offset, &value.to_le_bytes()[..size]);
+            0
+        } else {
+            arena.read(pfn, offset, &mut buf[..size]);
+            u64::from_le_bytes(buf)
+        };
+        AccessResult::Done {
+            gpa,
+            value,
+            mmio: false,
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! MMU statistics, named as KVM's (`/sys/kernel/debug/kvm/*`).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use serde::Serialize;
+
+macro_rules! stats {
+    ($(#[$doc:meta])* $name:ident, $snap:ident { $($(#[$fdoc:meta])* $field:ident: $ty:ident),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $($(#[$fdoc])* pub $field: $ty,)*
+        }
+
+        /// A point-in-time copy of the counters, for reports and `--json`.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+        pub struct $snap {
+            $($(#[$fdoc])* pub $field: i64,)*
+        }
+
+        impl $name {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> $snap {
+                $snap { $($field: self.$field.load(Ordering::Relaxed) as i64,)* }
+            }
+        }
+    };
+}
+
+stats!(
+    /// Counters of one MMU, updated with relaxed atomics from any thread.
+    MmuStats, MmuStatsSnapshot {
+        /// Faults that reached the MMU.
+        pf_taken: AtomicU64,
+        /// Faults that installed or changed an SPTE.
+        pf_fixed: AtomicU64,
+        /// Faults that found the SPTE already right (another vCPU fixed it).
+        pf_spurious: AtomicU64,
+        /// Faults fixed on the lockless fast path.
+        pf_fast: AtomicU64,
+        /// Faults retried: a lost race or an MMU-notifier invalidation.
+        pf_retry: AtomicU64,
+        /// MMIO SPTEs created.
+        pf_mmio_spte_created: AtomicU64,
+        /// Faults answered as emulated MMIO.
+        pf_emulate: AtomicU64,
+        /// Leaf SPTEs mapping 4 KiB, now.
+        pages_4k: AtomicI64,
+        /// Leaf SPTEs mapping 2 MiB, now.
+        pages_2m: AtomicI64,
+        /// Leaf SPTEs mapping 1 GiB, now.
+        pages_1g: AtomicI64,
+        /// Huge SPTEs split on demand.
+        huge_pages_split: AtomicU64,
+        /// Remote TLB flushes requested.
+        remote_tlb_flush: AtomicU64,
+        /// Page-table pages allocated for SPTEs, now.
+        mmu_pages: AtomicI64,
+        /// Leaf SPTEs zapped.
+        mmu_zapped: AtomicU64,
+    }
+);
+
+impl MmuStats {
+    /// Counts a leaf installed (`delta` = 1) or removed (-1) at `level`.
+    #[inline]
+    pub fn account_leaf(&self, level: u8, delta: i64) {
+        let counter = match level {
+            1 => &self.pages_4k,
+            2 => &self.pages_2m,
+            _ => &self.pages_1g,
+        };
+        counter.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Increments a counter.
+    #[inline]
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

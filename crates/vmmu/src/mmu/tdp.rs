@@ -1,0 +1,588 @@
+//! The TDP MMU: EPT tables mapping gpa → hpa, built on EPT violations.
+//!
+//! The tree is *direct*: it depends only on memslots and host mappings,
+//! never on the guest's page tables. Faults run under `mmu_lock` held for
+//! **read**, many at once, installing tables and leaves with
+//! compare-exchange through [`SpteIter`]; a lost race retries. Invalidations
+//! from MMU notifiers run under the write lock and flush TLBs before the
+//! lock is released. Page tables unlinked from the tree are freed only after
+//! an epoch grace period (`crossbeam-epoch`), because the hardware model may
+//! still be walking them.
+//!
+//! Roots are per address space, reference-counted by [`RootRef`]; a root is
+//! valid until invalidated, and no new reference can be taken to an invalid
+//! root (seed `003_*`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::iter::{Geometry, SpteIter};
+use super::spte::{FROZEN_SPTE, Spte, SpteAccess, SpteFormat};
+use super::stats::MmuStats;
+use crate::addr::{Gfn, Gpa, Level, PageSize, Pfn};
+use crate::mem::{
+    FaultinError, FrameArena, FrameError, HostAddressSpace, InvalidateState, MemslotTable, MmuLock, MmuLockReadGuard,
+    MmuNotifier, MmuWriteLockHeld, NotifierRange, SlotCache, faultin_gfn,
+};
+
+/// Configuration of a TDP MMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TdpConfig {
+    /// Tree shape (4-level EPT by default).
+    pub geometry: Geometry,
+    /// Whether the EPTP enables accessed/dirty flags.
+    pub ad: bool,
+    /// The largest leaf the MMU installs (1 = 4K only, 2 = 2M, 3 = 1G).
+    pub max_level: u8,
+}
+
+impl Default for TdpConfig {
+    fn default() -> Self {
+        TdpConfig {
+            geometry: Geometry::X86_4LEVEL,
+            ad: true,
+            max_level: 3,
+        }
+    }
+}
+
+/// One root of the tree, shared by the vCPUs of an address space.
+#[derive(Debug)]
+pub struct TdpRoot {
+    pfn: Pfn,
+    as_id: u16,
+    refs: AtomicU32,
+    valid: AtomicBool,
+}
+
+impl TdpRoot {
+    /// The root table's frame (what the EPTP points at).
+    pub fn pfn(&self) -> Pfn {
+        self.pfn
+    }
+    /// The address space.
+    pub fn as_id(&self) -> u16 {
+        self.as_id
+    }
+    /// Whether the root is still valid (not invalidated by a zap-all).
+    pub fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Acquire)
+    }
+}
+
+/// A counted reference to a valid root. It can only be taken while the
+/// root is valid; dropping the last reference to an invalidated root frees
+/// its tree.
+#[derive(Debug)]
+pub struct RootRef {
+    root: Arc<TdpRoot>,
+    arena: Arc<FrameArena>,
+    geometry: Geometry,
+}
+
+impl RootRef {
+    /// Takes a reference, failing on an invalid root or one whose count
+    /// already dropped to zero (KVM's `kvm_tdp_mmu_get_root`).
+    pub fn try_get(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry) -> Option<RootRef> {
+        if !root.is_valid() {
+            return None;
+        }
+        let mut n = root.refs.load(Ordering::Acquire);
+        loop {
+            if n == 0 {
+                return None;
+            }
+            match root
+                .refs
+                .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(cur) => n = cur,
+            }
+        }
+        Some(RootRef {
+            root: root.clone(),
+            arena: arena.clone(),
+            geometry,
+        })
+    }
+
+    /// The root.
+    pub fn root(&self) -> &Arc<TdpRoot> {
+        &self.root
+    }
+}
+
+impl Clone for RootRef {
+    fn clone(&self) -> Self {
+        self.root.refs.fetch_add(1, Ordering::AcqRel);
+        RootRef {
+            root: self.root.clone(),
+            arena: self.arena.clone(),
+            geometry: self.geometry,
+        }
+    }
+}
+
+impl Drop for RootRef {
+    fn drop(&mut self) {
+        if self.root.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last reference: only an invalid root drops to zero (the
+            // MMU's list holds one reference while a root is valid).
+            debug_assert!(!self.root.is_valid(), "the last reference to a valid root was dropped");
+            defer_free_tree(&self.arena, self.geometry, self.root.pfn, self.geometry.levels);
+        }
+    }
+}
+
+/// What a fault came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// An SPTE was installed or changed; the access can be retried.
+    Fixed,
+    /// The SPTE was already right (another vCPU won); retry the access.
+    Spurious,
+    /// A race (lost compare-exchange, MMU-notifier invalidation): retry.
+    Retry,
+    /// No memslot: the access is MMIO, to be emulated by the VMM.
+    Mmio,
+    /// A write to a read-only memslot: exit to the VMM.
+    ReadOnlySlot,
+}
+
+/// Why a fault could not be handled.
+#[derive(Debug, thiserror::Error)]
+pub enum TdpError {
+    /// The host could not provide the page (e.g. no mapping at the hva).
+    #[error("host fault for {gpa}: {source}")]
+    Host {
+        /// The guest-physical address.
+        gpa: Gpa,
+        /// The host's answer.
+        source: FaultinError,
+    },
+    /// No frame for a page table.
+    #[error("out of frames for MMU page tables: {0}")]
+    OutOfFrames(#[from] FrameError),
+}
+
+/// An EPT violation or misconfiguration, as the MMU needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TdpFault {
+    /// The faulting guest-physical address.
+    pub gpa: Gpa,
+    /// Whether the access was a write.
+    pub write: bool,
+    /// Whether it was an instruction fetch.
+    pub exec: bool,
+}
+
+/// The TDP MMU of one VM.
+pub struct TdpMmu {
+    arena: Arc<FrameArena>,
+    host: Arc<HostAddressSpace>,
+    slots: Arc<MemslotTable>,
+    config: TdpConfig,
+    fmt: SpteFormat,
+    lock: MmuLock<()>,
+    invalidate: InvalidateState,
+    /// Valid roots (KVM's `tdp_mmu_roots`, guarded by `tdp_mmu_pages_lock`).
+    roots: Mutex<Vec<Arc<TdpRoot>>>,
+    /// Bumped by every remote TLB flush; vCPUs flush when it changes.
+    tlb_flush_gen: AtomicU64,
+    stats: MmuStats,
+}
+
+impl std::fmt::Debug for TdpMmu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TdpMmu")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TdpMmu {
+    /// A TDP MMU over `host` memory and `slots`, registered as an MMU
+    /// notifier of `host`.
+    pub fn new(host: Arc<HostAddressSpace>, slots: Arc<MemslotTable>, config: TdpConfig) -> Arc<TdpMmu> {
+        let mmu = Arc::new(TdpMmu {
+            arena: host.arena().clone(),
+            host: host.clone(),
+            slots,
+            config,
+            fmt: SpteFormat::Ept { ad: config.ad },
+            lock: MmuLock::new(()),
+            invalidate: InvalidateState::default(),
+            roots: Mutex::new(Vec::new()),
+            tlb_flush_gen: AtomicU64::new(0),
+            stats: MmuStats::default(),
+        });
+        host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
+        mmu
+    }
+
+    /// The SPTE format.
+    pub fn format(&self) -> SpteFormat {
+        self.fmt
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> TdpConfig {
+        self.config
+    }
+
+    /// The frame arena holding the tables.
+    pub fn arena(&self) -> &Arc<FrameArena> {
+        &self.arena
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &MmuStats {
+        &self.stats
+    }
+
+    /// The invalidation state (`mmu_invalidate_seq` and friends).
+    pub fn invalidate_state(&self) -> &InvalidateState {
+        &self.invalidate
+    }
+
+    /// The remote-TLB-flush generation; a vCPU that sees it change must
+    /// flush the translations it made through this MMU before its next
+    /// access.
+    pub fn tlb_flush_gen(&self) -> u64 {
+        self.tlb_flush_gen.load(Ordering::Acquire)
+    }
+
+    fn flush_remote_tlbs(&self) {
+        self.tlb_flush_gen.fetch_add(1, Ordering::AcqRel);
+        MmuStats::inc(&self.stats.remote_tlb_flush);
+    }
+
+    /// A reference to the valid root of `as_id`, allocating it on first use
+    /// (KVM's `kvm_tdp_mmu_get_vcpu_root_hpa`).
+    pub fn get_root(&self, as_id: u16) -> Result<RootRef, TdpError> {
+        let mut roots = self.roots.lock();
+        for r in roots.iter() {
+            if r.as_id == as_id
+                && let Some(rr) = RootRef::try_get(r, &self.arena, self.config.geometry)
+            {
+                return Ok(rr);
+            }
+        }
+        let pfn = self.arena.alloc_4k()?;
+        self.stats.mmu_pages.fetch_add(1, Ordering::Relaxed);
+        let root = Arc::new(TdpRoot {
+            pfn,
+            as_id,
+            // The list's own reference.
+            refs: AtomicU32::new(1),
+            valid: AtomicBool::new(true),
+        });
+        roots.push(root.clone());
+        Ok(RootRef::try_get(&root, &self.arena, self.config.geometry).expect("a new root is valid"))
+    }
+
+    /// Handles an EPT violation or misconfiguration at `fault.gpa` for the
+    /// vCPU's root (KVM's `kvm_tdp_mmu_page_fault`): memslot → host page
+    /// with the MMU-notifier retry protocol → install under the read lock.
+    pub fn page_fault(&self, root: &RootRef, fault: TdpFault, cache: &mut SlotCache) -> Result<FaultOutcome, TdpError> {
+        MmuStats::inc(&self.stats.pf_taken);
+        let gfn = fault.gpa.frame();
+        let slots = self.slots.load(root.root.as_id);
+        let Some(slot) = slots.lookup_cached(gfn, cache).filter(|s| !s.is_invalid()).cloned() else {
+            let generation = slots.generation();
+            drop(slots);
+            return self.mmio_fault(root, gfn, generation);
+        };
+        drop(slots);
+        if fault.write && slot.is_readonly() {
+            return Ok(FaultOutcome::ReadOnlySlot);
+        }
+        let mapping = match faultin_gfn(&self.host, &self.invalidate, &slot, gfn, fault.write) {
+            Ok(m) => m,
+            Err(source) => return Err(TdpError::Host { gpa: fault.gpa, source }),
+        };
+        let guard = self.lock.read();
+        let Ok(valid) = mapping.validate(&guard, &self.invalidate) else {
+            MmuStats::inc(&self.stats.pf_retry);
+            return Ok(FaultOutcome::Retry);
+        };
+        let max = Level::new(self.config.max_level).expect("max_level is 1..=3");
+        let level = valid.mapping_level(slot.max_mapping_level(gfn, max));
+        let pfn = valid.pfn_at(level);
+        let access = SpteAccess {
+            read: true,
+            write: !slot.is_readonly(),
+            exec: true,
+            user: true,
+        };
+        let leaf = self
+            .fmt
+            .make_leaf(level.get(), pfn, access, valid.writable(), true, false);
+        self.install(&guard, root, gfn.align_down(level.pages()), level.get(), leaf)
+    }
+
+    fn mmio_fault(&self, root: &RootRef, gfn: Gfn, generation: u64) -> Result<FaultOutcome, TdpError> {
+        MmuStats::inc(&self.stats.pf_emulate);
+        if generation & crate::mem::memslot::MEMSLOT_GEN_UPDATE_IN_PROGRESS != 0 {
+            // Never cache "no memslot" while memslots are changing.
+            return Ok(FaultOutcome::Mmio);
+        }
+        let guard = self.lock.read();
+        let mmio = self.fmt.make_mmio(gfn.raw(), generation);
+        match self.install(&guard, root, gfn, 1, mmio)? {
+            FaultOutcome::Fixed => {
+                MmuStats::inc(&self.stats.pf_mmio_spte_created);
+                Ok(FaultOutcome::Mmio)
+            }
+            FaultOutcome::Spurious => Ok(FaultOutcome::Mmio),
+            other => Ok(other),
+        }
+    }
+
+    /// Installs `leaf` for `gfn` at `level` (KVM's `kvm_tdp_mmu_map`):
+    /// walks down from the root, linking new tables with compare-exchange
+    /// and splitting a huge leaf that is in the way, then sets the leaf.
+    fn install(
+        &self,
+        _guard: &MmuLockReadGuard<'_, ()>,
+        root: &RootRef,
+        gfn: Gfn,
+        level: u8,
+        leaf: Spte,
+    ) -> Result<FaultOutcome, TdpError> {
+        let g = self.config.geometry;
+        let mut it = SpteIter::new(&self.arena, g, root.root.pfn, level, gfn.raw());
+        while it.level() > level {
+            let spte = it.old_spte();
+            if spte.is_frozen() {
+                MmuStats::inc(&self.stats.pf_retry);
+                return Ok(FaultOutcome::Retry);
+            }
+            if spte.is_mmu_present() && spte.is_leaf(it.level()) {
+                // A huge leaf above the level we need: replace it by an
+                // empty table (its 4K translations fault back in).
+                if !it.try_set(Spte(FROZEN_SPTE)) {
+                    MmuStats::inc(&self.stats.pf_retry);
+                    return Ok(FaultOutcome::Retry);
+                }
+                self.stats.account_leaf(it.level(), -1);
+                MmuStats::inc(&self.stats.huge_pages_split);
+                self.flush_remote_tlbs();
+                let table = self.alloc_table()?;
+                it.sptep().store(self.fmt.make_nonleaf(table).0, Ordering::Release);
+                it.refresh();
+            } else if !spte.is_mmu_present() {
+                let table = self.alloc_table()?;
+                if !it.try_set(self.fmt.make_nonleaf(table)) {
+                    // Another fault linked a table first; ours was never
+                    // visible, so it can be freed at once.
+                    self.free_table_now(table);
+                    if it.old_spte().is_frozen() {
+                        return Ok(FaultOutcome::Retry);
+                    }
+                    continue;
+                }
+            }
+            if !it.step_down() {
+                // Zapped under us between the link and the step.
+                MmuStats::inc(&self.stats.pf_retry);
+                return Ok(FaultOutcome::Retry);
+            }
+        }
+        let old = it.old_spte();
+        if old.is_frozen() {
+            MmuStats::inc(&self.stats.pf_retry);
+            return Ok(FaultOutcome::Retry);
+        }
+        // The same translation, whatever hardware did to A/D since.
+        if (old.0 | self.ad_bits()) == (leaf.0 | self.ad_bits()) {
+            MmuStats::inc(&self.stats.pf_spurious);
+            return Ok(FaultOutcome::Spurious);
+        }
+        let replaced_table = old.is_mmu_present() && !old.is_leaf(level);
+        if replaced_table {
+            // A table where a huge leaf now fits (e.g. after THP collapse):
+            // freeze the entry, then free the subtree after a grace period.
+            if !it.try_set(Spte(FROZEN_SPTE)) {
+                return Ok(FaultOutcome::Retry);
+            }
+            self.zap_subtree_leaves(old.pfn(), level - 1);
+            self.flush_remote_tlbs();
+            defer_free_tree(&self.arena, self.config.geometry, old.pfn(), level - 1);
+            it.sptep().store(leaf.0, Ordering::Release);
+        } else if !it.try_set(leaf) {
+            MmuStats::inc(&self.stats.pf_retry);
+            return Ok(FaultOutcome::Retry);
+        }
+        if old.is_mmu_present() && !replaced_table {
+            self.stats.account_leaf(level, -1);
+            self.flush_remote_tlbs();
+        }
+        if leaf.is_mmu_present() {
+            self.stats.account_leaf(level, 1);
+            leaf.check_leaf_writable_invariants(self.fmt);
+        }
+        MmuStats::inc(&self.stats.pf_fixed);
+        Ok(FaultOutcome::Fixed)
+    }
+
+    fn ad_bits(&self) -> u64 {
+        self.fmt.accessed_mask() | self.fmt.dirty_mask()
+    }
+
+    fn alloc_table(&self) -> Result<Pfn, TdpError> {
+        let pfn = self.arena.alloc_4k()?;
+        self.stats.mmu_pages.fetch_add(1, Ordering::Relaxed);
+        Ok(pfn)
+    }
+
+    fn free_table_now(&self, pfn: Pfn) {
+        self.stats.mmu_pages.fetch_sub(1, Ordering::Relaxed);
+        self.arena
+            .free(pfn, PageSize::Size4K)
+            .expect("a table this fault allocated and never published is live");
+    }
+
+    /// Counts the leaves of a subtree being dropped.
+    fn zap_subtree_leaves(&self, table: Pfn, level: u8) {
+        for slot in self
+            .arena
+            .table(table)
+            .iter()
+            .take(self.config.geometry.entries() as usize)
+        {
+            let spte = Spte(slot.swap(0, Ordering::AcqRel));
+            if !spte.is_mmu_present() {
+                continue;
+            }
+            if spte.is_leaf(level) {
+                self.stats.account_leaf(level, -1);
+                MmuStats::inc(&self.stats.mmu_zapped);
+            } else {
+                self.zap_subtree_leaves(spte.pfn(), level - 1);
+                self.stats.mmu_pages.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Zaps every leaf SPTE mapping a gfn in `start..end` of address space
+    /// `as_id`, in every root, and flushes TLBs before returning (KVM's
+    /// `kvm_tdp_mmu_zap_leafs` under the write lock). Returns whether any
+    /// SPTE was zapped.
+    pub fn zap_gfn_range(&self, _guard: &impl MmuWriteLockHeld, as_id: u16, start: Gfn, end: Gfn) -> bool {
+        let roots: Vec<Arc<TdpRoot>> = self.roots.lock().iter().filter(|r| r.as_id == as_id).cloned().collect();
+        let mut zapped = false;
+        for root in roots {
+            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, start.raw());
+            while it.valid() && it.gfn() < end.raw() {
+                let spte = it.old_spte();
+                let level = it.level();
+                let covered = it.gfn() >= start.raw() && it.gfn() + self.config.geometry.pages(level) <= end.raw();
+                if spte.is_mmu_present() && spte.is_leaf(level) {
+                    // A huge leaf only partly in the range is zapped whole.
+                    let old = Spte(it.sptep().swap(0, Ordering::AcqRel));
+                    if old.is_mmu_present() {
+                        self.stats.account_leaf(level, -1);
+                        MmuStats::inc(&self.stats.mmu_zapped);
+                        zapped = true;
+                    }
+                    it.refresh();
+                    it.skip_subtree();
+                    continue;
+                }
+                if spte.is_mmio(self.fmt) && covered {
+                    it.sptep().store(0, Ordering::Release);
+                }
+                it.next();
+            }
+        }
+        if zapped {
+            self.flush_remote_tlbs();
+        }
+        zapped
+    }
+
+    /// Zaps every MMIO SPTE of every root (a memslot was created, which may
+    /// turn "no memslot" into memory).
+    pub fn zap_mmio(&self, _guard: &impl MmuWriteLockHeld) {
+        let roots: Vec<Arc<TdpRoot>> = self.roots.lock().clone();
+        for root in roots {
+            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, 0);
+            while it.valid() {
+                if it.old_spte().is_mmio(self.fmt) {
+                    it.sptep().store(0, Ordering::Release);
+                }
+                it.next();
+            }
+        }
+    }
+
+    /// Takes `mmu_lock` for write.
+    pub fn write_lock(&self) -> crate::mem::MmuLockWriteGuard<'_, ()> {
+        self.lock.write()
+    }
+
+    fn on_invalidate_start(&self, range: &NotifierRange) {
+        let guard = self.lock.write();
+        self.invalidate.begin(&guard);
+        self.invalidate.range_add(&guard, range.range);
+        for as_id in 0..2u16 {
+            let slots = self.slots.load(as_id);
+            let spans: Vec<(Gfn, Gfn)> = slots
+                .overlapping_hva(range.range)
+                .filter_map(|s| s.hva_range_to_gfns(range.range))
+                .map(|r| (r.start, r.end))
+                .collect();
+            drop(slots);
+            for (start, end) in spans {
+                self.zap_gfn_range(&guard, as_id, start, end);
+            }
+        }
+    }
+
+    fn on_invalidate_end(&self) {
+        let guard = self.lock.write();
+        self.invalidate.end(&guard);
+    }
+}
+
+/// The MMU's subscription to host mapping changes.
+struct Notifier(std::sync::Weak<TdpMmu>);
+
+impl MmuNotifier for Notifier {
+    fn invalidate_range_start(&self, range: &NotifierRange) {
+        if let Some(mmu) = self.0.upgrade() {
+            mmu.on_invalidate_start(range);
+        }
+    }
+    fn invalidate_range_end(&self, _range: &NotifierRange) {
+        if let Some(mmu) = self.0.upgrade() {
+            mmu.on_invalidate_end();
+        }
+    }
+}
+
+/// Frees a page-table tree after an epoch grace period: the hardware model
+/// pins an epoch while it walks, so no walker can still be inside it.
+fn defer_free_tree(arena: &Arc<FrameArena>, geometry: Geometry, table: Pfn, level: u8) {
+    let arena = arena.clone();
+    let guard = crossbeam_epoch::pin();
+    guard.defer(move || free_tree(&arena, geometry, table, level));
+    guard.flush();
+}
+
+fn free_tree(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) {
+    if level > 1 {
+        for slot in arena.table(table).iter().take(geometry.entries() as usize) {
+            let spte = Spte(slot.load(Ordering::Acquire));
+            if spte.is_mmu_present() && !spte.is_leaf(level) {
+                free_tree(arena, geometry, spte.pfn(), level - 1);
+            }
+        }
+    }
+    // A double free would be an MMU bug; the arena reports it and nothing is freed.
+    let _ = arena.free(table, PageSize::Size4K);
+}

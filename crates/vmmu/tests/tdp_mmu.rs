@@ -1,0 +1,175 @@
+//! The TDP MMU through a vCPU with paging off (gva = gpa), so each test is
+//! about EPT alone: huge pages sized by the host mapping, memslot alignment,
+//! MMU-notifier zaps (migration, THP split), MMIO, and concurrent faults.
+
+use std::sync::Arc;
+
+use vmmu::addr::{Gpa, Hva};
+use vmmu::arch::control::CpuFeatures;
+use vmmu::arch::perm::AccessKind;
+use vmmu::cpu::vcpu::{AccessResult, Vcpu};
+use vmmu::mem::{FrameArena, HostAddressSpace, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags};
+use vmmu::mmu::tdp::{TdpConfig, TdpMmu};
+use vmmu::walker::ControlRegs;
+
+const MB: u64 = 1 << 20;
+
+struct Vm {
+    host: Arc<HostAddressSpace>,
+    slots: Arc<MemslotTable>,
+    mmu: Arc<TdpMmu>,
+}
+
+/// A VM with one memslot of `size` at gpa 0, backed at `hva`.
+fn vm(size: u64, hva: u64, flags: VmaFlags) -> Vm {
+    let arena = Arc::new(FrameArena::with_reserve(512 * MB).unwrap());
+    let host = Arc::new(HostAddressSpace::new(arena).unwrap());
+    host.mmap(Hva::new(hva), size, flags).unwrap();
+    let slots = Arc::new(MemslotTable::new(MemslotConfig::default()));
+    slots
+        .create(MemoryRegion {
+            as_id: 0,
+            id: 0,
+            flags: MemslotFlags::empty(),
+            guest_phys_addr: Gpa::new(0),
+            memory_size: size,
+            userspace_addr: Hva::new(hva),
+        })
+        .unwrap();
+    let mmu = TdpMmu::new(host.clone(), slots.clone(), TdpConfig::default());
+    Vm { host, slots, mmu }
+}
+
+fn vcpu(vm: &Vm, vpid: u16) -> Vcpu {
+    let mut v = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), vpid).unwrap();
+    v.set_state(ControlRegs::default(), 0, 0).unwrap();
+    v
+}
+
+fn read(v: &mut Vcpu, gpa: u64) -> (u64, bool) {
+    match v.access(gpa, AccessKind::Read, 0, false, 8, 0).unwrap() {
+        AccessResult::Done { value, mmio, .. } => (value, mmio),
+        AccessResult::Fault(f) => panic!("paging is off, yet {f:?}"),
+    }
+}
+
+fn write(v: &mut Vcpu, gpa: u64, value: u64) {
+    assert!(matches!(
+        v.access(gpa, AccessKind::Write, 0, false, 8, value).unwrap(),
+        AccessResult::Done { mmio: false, .. }
+    ));
+}
+
+#[test]
+fn huge_pages_follow_the_host_mapping_level() {
+    let thp = vm(8 * MB, 0x4000_0000, VmaFlags::WRITE | VmaFlags::THP);
+    let mut v = vcpu(&thp, 1);
+    write(&mut v, 0x20_0008, 7);
+    let s = thp.mmu.stats().snapshot();
+    assert_eq!((s.pages_2m, s.pages_4k), (1, 0), "a THP-backed, aligned slot maps 2M");
+    assert_eq!(read(&mut v, 0x20_0008).0, 7);
+    // The rest of the 2M page is mapped by the same SPTE: no new fault.
+    let taken = thp.mmu.stats().snapshot().pf_taken;
+    read(&mut v, 0x3f_f000);
+    assert_eq!(thp.mmu.stats().snapshot().pf_taken, taken);
+
+    let small = vm(8 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let mut v = vcpu(&small, 1);
+    write(&mut v, 0x20_0008, 7);
+    let s = small.mmu.stats().snapshot();
+    assert_eq!((s.pages_2m, s.pages_4k), (0, 1), "4K host pages give 4K SPTEs");
+}
+
+#[test]
+fn a_misaligned_slot_gets_only_4k_sptes() {
+    // gpa 0 backed at an hva 4K past a 2M boundary: huge pages impossible.
+    let vm = vm(8 * MB, 0x4000_1000, VmaFlags::WRITE | VmaFlags::THP);
+    let mut v = vcpu(&vm, 1);
+    write(&mut v, 0x20_0000, 1);
+    let s = vm.mmu.stats().snapshot();
+    assert_eq!((s.pages_2m, s.pages_4k), (0, 1));
+}
+
+#[test]
+fn migration_zaps_the_spte_and_the_data_follows() {
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let mut v = vcpu(&vm, 1);
+    write(&mut v, 0x5008, 0xdead_beef);
+    let old_pfn = vm.host.lookup(Hva::new(0x4000_5000)).unwrap().pfn;
+    let flushes = vm.mmu.stats().snapshot().remote_tlb_flush;
+    let new_pfn = vm.host.migrate(Hva::new(0x4000_5000)).unwrap();
+    assert_ne!(old_pfn, new_pfn);
+    let s = vm.mmu.stats().snapshot();
+    assert_eq!(s.pages_4k, 0, "the notifier zapped the SPTE");
+    assert!(s.remote_tlb_flush > flushes, "and flushed TLBs");
+    assert!(vm.host.arena().is_freed(old_pfn), "the host freed the old frame");
+    // The vCPU reads the value through the new frame, after a new fault.
+    assert_eq!(read(&mut v, 0x5008), (0xdead_beef, false));
+    let e = v.tlb().entries().next().expect("the translation is cached again");
+    assert_eq!(e.hpa_base.raw() >> 12, new_pfn.raw());
+}
+
+#[test]
+fn thp_split_refaults_at_4k() {
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE | VmaFlags::THP);
+    let mut v = vcpu(&vm, 1);
+    write(&mut v, 0x1234, 5);
+    assert_eq!(vm.mmu.stats().snapshot().pages_2m, 1);
+    vm.host.split_thp(Hva::new(0x4000_0000)).unwrap();
+    assert_eq!(vm.mmu.stats().snapshot().pages_2m, 0, "the split zapped the huge SPTE");
+    assert_eq!(read(&mut v, 0x1234).0, 5);
+    let s = vm.mmu.stats().snapshot();
+    assert_eq!((s.pages_2m, s.pages_4k), (0, 1), "re-faulted at the host's new level");
+}
+
+#[test]
+fn mmio_is_emulated_and_cached_as_an_mmio_spte() {
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let mut v = vcpu(&vm, 1);
+    assert_eq!(read(&mut v, 0x1000_0000), (0, true));
+    assert_eq!(vm.mmu.stats().snapshot().pf_mmio_spte_created, 1);
+    // The second access exits with a misconfiguration (the cached MMIO
+    // SPTE) instead of a violation.
+    let before = v.stats();
+    assert_eq!(read(&mut v, 0x1000_0008), (0, true));
+    let after = v.stats();
+    assert_eq!(after.ept_misconfigs, before.ept_misconfigs + 1);
+    assert_eq!(after.ept_violations, before.ept_violations);
+}
+
+#[test]
+fn concurrent_faults_install_each_page_once() {
+    let vm = vm(8 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let pages = 1024u64;
+    std::thread::scope(|s| {
+        for t in 0..2u16 {
+            let vm = &vm;
+            s.spawn(move || {
+                let mut v = vcpu(vm, t + 1);
+                for i in 0..pages {
+                    // Both threads touch every page, in opposite orders.
+                    let page = if t == 0 { i } else { pages - 1 - i };
+                    let gpa = page << 12;
+                    v.access(gpa + 8 * t as u64, AccessKind::Write, 0, false, 8, page)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let s = vm.mmu.stats().snapshot();
+    assert_eq!(s.pages_4k, pages as i64, "every page mapped once, none twice");
+    assert!(s.pf_fixed >= pages as i64);
+    // Every byte each thread wrote is there.
+    let mut v = vcpu(&vm, 9);
+    for page in 0..pages {
+        assert_eq!(read(&mut v, page << 12).0, page);
+        assert_eq!(read(&mut v, (page << 12) + 8).0, page);
+    }
+    // Every SPTE maps the frame the host maps now.
+    for page in [0u64, 1, 511, 512, 1023] {
+        let host_pfn = vm.host.lookup(Hva::new(0x4000_0000 + (page << 12))).unwrap().pfn;
+        read(&mut v, page << 12);
+        let e = v.tlb().entries().find(|e| e.gpa_base == page << 12).unwrap();
+        assert_eq!(e.hpa_base.raw() >> 12, host_pfn.raw());
+    }
+}
