@@ -7,10 +7,12 @@ use super::hw::{EptExit, EptGuestMemory, EptStage, EptTranslator};
 use super::tlb::{Flush, Tlb, TlbConfig, TlbEntry, TlbTag};
 use crate::addr::{Gpa, Hpa, Pfn};
 use crate::arch::control::{CR3_NOFLUSH, CR3_PAE_PDPT_MASK, CR3_PCID_MASK, CpuFeatures, Cr0, Cr4, PagingMode};
+use crate::arch::ept::EptViolationQual;
 use crate::arch::perm::{Access, AccessKind, AccessRights};
 use crate::arch::pfec::PfErrorCode;
 use crate::arch::pte::PT_GLOBAL;
 use crate::mem::{MemslotTable, SlotCache};
+use crate::mmu::flush::VcpuMode;
 use crate::mmu::tdp::{FaultOutcome, RootRef, TdpError, TdpFault, TdpMmu};
 use crate::walker::{ControlRegs, EntrySize, GuestPaging, PtMemory, WalkError};
 
@@ -61,10 +63,22 @@ pub struct VcpuStats {
     pub remote_flushes: u64,
 }
 
+/// How one try of an access ended.
+enum Attempt {
+    /// The access completed or the guest takes a fault.
+    Done(AccessResult),
+    /// An EPT exit; `final_gpa` is set when the final translation exited.
+    Exit { exit: EptExit, final_gpa: Option<Gpa> },
+}
+
 /// Retries of one access before the vCPU reports that the MMU made no
-/// progress (each retry follows an MMU fix or a lost race; a correct MMU
-/// converges in a few).
-const MAX_RETRIES: u32 = 1000;
+/// progress. Each retry follows an MMU fix, a lost race or an MMU-notifier
+/// invalidation; a correct MMU converges in a few unless the host keeps
+/// invalidating the same page, so after [`YIELD_AFTER`] retries the vCPU
+/// yields to let the invalidating thread finish.
+const MAX_RETRIES: u32 = 100_000;
+/// Retries after which a vCPU yields its core between attempts.
+const YIELD_AFTER: u32 = 8;
 
 /// Why an access could not complete.
 #[derive(Debug, thiserror::Error)]
@@ -95,9 +109,16 @@ pub struct Vcpu {
     paging: GuestPaging,
     tlb: Tlb,
     vpid: u16,
+    mode: Arc<VcpuMode>,
     seen_flush_gen: u64,
     slot_cache: SlotCache,
     stats: VcpuStats,
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        self.mmu.remote_tlb().unregister(&self.mode);
+    }
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -115,7 +136,8 @@ impl Vcpu {
         let root = mmu.get_root(0)?;
         let regs = ControlRegs::default();
         Ok(Vcpu {
-            seen_flush_gen: mmu.tlb_flush_gen(),
+            mode: mmu.remote_tlb().register(),
+            seen_flush_gen: mmu.remote_tlb().generation(),
             mmu,
             slots,
             root,
@@ -215,7 +237,7 @@ impl Vcpu {
         let base = self.cr3 & CR3_PAE_PDPT_MASK;
         let mut last = None;
         for _ in 0..MAX_RETRIES {
-            self.sync_remote_flush();
+            self.enter_guest();
             let _epoch = crossbeam_epoch::pin();
             let mut pdptes = [0u64; 4];
             let exit = {
@@ -230,6 +252,7 @@ impl Vcpu {
                     }
                 })
             };
+            self.exit_guest();
             match exit {
                 None => {
                     self.pdptes = pdptes;
@@ -237,7 +260,7 @@ impl Vcpu {
                 }
                 Some(e) => {
                     last = Some(e);
-                    self.handle_exit(e, AccessKind::Read)?;
+                    self.handle_exit(e)?;
                 }
             }
         }
@@ -280,11 +303,11 @@ impl Vcpu {
         }
     }
 
-    /// Flushes the translations made through this MMU if it has asked for a
-    /// remote TLB flush since the last check (KVM's `KVM_REQ_TLB_FLUSH`
-    /// processed at the next entry).
-    fn sync_remote_flush(&mut self) {
-        let generation = self.mmu.tlb_flush_gen();
+    /// Enters guest mode, first flushing the translations made through this
+    /// MMU if it asked for a remote flush since the last entry (KVM's
+    /// `KVM_REQ_TLB_FLUSH` processed at VM entry).
+    fn enter_guest(&mut self) {
+        let generation = self.mode.enter(self.mmu.remote_tlb());
         if generation != self.seen_flush_gen {
             self.seen_flush_gen = generation;
             self.tlb.flush(Flush::Eptp(self.root.root().pfn().raw()));
@@ -292,16 +315,31 @@ impl Vcpu {
         }
     }
 
-    /// Hands an exit to the MMU.
-    fn handle_exit(&mut self, exit: EptExit, kind: AccessKind) -> Result<FaultOutcome, VcpuError> {
-        match exit {
-            EptExit::Violation { .. } => self.stats.ept_violations += 1,
-            EptExit::Misconfig { .. } => self.stats.ept_misconfigs += 1,
-        }
+    /// Leaves guest mode (a VM exit): from here the vCPU may wait for
+    /// `mmu_lock`, and flushes need not wait for it.
+    fn exit_guest(&self) {
+        self.mode.exit();
+    }
+
+    /// Hands an exit to the MMU (outside guest mode).
+    fn handle_exit(&mut self, exit: EptExit) -> Result<FaultOutcome, VcpuError> {
+        let (write, exec) = match exit {
+            EptExit::Violation { qual, .. } => {
+                self.stats.ept_violations += 1;
+                (
+                    qual.contains(EptViolationQual::WRITE),
+                    qual.contains(EptViolationQual::FETCH),
+                )
+            }
+            EptExit::Misconfig { .. } => {
+                self.stats.ept_misconfigs += 1;
+                (false, false)
+            }
+        };
         let fault = TdpFault {
             gpa: exit.gpa(),
-            write: kind == AccessKind::Write,
-            exec: kind == AccessKind::Fetch,
+            write,
+            exec,
         };
         Ok(self.mmu.page_fault(&self.root, fault, &mut self.slot_cache)?)
     }
@@ -346,98 +384,122 @@ impl Vcpu {
             });
         }
         self.stats.accesses += 1;
-        self.sync_remote_flush();
         let access = Access::new(kind, cpl, ac);
+        let mut last = None;
+        for retry in 0..MAX_RETRIES {
+            if retry >= YIELD_AFTER {
+                std::thread::yield_now();
+            }
+            self.enter_guest();
+            let attempt = {
+                // Pinned for the whole attempt: tables the MMU unlinks
+                // meanwhile are not freed under the walk.
+                let _epoch = crossbeam_epoch::pin();
+                self.attempt(gva, access, size, value)
+            };
+            self.exit_guest();
+            match attempt {
+                Attempt::Done(result) => return Ok(result),
+                Attempt::Exit { exit, final_gpa } => {
+                    last = Some(exit);
+                    let outcome = self.handle_exit(exit)?;
+                    if let (FaultOutcome::Mmio | FaultOutcome::ReadOnlySlot, Some(gpa)) = (outcome, final_gpa) {
+                        // The VMM emulates the access: reads see 0,
+                        // writes are dropped.
+                        return Ok(AccessResult::Done {
+                            gpa,
+                            value: 0,
+                            mmio: true,
+                        });
+                    }
+                }
+            }
+        }
+        Err(VcpuError::NoProgress { gva, last })
+    }
+
+    /// One try of a one-page access in guest mode: TLB, else the
+    /// two-dimensional walk; an EPT exit ends the try.
+    fn attempt(&mut self, gva: u64, access: Access, size: usize, value: u64) -> Attempt {
         let tag = self.tag();
-        let write = kind == AccessKind::Write;
-        // Pinned for the whole access: tables the MMU unlinks meanwhile are
-        // not freed under the walk.
-        let _epoch = crossbeam_epoch::pin();
+        let write = access.is_write();
         if let Some(e) = self.tlb.lookup(gva, tag) {
             if self.check(access, &e) {
                 self.stats.tlb_hits += 1;
-                return Ok(self.touch(e.hpa(gva), Gpa::new(e.gpa(gva)), write, size, value));
+                return Attempt::Done(self.touch(e.hpa(gva), Gpa::new(e.gpa(gva)), write, size, value));
             }
             // Rights cached, not decisions: a hit that faults, or a write
             // through a clean entry, walks again.
             self.tlb.remove(gva, tag);
         }
-        let mut last = None;
-        for _ in 0..MAX_RETRIES {
-            let root = self.paging.root(self.cr3, self.pdptes);
-            let walk = {
-                let mem = self.guest_memory(EptStage::GuestPagingStructure);
-                self.paging.walk(&mem, &root, gva, access, self.pkru)
-            };
-            let walk = match walk {
-                Ok(w) => w,
-                Err(WalkError::PageFault(pf)) => {
-                    self.stats.guest_faults += 1;
-                    return Ok(AccessResult::Fault(GuestFault::PageFault {
-                        error_code: pf.error_code,
-                        gva,
-                    }));
-                }
-                Err(WalkError::NonCanonical) => {
-                    self.stats.guest_faults += 1;
-                    return Ok(AccessResult::Fault(GuestFault::GeneralProtection));
-                }
-                Err(WalkError::Memory { error, .. }) => {
-                    last = Some(error);
-                    self.handle_exit(error, AccessKind::Read)?;
-                    continue;
-                }
-            };
-            let ept = self.ept().translate(walk.gpa.raw(), kind, EptStage::FinalTranslation);
-            let ept_walk = match ept {
-                Ok(w) => w,
-                Err(exit) => {
-                    last = Some(exit);
-                    match self.handle_exit(exit, kind)? {
-                        FaultOutcome::Mmio | FaultOutcome::ReadOnlySlot => {
-                            return Ok(AccessResult::Done {
-                                gpa: walk.gpa,
-                                value: 0,
-                                mmio: true,
-                            });
-                        }
-                        _ => continue,
-                    }
-                }
-            };
-            // The TLB entry covers the smaller of the guest page and the EPT page.
-            let size_cached = if ept_walk.page_size.bytes() < walk.page_size.bytes() {
-                ept_walk.page_size
-            } else {
-                walk.page_size
-            };
-            let mask = size_cached.bytes() - 1;
-            let ept_rights = ept_walk.rights;
-            if ept_rights.contains(AccessRights::USER) {
-                let mut rights = walk.rights;
-                if !ept_rights.contains(AccessRights::EXEC) {
-                    rights.remove(AccessRights::EXEC);
-                }
-                let leaf = walk.leaf().map_or(0, |l| l.pte);
-                let global =
-                    self.regs.cr4.contains(Cr4::PGE) && leaf & PT_GLOBAL != 0 && self.paging.mode() != PagingMode::None;
-                self.tlb.insert(TlbEntry {
-                    va_base: walk.va & !mask,
-                    size: size_cached,
-                    tag,
-                    global,
-                    hpa_base: Hpa::new(ept_walk.gpa.raw() & !mask),
-                    gpa_base: walk.gpa.raw() & !mask,
-                    rights,
-                    pkey: walk.pkey,
-                    // A write through an entry whose guest leaf was clean, or
-                    // whose EPT mapping is not writable, must walk again.
-                    dirty: walk.dirty && ept_rights.contains(AccessRights::WRITE),
-                });
+        let root = self.paging.root(self.cr3, self.pdptes);
+        let walk = {
+            let mem = self.guest_memory(EptStage::GuestPagingStructure);
+            self.paging.walk(&mem, &root, gva, access, self.pkru)
+        };
+        let walk = match walk {
+            Ok(w) => w,
+            Err(WalkError::PageFault(pf)) => {
+                self.stats.guest_faults += 1;
+                return Attempt::Done(AccessResult::Fault(GuestFault::PageFault {
+                    error_code: pf.error_code,
+                    gva,
+                }));
             }
-            return Ok(self.touch(Hpa::new(ept_walk.gpa.raw()), walk.gpa, write, size, value));
+            Err(WalkError::NonCanonical) => {
+                self.stats.guest_faults += 1;
+                return Attempt::Done(AccessResult::Fault(GuestFault::GeneralProtection));
+            }
+            Err(WalkError::Memory { error, .. }) => {
+                return Attempt::Exit {
+                    exit: error,
+                    final_gpa: None,
+                };
+            }
+        };
+        let ept_walk = match self
+            .ept()
+            .translate(walk.gpa.raw(), access.kind, EptStage::FinalTranslation)
+        {
+            Ok(w) => w,
+            Err(exit) => {
+                return Attempt::Exit {
+                    exit,
+                    final_gpa: Some(walk.gpa),
+                };
+            }
+        };
+        // The TLB entry covers the smaller of the guest page and the EPT page.
+        let size_cached = if ept_walk.page_size.bytes() < walk.page_size.bytes() {
+            ept_walk.page_size
+        } else {
+            walk.page_size
+        };
+        let mask = size_cached.bytes() - 1;
+        let ept_rights = ept_walk.rights;
+        if ept_rights.contains(AccessRights::USER) {
+            let mut rights = walk.rights;
+            if !ept_rights.contains(AccessRights::EXEC) {
+                rights.remove(AccessRights::EXEC);
+            }
+            let leaf = walk.leaf().map_or(0, |l| l.pte);
+            let global =
+                self.regs.cr4.contains(Cr4::PGE) && leaf & PT_GLOBAL != 0 && self.paging.mode() != PagingMode::None;
+            self.tlb.insert(TlbEntry {
+                va_base: walk.va & !mask,
+                size: size_cached,
+                tag,
+                global,
+                hpa_base: Hpa::new(ept_walk.gpa.raw() & !mask),
+                gpa_base: walk.gpa.raw() & !mask,
+                rights,
+                pkey: walk.pkey,
+                // A write through an entry whose guest leaf was clean, or
+                // whose EPT mapping is not writable, must walk again.
+                dirty: walk.dirty && ept_rights.contains(AccessRights::WRITE),
+            });
         }
-        Err(VcpuError::NoProgress { gva, last })
+        Attempt::Done(self.touch(Hpa::new(ept_walk.gpa.raw()), walk.gpa, write, size, value))
     }
 
     /// Whether a cached translation serves `access` now.

@@ -14,10 +14,11 @@
 //! root (seed `003_*`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 
+use super::flush::{PendingFlush, RemoteTlb};
 use super::iter::{Geometry, SpteIter};
 use super::spte::{FROZEN_SPTE, Spte, SpteAccess, SpteFormat};
 use super::stats::MmuStats;
@@ -190,8 +191,8 @@ pub struct TdpMmu {
     invalidate: InvalidateState,
     /// Valid roots (KVM's `tdp_mmu_roots`, guarded by `tdp_mmu_pages_lock`).
     roots: Mutex<Vec<Arc<TdpRoot>>>,
-    /// Bumped by every remote TLB flush; vCPUs flush when it changes.
-    tlb_flush_gen: AtomicU64,
+    /// Remote TLB flushes: the generation vCPUs check, and their modes.
+    remote_tlb: RemoteTlb,
     stats: MmuStats,
 }
 
@@ -216,7 +217,7 @@ impl TdpMmu {
             lock: MmuLock::new(()),
             invalidate: InvalidateState::default(),
             roots: Mutex::new(Vec::new()),
-            tlb_flush_gen: AtomicU64::new(0),
+            remote_tlb: RemoteTlb::default(),
             stats: MmuStats::default(),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
@@ -248,16 +249,23 @@ impl TdpMmu {
         &self.invalidate
     }
 
-    /// The remote-TLB-flush generation; a vCPU that sees it change must
-    /// flush the translations it made through this MMU before its next
-    /// access.
-    pub fn tlb_flush_gen(&self) -> u64 {
-        self.tlb_flush_gen.load(Ordering::Acquire)
+    /// Remote TLB flushes: vCPUs register here and enter/leave guest mode.
+    pub fn remote_tlb(&self) -> &RemoteTlb {
+        &self.remote_tlb
     }
 
+    /// Flushes every vCPU's translations made through this MMU and waits
+    /// until none can use one (KVM's `kvm_flush_remote_tlbs`).
     fn flush_remote_tlbs(&self) {
-        self.tlb_flush_gen.fetch_add(1, Ordering::AcqRel);
+        self.remote_tlb.flush();
         MmuStats::inc(&self.stats.remote_tlb_flush);
+    }
+
+    /// Discharges a flush obligation.
+    pub fn discharge(&self, pending: PendingFlush) {
+        if pending.discharge(&self.remote_tlb) {
+            MmuStats::inc(&self.stats.remote_tlb_flush);
+        }
     }
 
     /// A reference to the valid root of `as_id`, allocating it on first use
@@ -469,10 +477,10 @@ impl TdpMmu {
     }
 
     /// Zaps every leaf SPTE mapping a gfn in `start..end` of address space
-    /// `as_id`, in every root, and flushes TLBs before returning (KVM's
-    /// `kvm_tdp_mmu_zap_leafs` under the write lock). Returns whether any
-    /// SPTE was zapped.
-    pub fn zap_gfn_range(&self, _guard: &impl MmuWriteLockHeld, as_id: u16, start: Gfn, end: Gfn) -> bool {
+    /// `as_id`, in every root (KVM's `kvm_tdp_mmu_zap_leafs` under the write
+    /// lock). The caller owes the returned TLB flush before it releases the
+    /// lock.
+    pub fn zap_gfn_range(&self, _guard: &impl MmuWriteLockHeld, as_id: u16, start: Gfn, end: Gfn) -> PendingFlush {
         let roots: Vec<Arc<TdpRoot>> = self.roots.lock().iter().filter(|r| r.as_id == as_id).cloned().collect();
         let mut zapped = false;
         for root in roots {
@@ -499,10 +507,7 @@ impl TdpMmu {
                 it.next();
             }
         }
-        if zapped {
-            self.flush_remote_tlbs();
-        }
-        zapped
+        PendingFlush::new(zapped)
     }
 
     /// Zaps every MMIO SPTE of every root (a memslot was created, which may
@@ -538,7 +543,10 @@ impl TdpMmu {
                 .collect();
             drop(slots);
             for (start, end) in spans {
-                self.zap_gfn_range(&guard, as_id, start, end);
+                let flush = self.zap_gfn_range(&guard, as_id, start, end);
+                // Before the lock is released, so no vCPU keeps a
+                // translation to a frame the host is about to free.
+                self.discharge(flush);
             }
         }
     }
