@@ -225,3 +225,110 @@ fn migration_under_running_vcpus_loses_no_write() {
     assert!(migrations.load(Ordering::Relaxed) > 10, "the page moved many times");
     assert!(last_written.load(Ordering::Relaxed) > 10, "the writer made progress");
 }
+
+/// Runs deferred frees until `done` holds (epoch reclamation is lazy).
+fn reclaim_until(done: impl Fn() -> bool) -> bool {
+    for _ in 0..10_000 {
+        if done() {
+            return true;
+        }
+        crossbeam_epoch::pin().flush();
+        std::thread::yield_now();
+    }
+    done()
+}
+
+#[test]
+fn fast_zap_invalidates_roots_and_vcpus_reload() {
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let mut v = vcpu(&vm, 1);
+    for page in 0..16u64 {
+        write(&mut v, page << 12, page + 100);
+    }
+    let old_root = v.root().root().clone();
+    assert_eq!(vm.mmu.stats().snapshot().pages_4k, 16);
+    vm.mmu.zap_all_fast();
+    assert!(!old_root.is_valid(), "zap-all invalidates the root");
+    // The caller did not wait for the tree: its leaves are still there.
+    assert_eq!(vm.mmu.stats().snapshot().pages_4k, 16);
+    // The vCPU drops the obsolete root at its next entry and loads a new one.
+    assert_eq!(read(&mut v, 5 << 12).0, 105);
+    assert_eq!(v.stats().root_reloads, 1);
+    assert_ne!(v.root().root().pfn(), old_root.pfn());
+    assert!(v.root().root().is_valid());
+    // The invalidated tree is zapped under the read lock, then freed once
+    // its last reference is gone.
+    assert_eq!(vm.mmu.zap_invalidated_roots(), 16);
+    assert_eq!(vm.mmu.stats().snapshot().pages_4k, 1, "only the new root's page");
+    let arena = vm.host.arena().clone();
+    assert!(
+        reclaim_until(|| arena.is_freed(old_root.pfn())),
+        "the old root's table is freed"
+    );
+}
+
+#[test]
+fn nothing_hands_out_an_invalid_root() {
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let held = vm.mmu.get_root(0).unwrap();
+    vm.mmu.zap_all_fast();
+    let fresh = vm.mmu.get_root(0).unwrap();
+    assert!(fresh.root().is_valid());
+    assert_ne!(fresh.root().pfn(), held.root().pfn());
+    // A fault on the invalid root installs nothing: the vCPU must reload.
+    let mut cache = vmmu::mem::SlotCache::default();
+    let fault = vmmu::mmu::tdp::TdpFault {
+        gpa: Gpa::new(0x1000),
+        write: false,
+        exec: false,
+    };
+    assert_eq!(
+        vm.mmu.page_fault(&held, fault, &mut cache).unwrap(),
+        vmmu::mmu::tdp::FaultOutcome::Retry
+    );
+    assert_eq!(vm.mmu.stats().snapshot().pages_4k, 0);
+    // The held reference keeps the invalid tree alive through its zap.
+    vm.mmu.zap_invalidated_roots();
+    let arena = vm.host.arena().clone();
+    let pfn = held.root().pfn();
+    assert!(!arena.is_freed(pfn), "still referenced");
+    drop(held);
+    assert!(reclaim_until(|| arena.is_freed(pfn)));
+}
+
+#[test]
+fn zap_all_races_with_faulting_vcpus() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let vm = vm(8 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (vm, stop) = (&vm, &stop);
+            s.spawn(move || {
+                let mut v = vcpu(vm, t as u16 + 1);
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    round += 1;
+                    for page in 0..64u64 {
+                        let gpa = (page << 12) + 8 * t;
+                        write(&mut v, gpa, round << 16 | page);
+                        assert_eq!(read(&mut v, gpa).0, round << 16 | page);
+                    }
+                }
+            });
+        }
+        s.spawn(|| {
+            for _ in 0..200 {
+                vm.mmu.zap_all_fast();
+                vm.mmu.zap_invalidated_roots();
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+    });
+    // Only the live root's pages are still counted; every invalidated tree
+    // was zapped.
+    vm.mmu.zap_invalidated_roots();
+    let s = vm.mmu.stats().snapshot();
+    assert!(s.pages_4k <= 64, "{s:?}");
+}

@@ -61,6 +61,8 @@ pub struct VcpuStats {
     pub guest_faults: u64,
     /// Full TLB flushes requested by the MMU.
     pub remote_flushes: u64,
+    /// Roots dropped after a fast zap and reloaded.
+    pub root_reloads: u64,
 }
 
 /// How one try of an access ended.
@@ -111,6 +113,7 @@ pub struct Vcpu {
     vpid: u16,
     mode: Arc<VcpuMode>,
     seen_flush_gen: u64,
+    seen_root_gen: u64,
     slot_cache: SlotCache,
     stats: VcpuStats,
 }
@@ -138,6 +141,7 @@ impl Vcpu {
         Ok(Vcpu {
             mode: mmu.remote_tlb().register(),
             seen_flush_gen: mmu.remote_tlb().generation(),
+            seen_root_gen: mmu.root_generation(),
             mmu,
             slots,
             root,
@@ -157,6 +161,11 @@ impl Vcpu {
     /// The counters.
     pub fn stats(&self) -> VcpuStats {
         self.stats
+    }
+
+    /// The root this vCPU runs on.
+    pub fn root(&self) -> &RootRef {
+        &self.root
     }
 
     /// The TLB.
@@ -237,6 +246,7 @@ impl Vcpu {
         let base = self.cr3 & CR3_PAE_PDPT_MASK;
         let mut last = None;
         for _ in 0..MAX_RETRIES {
+            self.reload_root_if_obsolete()?;
             self.enter_guest();
             let _epoch = crossbeam_epoch::pin();
             let mut pdptes = [0u64; 4];
@@ -301,6 +311,22 @@ impl Vcpu {
             as_id: self.root.root().as_id(),
             stage,
         }
+    }
+
+    /// Processes the obsolete-root request (outside guest mode): drops an
+    /// invalidated root and loads the address space's valid one.
+    fn reload_root_if_obsolete(&mut self) -> Result<(), VcpuError> {
+        let generation = self.mmu.root_generation();
+        if generation != self.seen_root_gen {
+            self.seen_root_gen = generation;
+            if !self.root.root().is_valid() {
+                let old = self.root.root().pfn().raw();
+                self.root = self.mmu.get_root(self.root.root().as_id())?;
+                self.tlb.flush(Flush::Eptp(old));
+                self.stats.root_reloads += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Enters guest mode, first flushing the translations made through this
@@ -390,6 +416,7 @@ impl Vcpu {
             if retry >= YIELD_AFTER {
                 std::thread::yield_now();
             }
+            self.reload_root_if_obsolete()?;
             self.enter_guest();
             let attempt = {
                 // Pinned for the whole attempt: tables the MMU unlinks

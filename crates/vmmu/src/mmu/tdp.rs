@@ -14,7 +14,7 @@
 //! root (seed `003_*`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -85,8 +85,11 @@ pub struct RootRef {
 
 impl RootRef {
     /// Takes a reference, failing on an invalid root or one whose count
-    /// already dropped to zero (KVM's `kvm_tdp_mmu_get_root`).
-    pub fn try_get(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry) -> Option<RootRef> {
+    /// already dropped to zero (KVM's `kvm_tdp_mmu_get_root`). Only called
+    /// with the MMU's root list locked, which invalidation also holds: so a
+    /// root seen valid here cannot be invalidated before the reference is
+    /// taken (seed `003_*`).
+    fn try_get(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry) -> Option<RootRef> {
         if !root.is_valid() {
             return None;
         }
@@ -129,12 +132,30 @@ impl Clone for RootRef {
 
 impl Drop for RootRef {
     fn drop(&mut self) {
-        if self.root.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // The last reference: only an invalid root drops to zero (the
-            // MMU's list holds one reference while a root is valid).
-            debug_assert!(!self.root.is_valid(), "the last reference to a valid root was dropped");
-            defer_free_tree(&self.arena, self.geometry, self.root.pfn, self.geometry.levels);
-        }
+        put_root(&self.root, &self.arena, self.geometry);
+    }
+}
+
+/// Drops one reference; the last one frees the tree after a grace period.
+/// Only an invalid root reaches zero: the MMU's list holds a reference
+/// from creation until the root has been invalidated and zapped.
+fn put_root(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry) {
+    if root.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
+        assert!(!root.is_valid(), "the last reference to a valid root was dropped");
+        defer_free_tree(arena, geometry, root.pfn, geometry.levels);
+    }
+}
+
+/// The MMU's roots.
+#[derive(Debug, Default)]
+struct RootList {
+    valid: Vec<Arc<TdpRoot>>,
+    invalidated: Vec<Arc<TdpRoot>>,
+}
+
+impl RootList {
+    fn all(&self) -> impl Iterator<Item = &Arc<TdpRoot>> {
+        self.valid.iter().chain(&self.invalidated)
     }
 }
 
@@ -189,8 +210,14 @@ pub struct TdpMmu {
     fmt: SpteFormat,
     lock: MmuLock<()>,
     invalidate: InvalidateState,
-    /// Valid roots (KVM's `tdp_mmu_roots`, guarded by `tdp_mmu_pages_lock`).
-    roots: Mutex<Vec<Arc<TdpRoot>>>,
+    /// Roots (KVM's `tdp_mmu_roots`, guarded by `tdp_mmu_pages_lock`):
+    /// the valid ones, and the invalidated ones still to be zapped. The
+    /// list holds one reference to each.
+    roots: Mutex<RootList>,
+    /// Bumped, under the write lock, whenever roots are invalidated: vCPUs
+    /// reload their root when it changes (KVM's
+    /// `KVM_REQ_MMU_FREE_OBSOLETE_ROOTS`).
+    root_generation: AtomicU64,
     /// Remote TLB flushes: the generation vCPUs check, and their modes.
     remote_tlb: RemoteTlb,
     stats: MmuStats,
@@ -216,7 +243,8 @@ impl TdpMmu {
             fmt: SpteFormat::Ept { ad: config.ad },
             lock: MmuLock::new(()),
             invalidate: InvalidateState::default(),
-            roots: Mutex::new(Vec::new()),
+            roots: Mutex::new(RootList::default()),
+            root_generation: AtomicU64::new(0),
             remote_tlb: RemoteTlb::default(),
             stats: MmuStats::default(),
         });
@@ -272,7 +300,7 @@ impl TdpMmu {
     /// (KVM's `kvm_tdp_mmu_get_vcpu_root_hpa`).
     pub fn get_root(&self, as_id: u16) -> Result<RootRef, TdpError> {
         let mut roots = self.roots.lock();
-        for r in roots.iter() {
+        for r in roots.valid.iter() {
             if r.as_id == as_id
                 && let Some(rr) = RootRef::try_get(r, &self.arena, self.config.geometry)
             {
@@ -288,8 +316,82 @@ impl TdpMmu {
             refs: AtomicU32::new(1),
             valid: AtomicBool::new(true),
         });
-        roots.push(root.clone());
+        roots.valid.push(root.clone());
         Ok(RootRef::try_get(&root, &self.arena, self.config.geometry).expect("a new root is valid"))
+    }
+
+    /// The root generation: when it changes, a vCPU whose root is no longer
+    /// valid must drop it and load a new one.
+    pub fn root_generation(&self) -> u64 {
+        self.root_generation.load(Ordering::Acquire)
+    }
+
+    /// Fast zap of everything (KVM's `kvm_mmu_zap_all_fast`): in one critical
+    /// section under the write lock, every valid root is marked invalid,
+    /// moved to the invalidated queue (its list reference with it), and the
+    /// vCPUs are asked to drop it. Nothing can take a new reference to an
+    /// invalid root afterwards. The trees are zapped later by
+    /// [`TdpMmu::zap_invalidated_roots`] and freed when their last
+    /// reference goes; the caller waits only for the invalidation, whatever
+    /// the amount of memory mapped.
+    pub fn zap_all_fast(&self) {
+        let _guard = self.lock.write();
+        let mut roots = self.roots.lock();
+        let valid = std::mem::take(&mut roots.valid);
+        for r in &valid {
+            r.valid.store(false, Ordering::Release);
+        }
+        roots.invalidated.extend(valid);
+        // The request to vCPUs, in the same critical section (seed 003_*):
+        // no yield between invalidating and asking vCPUs to drop.
+        self.root_generation.fetch_add(1, Ordering::AcqRel);
+        drop(roots);
+        // vCPUs still running on the old roots must not keep translations.
+        self.flush_remote_tlbs();
+    }
+
+    /// Zaps the leaves of every invalidated root under the read lock, while
+    /// still holding the list's reference (so no tree is freed mid-zap),
+    /// then drops that reference (KVM's
+    /// `kvm_tdp_mmu_zap_invalidated_roots`). Returns the leaves zapped.
+    pub fn zap_invalidated_roots(&self) -> u64 {
+        let queued = std::mem::take(&mut self.roots.lock().invalidated);
+        let guard = self.lock.read();
+        let mut zapped = 0;
+        for root in &queued {
+            zapped += self.zap_root_leaves(&guard, root);
+        }
+        drop(guard);
+        if zapped > 0 {
+            self.flush_remote_tlbs();
+        }
+        for root in &queued {
+            put_root(root, &self.arena, self.config.geometry);
+        }
+        zapped
+    }
+
+    /// Zaps every leaf of one root with atomic exchanges (the read lock
+    /// allows concurrent faults, which fail on an invalid root).
+    fn zap_root_leaves(&self, _guard: &MmuLockReadGuard<'_, ()>, root: &TdpRoot) -> u64 {
+        let mut zapped = 0;
+        let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, 0);
+        while it.valid() {
+            let spte = it.old_spte();
+            let level = it.level();
+            if spte.is_mmu_present() && spte.is_leaf(level) {
+                if Spte(it.sptep().swap(0, Ordering::AcqRel)).is_mmu_present() {
+                    self.stats.account_leaf(level, -1);
+                    MmuStats::inc(&self.stats.mmu_zapped);
+                    zapped += 1;
+                }
+                it.refresh();
+                it.skip_subtree();
+                continue;
+            }
+            it.next();
+        }
+        zapped
     }
 
     /// Handles an EPT violation or misconfiguration at `fault.gpa` for the
@@ -361,6 +463,15 @@ impl TdpMmu {
         level: u8,
         leaf: Spte,
     ) -> Result<FaultOutcome, TdpError> {
+        // Checked under the lock (KVM's `is_page_fault_stale`): roots are
+        // invalidated only under the write lock, so a root valid here stays
+        // valid until this fault is done, and the zapper of invalidated
+        // roots never races with an install into one. The vCPU must reload
+        // its root first.
+        if !root.root.is_valid() {
+            MmuStats::inc(&self.stats.pf_retry);
+            return Ok(FaultOutcome::Retry);
+        }
         let g = self.config.geometry;
         let mut it = SpteIter::new(&self.arena, g, root.root.pfn, level, gfn.raw());
         while it.level() > level {
@@ -481,7 +592,7 @@ impl TdpMmu {
     /// lock). The caller owes the returned TLB flush before it releases the
     /// lock.
     pub fn zap_gfn_range(&self, _guard: &impl MmuWriteLockHeld, as_id: u16, start: Gfn, end: Gfn) -> PendingFlush {
-        let roots: Vec<Arc<TdpRoot>> = self.roots.lock().iter().filter(|r| r.as_id == as_id).cloned().collect();
+        let roots: Vec<Arc<TdpRoot>> = self.roots.lock().all().filter(|r| r.as_id == as_id).cloned().collect();
         let mut zapped = false;
         for root in roots {
             let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, start.raw());
@@ -513,7 +624,7 @@ impl TdpMmu {
     /// Zaps every MMIO SPTE of every root (a memslot was created, which may
     /// turn "no memslot" into memory).
     pub fn zap_mmio(&self, _guard: &impl MmuWriteLockHeld) {
-        let roots: Vec<Arc<TdpRoot>> = self.roots.lock().clone();
+        let roots: Vec<Arc<TdpRoot>> = self.roots.lock().all().cloned().collect();
         for root in roots {
             let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, 0);
             while it.valid() {
