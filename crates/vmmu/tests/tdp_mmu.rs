@@ -332,3 +332,149 @@ fn zap_all_races_with_faulting_vcpus() {
     let s = vm.mmu.stats().snapshot();
     assert!(s.pages_4k <= 64, "{s:?}");
 }
+
+fn set_logging(vm: &Vm, on: bool) {
+    let flags = if on {
+        MemslotFlags::LOG_DIRTY_PAGES
+    } else {
+        MemslotFlags::empty()
+    };
+    vm.slots.update_flags(0, 0, flags).unwrap();
+}
+
+fn dirty_pages(bitmap: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (w, word) in bitmap.iter().enumerate() {
+        for b in 0..64 {
+            if word >> b & 1 != 0 {
+                out.push(w as u64 * 64 + b);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn dirty_logging_splits_logs_exactly_and_recovers_huge_pages() {
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE | VmaFlags::THP);
+    let mut v = vcpu(&vm, 1);
+    write(&mut v, 0x1000, 1);
+    write(&mut v, 0x20_1000, 2);
+    assert_eq!(vm.mmu.stats().snapshot().pages_2m, 2);
+
+    set_logging(&vm, true);
+    let s = vm.mmu.stats().snapshot();
+    assert_eq!((s.pages_2m, s.pages_4k), (0, 1024), "eager split to 4K");
+    assert!(dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()).is_empty());
+
+    for gfn in [3u64, 7, 600] {
+        write(&mut v, gfn << 12, gfn);
+    }
+    read(&mut v, 9 << 12); // reads are not writes
+    assert!(vm.mmu.stats().snapshot().pf_fast >= 3, "writes fixed on the fast path");
+    assert_eq!(dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()), [3, 7, 600]);
+    assert!(
+        dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()).is_empty(),
+        "harvest clears"
+    );
+    // Harvested pages were write-protected again: the next write is logged.
+    write(&mut v, 7 << 12, 70);
+    write(&mut v, 1000 << 12, 1000); // never mapped before: slow path, logged
+    assert_eq!(dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()), [7, 1000]);
+    // While logging, new mappings are 4K.
+    assert_eq!(vm.mmu.stats().snapshot().pages_2m, 0);
+
+    set_logging(&vm, false);
+    let s = vm.mmu.stats().snapshot();
+    assert_eq!(s.pages_2m, 2, "huge pages recovered in place: {s:?}");
+    assert_eq!(s.pages_4k, 0);
+    assert_eq!(read(&mut v, 7 << 12).0, 70);
+    assert_eq!(read(&mut v, 600 << 12).0, 600);
+}
+
+/// KVM's dirty_log_test method: a vCPU writes the current iteration number
+/// into random pages while the VMM harvests. A write of value `v` starts
+/// after iteration `v` began, so a page whose final value is `v` must be in
+/// harvest `v - 1` or a later one (the last harvest runs after the vCPU
+/// stopped): no dirty page may be lost.
+#[test]
+fn every_write_during_logging_shows_up_in_a_harvest() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const PAGES: u64 = 512;
+    const ROUNDS: u64 = 40;
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE | VmaFlags::THP);
+    set_logging(&vm, true);
+    let iteration = AtomicU64::new(1);
+    let stop = AtomicBool::new(false);
+    let writes = AtomicU64::new(0);
+    /// Stops the writer however the harvesting loop ends.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    // harvests[k] was collected after iteration k + 1 began.
+    let mut harvests: Vec<Vec<u64>> = vec![Vec::new()];
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut v = vcpu(&vm, 1);
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            while !stop.load(Ordering::SeqCst) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let it = iteration.load(Ordering::SeqCst);
+                write(&mut v, (x % PAGES) << 12, it);
+                writes.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        for round in 1..=ROUNDS {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            iteration.store(round + 1, Ordering::SeqCst);
+            harvests.push(dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()));
+        }
+    });
+    harvests.push(dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()));
+    assert!(writes.load(Ordering::Relaxed) > PAGES, "the vCPU kept writing");
+    let mem = vmmu::mem::GuestMemory::new(vm.host.clone(), vm.slots.clone());
+    let mut checked = 0;
+    for page in 0..PAGES {
+        let value = mem.read_u64(Gpa::new(page << 12)).unwrap();
+        if value == 0 {
+            continue;
+        }
+        let first = (value - 1) as usize;
+        assert!(
+            harvests[first.min(harvests.len() - 1)..]
+                .iter()
+                .any(|h| h.contains(&page)),
+            "page {page}, last written with {value}, is in no harvest from {first} on; \
+             it is in harvests {:?}; the last harvests hold {:?} pages",
+            harvests
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.contains(&page))
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>(),
+            harvests.iter().rev().take(4).map(Vec::len).collect::<Vec<_>>()
+        );
+        checked += 1;
+    }
+    assert!(checked > PAGES / 2, "most pages were written");
+}
+
+#[test]
+fn a_first_write_after_logging_is_enabled_is_logged() {
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+    set_logging(&vm, true);
+    let mut v = vcpu(&vm, 1);
+    write(&mut v, 0x5000, 1);
+    assert_eq!(
+        dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()),
+        [5],
+        "{:?}",
+        vm.mmu.stats().snapshot()
+    );
+}

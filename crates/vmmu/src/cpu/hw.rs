@@ -119,6 +119,15 @@ impl<'a> EptTranslator<'a> {
         }
     }
 
+    /// A translator with a precomputed EPT paging configuration.
+    pub fn with_paging(arena: &'a FrameArena, root: Hpa, paging: Paging<PteEpt>) -> EptTranslator<'a> {
+        EptTranslator {
+            arena,
+            paging,
+            root: Root::Table(Gpa::new(root.raw())),
+        }
+    }
+
     /// The arena holding the tables and the guest's memory.
     pub fn arena(&self) -> &'a FrameArena {
         self.arena

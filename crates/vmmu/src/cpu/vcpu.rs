@@ -11,10 +11,11 @@ use crate::arch::ept::EptViolationQual;
 use crate::arch::perm::{Access, AccessKind, AccessRights};
 use crate::arch::pfec::PfErrorCode;
 use crate::arch::pte::PT_GLOBAL;
+use crate::arch::pte::PteEpt;
 use crate::mem::{MemslotTable, SlotCache};
 use crate::mmu::flush::VcpuMode;
 use crate::mmu::tdp::{FaultOutcome, RootRef, TdpError, TdpFault, TdpMmu};
-use crate::walker::{ControlRegs, EntrySize, GuestPaging, PtMemory, WalkError};
+use crate::walker::{ControlRegs, EntrySize, GuestPaging, Paging, PtMemory, WalkError};
 
 /// A fault the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +110,9 @@ pub struct Vcpu {
     pdptes: [u64; 4],
     pkru: u32,
     paging: GuestPaging,
+    /// The EPT paging configuration (precomputed once: it only depends on
+    /// the MMU's configuration).
+    ept_paging: Paging<PteEpt>,
     tlb: Tlb,
     vpid: u16,
     mode: Arc<VcpuMode>,
@@ -138,6 +142,7 @@ impl Vcpu {
     pub fn new(mmu: Arc<TdpMmu>, slots: Arc<MemslotTable>, features: CpuFeatures, vpid: u16) -> Result<Vcpu, TdpError> {
         let root = mmu.get_root(0)?;
         let regs = ControlRegs::default();
+        let ept_paging = Paging::ept(mmu.config().geometry.levels, mmu.config().ad, &CpuFeatures::default());
         Ok(Vcpu {
             mode: mmu.remote_tlb().register(),
             seen_flush_gen: mmu.remote_tlb().generation(),
@@ -151,6 +156,7 @@ impl Vcpu {
             pdptes: [0; 4],
             pkru: 0,
             paging: GuestPaging::new(&regs, &features),
+            ept_paging,
             tlb: Tlb::new(TlbConfig::default()),
             vpid,
             slot_cache: SlotCache::default(),
@@ -295,12 +301,10 @@ impl Vcpu {
     }
 
     fn ept(&self) -> EptTranslator<'_> {
-        let cfg = self.mmu.config();
-        EptTranslator::new(
+        EptTranslator::with_paging(
             self.mmu.arena(),
             Hpa::new(self.root.root().pfn().raw() << 12),
-            cfg.geometry.levels,
-            cfg.ad,
+            self.ept_paging,
         )
     }
 

@@ -50,8 +50,10 @@ stats!(
         pages_2m: AtomicI64,
         /// Leaf SPTEs mapping 1 GiB, now.
         pages_1g: AtomicI64,
-        /// Huge SPTEs split on demand.
+        /// Huge SPTEs split (on demand or for dirty logging).
         huge_pages_split: AtomicU64,
+        /// Huge SPTEs recovered in place after dirty logging.
+        huge_pages_recovered: AtomicU64,
         /// Remote TLB flushes requested.
         remote_tlb_flush: AtomicU64,
         /// Page-table pages allocated for SPTEs, now.

@@ -13,6 +13,8 @@
 //! valid until invalidated, and no new reference can be taken to an invalid
 //! root (seed `003_*`).
 
+mod dirty;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -249,6 +251,8 @@ impl TdpMmu {
             stats: MmuStats::default(),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
+        mmu.slots
+            .register_observer(Arc::new(dirty::SlotObserver(Arc::downgrade(&mmu))));
         mmu
     }
 
@@ -410,6 +414,13 @@ impl TdpMmu {
         if fault.write && slot.is_readonly() {
             return Ok(FaultOutcome::ReadOnlySlot);
         }
+        let logging = slot.logs_dirty_pages();
+        if fault.write
+            && logging
+            && let Some(outcome) = self.fast_page_fault(root, gfn, &slot)
+        {
+            return Ok(outcome);
+        }
         let mapping = match faultin_gfn(&self.host, &self.invalidate, &slot, gfn, fault.write) {
             Ok(m) => m,
             Err(source) => return Err(TdpError::Host { gpa: fault.gpa, source }),
@@ -419,7 +430,12 @@ impl TdpMmu {
             MmuStats::inc(&self.stats.pf_retry);
             return Ok(FaultOutcome::Retry);
         };
-        let max = Level::new(self.config.max_level).expect("max_level is 1..=3");
+        // Dirty logging tracks 4K pages (KVM's hugepage adjust).
+        let max = if logging {
+            Level::L1
+        } else {
+            Level::new(self.config.max_level).expect("max_level is 1..=3")
+        };
         let level = valid.mapping_level(slot.max_mapping_level(gfn, max));
         let pfn = valid.pfn_at(level);
         let access = SpteAccess {
@@ -428,10 +444,20 @@ impl TdpMmu {
             exec: true,
             user: true,
         };
-        let leaf = self
+        let mut leaf = self
             .fmt
             .make_leaf(level.get(), pfn, access, valid.writable(), true, false);
-        self.install(&guard, root, gfn.align_down(level.pages()), level.get(), leaf)
+        if logging && !fault.write {
+            // Writable only on the first write, which logs the page.
+            leaf = leaf.clear_writable(self.fmt);
+        }
+        let outcome = self.install(&guard, root, gfn.align_down(level.pages()), level.get(), leaf)?;
+        if logging && leaf.is_writable(self.fmt) && outcome == FaultOutcome::Fixed {
+            // Still under the read lock: no harvest can run between the
+            // install and the mark.
+            slot.mark_page_dirty(gfn);
+        }
+        Ok(outcome)
     }
 
     fn mmio_fault(&self, root: &RootRef, gfn: Gfn, generation: u64) -> Result<FaultOutcome, TdpError> {

@@ -1,0 +1,292 @@
+//! Dirty logging in the TDP MMU, write-protect mode (KVM's
+//! `kvm_mmu_slot_apply_flags`, `kvm_get_dirty_log_protect`,
+//! `fast_page_fault`, `kvm_mmu_recover_huge_pages`).
+//!
+//! - Enabling logging on a slot write-protects its SPTEs (hardware W
+//!   cleared, MMU-writable kept) and splits its huge SPTEs into 4K ones, so
+//!   the first write to each page faults.
+//! - Such a write is fixed on the lockless fast path: the SPTE gets W back
+//!   with one compare-exchange and the page is marked dirty.
+//! - Harvesting (`get_dirty_log`, or `clear_dirty_log` with manual
+//!   protect) takes the bits, write-protects their pages and flushes TLBs
+//!   before returning: a copy of a page made after the harvest includes
+//!   every write made before its protection, and every later write faults
+//!   and is logged.
+//! - Disabling logging recovers huge pages in place: a table of 4K SPTEs is
+//!   replaced by one huge SPTE where the memslot and the host mapping allow
+//!   it, reading the host level under `mmu_lock` with no invalidation in
+//!   progress (the second safe use of `host_pfn_mapping_level`, seed 004).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{TdpMmu, defer_free_tree};
+use crate::addr::{Gfn, Level};
+use crate::mem::{Memslot, MemslotChange, MemslotError, MemslotObserver, MmuLockHeld, stable_host_level};
+use crate::mmu::flush::PendingFlush;
+use crate::mmu::iter::SpteIter;
+use crate::mmu::spte::{FROZEN_SPTE, Spte, SpteAccess};
+use crate::mmu::stats::MmuStats;
+
+impl TdpMmu {
+    /// Clears hardware W on every leaf in `start..end` of `as_id` (MMU-writable
+    /// kept), splitting huge leaves first when `split` (KVM's
+    /// `kvm_tdp_mmu_wrprot_slot` after eager splitting).
+    pub(super) fn write_protect_range(
+        &self,
+        _guard: &impl MmuLockHeld,
+        as_id: u16,
+        start: Gfn,
+        end: Gfn,
+        split: bool,
+    ) -> PendingFlush {
+        let mut protected = false;
+        for root in self.roots_of(as_id) {
+            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 1, start.raw());
+            while it.valid() && it.gfn() < end.raw() {
+                let level = it.level();
+                let spte = it.old_spte();
+                if spte.is_mmu_present() && spte.is_leaf(level) {
+                    if level > 1 && split {
+                        if self.split_huge(&mut it) {
+                            protected = true;
+                            continue; // now a table: step into it
+                        }
+                        continue; // lost a race: re-read
+                    }
+                    if spte.is_writable(self.fmt) {
+                        if !it.try_set(spte.clear_writable(self.fmt)) {
+                            continue; // hardware set A/D meanwhile: retry this SPTE
+                        }
+                        protected = true;
+                    }
+                    it.skip_subtree();
+                    continue;
+                }
+                it.next();
+            }
+        }
+        PendingFlush::new(protected)
+    }
+
+    /// Replaces the huge leaf at the cursor with a table of next-level
+    /// leaves mapping the same frames, write-protected. Returns false if
+    /// the SPTE changed under us.
+    fn split_huge(&self, it: &mut SpteIter<'_>) -> bool {
+        let level = it.level();
+        let huge = it.old_spte();
+        let Ok(table) = self.alloc_table() else {
+            return false;
+        };
+        let entries = self.config.geometry.entries();
+        let child_pages = self.config.geometry.pages(level - 1);
+        let access = SpteAccess {
+            read: true,
+            write: huge.is_mmu_writable(),
+            exec: true,
+            user: true,
+        };
+        for i in 0..entries {
+            let pfn = huge.pfn().add(i * child_pages);
+            let leaf = self
+                .fmt
+                .make_leaf(level - 1, pfn, access, huge.is_host_writable(), true, false)
+                .clear_writable(self.fmt);
+            self.arena.table(table)[i as usize].store(leaf.0, Ordering::Relaxed);
+        }
+        if !it.try_set(self.fmt.make_nonleaf(table)) {
+            self.free_table_now(table);
+            return false;
+        }
+        self.stats.account_leaf(level, -1);
+        self.stats.account_leaf(level - 1, entries as i64);
+        MmuStats::inc(&self.stats.huge_pages_split);
+        // The cursor now holds the table: the caller steps into it.
+        true
+    }
+
+    /// The lockless fast path (KVM's `fast_page_fault`): a write to a
+    /// present leaf that is MMU-writable but not writable (dirty logging)
+    /// gets W back with one compare-exchange, and the page is marked dirty.
+    /// `None` when the slow path must handle the fault.
+    pub(super) fn fast_page_fault(
+        &self,
+        root: &super::RootRef,
+        gfn: Gfn,
+        slot: &Memslot,
+    ) -> Option<super::FaultOutcome> {
+        let _epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&self.arena, self.config.geometry, root.root().pfn(), 1, gfn.raw());
+        while it.step_down() {}
+        let spte = it.old_spte();
+        if !spte.is_mmu_present() || !spte.is_leaf(it.level()) || !spte.is_mmu_writable() {
+            return None;
+        }
+        if spte.is_writable(self.fmt) {
+            MmuStats::inc(&self.stats.pf_spurious);
+            return Some(super::FaultOutcome::Spurious);
+        }
+        if !it.try_set(spte.make_writable(self.fmt)) {
+            return None;
+        }
+        slot.mark_page_dirty(gfn);
+        MmuStats::inc(&self.stats.pf_fast);
+        MmuStats::inc(&self.stats.pf_fixed);
+        Some(super::FaultOutcome::Fixed)
+    }
+
+    /// `KVM_GET_DIRTY_LOG`: the slot's dirty bitmap; without manual
+    /// protect the bits are cleared and their pages write-protected, with
+    /// TLBs flushed before this returns.
+    pub fn get_dirty_log(&self, as_id: u16, slot_id: u16) -> Result<Vec<u64>, MemslotError> {
+        let guard = self.lock.write();
+        let bitmap = self.slots.get_dirty_log(as_id, slot_id)?;
+        if !self.slots.config().manual_dirty_log_protect {
+            let flush = self.protect_bitmap(&guard, as_id, slot_id, 0, &bitmap)?;
+            self.discharge(flush);
+        }
+        Ok(bitmap)
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` (manual protect): clears the bits of `mask`
+    /// from `first_page` and write-protects the pages that were dirty.
+    pub fn clear_dirty_log(&self, as_id: u16, slot_id: u16, first_page: u64, mask: &[u64]) -> Result<(), MemslotError> {
+        let guard = self.lock.write();
+        let cleared = self.slots.clear_dirty_log(as_id, slot_id, first_page, mask)?;
+        let flush = self.protect_bitmap(&guard, as_id, slot_id, first_page, &cleared)?;
+        self.discharge(flush);
+        Ok(())
+    }
+
+    fn protect_bitmap(
+        &self,
+        guard: &impl MmuLockHeld,
+        as_id: u16,
+        slot_id: u16,
+        first_page: u64,
+        bits: &[u64],
+    ) -> Result<PendingFlush, MemslotError> {
+        let slots = self.slots.load(as_id);
+        let slot = slots
+            .by_id(slot_id)
+            .ok_or(MemslotError::UnknownSlot { as_id, id: slot_id })?;
+        let base = slot.base_gfn().raw() + first_page;
+        drop(slots);
+        let mut flush = PendingFlush::none();
+        for (w, &word) in bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                // Runs of set bits become one range each.
+                let lo = word.trailing_zeros() as u64;
+                let run = (word >> lo).trailing_ones() as u64;
+                let start = base + w as u64 * 64 + lo;
+                flush =
+                    flush.merge(self.write_protect_range(guard, as_id, Gfn::new(start), Gfn::new(start + run), false));
+                word &= !(((1u128 << (lo + run)) - 1) as u64);
+            }
+        }
+        Ok(flush)
+    }
+
+    /// Logging was turned off: replace tables of 4K leaves by one huge leaf
+    /// where the memslot and the host mapping allow it (in place, no zap).
+    fn recover_huge_pages(&self, slot: &Memslot) {
+        let guard = self.lock.write();
+        let start = slot.base_gfn();
+        let end = start.add(slot.npages());
+        let pages = self.config.geometry.pages(2);
+        let mut flush = false;
+        for root in self.roots_of(slot.as_id()) {
+            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 2, start.raw());
+            while it.valid() && it.gfn() < end.raw() {
+                let spte = it.old_spte();
+                if it.level() == 2 && spte.is_mmu_present() && !spte.is_leaf(2) {
+                    let gfn = Gfn::new(it.gfn());
+                    if gfn.raw() >= start.raw()
+                        && gfn.raw() + pages <= end.raw()
+                        && slot.max_mapping_level(gfn, Level::L2) >= Level::L2
+                        && let Some(hva) = slot.gfn_to_hva(gfn)
+                        && matches!(stable_host_level(&self.host, &self.invalidate, &guard, hva), Ok(Some(l)) if l >= Level::L2)
+                        && let Some(host) = self.host.lookup(hva)
+                    {
+                        let leaf = self.fmt.make_leaf(
+                            2,
+                            host.pfn.align_down(pages),
+                            SpteAccess {
+                                read: true,
+                                write: !slot.is_readonly(),
+                                exec: true,
+                                user: true,
+                            },
+                            host.writable,
+                            true,
+                            false,
+                        );
+                        if it.try_set(Spte(FROZEN_SPTE)) {
+                            self.zap_subtree_leaves(spte.pfn(), 1);
+                            self.stats.mmu_pages.fetch_sub(1, Ordering::Relaxed);
+                            defer_free_tree(&self.arena, self.config.geometry, spte.pfn(), 1);
+                            it.sptep().store(leaf.0, Ordering::Release);
+                            it.refresh();
+                            self.stats.account_leaf(2, 1);
+                            MmuStats::inc(&self.stats.huge_pages_recovered);
+                            flush = true;
+                        }
+                    }
+                }
+                it.next();
+            }
+        }
+        self.discharge(PendingFlush::new(flush));
+        drop(guard);
+    }
+
+    fn roots_of(&self, as_id: u16) -> Vec<Arc<super::TdpRoot>> {
+        self.roots.lock().all().filter(|r| r.as_id == as_id).cloned().collect()
+    }
+}
+
+/// The MMU's subscription to memslot changes.
+pub(super) struct SlotObserver(pub(super) std::sync::Weak<TdpMmu>);
+
+impl MemslotObserver for SlotObserver {
+    fn flush_memslot(&self, slot: &Memslot) {
+        // A slot being deleted or moved: drop every mapping of it.
+        if let Some(mmu) = self.0.upgrade() {
+            let guard = mmu.lock.write();
+            let flush = mmu.zap_gfn_range(
+                &guard,
+                slot.as_id(),
+                slot.base_gfn(),
+                slot.base_gfn().add(slot.npages()),
+            );
+            mmu.discharge(flush);
+        }
+    }
+
+    fn commit(&self, change: MemslotChange, old: Option<&Memslot>, new: Option<&Memslot>, _generation: u64) {
+        let Some(mmu) = self.0.upgrade() else { return };
+        // Creation needs nothing: MMIO SPTEs carry the old generation and
+        // are replaced at their next use.
+        if change != MemslotChange::FlagsOnly {
+            return;
+        }
+        let (Some(old), Some(new)) = (old, new) else { return };
+        match (old.logs_dirty_pages(), new.logs_dirty_pages()) {
+            (false, true) => {
+                // With manual protect and an initially-set bitmap every page
+                // counts as dirty already; protection comes with each clear.
+                let cfg = mmu.slots.config();
+                if cfg.manual_dirty_log_protect && cfg.dirty_log_initially_set {
+                    return;
+                }
+                let guard = mmu.lock.write();
+                let end = new.base_gfn().add(new.npages());
+                let flush = mmu.write_protect_range(&guard, new.as_id(), new.base_gfn(), end, true);
+                mmu.discharge(flush);
+            }
+            (true, false) => mmu.recover_huge_pages(new),
+            _ => {}
+        }
+    }
+}
