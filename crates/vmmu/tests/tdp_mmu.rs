@@ -478,3 +478,55 @@ fn a_first_write_after_logging_is_enabled_is_logged() {
         vm.mmu.stats().snapshot()
     );
 }
+
+fn vm_with(config: TdpConfig) -> Vm {
+    let base = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let mmu = TdpMmu::new(base.host.clone(), base.slots.clone(), config);
+    Vm { mmu, ..base }
+}
+
+#[test]
+fn aging_with_ept_accessed_bits() {
+    use vmmu::mem::HvaRange;
+    let vm = vm_with(TdpConfig::default());
+    let mut v = vcpu(&vm, 1);
+    write(&mut v, 0x3000, 3);
+    let page = HvaRange::new(Hva::new(0x4000_3000), 0x1000);
+    assert!(vm.mmu.test_age_hva_range(page), "a fresh mapping is young");
+    assert!(vm.mmu.age_hva_range(page, true), "aging reports it was young");
+    assert!(!vm.mmu.test_age_hva_range(page), "and makes it old");
+    assert_eq!(vm.mmu.stats().snapshot().pages_4k, 1, "aging never zaps");
+    // The flush made the vCPU walk again: hardware sets A.
+    assert_eq!(read(&mut v, 0x3000).0, 3);
+    assert!(vm.mmu.test_age_hva_range(page), "young again after a use");
+    // A page nobody maps is never young.
+    assert!(!vm.mmu.test_age_hva_range(HvaRange::new(Hva::new(0x4010_0000), 0x1000)));
+}
+
+#[test]
+fn aging_without_ept_accessed_bits_uses_access_tracking() {
+    use vmmu::mem::HvaRange;
+    let vm = vm_with(TdpConfig {
+        ad: false,
+        ..TdpConfig::default()
+    });
+    let mut v = vcpu(&vm, 1);
+    write(&mut v, 0x3000, 3);
+    let page = HvaRange::new(Hva::new(0x4000_3000), 0x1000);
+    assert!(vm.mmu.test_age_hva_range(page));
+    assert!(vm.mmu.age_hva_range(page, true));
+    assert!(!vm.mmu.test_age_hva_range(page), "access-tracked: old");
+    let fast = vm.mmu.stats().snapshot().pf_fast;
+    let violations = v.stats().ept_violations;
+    assert_eq!(read(&mut v, 0x3000).0, 3, "the data is still there");
+    assert_eq!(v.stats().ept_violations, violations + 1, "the access exited");
+    assert_eq!(
+        vm.mmu.stats().snapshot().pf_fast,
+        fast + 1,
+        "and was fixed on the fast path"
+    );
+    assert!(vm.mmu.test_age_hva_range(page), "young again");
+    // The host's reclaim path reaches the MMU through the notifier.
+    assert!(vm.host.clear_flush_young(page));
+    assert!(!vm.mmu.test_age_hva_range(page));
+}

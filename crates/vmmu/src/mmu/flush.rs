@@ -130,6 +130,13 @@ impl PendingFlush {
         self
     }
 
+    /// Gives up the flush on purpose; `reason` says why that is correct
+    /// (e.g. `clear_young`, where a stale TLB entry only hides an access).
+    pub fn waive(mut self, reason: &'static str) {
+        debug_assert!(!reason.is_empty(), "a waived TLB flush needs a reason");
+        self.needed = false;
+    }
+
     /// Flushes if needed; returns whether it did.
     pub fn discharge(mut self, tlb: &RemoteTlb) -> bool {
         let needed = std::mem::take(&mut self.needed);

@@ -17,7 +17,6 @@
 //!   it, reading the host level under `mmu_lock` with no invalidation in
 //!   progress (the second safe use of `host_pfn_mapping_level`, seed 004).
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::{TdpMmu, defer_free_tree};
@@ -105,31 +104,47 @@ impl TdpMmu {
         true
     }
 
-    /// The lockless fast path (KVM's `fast_page_fault`): a write to a
-    /// present leaf that is MMU-writable but not writable (dirty logging)
-    /// gets W back with one compare-exchange, and the page is marked dirty.
-    /// `None` when the slow path must handle the fault.
+    /// The lockless fast path (KVM's `fast_page_fault`), for a present
+    /// leaf whose fix needs no new mapping: an access-tracked SPTE gets its
+    /// R/X back, and a write to an SPTE that is MMU-writable but not
+    /// writable (write-protected for dirty logging) gets W back and logs
+    /// the page; each with one compare-exchange. `None` when the slow path
+    /// must handle the fault.
     pub(super) fn fast_page_fault(
         &self,
         root: &super::RootRef,
         gfn: Gfn,
+        write: bool,
         slot: &Memslot,
     ) -> Option<super::FaultOutcome> {
         let _epoch = crossbeam_epoch::pin();
         let mut it = SpteIter::new(&self.arena, self.config.geometry, root.root().pfn(), 1, gfn.raw());
         while it.step_down() {}
         let spte = it.old_spte();
-        if !spte.is_mmu_present() || !spte.is_leaf(it.level()) || !spte.is_mmu_writable() {
+        if !spte.is_mmu_present() || !spte.is_leaf(it.level()) {
             return None;
         }
-        if spte.is_writable(self.fmt) {
+        let mut new = spte;
+        if new.is_access_tracked(self.fmt) {
+            new = new.restore_access_tracked();
+        }
+        let made_writable = write && !new.is_writable(self.fmt);
+        if made_writable {
+            if !new.is_mmu_writable() {
+                return None;
+            }
+            new = new.make_writable(self.fmt);
+        }
+        if new == spte {
             MmuStats::inc(&self.stats.pf_spurious);
             return Some(super::FaultOutcome::Spurious);
         }
-        if !it.try_set(spte.make_writable(self.fmt)) {
+        if !it.try_set(new) {
             return None;
         }
-        slot.mark_page_dirty(gfn);
+        if made_writable {
+            slot.mark_page_dirty(gfn);
+        }
         MmuStats::inc(&self.stats.pf_fast);
         MmuStats::inc(&self.stats.pf_fixed);
         Some(super::FaultOutcome::Fixed)
@@ -239,10 +254,6 @@ impl TdpMmu {
         }
         self.discharge(PendingFlush::new(flush));
         drop(guard);
-    }
-
-    fn roots_of(&self, as_id: u16) -> Vec<Arc<super::TdpRoot>> {
-        self.roots.lock().all().filter(|r| r.as_id == as_id).cloned().collect()
     }
 }
 

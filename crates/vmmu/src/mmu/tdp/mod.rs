@@ -13,6 +13,7 @@
 //! valid until invalidated, and no new reference can be taken to an invalid
 //! root (seed `003_*`).
 
+mod age;
 mod dirty;
 
 use std::sync::Arc;
@@ -26,8 +27,8 @@ use super::spte::{FROZEN_SPTE, Spte, SpteAccess, SpteFormat};
 use super::stats::MmuStats;
 use crate::addr::{Gfn, Gpa, Level, PageSize, Pfn};
 use crate::mem::{
-    FaultinError, FrameArena, FrameError, HostAddressSpace, InvalidateState, MemslotTable, MmuLock, MmuLockReadGuard,
-    MmuNotifier, MmuWriteLockHeld, NotifierRange, SlotCache, faultin_gfn,
+    FaultinError, FrameArena, FrameError, HostAddressSpace, HvaRange, InvalidateState, MemslotTable, MmuLock,
+    MmuLockReadGuard, MmuNotifier, MmuWriteLockHeld, NotifierRange, SlotCache, faultin_gfn,
 };
 
 /// Configuration of a TDP MMU.
@@ -415,10 +416,7 @@ impl TdpMmu {
             return Ok(FaultOutcome::ReadOnlySlot);
         }
         let logging = slot.logs_dirty_pages();
-        if fault.write
-            && logging
-            && let Some(outcome) = self.fast_page_fault(root, gfn, &slot)
-        {
+        if let Some(outcome) = self.fast_page_fault(root, gfn, fault.write, &slot) {
             return Ok(outcome);
         }
         let mapping = match faultin_gfn(&self.host, &self.invalidate, &slot, gfn, fault.write) {
@@ -662,6 +660,11 @@ impl TdpMmu {
         }
     }
 
+    /// The roots of `as_id`, valid or invalidated (the list's snapshot).
+    fn roots_of(&self, as_id: u16) -> Vec<Arc<TdpRoot>> {
+        self.roots.lock().all().filter(|r| r.as_id == as_id).cloned().collect()
+    }
+
     /// Takes `mmu_lock` for write.
     pub fn write_lock(&self) -> crate::mem::MmuLockWriteGuard<'_, ()> {
         self.lock.write()
@@ -707,6 +710,15 @@ impl MmuNotifier for Notifier {
         if let Some(mmu) = self.0.upgrade() {
             mmu.on_invalidate_end();
         }
+    }
+    fn clear_flush_young(&self, range: HvaRange) -> bool {
+        self.0.upgrade().is_some_and(|mmu| mmu.age_hva_range(range, true))
+    }
+    fn clear_young(&self, range: HvaRange) -> bool {
+        self.0.upgrade().is_some_and(|mmu| mmu.age_hva_range(range, false))
+    }
+    fn test_young(&self, range: HvaRange) -> bool {
+        self.0.upgrade().is_some_and(|mmu| mmu.test_age_hva_range(range))
     }
 }
 
