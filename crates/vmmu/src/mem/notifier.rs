@@ -398,7 +398,8 @@ impl InvalidateState {
         })
     }
 
-    fn in_progress_covers(&self, hva: Hva) -> bool {
+    /// Whether an invalidation in progress covers `hva`.
+    pub fn in_progress_covers(&self, hva: Hva) -> bool {
         if self.in_progress.load(Ordering::Acquire) == 0 {
             return false;
         }

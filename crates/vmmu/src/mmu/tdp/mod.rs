@@ -14,7 +14,10 @@
 //! root (seed `003_*`).
 
 mod age;
+mod audit;
 mod dirty;
+
+pub use audit::AuditViolation;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -1,0 +1,144 @@
+//! The TDP MMU's self-check: every installed SPTE grants no more than the
+//! memslot and the host mapping allow, and points at the frame the host
+//! maps now (SYSTEM.md, "against itself").
+
+use std::fmt;
+
+use super::TdpMmu;
+use crate::addr::{Gfn, Hva, Level, Pfn};
+use crate::mmu::iter::SpteIter;
+use crate::mmu::spte::Spte;
+
+/// One way an SPTE is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditViolation {
+    /// An SPTE maps a gfn no memslot holds.
+    OutsideMemslots {
+        /// The address space.
+        as_id: u16,
+        /// The first gfn the SPTE maps.
+        gfn: Gfn,
+        /// The SPTE.
+        spte: Spte,
+    },
+    /// A writable SPTE for a read-only memslot or a read-only host mapping.
+    WritableNotAllowed {
+        /// The gfn.
+        gfn: Gfn,
+        /// The SPTE.
+        spte: Spte,
+    },
+    /// The SPTE's frame is not the one the host maps at the hva now (moved,
+    /// swapped out, unmapped).
+    StaleFrame {
+        /// The gfn.
+        gfn: Gfn,
+        /// The hva.
+        hva: Hva,
+        /// The frame the SPTE maps.
+        spte_pfn: Pfn,
+        /// The frame the host maps, if any.
+        host_pfn: Option<Pfn>,
+    },
+    /// The SPTE's frame has been freed by the host.
+    FreedFrame {
+        /// The gfn.
+        gfn: Gfn,
+        /// The frame.
+        pfn: Pfn,
+    },
+    /// A huge SPTE larger than the host mapping.
+    TooLarge {
+        /// The gfn.
+        gfn: Gfn,
+        /// The SPTE's level.
+        level: u8,
+        /// The host mapping's level.
+        host_level: Level,
+    },
+    /// An SPTE survives inside a range whose invalidation is in progress.
+    InInvalidatedRange {
+        /// The gfn.
+        gfn: Gfn,
+        /// The hva.
+        hva: Hva,
+    },
+}
+
+impl fmt::Display for AuditViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl TdpMmu {
+    /// Checks every leaf SPTE of every valid root against the memslots and
+    /// the host mapping, under the write lock (so no fault or zap is in
+    /// flight). Returns every violation found.
+    pub fn audit(&self) -> Vec<AuditViolation> {
+        let _guard = self.lock.write();
+        let mut out = Vec::new();
+        let roots: Vec<_> = self.roots.lock().valid.clone();
+        for root in roots {
+            let slots = self.slots.load(root.as_id);
+            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, 0);
+            while it.valid() {
+                let spte = it.old_spte();
+                let level = it.level();
+                if !(spte.is_mmu_present() && spte.is_leaf(level)) {
+                    it.next();
+                    continue;
+                }
+                let gfn = Gfn::new(it.gfn());
+                let pages = self.config.geometry.pages(level);
+                it.skip_subtree();
+                // Every 4K page the SPTE maps is checked.
+                for i in 0..pages {
+                    let g = gfn.add(i);
+                    let pfn = spte.pfn().add(i);
+                    let Some(slot) = slots.lookup(g) else {
+                        out.push(AuditViolation::OutsideMemslots {
+                            as_id: root.as_id,
+                            gfn: g,
+                            spte,
+                        });
+                        break;
+                    };
+                    let Some(hva) = slot.gfn_to_hva(g) else { continue };
+                    if self.invalidate.in_progress_covers(hva) {
+                        out.push(AuditViolation::InInvalidatedRange { gfn: g, hva });
+                        break;
+                    }
+                    if self.arena.is_freed(pfn) {
+                        out.push(AuditViolation::FreedFrame { gfn: g, pfn });
+                        break;
+                    }
+                    let host = self.host.lookup(hva);
+                    if host.map(|h| h.pfn) != Some(pfn) {
+                        out.push(AuditViolation::StaleFrame {
+                            gfn: g,
+                            hva,
+                            spte_pfn: pfn,
+                            host_pfn: host.map(|h| h.pfn),
+                        });
+                        break;
+                    }
+                    let host = host.expect("compared equal to Some above");
+                    if (level as usize) > host.level.get() as usize {
+                        out.push(AuditViolation::TooLarge {
+                            gfn: g,
+                            level,
+                            host_level: host.level,
+                        });
+                        break;
+                    }
+                    if spte.is_writable(self.fmt) && (slot.is_readonly() || !host.writable) {
+                        out.push(AuditViolation::WritableNotAllowed { gfn: g, spte });
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
