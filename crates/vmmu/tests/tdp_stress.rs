@@ -124,7 +124,7 @@ fn vcpus_host_churn_zap_all_and_dirty_logging() {
                     _ => host.swap_in(hva).map(|_| ()).map_err(|_| ()).or(Ok(())),
                 };
                 churn_ops.fetch_add(1, Ordering::Relaxed);
-                if churn_ops.load(Ordering::Relaxed) % 64 == 0 {
+                if churn_ops.load(Ordering::Relaxed).is_multiple_of(64) {
                     assert_clean(&mmu, "during host churn");
                 }
                 std::thread::yield_now();
