@@ -530,3 +530,38 @@ fn aging_without_ept_accessed_bits_uses_access_tracking() {
     assert!(vm.host.clear_flush_young(page));
     assert!(!vm.mmu.test_age_hva_range(page));
 }
+
+#[test]
+fn tracepoints_are_named_as_kvms() {
+    use std::sync::Mutex;
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    /// Records the target of every event.
+    struct Targets(Arc<Mutex<Vec<String>>>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Targets {
+        fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+            self.0.lock().unwrap().push(event.metadata().target().to_string());
+        }
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Targets(seen.clone()));
+    tracing::subscriber::with_default(subscriber, || {
+        let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE | VmaFlags::THP);
+        let mut v = vcpu(&vm, 1);
+        write(&mut v, 0x1000, 1); // kvm_page_fault, kvm_mmu_set_spte (2M)
+        read(&mut v, 0x1000_0000); // mark_mmio_spte
+        set_logging(&vm, true); // kvm_mmu_split_huge_page
+        write(&mut v, 0x2000, 2); // fast_page_fault
+        vm.host.migrate(Hva::new(0x4000_2000)).unwrap(); // kvm_tdp_mmu_spte_changed
+    });
+    let seen = seen.lock().unwrap();
+    for name in [
+        "kvm_page_fault",
+        "kvm_mmu_set_spte",
+        "mark_mmio_spte",
+        "kvm_mmu_split_huge_page",
+        "fast_page_fault",
+        "kvm_tdp_mmu_spte_changed",
+    ] {
+        assert!(seen.iter().any(|t| t == name), "no {name} event in {seen:?}");
+    }
+}

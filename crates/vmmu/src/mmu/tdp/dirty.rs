@@ -100,6 +100,7 @@ impl TdpMmu {
         self.stats.account_leaf(level, -1);
         self.stats.account_leaf(level - 1, entries as i64);
         MmuStats::inc(&self.stats.huge_pages_split);
+        tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn(), level);
         // The cursor now holds the table: the caller steps into it.
         true
     }
@@ -145,6 +146,7 @@ impl TdpMmu {
         if made_writable {
             slot.mark_page_dirty(gfn);
         }
+        tracing::trace!(target: "fast_page_fault", gfn = gfn.raw(), write, old = spte.0, new = new.0);
         MmuStats::inc(&self.stats.pf_fast);
         MmuStats::inc(&self.stats.pf_fixed);
         Some(super::FaultOutcome::Fixed)

@@ -407,6 +407,7 @@ impl TdpMmu {
     /// with the MMU-notifier retry protocol → install under the read lock.
     pub fn page_fault(&self, root: &RootRef, fault: TdpFault, cache: &mut SlotCache) -> Result<FaultOutcome, TdpError> {
         MmuStats::inc(&self.stats.pf_taken);
+        tracing::trace!(target: "kvm_page_fault", gpa = fault.gpa.raw(), write = fault.write, exec = fault.exec);
         let gfn = fault.gpa.frame();
         let slots = self.slots.load(root.root.as_id);
         let Some(slot) = slots.lookup_cached(gfn, cache).filter(|s| !s.is_invalid()).cloned() else {
@@ -471,6 +472,7 @@ impl TdpMmu {
         let mmio = self.fmt.make_mmio(gfn.raw(), generation);
         match self.install(&guard, root, gfn, 1, mmio)? {
             FaultOutcome::Fixed => {
+                tracing::trace!(target: "mark_mmio_spte", gfn = gfn.raw(), generation);
                 MmuStats::inc(&self.stats.pf_mmio_spte_created);
                 Ok(FaultOutcome::Mmio)
             }
@@ -516,6 +518,7 @@ impl TdpMmu {
                 }
                 self.stats.account_leaf(it.level(), -1);
                 MmuStats::inc(&self.stats.huge_pages_split);
+                tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn(), level = it.level());
                 self.flush_remote_tlbs();
                 let table = self.alloc_table()?;
                 it.sptep().store(self.fmt.make_nonleaf(table).0, Ordering::Release);
@@ -570,6 +573,7 @@ impl TdpMmu {
         if leaf.is_mmu_present() {
             self.stats.account_leaf(level, 1);
             leaf.check_leaf_writable_invariants(self.fmt);
+            tracing::trace!(target: "kvm_mmu_set_spte", gfn = gfn.raw(), level, spte = leaf.0, old = old.0);
         }
         MmuStats::inc(&self.stats.pf_fixed);
         Ok(FaultOutcome::Fixed)
@@ -630,6 +634,7 @@ impl TdpMmu {
                 if spte.is_mmu_present() && spte.is_leaf(level) {
                     // A huge leaf only partly in the range is zapped whole.
                     let old = Spte(it.sptep().swap(0, Ordering::AcqRel));
+                    tracing::trace!(target: "kvm_tdp_mmu_spte_changed", as_id, gfn = it.gfn(), level, old = old.0, new = 0u64);
                     if old.is_mmu_present() {
                         self.stats.account_leaf(level, -1);
                         MmuStats::inc(&self.stats.mmu_zapped);
