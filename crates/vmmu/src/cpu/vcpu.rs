@@ -536,7 +536,9 @@ impl Vcpu {
     /// Whether a cached translation serves `access` now.
     fn check(&self, access: Access, e: &TlbEntry) -> bool {
         let allowed = match &self.paging {
-            GuestPaging::None => true,
+            // No guest paging, but EPT still applies: its execute right is
+            // folded into the entry's rights (its write right into `dirty`).
+            GuestPaging::None => !access.is_fetch() || e.rights.contains(AccessRights::EXEC),
             GuestPaging::Bits32(p) => p.check_access(access, e.rights, e.pkey, self.pkru).is_none(),
             GuestPaging::Pae64(p, _) => p.check_access(access, e.rights, e.pkey, self.pkru).is_none(),
         };

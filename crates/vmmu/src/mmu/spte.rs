@@ -303,6 +303,15 @@ impl Spte {
         self.0 & fmt.writable_mask() != 0
     }
 
+    /// Whether hardware may fetch instructions through this SPTE.
+    #[inline(always)]
+    pub fn is_executable(self, fmt: SpteFormat) -> bool {
+        match fmt {
+            SpteFormat::Ept { .. } => self.0 & EPT_EXEC != 0,
+            SpteFormat::Legacy => self.0 & PT64_NX == 0,
+        }
+    }
+
     /// Whether the SPTE was installed from a writable host mapping.
     #[inline(always)]
     pub fn is_host_writable(self) -> bool {

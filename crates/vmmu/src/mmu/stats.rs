@@ -54,6 +54,8 @@ stats!(
         huge_pages_split: AtomicU64,
         /// Huge SPTEs recovered in place after dirty logging.
         huge_pages_recovered: AtomicU64,
+        /// Huge regions mapped 4K because of an instruction fetch (NX huge pages).
+        nx_lpage_splits: AtomicU64,
         /// Remote TLB flushes requested.
         remote_tlb_flush: AtomicU64,
         /// Page-table pages allocated for SPTEs, now.

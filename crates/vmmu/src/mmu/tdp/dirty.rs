@@ -115,9 +115,10 @@ impl TdpMmu {
         &self,
         root: &super::RootRef,
         gfn: Gfn,
-        write: bool,
+        fault: &super::TdpFault,
         slot: &Memslot,
     ) -> Option<super::FaultOutcome> {
+        let write = fault.write;
         let _epoch = crossbeam_epoch::pin();
         let mut it = SpteIter::new(&self.arena, self.config.geometry, root.root().pfn(), 1, gfn.raw());
         while it.step_down() {}
@@ -135,6 +136,10 @@ impl TdpMmu {
                 return None;
             }
             new = new.make_writable(self.fmt);
+        }
+        if fault.exec && !new.is_executable(self.fmt) {
+            // Not the fast path's to fix (e.g. NX huge pages: map 4K).
+            return None;
         }
         if new == spte {
             MmuStats::inc(&self.stats.pf_spurious);

@@ -43,6 +43,9 @@ pub struct TdpConfig {
     pub ad: bool,
     /// The largest leaf the MMU installs (1 = 4K only, 2 = 2M, 3 = 1G).
     pub max_level: u8,
+    /// The NX huge page mitigation (KVM's `nx_huge_pages`): huge SPTEs are
+    /// not executable; an instruction fetch maps the page at 4K.
+    pub nx_huge_pages: bool,
 }
 
 impl Default for TdpConfig {
@@ -51,6 +54,7 @@ impl Default for TdpConfig {
             geometry: Geometry::X86_4LEVEL,
             ad: true,
             max_level: 3,
+            nx_huge_pages: false,
         }
     }
 }
@@ -152,6 +156,14 @@ fn put_root(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry) {
     }
 }
 
+/// Regions split by instruction fetches (NX huge pages): the queue the
+/// recovery worker takes from, oldest first, and the set faults consult.
+#[derive(Debug, Default)]
+struct NxSplit {
+    queue: std::collections::VecDeque<(u16, Gfn, u8)>,
+    members: std::collections::HashSet<(u16, Gfn, u8)>,
+}
+
 /// The MMU's roots.
 #[derive(Debug, Default)]
 struct RootList {
@@ -226,6 +238,10 @@ pub struct TdpMmu {
     root_generation: AtomicU64,
     /// Remote TLB flushes: the generation vCPUs check, and their modes.
     remote_tlb: RemoteTlb,
+    /// Huge regions split by an instruction fetch under the NX huge page
+    /// mitigation, oldest first (KVM's `possible_nx_huge_pages`):
+    /// (address space, first gfn of the region, its level).
+    nx_split: Mutex<NxSplit>,
     stats: MmuStats,
 }
 
@@ -252,6 +268,7 @@ impl TdpMmu {
             roots: Mutex::new(RootList::default()),
             root_generation: AtomicU64::new(0),
             remote_tlb: RemoteTlb::default(),
+            nx_split: Mutex::new(NxSplit::default()),
             stats: MmuStats::default(),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
@@ -420,7 +437,7 @@ impl TdpMmu {
             return Ok(FaultOutcome::ReadOnlySlot);
         }
         let logging = slot.logs_dirty_pages();
-        if let Some(outcome) = self.fast_page_fault(root, gfn, fault.write, &slot) {
+        if let Some(outcome) = self.fast_page_fault(root, gfn, &fault, &slot) {
             return Ok(outcome);
         }
         let mapping = match faultin_gfn(&self.host, &self.invalidate, &slot, gfn, fault.write) {
@@ -438,12 +455,32 @@ impl TdpMmu {
         } else {
             Level::new(self.config.max_level).expect("max_level is 1..=3")
         };
-        let level = valid.mapping_level(slot.max_mapping_level(gfn, max));
+        let mut level = valid.mapping_level(slot.max_mapping_level(gfn, max));
+        let mut exec = true;
+        if self.config.nx_huge_pages && level > Level::L1 {
+            let region = (root.root.as_id, gfn.align_down(level.pages()), level.get());
+            let mut split = self.nx_split.lock();
+            if fault.exec {
+                // Executable pages are mapped 4K: remember the huge region
+                // so the recovery worker can make it huge again later.
+                if split.members.insert(region) {
+                    split.queue.push_back(region);
+                    MmuStats::inc(&self.stats.nx_lpage_splits);
+                }
+                level = Level::L1;
+            } else if split.members.contains(&region) {
+                // KVM's disallowed_hugepage_adjust: the region stays 4K
+                // until recovery, or every data access would undo the split.
+                level = Level::L1;
+            } else {
+                exec = false;
+            }
+        }
         let pfn = valid.pfn_at(level);
         let access = SpteAccess {
             read: true,
             write: !slot.is_readonly(),
-            exec: true,
+            exec,
             user: true,
         };
         let mut leaf = self
@@ -666,6 +703,30 @@ impl TdpMmu {
                 it.next();
             }
         }
+    }
+
+    /// NX huge page recovery (KVM's `kvm_recover_nx_huge_pages`, run
+    /// periodically by a worker): zaps a `1/ratio` share (at least one) of
+    /// the regions split by instruction fetches, oldest first, so they fault
+    /// back in as huge, non-executable pages. Returns the regions zapped.
+    pub fn recover_nx_huge_pages(&self, ratio: u32) -> usize {
+        let guard = self.lock.write();
+        let batch: Vec<(u16, Gfn, u8)> = {
+            let mut split = self.nx_split.lock();
+            let n = split.queue.len().div_ceil(ratio.max(1) as usize);
+            let batch: Vec<_> = split.queue.drain(..n).collect();
+            for region in &batch {
+                split.members.remove(region);
+            }
+            batch
+        };
+        let mut owed = PendingFlush::none();
+        for &(as_id, gfn, level) in &batch {
+            let pages = self.config.geometry.pages(level);
+            owed = owed.merge(self.zap_gfn_range(&guard, as_id, gfn, gfn.add(pages)));
+        }
+        self.discharge(owed);
+        batch.len()
     }
 
     /// The roots of `as_id`, valid or invalidated (the list's snapshot).
