@@ -9,7 +9,7 @@ use vmmu::arch::control::CpuFeatures;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::mem::{FrameArena, HostAddressSpace, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags};
-use vmmu::mmu::tdp::{TdpConfig, TdpMmu};
+use vmmu::mmu::tdp::{DirtyLogMode, TdpConfig, TdpMmu};
 use vmmu::walker::ControlRegs;
 
 const MB: u64 = 1 << 20;
@@ -356,7 +356,16 @@ fn dirty_pages(bitmap: &[u64]) -> Vec<u64> {
 
 #[test]
 fn dirty_logging_splits_logs_exactly_and_recovers_huge_pages() {
-    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE | VmaFlags::THP);
+    logs_exactly(DirtyLogMode::WriteProtect);
+}
+
+#[test]
+fn dirty_bit_logging_logs_exactly_without_write_faults() {
+    logs_exactly(DirtyLogMode::DirtyBit);
+}
+
+fn logs_exactly(mode: DirtyLogMode) {
+    let vm = vm_with_mode(mode, VmaFlags::WRITE | VmaFlags::THP);
     let mut v = vcpu(&vm, 1);
     write(&mut v, 0x1000, 1);
     write(&mut v, 0x20_1000, 2);
@@ -371,7 +380,11 @@ fn dirty_logging_splits_logs_exactly_and_recovers_huge_pages() {
         write(&mut v, gfn << 12, gfn);
     }
     read(&mut v, 9 << 12); // reads are not writes
-    assert!(vm.mmu.stats().snapshot().pf_fast >= 3, "writes fixed on the fast path");
+    if mode == DirtyLogMode::WriteProtect {
+        assert!(vm.mmu.stats().snapshot().pf_fast >= 3, "writes fixed on the fast path");
+    } else {
+        assert_eq!(vm.mmu.stats().snapshot().pf_fast, 0, "D-bit mode: writes do not fault");
+    }
     assert_eq!(dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()), [3, 7, 600]);
     assert!(
         dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()).is_empty(),
@@ -399,10 +412,32 @@ fn dirty_logging_splits_logs_exactly_and_recovers_huge_pages() {
 /// stopped): no dirty page may be lost.
 #[test]
 fn every_write_during_logging_shows_up_in_a_harvest() {
+    every_write_is_harvested(DirtyLogMode::WriteProtect);
+}
+
+#[test]
+fn every_write_is_harvested_in_dirty_bit_mode() {
+    every_write_is_harvested(DirtyLogMode::DirtyBit);
+}
+
+fn vm_with_mode(mode: DirtyLogMode, flags: VmaFlags) -> Vm {
+    let base = vm(4 * MB, 0x4000_0000, flags);
+    let mmu = TdpMmu::new(
+        base.host.clone(),
+        base.slots.clone(),
+        TdpConfig {
+            dirty_log: mode,
+            ..TdpConfig::default()
+        },
+    );
+    Vm { mmu, ..base }
+}
+
+fn every_write_is_harvested(mode: DirtyLogMode) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     const PAGES: u64 = 512;
     const ROUNDS: u64 = 40;
-    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE | VmaFlags::THP);
+    let vm = vm_with_mode(mode, VmaFlags::WRITE | VmaFlags::THP);
     set_logging(&vm, true);
     let iteration = AtomicU64::new(1);
     let stop = AtomicBool::new(false);

@@ -525,9 +525,13 @@ impl Vcpu {
                 gpa_base: walk.gpa.raw() & !mask,
                 rights,
                 pkey: walk.pkey,
-                // A write through an entry whose guest leaf was clean, or
-                // whose EPT mapping is not writable, must walk again.
-                dirty: walk.dirty && ept_rights.contains(AccessRights::WRITE),
+                // A write through an entry whose guest leaf was clean, whose
+                // EPT mapping is not writable, or whose EPT leaf is clean
+                // (with EPT A/D: the write must set D, dirty logging reads
+                // it) must walk again.
+                dirty: walk.dirty
+                    && ept_rights.contains(AccessRights::WRITE)
+                    && (ept_walk.dirty || !self.mmu.config().ad),
             });
         }
         Attempt::Done(self.touch(Hpa::new(ept_walk.gpa.raw()), walk.gpa, write, size, value))

@@ -1,4 +1,4 @@
-//! Dirty logging in the TDP MMU, write-protect mode (KVM's
+//! Dirty logging in the TDP MMU (KVM's
 //! `kvm_mmu_slot_apply_flags`, `kvm_get_dirty_log_protect`,
 //! `fast_page_fault`, `kvm_mmu_recover_huge_pages`).
 //!
@@ -16,6 +16,12 @@
 //!   replaced by one huge SPTE where the memslot and the host mapping allow
 //!   it, reading the host level under `mmu_lock` with no invalidation in
 //!   progress (the second safe use of `host_pfn_mapping_level`, seed 004).
+//!
+//! In D-bit mode ([`super::DirtyLogMode::DirtyBit`], KVM with PML) SPTEs
+//! stay writable and are made clean instead; a harvest moves the EPT Dirty
+//! bits into the bitmap and cleans them, flushing TLBs so the next write
+//! sets D again (the vCPU caches a translation as dirty only if the EPT
+//! leaf was).
 
 use std::sync::atomic::Ordering;
 
@@ -53,7 +59,15 @@ impl TdpMmu {
                         }
                         continue; // lost a race: re-read
                     }
-                    if spte.is_writable(self.fmt) {
+                    if self.dirty_bit_logging() {
+                        // D-bit mode: clean the SPTE instead of protecting it.
+                        if spte.is_dirty(self.fmt) {
+                            if !it.try_set(Spte(spte.0 & !self.fmt.dirty_mask())) {
+                                continue;
+                            }
+                            protected = true;
+                        }
+                    } else if spte.is_writable(self.fmt) {
                         if !it.try_set(spte.clear_writable(self.fmt)) {
                             continue; // hardware set A/D meanwhile: retry this SPTE
                         }
@@ -89,8 +103,13 @@ impl TdpMmu {
             let pfn = huge.pfn().add(i * child_pages);
             let leaf = self
                 .fmt
-                .make_leaf(level - 1, pfn, access, huge.is_host_writable(), true, false)
-                .clear_writable(self.fmt);
+                .make_leaf(level - 1, pfn, access, huge.is_host_writable(), true, false);
+            // Write-protected, or in D-bit mode writable and clean.
+            let leaf = if self.dirty_bit_logging() {
+                Spte(leaf.0 & !self.fmt.dirty_mask())
+            } else {
+                leaf.clear_writable(self.fmt)
+            };
             self.arena.table(table)[i as usize].store(leaf.0, Ordering::Relaxed);
         }
         if !it.try_set(self.fmt.make_nonleaf(table)) {
@@ -162,6 +181,13 @@ impl TdpMmu {
     /// TLBs flushed before this returns.
     pub fn get_dirty_log(&self, as_id: u16, slot_id: u16) -> Result<Vec<u64>, MemslotError> {
         let guard = self.lock.write();
+        if self.dirty_bit_logging() {
+            // Move the hardware's D bits into the bitmap and clean them;
+            // the flush makes every later write set D again.
+            let flush = self.harvest_dirty_bits(&guard, as_id, slot_id)?;
+            self.discharge(flush);
+            return self.slots.get_dirty_log(as_id, slot_id);
+        }
         let bitmap = self.slots.get_dirty_log(as_id, slot_id)?;
         if !self.slots.config().manual_dirty_log_protect {
             let flush = self.protect_bitmap(&guard, as_id, slot_id, 0, &bitmap)?;
@@ -178,6 +204,46 @@ impl TdpMmu {
         let flush = self.protect_bitmap(&guard, as_id, slot_id, first_page, &cleared)?;
         self.discharge(flush);
         Ok(())
+    }
+
+    /// D-bit mode: for every dirty leaf of the slot, logs its pages and
+    /// clears D.
+    fn harvest_dirty_bits(
+        &self,
+        _guard: &impl MmuLockHeld,
+        as_id: u16,
+        slot_id: u16,
+    ) -> Result<PendingFlush, MemslotError> {
+        let slots = self.slots.load(as_id);
+        let slot = slots
+            .by_id(slot_id)
+            .ok_or(MemslotError::UnknownSlot { as_id, id: slot_id })?
+            .clone();
+        drop(slots);
+        let (start, end) = (slot.base_gfn(), slot.base_gfn().add(slot.npages()));
+        let mut cleaned = false;
+        for root in self.roots_of(as_id) {
+            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 1, start.raw());
+            while it.valid() && it.gfn() < end.raw() {
+                let spte = it.old_spte();
+                let level = it.level();
+                if spte.is_mmu_present() && spte.is_leaf(level) {
+                    if spte.is_dirty(self.fmt) {
+                        if !it.try_set(Spte(spte.0 & !self.fmt.dirty_mask())) {
+                            continue;
+                        }
+                        for i in 0..self.config.geometry.pages(level) {
+                            slot.mark_page_dirty(Gfn::new(it.gfn() + i));
+                        }
+                        cleaned = true;
+                    }
+                    it.skip_subtree();
+                    continue;
+                }
+                it.next();
+            }
+        }
+        Ok(PendingFlush::new(cleaned))
     }
 
     fn protect_bitmap(

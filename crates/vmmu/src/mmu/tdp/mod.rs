@@ -46,6 +46,19 @@ pub struct TdpConfig {
     /// The NX huge page mitigation (KVM's `nx_huge_pages`): huge SPTEs are
     /// not executable; an instruction fetch maps the page at 4K.
     pub nx_huge_pages: bool,
+    /// How dirty logging finds written pages.
+    pub dirty_log: DirtyLogMode,
+}
+
+/// How dirty logging finds written pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DirtyLogMode {
+    /// Write-protect SPTEs; the first write faults and logs the page.
+    #[default]
+    WriteProtect,
+    /// Clear EPT Dirty bits and read them back at each harvest (KVM with
+    /// PML): no faults on writes. Needs EPT A/D (`ad`).
+    DirtyBit,
 }
 
 impl Default for TdpConfig {
@@ -55,6 +68,7 @@ impl Default for TdpConfig {
             ad: true,
             max_level: 3,
             nx_huge_pages: false,
+            dirty_log: DirtyLogMode::WriteProtect,
         }
     }
 }
@@ -487,8 +501,13 @@ impl TdpMmu {
             .fmt
             .make_leaf(level.get(), pfn, access, valid.writable(), true, false);
         if logging && !fault.write {
-            // Writable only on the first write, which logs the page.
-            leaf = leaf.clear_writable(self.fmt);
+            leaf = if self.dirty_bit_logging() {
+                // Writable and clean: the hardware's D bit logs the write.
+                Spte(leaf.0 & !self.fmt.dirty_mask())
+            } else {
+                // Writable only on the first write, which logs the page.
+                leaf.clear_writable(self.fmt)
+            };
         }
         let outcome = self.install(&guard, root, gfn.align_down(level.pages()), level.get(), leaf)?;
         if logging && leaf.is_writable(self.fmt) && outcome == FaultOutcome::Fixed {
@@ -727,6 +746,11 @@ impl TdpMmu {
         }
         self.discharge(owed);
         batch.len()
+    }
+
+    /// Whether dirty logging reads EPT Dirty bits.
+    fn dirty_bit_logging(&self) -> bool {
+        self.config.dirty_log == DirtyLogMode::DirtyBit && self.config.ad
     }
 
     /// The roots of `as_id`, valid or invalidated (the list's snapshot).
