@@ -8,8 +8,9 @@
 //! - [`walker`]: the one guest page-table walker, generic over the format.
 //! - [`mem`]: host frames, the host address space and its MMU notifiers,
 //!   memslots, dirty logging structures, guest memory.
-//! - [`mmu`]: what both MMUs share, starting with the SPTE format.
+//! - [`mmu`]: the MMUs and what they share (SPTEs, walk cursor, flushes, stats).
 //! - [`cpu`]: the vCPU and the hardware model, starting with the TLB.
+//! - [`sim`]: what drives the MMUs as a guest, host and VMM would.
 //! - [`conform`]: the x86 paging conformance case format and its replay.
 //! - [`bench`]: benchmarks shared by `cargo bench` and `vmmu bench`.
 
@@ -22,6 +23,7 @@ pub mod conform;
 pub mod cpu;
 pub mod mem;
 pub mod mmu;
+pub mod sim;
 pub mod walker;
 
 /// The README's example, compiled and run as a doctest so it stays true.

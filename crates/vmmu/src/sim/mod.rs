@@ -1,0 +1,5 @@
+//! The simulator: what drives the MMUs the way a guest, a host and a VMM
+//! do. Today the TDP stress scenario ([`stress`]); the guest OS model,
+//! workloads and `vmmu run` grow here.
+
+pub mod stress;
