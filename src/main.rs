@@ -27,6 +27,43 @@ enum Command {
     Conform(ConformArgs),
     /// Run a benchmark against its reference, measured in the same run.
     Bench(BenchArgs),
+    /// Stress the TDP MMU: vCPUs against host churn, zap-all and dirty
+    /// logging, with the checker on; exit 1 on any violation.
+    Stress(StressArgs),
+}
+
+#[derive(clap::Args)]
+struct StressArgs {
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// vCPU threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    vcpus: u64,
+    /// Guest memory (a multiple of 2M, at most 4G), e.g. 64M.
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    memory: u64,
+    /// Seed of the pseudo-random choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object instead of the report.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses a size: a number with an optional K, M or G suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 4K, 2M, 1G)"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -89,6 +126,89 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Conform(args) => run_conform(args),
         Command::Bench(args) => run_bench(args),
+        Command::Stress(args) => run_stress(args),
+    }
+}
+
+fn run_stress(args: StressArgs) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    use vmmu::sim::stress::{StressConfig, StressError, run};
+    if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 7.0 * 86400.0) {
+        eprintln!(
+            "vmmu stress: --seconds {} must be a positive number of seconds (at most a week)",
+            args.seconds
+        );
+        return ExitCode::from(2);
+    }
+    let config = StressConfig {
+        duration: std::time::Duration::from_secs_f64(args.seconds),
+        vcpus: args.vcpus,
+        memory: args.memory,
+        seed: args.seed,
+        ..StressConfig::default()
+    };
+    let tty = std::io::stderr().is_terminal();
+    let progress = move |f: f64| {
+        if tty {
+            let done = (f * 40.0) as usize;
+            eprint!(
+                "\r[{}{}] {:3.0}%",
+                "#".repeat(done),
+                " ".repeat(40 - done.min(40)),
+                f * 100.0
+            );
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let report = match run(config, &progress) {
+        Ok(r) => r,
+        Err(e @ StressError::Config(_)) => {
+            eprintln!("vmmu stress: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("vmmu stress: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if tty {
+        eprintln!();
+    }
+    if args.json {
+        match serde_json::to_string(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("vmmu stress: cannot encode the report: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        let s = &report.stats;
+        println!("mmu                tdp");
+        println!("vcpus              {}", args.vcpus);
+        println!("seconds            {}", args.seconds);
+        println!("accesses           {}", report.accesses);
+        println!("host operations    {}", report.host_operations);
+        println!("vmm operations     {}", report.vmm_operations);
+        println!("audits             {}", report.audits);
+        println!("pf_taken           {}", s.pf_taken);
+        println!("pf_fixed           {}", s.pf_fixed);
+        println!("pf_fast            {}", s.pf_fast);
+        println!("pf_spurious        {}", s.pf_spurious);
+        println!("pf_retry           {}", s.pf_retry);
+        println!("remote_tlb_flush   {}", s.remote_tlb_flush);
+        println!("mmu_zapped         {}", s.mmu_zapped);
+        println!("huge_pages_split   {}", s.huge_pages_split);
+        println!("pages_4k/2m/1g     {}/{}/{}", s.pages_4k, s.pages_2m, s.pages_1g);
+        for v in report.data_violations.iter().chain(&report.spte_violations) {
+            println!("VIOLATION {v}");
+        }
+        println!("check: {} violations", report.violations);
+    }
+    if report.violations == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

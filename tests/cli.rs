@@ -165,3 +165,30 @@ fn bench_walk_json() {
     }
     assert_eq!(v["bench"], "walk");
 }
+
+#[test]
+fn stress_runs_and_ends_with_the_check_line() {
+    let o = vmmu(&["stress", "--seconds", "0.5", "--memory", "4M"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().last(), Some("check: 0 violations"));
+    let o = vmmu(&["stress", "--seconds", "0.3", "--memory", "4M", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["violations"], 0);
+    assert!(v["stats"]["pf_taken"].as_i64().unwrap() > 0);
+}
+
+#[test]
+fn stress_bad_input_exits_2() {
+    for args in [
+        vec!["stress", "--seconds", "-1"],
+        vec!["stress", "--seconds", "nan"],
+        vec!["stress", "--memory", "3M"],
+        vec!["stress", "--memory", "lots"],
+        vec!["stress", "--memory", "99999999999G"],
+        vec!["stress", "--vcpus", "0"],
+    ] {
+        let o = vmmu(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{args:?}");
+    }
+}
