@@ -2,42 +2,20 @@
 //! about EPT alone: huge pages sized by the host mapping, memslot alignment,
 //! MMU-notifier zaps (migration, THP split), MMIO, and concurrent faults.
 
-use std::sync::Arc;
-
 use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::control::CpuFeatures;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
-use vmmu::mem::{FrameArena, HostAddressSpace, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags};
-use vmmu::mmu::tdp::{DirtyLogMode, TdpConfig, TdpMmu};
+use vmmu::mem::{MemslotFlags, VmaFlags};
+use vmmu::mmu::tdp::{DirtyLogMode, TdpConfig};
+use vmmu::sim::vm::Vm;
 use vmmu::walker::ControlRegs;
 
 const MB: u64 = 1 << 20;
 
-struct Vm {
-    host: Arc<HostAddressSpace>,
-    slots: Arc<MemslotTable>,
-    mmu: Arc<TdpMmu>,
-}
-
 /// A VM with one memslot of `size` at gpa 0, backed at `hva`.
 fn vm(size: u64, hva: u64, flags: VmaFlags) -> Vm {
-    let arena = Arc::new(FrameArena::with_reserve(512 * MB).unwrap());
-    let host = Arc::new(HostAddressSpace::new(arena).unwrap());
-    host.mmap(Hva::new(hva), size, flags).unwrap();
-    let slots = Arc::new(MemslotTable::new(MemslotConfig::default()));
-    slots
-        .create(MemoryRegion {
-            as_id: 0,
-            id: 0,
-            flags: MemslotFlags::empty(),
-            guest_phys_addr: Gpa::new(0),
-            memory_size: size,
-            userspace_addr: Hva::new(hva),
-        })
-        .unwrap();
-    let mmu = TdpMmu::new(host.clone(), slots.clone(), TdpConfig::default());
-    Vm { host, slots, mmu }
+    Vm::new(size, Hva::new(hva), flags, TdpConfig::default()).unwrap()
 }
 
 fn vcpu(vm: &Vm, vpid: u16) -> Vcpu {
@@ -226,14 +204,16 @@ fn migration_under_running_vcpus_loses_no_write() {
     assert!(last_written.load(Ordering::Relaxed) > 10, "the writer made progress");
 }
 
-/// Runs deferred frees until `done` holds (epoch reclamation is lazy).
+/// Runs deferred frees until `done` holds (epoch reclamation is lazy, and
+/// other tests' threads pinning the epoch can delay it), for up to 10 s.
 fn reclaim_until(done: impl Fn() -> bool) -> bool {
-    for _ in 0..10_000 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
         if done() {
             return true;
         }
         crossbeam_epoch::pin().flush();
-        std::thread::yield_now();
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     done()
 }
@@ -421,16 +401,10 @@ fn every_write_is_harvested_in_dirty_bit_mode() {
 }
 
 fn vm_with_mode(mode: DirtyLogMode, flags: VmaFlags) -> Vm {
-    let base = vm(4 * MB, 0x4000_0000, flags);
-    let mmu = TdpMmu::new(
-        base.host.clone(),
-        base.slots.clone(),
-        TdpConfig {
-            dirty_log: mode,
-            ..TdpConfig::default()
-        },
-    );
-    Vm { mmu, ..base }
+    vm(4 * MB, 0x4000_0000, flags).with_mmu(TdpConfig {
+        dirty_log: mode,
+        ..TdpConfig::default()
+    })
 }
 
 fn every_write_is_harvested(mode: DirtyLogMode) {
@@ -515,9 +489,7 @@ fn a_first_write_after_logging_is_enabled_is_logged() {
 }
 
 fn vm_with(config: TdpConfig) -> Vm {
-    let base = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
-    let mmu = TdpMmu::new(base.host.clone(), base.slots.clone(), config);
-    Vm { mmu, ..base }
+    vm(4 * MB, 0x4000_0000, VmaFlags::WRITE).with_mmu(config)
 }
 
 #[test]
@@ -568,16 +540,10 @@ fn aging_without_ept_accessed_bits_uses_access_tracking() {
 
 #[test]
 fn nx_huge_pages_split_on_fetch_and_recover() {
-    let base = vm(8 * MB, 0x4000_0000, VmaFlags::WRITE | VmaFlags::THP);
-    let mmu = TdpMmu::new(
-        base.host.clone(),
-        base.slots.clone(),
-        TdpConfig {
-            nx_huge_pages: true,
-            ..TdpConfig::default()
-        },
-    );
-    let vm = Vm { mmu, ..base };
+    let vm = vm(8 * MB, 0x4000_0000, VmaFlags::WRITE | VmaFlags::THP).with_mmu(TdpConfig {
+        nx_huge_pages: true,
+        ..TdpConfig::default()
+    });
     let mut v = vcpu(&vm, 1);
     write(&mut v, 0x20_0000, 0x90);
     assert_eq!(vm.mmu.stats().snapshot().pages_2m, 1, "data pages stay huge");

@@ -5,39 +5,20 @@
 
 use std::sync::Arc;
 
-use vmmu::addr::{Gpa, Hva};
+use vmmu::addr::Hva;
 use vmmu::arch::control::CpuFeatures;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
-use vmmu::mem::{FrameArena, HostAddressSpace, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags};
-use vmmu::mmu::tdp::{TdpConfig, TdpMmu};
+use vmmu::mem::{MemslotFlags, VmaFlags};
+use vmmu::mmu::tdp::TdpConfig;
+use vmmu::sim::vm::Vm;
 use vmmu::walker::ControlRegs;
 
 const MB: u64 = 1 << 20;
 
-struct Vm {
-    host: Arc<HostAddressSpace>,
-    slots: Arc<MemslotTable>,
-    mmu: Arc<TdpMmu>,
-}
-
+/// A VM with one memslot of `size` at gpa 0, backed at `hva`.
 fn vm(size: u64, hva: u64, flags: VmaFlags) -> Vm {
-    let arena = Arc::new(FrameArena::with_reserve(512 * MB).unwrap());
-    let host = Arc::new(HostAddressSpace::new(arena).unwrap());
-    host.mmap(Hva::new(hva), size, flags).unwrap();
-    let slots = Arc::new(MemslotTable::new(MemslotConfig::default()));
-    slots
-        .create(MemoryRegion {
-            as_id: 0,
-            id: 0,
-            flags: MemslotFlags::empty(),
-            guest_phys_addr: Gpa::new(0),
-            memory_size: size,
-            userspace_addr: Hva::new(hva),
-        })
-        .unwrap();
-    let mmu = TdpMmu::new(host.clone(), slots.clone(), TdpConfig::default());
-    Vm { host, slots, mmu }
+    Vm::new(size, Hva::new(hva), flags, TdpConfig::default()).unwrap()
 }
 
 fn vcpu(vm: &Vm, vpid: u16) -> Vcpu {

@@ -2,8 +2,6 @@
 //! the vCPU's TLB and the hardware model's two-dimensional walk; EPT exits
 //! go to the MMU; the guest's stores to its page tables are guest writes.
 
-use std::sync::Arc;
-
 use super::{
     Case, Failure, Hex, Outcome, Replayer, Step, case_features, case_regs, check_after, check_final, check_outcome,
 };
@@ -11,10 +9,8 @@ use crate::addr::{Gpa, Hva};
 use crate::arch::perm::AccessKind;
 use crate::arch::pfec::GP_VECTOR;
 use crate::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
-use crate::mem::{
-    FrameArena, GuestMemory, HostAddressSpace, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags,
-};
-use crate::mmu::tdp::{TdpConfig, TdpMmu};
+use crate::mem::{GuestMemory, VmaFlags};
+use crate::mmu::tdp::TdpConfig;
 
 /// Guest memory backed by a memslot: the cases' paging structures all lie
 /// below it; every other gpa is MMIO (reads as zero).
@@ -35,27 +31,10 @@ fn vm(case: &Case) -> Result<Vm, String> {
         Case::Single(c) => &c.control,
         Case::Steps(c) => &c.control,
     };
-    let arena = Arc::new(FrameArena::with_reserve(256 << 20).map_err(|e| e.to_string())?);
-    let host = Arc::new(HostAddressSpace::new(arena).map_err(|e| e.to_string())?);
-    host.mmap(Hva::new(RAM_HVA), RAM, VmaFlags::WRITE)
+    let vm = crate::sim::vm::Vm::new(RAM, Hva::new(RAM_HVA), VmaFlags::WRITE, TdpConfig::default())
         .map_err(|e| e.to_string())?;
-    let slots = Arc::new(MemslotTable::new(MemslotConfig::default()));
-    slots
-        .create(MemoryRegion {
-            as_id: 0,
-            id: 0,
-            flags: MemslotFlags::empty(),
-            guest_phys_addr: Gpa::new(0),
-            memory_size: RAM,
-            userspace_addr: Hva::new(RAM_HVA),
-        })
-        .map_err(|e| e.to_string())?;
-    let mmu = TdpMmu::new(host.clone(), slots.clone(), TdpConfig::default());
-    let vcpu = Vcpu::new(mmu, slots.clone(), case_features(control), 1).map_err(|e| e.to_string())?;
-    Ok(Vm {
-        mem: GuestMemory::new(host, slots),
-        vcpu,
-    })
+    let vcpu = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), case_features(control), 1).map_err(|e| e.to_string())?;
+    Ok(Vm { mem: vm.memory(), vcpu })
 }
 
 fn outcome(r: AccessResult) -> Outcome {

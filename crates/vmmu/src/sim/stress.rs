@@ -8,19 +8,19 @@
 //! between operations and at the end.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::addr::{Gpa, Hva};
+use crate::addr::Hva;
 use crate::arch::control::CpuFeatures;
 use crate::arch::perm::AccessKind;
 use crate::cpu::vcpu::{AccessResult, Vcpu};
-use crate::mem::{FrameArena, HostAddressSpace, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags};
+use crate::mem::{MemslotFlags, VmaFlags};
 use crate::mmu::stats::MmuStatsSnapshot;
 use crate::mmu::tdp::{AuditViolation, TdpConfig, TdpMmu};
+use crate::sim::vm::Vm;
 use crate::walker::ControlRegs;
 
 /// What to run.
@@ -153,22 +153,13 @@ pub fn run(config: StressConfig, progress: &(dyn Fn(f64) + Sync)) -> Result<Stre
         )));
     }
     let setup = |e: &dyn std::fmt::Display| StressError::Setup(e.to_string());
-    let arena = Arc::new(FrameArena::with_reserve(2 * config.memory + (256 << 20)).map_err(|e| setup(&e))?);
-    let host = Arc::new(HostAddressSpace::new(arena).map_err(|e| setup(&e))?);
-    host.mmap(Hva::new(HVA), config.memory, VmaFlags::WRITE | VmaFlags::THP)
-        .map_err(|e| setup(&e))?;
-    let slots = Arc::new(MemslotTable::new(MemslotConfig::default()));
-    slots
-        .create(MemoryRegion {
-            as_id: 0,
-            id: 0,
-            flags: MemslotFlags::empty(),
-            guest_phys_addr: Gpa::new(0),
-            memory_size: config.memory,
-            userspace_addr: Hva::new(HVA),
-        })
-        .map_err(|e| setup(&e))?;
-    let mmu = TdpMmu::new(host.clone(), slots.clone(), config.mmu);
+    let Vm { host, slots, mmu } = Vm::new(
+        config.memory,
+        Hva::new(HVA),
+        VmaFlags::WRITE | VmaFlags::THP,
+        config.mmu,
+    )
+    .map_err(|e| setup(&e))?;
     let shared = Shared {
         stop: AtomicBool::new(false),
         accesses: AtomicU64::new(0),
