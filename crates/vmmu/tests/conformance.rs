@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use vmmu::conform::{Report, TdpReplayer, WalkerReplayer, read_cases, run_cases};
+use vmmu::conform::{Replayer, Report, TdpReplayer, WalkerReplayer, read_cases, run_cases};
 
 fn corpus() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/conformance");
@@ -15,8 +15,8 @@ fn corpus() -> Vec<PathBuf> {
     files
 }
 
-#[test]
-fn walker_passes_every_vendored_case() {
+/// Replays every vendored file through `replayer`; all 7,667 cases pass.
+fn assert_every_case_passes(replayer: &mut dyn Replayer) {
     let files = corpus();
     assert_eq!(files.len(), 12, "4 single-access, 4 step and 4 TLB-step files");
     let mut total = 0;
@@ -24,7 +24,7 @@ fn walker_passes_every_vendored_case() {
         let cases = read_cases(&file).unwrap_or_else(|e| panic!("{e}"));
         assert!(!cases.is_empty(), "{} has cases", file.display());
         let mut report = Report::default();
-        run_cases(&mut WalkerReplayer, &cases, &mut report);
+        run_cases(replayer, &cases, &mut report);
         assert_eq!(
             report.failed,
             0,
@@ -38,22 +38,13 @@ fn walker_passes_every_vendored_case() {
 }
 
 #[test]
+fn walker_passes_every_vendored_case() {
+    assert_every_case_passes(&mut WalkerReplayer);
+}
+
+#[test]
 fn tdp_mmu_passes_every_vendored_case() {
-    let mut total = 0;
-    for file in corpus() {
-        let cases = read_cases(&file).unwrap_or_else(|e| panic!("{e}"));
-        let mut report = Report::default();
-        run_cases(&mut TdpReplayer, &cases, &mut report);
-        assert_eq!(
-            report.failed,
-            0,
-            "{}: {:?}",
-            file.display(),
-            &report.failures[..report.failures.len().min(5)]
-        );
-        total += report.passed;
-    }
-    assert_eq!(total, 7667);
+    assert_every_case_passes(&mut TdpReplayer);
 }
 
 /// The replayer can fail: a case whose recorded result is altered is reported.
@@ -84,31 +75,14 @@ fn an_altered_case_fails() {
 /// sparse memory.
 #[test]
 fn walker_over_guest_memory_passes_the_single_access_cases() {
-    use std::sync::Arc;
     use vmmu::addr::{Gpa, Hva};
     use vmmu::arch::perm::Access;
     use vmmu::conform::{Case, case_features, case_regs, check_after, check_outcome, outcome_of};
-    use vmmu::mem::{
-        FrameArena, GuestMemory, HostAddressSpace, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags,
-    };
+    use vmmu::mem::VmaFlags;
     use vmmu::walker::{GuestPaging, load_pdptes};
 
-    const SIZE: u64 = 64 << 20;
-    let arena = Arc::new(FrameArena::with_reserve(256 << 20).unwrap());
-    let host = Arc::new(HostAddressSpace::new(arena).unwrap());
-    host.mmap(Hva::new(0x7000_0000), SIZE, VmaFlags::WRITE).unwrap();
-    let slots = Arc::new(MemslotTable::new(MemslotConfig::default()));
-    slots
-        .create(MemoryRegion {
-            as_id: 0,
-            id: 0,
-            flags: MemslotFlags::empty(),
-            guest_phys_addr: Gpa::new(0),
-            memory_size: SIZE,
-            userspace_addr: Hva::new(0x7000_0000),
-        })
-        .unwrap();
-    let mem = GuestMemory::new(host, slots);
+    let vm = vmmu::sim::vm::Vm::new(64 << 20, Hva::new(0x7000_0000), VmaFlags::WRITE, Default::default()).unwrap();
+    let mem = vm.memory();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/conformance");
     let mut passed = 0;
     for mode in ["lm4", "lm5", "pae", "ia32"] {

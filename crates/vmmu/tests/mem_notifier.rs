@@ -156,7 +156,9 @@ fn race(validated: bool, duration: Duration) -> (Option<String>, u64, u64) {
                         // lookup without the retry check.
                         let _ = host.fault_in(hva, write);
                         let Some(leaf) = host.lookup(hva) else { continue };
-                        thread::yield_now();
+                        // Widen the window the missing check leaves open, so
+                        // the race shows up even on a loaded machine.
+                        thread::sleep(Duration::from_micros(200));
                         let g = mmu.lock.read();
                         let level = leaf.level.min(Level::L2);
                         let base = hva.align_down(level.size()).raw();
@@ -203,7 +205,8 @@ fn validated_faults_never_install_stale_or_too_large_mappings() {
 
 #[test]
 fn the_checker_catches_unvalidated_installs() {
-    let (failure, _, _) = race(false, Duration::from_secs(3));
+    // Stops as soon as the checker catches the bug.
+    let (failure, _, _) = race(false, Duration::from_secs(10));
     assert!(failure.is_some(), "installing unvalidated lookups must be caught");
 }
 

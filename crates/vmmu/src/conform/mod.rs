@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::addr::Gpa;
 use crate::arch::control::{CR3_NOFLUSH, CpuFeatures, Cr0, Cr4, Efer, PagingMode};
-use crate::arch::perm::Access;
+use crate::arch::perm::{Access, AccessKind};
 use crate::arch::pfec::GP_VECTOR;
 use crate::walker::{ControlRegs, GuestPaging, Root, SparseMemory, WalkError, load_pdptes};
 pub use case::{Case, CaseControl, Hex, Outcome, SingleCase, Step, StepCase};
@@ -248,66 +248,136 @@ impl WalkerCpu {
     }
 }
 
+/// A machine a case drives: what each step does to it. One replay loop
+/// ([`replay`]) serves every path under test.
+pub trait StepMachine {
+    /// One access at `va` (a write stores `value`); the outcome the guest sees.
+    fn access(&mut self, va: u64, kind: AccessKind, cpl: u8, ac: bool, value: u64) -> Result<Outcome, String>;
+    /// The guest kernel's store of `size` bytes at `va` (identity-mapped).
+    fn store(&mut self, va: u64, size: usize, value: u64) -> Result<(), String>;
+    /// INVLPG.
+    fn invlpg(&mut self, va: u64);
+    /// MOV to CR3.
+    fn mov_cr3(&mut self, value: u64) -> Result<(), String>;
+    /// MOV to CR0 changing only WP.
+    fn set_cr0_wp(&mut self, wp: bool);
+    /// MOV to CR4 changing SMEP/SMAP/PGE (`None`: unchanged).
+    fn set_cr4(&mut self, smep: Option<bool>, smap: Option<bool>, pge: Option<bool>);
+    /// INVPCID.
+    fn invpcid(&mut self, kind: u8, pcid: u16, va: u64);
+    /// Reads a paging entry of `size` bytes at `pa`, as the checks see memory.
+    fn read_entry(&self, pa: u64, size: usize) -> u64;
+}
+
+/// Replays `case` on `m` and checks every observation.
+pub fn replay(m: &mut impl StepMachine, case: &Case) -> Result<(), Failure> {
+    let id = case.id();
+    let fail = |what: String| Failure {
+        id,
+        expected: "the replay to run".to_string(),
+        got: what,
+    };
+    match case {
+        Case::Single(c) => {
+            let esize = c.control.mode.entry_size();
+            let got = m.access(c.va.0, c.access.into(), c.cpl, c.rflags_ac, 0).map_err(fail)?;
+            check_outcome(id, None, &c.result, &got)?;
+            check_after(c, |pa| m.read_entry(pa, esize))
+        }
+        Case::Steps(c) => {
+            let esize = c.control.mode.entry_size();
+            for (i, step) in c.steps.iter().enumerate() {
+                let at = |e: String| fail(format!("step {i}: {e}"));
+                match step {
+                    Step::Access {
+                        cpl,
+                        rflags_ac,
+                        access,
+                        va,
+                        value,
+                        expect,
+                    } => {
+                        let v = value.map_or(0, |v| v.0);
+                        let got = m.access(va.0, (*access).into(), *cpl, *rflags_ac, v).map_err(at)?;
+                        check_outcome(id, Some(i), expect, &got)?;
+                    }
+                    Step::Store { va, value, size } => m.store(va.0, *size as usize, value.0).map_err(at)?,
+                    Step::Invlpg { va } => m.invlpg(va.0),
+                    Step::MovCr3 { value } => m.mov_cr3(value.0).map_err(at)?,
+                    Step::SetCr0Wp { value } => m.set_cr0_wp(*value),
+                    Step::SetCr4 { smep, smap, pge } => m.set_cr4(*smep, *smap, *pge),
+                    Step::Invpcid { kind, pcid, va } => m.invpcid(*kind, *pcid, va.0),
+                }
+            }
+            check_final(c, |pa| m.read_entry(pa, esize))
+        }
+    }
+}
+
+/// The walker as a [`StepMachine`]: a fresh walk at every access, stores
+/// written straight to memory, no TLB (INVLPG and INVPCID do nothing).
+struct WalkerMachine {
+    mem: SparseMemory,
+    cpu: WalkerCpu,
+    access_size: usize,
+}
+
+impl StepMachine for WalkerMachine {
+    fn access(&mut self, va: u64, kind: AccessKind, cpl: u8, ac: bool, value: u64) -> Result<Outcome, String> {
+        let got = self.cpu.access(&self.mem, va, Access::new(kind, cpl, ac));
+        if let (false, Some(pa), AccessKind::Write) = (got.fault, got.pa, kind) {
+            self.mem.write_uint(Gpa::new(pa.0), self.access_size, value);
+        }
+        Ok(got)
+    }
+    fn store(&mut self, va: u64, size: usize, value: u64) -> Result<(), String> {
+        self.mem.write_uint(Gpa::new(va), size, value);
+        Ok(())
+    }
+    fn invlpg(&mut self, _va: u64) {}
+    fn mov_cr3(&mut self, value: u64) -> Result<(), String> {
+        self.cpu.load_cr3(value, &self.mem);
+        Ok(())
+    }
+    fn set_cr0_wp(&mut self, wp: bool) {
+        let mut regs = self.cpu.regs;
+        regs.cr0.set(Cr0::WP, wp);
+        self.cpu.set_regs(regs);
+    }
+    fn set_cr4(&mut self, smep: Option<bool>, smap: Option<bool>, pge: Option<bool>) {
+        let mut regs = self.cpu.regs;
+        for (v, bit) in [(smep, Cr4::SMEP), (smap, Cr4::SMAP), (pge, Cr4::PGE)] {
+            if let Some(v) = v {
+                regs.cr4.set(bit, v);
+            }
+        }
+        self.cpu.set_regs(regs);
+    }
+    fn invpcid(&mut self, _kind: u8, _pcid: u16, _va: u64) {}
+    fn read_entry(&self, pa: u64, size: usize) -> u64 {
+        self.mem.read_uint(Gpa::new(pa), size)
+    }
+}
+
 impl Replayer for WalkerReplayer {
     fn name(&self) -> &'static str {
         "walker"
     }
 
     fn replay(&mut self, case: &Case) -> Result<(), Failure> {
-        match case {
-            Case::Single(c) => {
-                let mem = SparseMemory::new();
-                let esize = c.control.mode.entry_size();
-                load_memory(&mem, &c.memory, esize);
-                let cpu = WalkerCpu::new(&c.control, &mem);
-                let got = cpu.access(&mem, c.va.0, Access::new(c.access.into(), c.cpl, c.rflags_ac));
-                check_outcome(c.id, None, &c.result, &got)?;
-                check_after(c, |pa| mem.read_uint(Gpa::new(pa), esize))
-            }
-            Case::Steps(c) => {
-                let mem = SparseMemory::new();
-                let esize = c.control.mode.entry_size();
-                let asize = c.control.mode.access_size();
-                load_memory(&mem, &c.memory, esize);
-                let mut cpu = WalkerCpu::new(&c.control, &mem);
-                for (i, step) in c.steps.iter().enumerate() {
-                    match step {
-                        Step::Access {
-                            cpl,
-                            rflags_ac,
-                            access,
-                            va,
-                            value,
-                            expect,
-                        } => {
-                            let got = cpu.access(&mem, va.0, Access::new((*access).into(), *cpl, *rflags_ac));
-                            if let (false, Some(pa), Some(v)) = (got.fault, got.pa, value) {
-                                mem.write_uint(Gpa::new(pa.0), asize, v.0);
-                            }
-                            check_outcome(c.id, Some(i), expect, &got)?;
-                        }
-                        Step::Store { va, value, size } => mem.write_uint(Gpa::new(va.0), *size as usize, value.0),
-                        Step::Invlpg { .. } | Step::Invpcid { .. } => {}
-                        Step::MovCr3 { value } => cpu.load_cr3(value.0, &mem),
-                        Step::SetCr0Wp { value } => {
-                            let mut regs = cpu.regs;
-                            regs.cr0.set(Cr0::WP, *value);
-                            cpu.set_regs(regs);
-                        }
-                        Step::SetCr4 { smep, smap, pge } => {
-                            let mut regs = cpu.regs;
-                            for (v, bit) in [(smep, Cr4::SMEP), (smap, Cr4::SMAP), (pge, Cr4::PGE)] {
-                                if let Some(v) = v {
-                                    regs.cr4.set(bit, *v);
-                                }
-                            }
-                            cpu.set_regs(regs);
-                        }
-                    }
-                }
-                check_final(c, |pa| mem.read_uint(Gpa::new(pa), esize))
-            }
-        }
+        let (control, memory) = match case {
+            Case::Single(c) => (&c.control, &c.memory),
+            Case::Steps(c) => (&c.control, &c.memory),
+        };
+        let mem = SparseMemory::new();
+        load_memory(&mem, memory, control.mode.entry_size());
+        let cpu = WalkerCpu::new(control, &mem);
+        let mut m = WalkerMachine {
+            mem,
+            cpu,
+            access_size: control.mode.access_size(),
+        };
+        replay(&mut m, case)
     }
 }
 

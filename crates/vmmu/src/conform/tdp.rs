@@ -2,9 +2,7 @@
 //! the vCPU's TLB and the hardware model's two-dimensional walk; EPT exits
 //! go to the MMU; the guest's stores to its page tables are guest writes.
 
-use super::{
-    Case, Failure, Hex, Outcome, Replayer, Step, case_features, case_regs, check_after, check_final, check_outcome,
-};
+use super::{Case, Failure, Hex, Outcome, Replayer, StepMachine, case_features, case_regs, replay};
 use crate::addr::{Gpa, Hva};
 use crate::arch::perm::AccessKind;
 use crate::arch::pfec::GP_VECTOR;
@@ -24,6 +22,7 @@ pub struct TdpReplayer;
 struct Vm {
     mem: GuestMemory,
     vcpu: Vcpu,
+    access_size: usize,
 }
 
 fn vm(case: &Case) -> Result<Vm, String> {
@@ -34,7 +33,11 @@ fn vm(case: &Case) -> Result<Vm, String> {
     let vm = crate::sim::vm::Vm::new(RAM, Hva::new(RAM_HVA), VmaFlags::WRITE, TdpConfig::default())
         .map_err(|e| e.to_string())?;
     let vcpu = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), case_features(control), 1).map_err(|e| e.to_string())?;
-    Ok(Vm { mem: vm.memory(), vcpu })
+    Ok(Vm {
+        mem: vm.memory(),
+        vcpu,
+        access_size: control.mode.access_size(),
+    })
 }
 
 fn outcome(r: AccessResult) -> Outcome {
@@ -60,11 +63,39 @@ fn outcome(r: AccessResult) -> Outcome {
     }
 }
 
-fn fail(id: u64, what: impl std::fmt::Display) -> Failure {
-    Failure {
-        id,
-        expected: "the replay to run".to_string(),
-        got: what.to_string(),
+impl StepMachine for Vm {
+    fn access(&mut self, va: u64, kind: AccessKind, cpl: u8, ac: bool, value: u64) -> Result<Outcome, String> {
+        let r = self
+            .vcpu
+            .access(va, kind, cpl, ac, self.access_size, value)
+            .map_err(|e| e.to_string())?;
+        Ok(outcome(r))
+    }
+    fn store(&mut self, va: u64, size: usize, value: u64) -> Result<(), String> {
+        match self.vcpu.access(va, AccessKind::Write, 0, false, size, value) {
+            Ok(AccessResult::Done { .. }) => Ok(()),
+            Ok(AccessResult::Fault(f)) => Err(format!("the kernel's store faulted: {f:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    fn invlpg(&mut self, va: u64) {
+        self.vcpu.invlpg(va);
+    }
+    fn mov_cr3(&mut self, value: u64) -> Result<(), String> {
+        self.vcpu.mov_cr3(value).map_err(|e| e.to_string())
+    }
+    fn set_cr0_wp(&mut self, wp: bool) {
+        self.vcpu.set_cr0_wp(wp);
+    }
+    fn set_cr4(&mut self, smep: Option<bool>, smap: Option<bool>, pge: Option<bool>) {
+        self.vcpu.set_cr4_bits(smep, smap, pge);
+    }
+    fn invpcid(&mut self, kind: u8, pcid: u16, va: u64) {
+        self.vcpu.invpcid(kind, pcid, va);
+    }
+    fn read_entry(&self, pa: u64, size: usize) -> u64 {
+        // An unreadable entry cannot match any expected value.
+        self.mem.read_value(Gpa::new(pa), size).unwrap_or(u64::MAX)
     }
 }
 
@@ -75,67 +106,25 @@ impl Replayer for TdpReplayer {
 
     fn replay(&mut self, case: &Case) -> Result<(), Failure> {
         let id = case.id();
-        let mut vm = vm(case).map_err(|e| fail(id, e))?;
+        let fail = |what: String| Failure {
+            id,
+            expected: "the replay to run".to_string(),
+            got: what,
+        };
+        let mut vm = vm(case).map_err(fail)?;
         let (control, memory) = match case {
             Case::Single(c) => (&c.control, &c.memory),
             Case::Steps(c) => (&c.control, &c.memory),
         };
         let esize = control.mode.entry_size();
-        let asize = control.mode.access_size();
         for e in memory {
             vm.mem
                 .write_value(Gpa::new(e.pa.0), esize, e.value.0)
-                .map_err(|e| fail(id, e))?;
+                .map_err(|e| fail(e.to_string()))?;
         }
         vm.vcpu
             .set_state(case_regs(control), control.cr3.0, control.pkru.0 as u32)
-            .map_err(|e| fail(id, e))?;
-        let read = |mem: &GuestMemory, pa: u64| mem.read_value(Gpa::new(pa), esize).unwrap_or(u64::MAX);
-        match case {
-            Case::Single(c) => {
-                let r = vm
-                    .vcpu
-                    .access(c.va.0, c.access.into(), c.cpl, c.rflags_ac, asize, 0)
-                    .map_err(|e| fail(id, e))?;
-                check_outcome(id, None, &c.result, &outcome(r))?;
-                check_after(c, |pa| read(&vm.mem, pa))
-            }
-            Case::Steps(c) => {
-                for (i, step) in c.steps.iter().enumerate() {
-                    match step {
-                        Step::Access {
-                            cpl,
-                            rflags_ac,
-                            access,
-                            va,
-                            value,
-                            expect,
-                        } => {
-                            let v = value.map_or(0, |v| v.0);
-                            let r = vm
-                                .vcpu
-                                .access(va.0, (*access).into(), *cpl, *rflags_ac, asize, v)
-                                .map_err(|e| fail(id, format!("step {i}: {e}")))?;
-                            check_outcome(id, Some(i), expect, &outcome(r))?;
-                        }
-                        Step::Store { va, value, size } => {
-                            let r = vm
-                                .vcpu
-                                .access(va.0, AccessKind::Write, 0, false, *size as usize, value.0)
-                                .map_err(|e| fail(id, format!("step {i}: {e}")))?;
-                            if let AccessResult::Fault(f) = r {
-                                return Err(fail(id, format!("step {i}: the kernel's store faulted: {f:?}")));
-                            }
-                        }
-                        Step::Invlpg { va } => vm.vcpu.invlpg(va.0),
-                        Step::MovCr3 { value } => vm.vcpu.mov_cr3(value.0).map_err(|e| fail(id, e))?,
-                        Step::SetCr0Wp { value } => vm.vcpu.set_cr0_wp(*value),
-                        Step::SetCr4 { smep, smap, pge } => vm.vcpu.set_cr4_bits(*smep, *smap, *pge),
-                        Step::Invpcid { kind, pcid, va } => vm.vcpu.invpcid(*kind, *pcid, va.0),
-                    }
-                }
-                check_final(c, |pa| read(&vm.mem, pa))
-            }
-        }
+            .map_err(|e| fail(e.to_string()))?;
+        replay(&mut vm, case)
     }
 }
