@@ -92,10 +92,46 @@ struct ConformArgs {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum BenchName {
+    /// vCPUs faulting in their memory with 4K writes (KVM's demand_paging_test).
+    Populate,
+    /// Enable dirty logging, dirty every page, harvest (KVM's dirty_log_perf_test).
+    #[value(name = "dirty-log")]
+    DirtyLog,
+    /// The wait of zap_all_fast with 1 GiB and 16 GiB mapped.
+    #[value(name = "zap-all")]
+    ZapAll,
+    /// Guest CR3 switches (not implemented yet: needs the shadow MMU).
+    #[value(name = "cr3-switch")]
+    Cr3Switch,
+    /// Access tracking (not implemented yet).
+    #[value(name = "access-tracking")]
+    AccessTracking,
     /// 4-level guest walks against four dependent loads.
     Walk,
-    /// Every benchmark.
+    /// Every implemented benchmark: walk, populate, dirty-log, zap-all.
     All,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum BackingArg {
+    /// Anonymous memory, THP off (4K SPTEs).
+    Anon,
+    /// Transparent huge pages (2M SPTEs).
+    Thp,
+    /// 2M hugetlb (modelled as THP in 2M-aligned regions).
+    #[value(name = "hugetlb-2m")]
+    Hugetlb2m,
+    /// 1G hugetlb (1G SPTEs; sizes must be multiples of 1G).
+    #[value(name = "hugetlb-1g")]
+    Hugetlb1g,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum BenchMmu {
+    /// The shadow MMU (not implemented yet).
+    Shadow,
+    /// The TDP MMU.
+    Tdp,
 }
 
 #[derive(clap::Args)]
@@ -103,9 +139,23 @@ struct BenchArgs {
     /// Which benchmark.
     #[arg(value_enum)]
     name: BenchName,
-    /// Operations per measured round.
-    #[arg(short = 'i', long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
-    iterations: u64,
+    /// vCPU threads (populate, dirty-log).
+    #[arg(short = 'v', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    vcpus: u32,
+    /// Guest memory each vCPU touches (populate, dirty-log), e.g. 64M, 1G.
+    #[arg(short = 'b', long, default_value = "64M", value_parser = parse_size)]
+    bytes_per_vcpu: u64,
+    /// walk: walks per measured round (default 2000000); populate, zap-all:
+    /// rounds, the best reported (default 3; zap-all with huge pages 10);
+    /// dirty-log: dirty + get iterations (default 2).
+    #[arg(short = 'i', long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    iterations: Option<u64>,
+    /// Host memory backing guest memory.
+    #[arg(short = 's', long, value_enum, default_value = "anon")]
+    backing: BackingArg,
+    /// The MMU measured.
+    #[arg(long, value_enum, default_value = "tdp")]
+    mmu: BenchMmu,
     /// Print one JSON object per benchmark instead of a table.
     #[arg(long)]
     json: bool,
@@ -281,39 +331,128 @@ fn run_conform(args: ConformArgs) -> ExitCode {
 }
 
 fn run_bench(args: BenchArgs) -> ExitCode {
-    let mut results = Vec::new();
-    if matches!(args.name, BenchName::Walk | BenchName::All) {
-        results.push(vmmu::bench::walk::run(args.iterations));
+    use std::io::IsTerminal;
+    use vmmu::bench::Report;
+    use vmmu::bench::tdp::{self, Backing, BenchError, TdpBenchConfig};
+
+    let usage = |msg: String| {
+        eprintln!("vmmu bench: {msg}");
+        ExitCode::from(2)
+    };
+    match args.name {
+        BenchName::Cr3Switch => {
+            return usage("cr3-switch: not implemented yet: needs the shadow MMU (issue 5)".into());
+        }
+        BenchName::AccessTracking => {
+            return usage("access-tracking: not implemented yet: needs access tracking".into());
+        }
+        _ => {}
     }
-    if args.json {
-        for r in &results {
-            match serde_json::to_string(r) {
+    if args.mmu == BenchMmu::Shadow {
+        return usage("--mmu shadow: not implemented yet: needs the shadow MMU (issue 5)".into());
+    }
+    let cfg = TdpBenchConfig {
+        vcpus: args.vcpus,
+        bytes_per_vcpu: args.bytes_per_vcpu,
+        iterations: args.iterations,
+        backing: match args.backing {
+            BackingArg::Anon => Backing::Anon,
+            BackingArg::Thp => Backing::Thp,
+            BackingArg::Hugetlb2m => Backing::Hugetlb2M,
+            BackingArg::Hugetlb1g => Backing::Hugetlb1G,
+        },
+    };
+    let names: &[BenchName] = match args.name {
+        BenchName::All => &[
+            BenchName::Walk,
+            BenchName::Populate,
+            BenchName::DirtyLog,
+            BenchName::ZapAll,
+        ],
+        ref one => std::slice::from_ref(one),
+    };
+    // Check every size before running anything.
+    if names
+        .iter()
+        .any(|n| matches!(n, BenchName::Populate | BenchName::DirtyLog))
+        && let Err(e) = cfg.validate()
+    {
+        return usage(e.to_string());
+    }
+    if names.contains(&BenchName::ZapAll) && cfg.backing == Backing::Hugetlb1G {
+        // 1G leaves: 16 GiB are 16 SPTEs, nothing to measure a growth on.
+        eprintln!("vmmu bench: zap-all with hugetlb-1g maps 16 SPTEs only; use anon or thp for a meaningful figure");
+    }
+    let tty = std::io::stderr().is_terminal();
+    let progress = move |msg: &str| {
+        if tty {
+            eprintln!("[vmmu bench] {msg}");
+        }
+    };
+    let mut header = false;
+    for name in names {
+        let result: Result<Report, BenchError> = match name {
+            BenchName::Walk => Ok(vmmu::bench::walk::run(args.iterations.unwrap_or(2_000_000)).into()),
+            BenchName::Populate => tdp::populate(&cfg, &progress),
+            BenchName::DirtyLog => tdp::dirty_log(&cfg, &progress),
+            BenchName::ZapAll => tdp::zap_all(&cfg, &progress),
+            BenchName::Cr3Switch | BenchName::AccessTracking | BenchName::All => unreachable!("handled above"),
+        };
+        let r = match result {
+            Ok(r) => r,
+            Err(BenchError::Config(e)) => return usage(e),
+            Err(e) => {
+                eprintln!("vmmu bench: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        if args.json {
+            match serde_json::to_string(&r) {
                 Ok(s) => println!("{s}"),
                 Err(e) => {
                     eprintln!("vmmu bench: cannot encode the result: {e}");
                     return ExitCode::from(1);
                 }
             }
-        }
-    } else {
-        println!(
-            "{:<22} {:>6} {:>12} {:>14} {:>8} {:>6}  reference",
-            "bench", "mmu", "per_op_ns", "reference_ns", "ratio", "goal"
-        );
-        for r in &results {
-            for p in &r.phases {
-                println!(
-                    "{:<22} {:>6} {:>12.2} {:>14.2} {:>8.2} {:>6}  {}",
-                    format!("{}/{}", r.bench, p.phase),
-                    r.mmu,
-                    p.per_op_ns,
-                    p.reference_ns,
-                    p.ratio,
-                    r.goal_ratio.map(|g| format!("<={g}")).unwrap_or_default(),
-                    r.reference
-                );
-            }
+        } else {
+            print_report(&r, !header);
+            header = true;
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The human table: one row per phase, then the other figures and notes.
+fn print_report(r: &vmmu::bench::Report, header: bool) {
+    let b = &r.result;
+    if header {
+        println!(
+            "{:<38} {:>6} {:>12} {:>14} {:>8} {:>6}  reference",
+            "bench", "mmu", "per_op_ns", "reference_ns", "ratio", "goal"
+        );
+    }
+    for (i, p) in b.phases.iter().enumerate() {
+        println!(
+            "{:<38} {:>6} {:>12.2} {:>14.2} {:>8.2} {:>6}  {}",
+            format!("{}/{}", b.bench, p.phase),
+            b.mmu,
+            p.per_op_ns,
+            p.reference_ns,
+            p.ratio,
+            if i == 0 {
+                b.goal_ratio.map(|g| format!("<={g}")).unwrap_or_default()
+            } else {
+                String::new()
+            },
+            if i == 0 { b.reference } else { "" }
+        );
+    }
+    for f in &r.figures {
+        let reference = f.reference.map(|x| format!(" (reference {x:.3})")).unwrap_or_default();
+        let goal = f.goal.map(|g| format!(" [goal {g}]")).unwrap_or_default();
+        println!("  {}: {}: {:.3} {}{reference}{goal}", b.bench, f.name, f.value, f.unit);
+    }
+    for n in &r.notes {
+        println!("  {}: note: {n}", b.bench);
+    }
 }

@@ -192,3 +192,91 @@ fn stress_bad_input_exits_2() {
         assert!(!stderr(&o).contains("panicked"), "{args:?}");
     }
 }
+
+#[test]
+fn bench_populate_json_has_the_contract_fields() {
+    let o = vmmu(&["bench", "populate", "-b", "4M", "-i", "1", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    for key in [
+        "bench",
+        "mmu",
+        "vcpus",
+        "pages",
+        "seconds",
+        "per_op_ns",
+        "reference_ns",
+        "ratio",
+        "phases",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    assert_eq!(v["bench"], "populate");
+    assert_eq!(v["mmu"], "tdp");
+    assert_eq!(v["vcpus"], 1);
+    assert_eq!(v["pages"], 1024, "4M of 4K pages");
+    assert!(v["per_op_ns"].as_f64().unwrap() > 0.0);
+    let phases: Vec<&str> = v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["vcpu", "page_fault", "2-vcpus"]);
+}
+
+#[test]
+fn bench_dirty_log_json_one_line_per_bench() {
+    let o = vmmu(&["bench", "dirty-log", "-v", "2", "-b", "2M", "-i", "1", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["bench"], "dirty-log");
+    assert_eq!(v["vcpus"], 2);
+    assert_eq!(v["pages"], 1024);
+    assert_eq!(v["phases"][0]["phase"], "get");
+}
+
+#[test]
+fn bench_bad_sizes_and_backings_exit_2_naming_the_problem() {
+    for (args, needle) in [
+        (vec!["bench", "populate", "-b", "lots"], "lots"),
+        (vec!["bench", "populate", "-b", "3X"], "3X"),
+        (vec!["bench", "populate", "-b", "0"], "--bytes-per-vcpu 0"),
+        (vec!["bench", "populate", "-b", "6K"], "--bytes-per-vcpu 6K"),
+        (
+            vec!["bench", "populate", "-b", "3M", "-s", "thp"],
+            "--bytes-per-vcpu 3M",
+        ),
+        (vec!["bench", "dirty-log", "-b", "512M", "-s", "hugetlb-1g"], "1G"),
+        (vec!["bench", "populate", "-b", "99999999999G"], "too large"),
+        (vec!["bench", "populate", "-v", "4", "-b", "8G"], "32G"),
+        (vec!["bench", "populate", "-s", "hugetlb-4m"], "hugetlb-4m"),
+        (vec!["bench", "populate", "--mmu", "ept"], "ept"),
+        (vec!["bench", "populate", "-v", "0"], "0"),
+        (vec!["bench", "all", "-b", "6K"], "--bytes-per-vcpu 6K"),
+    ] {
+        let o = vmmu(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(stdout(&o).is_empty(), "{args:?}: nothing measured");
+    }
+}
+
+#[test]
+fn bench_unimplemented_exit_2_and_print_no_numbers() {
+    for (args, needle) in [
+        (vec!["bench", "cr3-switch"], "shadow MMU"),
+        (vec!["bench", "access-tracking"], "access tracking"),
+        (vec!["bench", "populate", "--mmu", "shadow"], "shadow MMU"),
+    ] {
+        let o = vmmu(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&o).contains("not implemented yet"), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty(), "{args:?}");
+    }
+}

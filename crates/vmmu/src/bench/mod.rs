@@ -2,6 +2,7 @@
 //! reference in the same run and reports the ratio, so results are
 //! comparable across noisy machines.
 
+pub mod tdp;
 pub mod walk;
 
 use serde::Serialize;
@@ -30,7 +31,8 @@ pub struct BenchResult {
     /// The goal for `ratio`, if the issue sets one.
     pub goal_ratio: Option<f64>,
     /// Phases measured, each against its own reference (the top-level
-    /// figures are the first phase's).
+    /// figures are the first phase's: the benchmark's headline, which is
+    /// not always the first in time).
     pub phases: Vec<Phase>,
 }
 
@@ -61,4 +63,52 @@ pub fn best_ns_per_iter(rounds: u32, iters: u64, mut f: impl FnMut(u64) -> u64) 
         best = best.min(secs * 1e9 / iters as f64);
     }
     (best, total, sink)
+}
+
+/// A benchmark's result with what does not fit [`BenchResult`]: figures in
+/// other units, how the run was set up. Serializes flat (the
+/// [`BenchResult`] fields first), so every consumer of `BenchResult` JSON
+/// reads it unchanged.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The contract fields.
+    #[serde(flatten)]
+    pub result: BenchResult,
+    /// Host memory backing (`anon`, `thp`, ...), for benchmarks on guest memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing: Option<&'static str>,
+    /// Figures in other units (per GiB, pages per second, scaling).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub figures: Vec<Figure>,
+    /// How the run was set up, what is and is not timed, caveats.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl From<BenchResult> for Report {
+    fn from(result: BenchResult) -> Report {
+        Report {
+            result,
+            backing: None,
+            figures: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+}
+
+/// One figure a benchmark reports besides its phases.
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    /// What it is (e.g. `get`, `2-thread scaling`).
+    pub name: String,
+    /// Its unit (e.g. `ms/GiB`, `pages/s/thread`, `x`).
+    pub unit: &'static str,
+    /// The value measured.
+    pub value: f64,
+    /// The reference's value in the same unit, if there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<f64>,
+    /// The goal, as the issue states it (e.g. `>= 1.7`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub goal: Option<&'static str>,
 }
