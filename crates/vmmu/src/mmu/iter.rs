@@ -236,18 +236,9 @@ impl<'a> SpteIter<'a> {
     /// Moves to the next SPTE in pre-order: down if possible, else side,
     /// else up until a side step succeeds; invalid past the tree's end.
     pub fn next(&mut self) {
-        if self.step_down() {
-            return;
+        if !self.step_down() {
+            self.skip_subtree();
         }
-        loop {
-            if self.step_side() {
-                return;
-            }
-            if !self.step_up() {
-                break;
-            }
-        }
-        self.valid = false;
     }
 
     /// Skips the subtree under the current SPTE (e.g. after zapping it) and
