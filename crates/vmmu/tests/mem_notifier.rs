@@ -190,7 +190,11 @@ fn race(validated: bool, duration: Duration) -> (Option<String>, u64, u64) {
     if let Some(e) = check(&host, &mmu) {
         failure.lock().get_or_insert(e);
     }
-    assert!(ops > 50, "the host churned ({ops} operations)");
+    // The correct protocol must have faced real churn; the broken one stops
+    // as soon as the checker catches it, which takes at least one host
+    // operation (without churn every lookup is still current).
+    let min_ops = if validated { 50 } else { 1 };
+    assert!(ops >= min_ops, "the host churned ({ops} operations)");
     let f = failure.lock().take();
     (f, installs.load(Ordering::Relaxed), retries.load(Ordering::Relaxed))
 }
