@@ -23,6 +23,7 @@ pub mod conform;
 pub mod cpu;
 pub mod mem;
 pub mod mmu;
+pub mod percpu;
 pub mod sim;
 pub mod walker;
 

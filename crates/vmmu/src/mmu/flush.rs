@@ -18,6 +18,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 /// The flush generation and the vCPUs it must wait for.
@@ -29,9 +30,11 @@ pub struct RemoteTlb {
 }
 
 /// One vCPU's mode: 0 outside guest mode, else `generation << 1 | 1`.
+/// Written twice per access, so padded to its own cache line: two vCPUs'
+/// modes allocated side by side would otherwise share one.
 #[derive(Debug, Default)]
 pub struct VcpuMode {
-    state: AtomicU64,
+    state: CachePadded<AtomicU64>,
 }
 
 impl RemoteTlb {
@@ -94,9 +97,14 @@ impl VcpuMode {
         }
     }
 
-    /// Leaves guest mode (an exit).
+    /// Leaves guest mode (an exit). A release store is enough: a flusher
+    /// that reads 0 synchronizes with it, so every access made in guest
+    /// mode happens before the flush returns; only entering needs the
+    /// store-load order (the full barrier KVM has after setting
+    /// `IN_GUEST_MODE`). A sequentially consistent store here would drain
+    /// the store buffer on every exit, waiting out the guest's last write.
     pub fn exit(&self) {
-        self.state.store(0, Ordering::SeqCst);
+        self.state.store(0, Ordering::Release);
     }
 }
 

@@ -118,7 +118,7 @@ impl TdpMmu {
         }
         self.stats.account_leaf(level, -1);
         self.stats.account_leaf(level - 1, entries as i64);
-        MmuStats::inc(&self.stats.huge_pages_split);
+        MmuStats::inc(&self.stats.local().huge_pages_split);
         tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn(), level);
         // The cursor now holds the table: the caller steps into it.
         true
@@ -161,7 +161,7 @@ impl TdpMmu {
             return None;
         }
         if new == spte {
-            MmuStats::inc(&self.stats.pf_spurious);
+            MmuStats::inc(&self.stats.local().pf_spurious);
             return Some(super::FaultOutcome::Spurious);
         }
         if !it.try_set(new) {
@@ -171,8 +171,8 @@ impl TdpMmu {
             slot.mark_page_dirty(gfn);
         }
         tracing::trace!(target: "fast_page_fault", gfn = gfn.raw(), write, old = spte.0, new = new.0);
-        MmuStats::inc(&self.stats.pf_fast);
-        MmuStats::inc(&self.stats.pf_fixed);
+        MmuStats::inc(&self.stats.local().pf_fast);
+        MmuStats::inc(&self.stats.local().pf_fixed);
         Some(super::FaultOutcome::Fixed)
     }
 
@@ -312,12 +312,12 @@ impl TdpMmu {
                         );
                         if it.try_set(Spte(FROZEN_SPTE)) {
                             self.zap_subtree_leaves(spte.pfn(), 1);
-                            self.stats.mmu_pages.fetch_sub(1, Ordering::Relaxed);
+                            self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
                             defer_free_tree(&self.arena, self.config.geometry, spte.pfn(), 1);
                             it.sptep().store(leaf.0, Ordering::Release);
                             it.refresh();
                             self.stats.account_leaf(2, 1);
-                            MmuStats::inc(&self.stats.huge_pages_recovered);
+                            MmuStats::inc(&self.stats.local().huge_pages_recovered);
                             flush = true;
                         }
                     }

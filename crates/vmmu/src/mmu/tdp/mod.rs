@@ -325,13 +325,13 @@ impl TdpMmu {
     /// until none can use one (KVM's `kvm_flush_remote_tlbs`).
     fn flush_remote_tlbs(&self) {
         self.remote_tlb.flush();
-        MmuStats::inc(&self.stats.remote_tlb_flush);
+        MmuStats::inc(&self.stats.local().remote_tlb_flush);
     }
 
     /// Discharges a flush obligation.
     pub fn discharge(&self, pending: PendingFlush) {
         if pending.discharge(&self.remote_tlb) {
-            MmuStats::inc(&self.stats.remote_tlb_flush);
+            MmuStats::inc(&self.stats.local().remote_tlb_flush);
         }
     }
 
@@ -347,7 +347,7 @@ impl TdpMmu {
             }
         }
         let pfn = self.arena.alloc_4k()?;
-        self.stats.mmu_pages.fetch_add(1, Ordering::Relaxed);
+        self.stats.local().mmu_pages.fetch_add(1, Ordering::Relaxed);
         let root = Arc::new(TdpRoot {
             pfn,
             as_id,
@@ -421,7 +421,7 @@ impl TdpMmu {
             if spte.is_mmu_present() && spte.is_leaf(level) {
                 if Spte(it.sptep().swap(0, Ordering::AcqRel)).is_mmu_present() {
                     self.stats.account_leaf(level, -1);
-                    MmuStats::inc(&self.stats.mmu_zapped);
+                    MmuStats::inc(&self.stats.local().mmu_zapped);
                     zapped += 1;
                 }
                 it.refresh();
@@ -437,30 +437,32 @@ impl TdpMmu {
     /// vCPU's root (KVM's `kvm_tdp_mmu_page_fault`): memslot → host page
     /// with the MMU-notifier retry protocol → install under the read lock.
     pub fn page_fault(&self, root: &RootRef, fault: TdpFault, cache: &mut SlotCache) -> Result<FaultOutcome, TdpError> {
-        MmuStats::inc(&self.stats.pf_taken);
+        MmuStats::inc(&self.stats.local().pf_taken);
         tracing::trace!(target: "kvm_page_fault", gpa = fault.gpa.raw(), write = fault.write, exec = fault.exec);
         let gfn = fault.gpa.frame();
+        // The snapshot stays held for the whole fault, as KVM holds
+        // `kvm->srcu`: a memslot update waits for it, and no reference
+        // count on the slot is touched (a shared cache line per fault).
         let slots = self.slots.load(root.root.as_id);
-        let Some(slot) = slots.lookup_cached(gfn, cache).filter(|s| !s.is_invalid()).cloned() else {
+        let Some(slot) = slots.lookup_cached(gfn, cache).filter(|s| !s.is_invalid()) else {
             let generation = slots.generation();
             drop(slots);
             return self.mmio_fault(root, gfn, generation);
         };
-        drop(slots);
         if fault.write && slot.is_readonly() {
             return Ok(FaultOutcome::ReadOnlySlot);
         }
         let logging = slot.logs_dirty_pages();
-        if let Some(outcome) = self.fast_page_fault(root, gfn, &fault, &slot) {
+        if let Some(outcome) = self.fast_page_fault(root, gfn, &fault, slot) {
             return Ok(outcome);
         }
-        let mapping = match faultin_gfn(&self.host, &self.invalidate, &slot, gfn, fault.write) {
+        let mapping = match faultin_gfn(&self.host, &self.invalidate, slot, gfn, fault.write) {
             Ok(m) => m,
             Err(source) => return Err(TdpError::Host { gpa: fault.gpa, source }),
         };
         let guard = self.lock.read();
         let Ok(valid) = mapping.validate(&guard, &self.invalidate) else {
-            MmuStats::inc(&self.stats.pf_retry);
+            MmuStats::inc(&self.stats.local().pf_retry);
             return Ok(FaultOutcome::Retry);
         };
         // Dirty logging tracks 4K pages (KVM's hugepage adjust).
@@ -479,7 +481,7 @@ impl TdpMmu {
                 // so the recovery worker can make it huge again later.
                 if split.members.insert(region) {
                     split.queue.push_back(region);
-                    MmuStats::inc(&self.stats.nx_lpage_splits);
+                    MmuStats::inc(&self.stats.local().nx_lpage_splits);
                 }
                 level = Level::L1;
             } else if split.members.contains(&region) {
@@ -519,7 +521,7 @@ impl TdpMmu {
     }
 
     fn mmio_fault(&self, root: &RootRef, gfn: Gfn, generation: u64) -> Result<FaultOutcome, TdpError> {
-        MmuStats::inc(&self.stats.pf_emulate);
+        MmuStats::inc(&self.stats.local().pf_emulate);
         if generation & crate::mem::memslot::MEMSLOT_GEN_UPDATE_IN_PROGRESS != 0 {
             // Never cache "no memslot" while memslots are changing.
             return Ok(FaultOutcome::Mmio);
@@ -529,7 +531,7 @@ impl TdpMmu {
         match self.install(&guard, root, gfn, 1, mmio)? {
             FaultOutcome::Fixed => {
                 tracing::trace!(target: "mark_mmio_spte", gfn = gfn.raw(), generation);
-                MmuStats::inc(&self.stats.pf_mmio_spte_created);
+                MmuStats::inc(&self.stats.local().pf_mmio_spte_created);
                 Ok(FaultOutcome::Mmio)
             }
             FaultOutcome::Spurious => Ok(FaultOutcome::Mmio),
@@ -554,7 +556,7 @@ impl TdpMmu {
         // roots never races with an install into one. The vCPU must reload
         // its root first.
         if !root.root.is_valid() {
-            MmuStats::inc(&self.stats.pf_retry);
+            MmuStats::inc(&self.stats.local().pf_retry);
             return Ok(FaultOutcome::Retry);
         }
         let g = self.config.geometry;
@@ -562,18 +564,18 @@ impl TdpMmu {
         while it.level() > level {
             let spte = it.old_spte();
             if spte.is_frozen() {
-                MmuStats::inc(&self.stats.pf_retry);
+                MmuStats::inc(&self.stats.local().pf_retry);
                 return Ok(FaultOutcome::Retry);
             }
             if spte.is_mmu_present() && spte.is_leaf(it.level()) {
                 // A huge leaf above the level we need: replace it by an
                 // empty table (its 4K translations fault back in).
                 if !it.try_set(Spte(FROZEN_SPTE)) {
-                    MmuStats::inc(&self.stats.pf_retry);
+                    MmuStats::inc(&self.stats.local().pf_retry);
                     return Ok(FaultOutcome::Retry);
                 }
                 self.stats.account_leaf(it.level(), -1);
-                MmuStats::inc(&self.stats.huge_pages_split);
+                MmuStats::inc(&self.stats.local().huge_pages_split);
                 tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn(), level = it.level());
                 self.flush_remote_tlbs();
                 let table = self.alloc_table()?;
@@ -593,18 +595,18 @@ impl TdpMmu {
             }
             if !it.step_down() {
                 // Zapped under us between the link and the step.
-                MmuStats::inc(&self.stats.pf_retry);
+                MmuStats::inc(&self.stats.local().pf_retry);
                 return Ok(FaultOutcome::Retry);
             }
         }
         let old = it.old_spte();
         if old.is_frozen() {
-            MmuStats::inc(&self.stats.pf_retry);
+            MmuStats::inc(&self.stats.local().pf_retry);
             return Ok(FaultOutcome::Retry);
         }
         // The same translation, whatever hardware did to A/D since.
         if (old.0 | self.ad_bits()) == (leaf.0 | self.ad_bits()) {
-            MmuStats::inc(&self.stats.pf_spurious);
+            MmuStats::inc(&self.stats.local().pf_spurious);
             return Ok(FaultOutcome::Spurious);
         }
         let replaced_table = old.is_mmu_present() && !old.is_leaf(level);
@@ -619,7 +621,7 @@ impl TdpMmu {
             defer_free_tree(&self.arena, self.config.geometry, old.pfn(), level - 1);
             it.sptep().store(leaf.0, Ordering::Release);
         } else if !it.try_set(leaf) {
-            MmuStats::inc(&self.stats.pf_retry);
+            MmuStats::inc(&self.stats.local().pf_retry);
             return Ok(FaultOutcome::Retry);
         }
         if old.is_mmu_present() && !replaced_table {
@@ -631,7 +633,7 @@ impl TdpMmu {
             leaf.check_leaf_writable_invariants(self.fmt);
             tracing::trace!(target: "kvm_mmu_set_spte", gfn = gfn.raw(), level, spte = leaf.0, old = old.0);
         }
-        MmuStats::inc(&self.stats.pf_fixed);
+        MmuStats::inc(&self.stats.local().pf_fixed);
         Ok(FaultOutcome::Fixed)
     }
 
@@ -641,12 +643,12 @@ impl TdpMmu {
 
     fn alloc_table(&self) -> Result<Pfn, TdpError> {
         let pfn = self.arena.alloc_4k()?;
-        self.stats.mmu_pages.fetch_add(1, Ordering::Relaxed);
+        self.stats.local().mmu_pages.fetch_add(1, Ordering::Relaxed);
         Ok(pfn)
     }
 
     fn free_table_now(&self, pfn: Pfn) {
-        self.stats.mmu_pages.fetch_sub(1, Ordering::Relaxed);
+        self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
         self.arena
             .free(pfn, PageSize::Size4K)
             .expect("a table this fault allocated and never published is live");
@@ -666,10 +668,10 @@ impl TdpMmu {
             }
             if spte.is_leaf(level) {
                 self.stats.account_leaf(level, -1);
-                MmuStats::inc(&self.stats.mmu_zapped);
+                MmuStats::inc(&self.stats.local().mmu_zapped);
             } else {
                 self.zap_subtree_leaves(spte.pfn(), level - 1);
-                self.stats.mmu_pages.fetch_sub(1, Ordering::Relaxed);
+                self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -693,7 +695,7 @@ impl TdpMmu {
                     tracing::trace!(target: "kvm_tdp_mmu_spte_changed", as_id, gfn = it.gfn(), level, old = old.0, new = 0u64);
                     if old.is_mmu_present() {
                         self.stats.account_leaf(level, -1);
-                        MmuStats::inc(&self.stats.mmu_zapped);
+                        MmuStats::inc(&self.stats.local().mmu_zapped);
                         zapped = true;
                     }
                     it.refresh();
