@@ -569,3 +569,58 @@ fn nx_huge_pages_split_on_fetch_and_recover() {
     assert_eq!((s.pages_2m, s.pages_4k), (1, 0), "{s:?}");
     assert_eq!(vm.mmu.recover_nx_huge_pages(1), 0, "nothing left to recover");
 }
+
+/// INVVPID and INVEPT as the VMM issues them: each type drops exactly the
+/// translations it names, and the invalid forms are refused.
+#[test]
+fn invvpid_and_invept_drop_what_they_name() {
+    use vmmu::arch::ept::Eptp;
+    use vmmu::cpu::vcpu::{InvalidationError, Invept, Invvpid};
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let mut v = vcpu(&vm, 5);
+    let fill = |v: &mut Vcpu| {
+        write(v, 0x1000, 1);
+        write(v, 0x2000, 2);
+        assert_eq!(v.tlb().len(), 2);
+    };
+    fill(&mut v);
+    let cached = |v: &Vcpu, gpa: u64| v.tlb().entries().any(|e| e.gpa_base == gpa);
+
+    assert_eq!(v.invvpid(Invvpid::SingleContext(0)), Err(InvalidationError::VpidZero));
+    assert_eq!(
+        v.invvpid(Invvpid::IndividualAddress {
+            vpid: 5,
+            va: 0x0001_0000_0000_0000
+        }),
+        Ok(()),
+        "57-bit canonical"
+    );
+    assert_eq!(
+        v.invvpid(Invvpid::IndividualAddress {
+            vpid: 5,
+            va: 0x0100_0000_0000_0000
+        }),
+        Err(InvalidationError::NonCanonical(0x0100_0000_0000_0000))
+    );
+    assert_eq!(v.tlb().len(), 2, "refused or unrelated invalidations drop nothing");
+
+    v.invvpid(Invvpid::IndividualAddress { vpid: 6, va: 0x1000 }).unwrap();
+    assert_eq!(v.tlb().len(), 2, "another VPID's address");
+    v.invvpid(Invvpid::IndividualAddress { vpid: 5, va: 0x1fff }).unwrap();
+    assert!(!cached(&v, 0x1000) && cached(&v, 0x2000));
+    v.invvpid(Invvpid::SingleContextRetainingGlobals(5)).unwrap();
+    assert!(v.tlb().is_empty(), "paging off: nothing is global");
+
+    fill(&mut v);
+    let root = v.root().root().pfn().raw() << 12;
+    v.invept(Invept::SingleContext(Eptp::new(root + 0x1000, 4, true)));
+    assert_eq!(v.tlb().len(), 2, "another EPTP");
+    v.invept(Invept::SingleContext(Eptp::new(root, 4, true)));
+    assert!(v.tlb().is_empty());
+    fill(&mut v);
+    v.invept(Invept::AllContext);
+    assert!(v.tlb().is_empty());
+    // Still correct afterwards: the translations are walked again.
+    assert_eq!(read(&mut v, 0x1000).0, 1);
+    assert_eq!(read(&mut v, 0x2000).0, 2);
+}

@@ -151,8 +151,19 @@ pub enum Flush {
     /// INVPCID type 2, a CR4.PGE or PCIDE change, CR0.PG changes: all
     /// translations of the tag's VPID/EPTP, global ones included.
     All(TlbTag),
-    /// INVVPID (single context): everything of one VPID.
+    /// INVVPID type 0 (individual address): `va`'s translations of one
+    /// VPID, every PCID and EPTP, global ones included.
+    VpidPage {
+        /// The VPID.
+        vpid: u16,
+        /// The linear address.
+        va: u64,
+    },
+    /// INVVPID type 1 (single context): everything of one VPID.
     Vpid(u16),
+    /// INVVPID type 3 (single context, retaining globals): the non-global
+    /// translations of one VPID.
+    VpidNonGlobal(u16),
     /// INVEPT (single context): everything made through one EPTP.
     Eptp(u64),
     /// INVEPT/INVVPID all-context, or a vCPU reset: everything.
@@ -256,7 +267,9 @@ impl Tlb {
             Flush::Pcid(tag) => same_space(e, tag) && !e.global && e.tag.pcid == tag.pcid,
             Flush::AllNonGlobal(tag) => same_space(e, tag) && !e.global,
             Flush::All(tag) => same_space(e, tag),
+            Flush::VpidPage { vpid, va } => in_page(e, *va) && e.tag.vpid == *vpid,
             Flush::Vpid(vpid) => e.tag.vpid == *vpid,
+            Flush::VpidNonGlobal(vpid) => e.tag.vpid == *vpid && !e.global,
             Flush::Eptp(eptp) => e.tag.eptp == *eptp,
             Flush::Everything => true,
         };
@@ -267,7 +280,7 @@ impl Tlb {
                 }
             }
         };
-        if let Flush::Page { va, .. } | Flush::PcidPage { va, .. } = flush {
+        if let Flush::Page { va, .. } | Flush::PcidPage { va, .. } | Flush::VpidPage { va, .. } = flush {
             // A page flush only needs the sets that can hold the page.
             for (i, size) in SIZES.iter().enumerate() {
                 let range = self.set_range(*size, va);
@@ -414,6 +427,38 @@ mod tests {
         assert_eq!(t.len(), 1);
         t.flush(Flush::Vpid(1));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn invvpid_individual_address_and_retaining_globals() {
+        let mut t = Tlb::new(TlbConfig::default());
+        let mut other_vpid = entry(0x1000, PageSize::Size4K, 1, false);
+        other_vpid.tag.vpid = 2;
+        let fill = |t: &mut Tlb| {
+            t.insert(entry(0x1000, PageSize::Size4K, 1, true));
+            t.insert(entry(0x1000, PageSize::Size4K, 7, false));
+            t.insert(entry(0x4000_0000, PageSize::Size2M, 1, false));
+            t.insert(other_vpid);
+        };
+        fill(&mut t);
+        // Type 0: the page in every PCID (global included) of VPID 1; a 2M
+        // entry elsewhere and VPID 2 stay.
+        t.flush(Flush::VpidPage { vpid: 1, va: 0x1abc });
+        assert!(t.entries().all(|e| e.va_base != 0x1000 || e.tag.vpid == 2));
+        assert_eq!(t.len(), 2);
+        // A huge page is removed by any address inside it.
+        t.flush(Flush::VpidPage {
+            vpid: 1,
+            va: 0x4000_0000 + 0x0001_2345,
+        });
+        assert_eq!(t.len(), 1);
+        t.flush(Flush::Everything);
+        fill(&mut t);
+        // Type 3: VPID 1 keeps its global entry only.
+        t.flush(Flush::VpidNonGlobal(1));
+        assert_eq!(t.len(), 2);
+        assert!(t.lookup(0x1000, tag(5)).is_some_and(|e| e.global));
+        assert!(t.lookup(0x1000, other_vpid.tag).is_some());
     }
 
     #[test]

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use super::hw::{EptExit, EptGuestMemory, EptStage, EptTranslator};
 use super::tlb::{Flush, Tlb, TlbConfig, TlbEntry, TlbTag};
 use crate::addr::{Gpa, Hpa, Pfn};
+use crate::arch::control::is_canonical;
 use crate::arch::control::{CR3_NOFLUSH, CR3_PAE_PDPT_MASK, CR3_PCID_MASK, CpuFeatures, Cr0, Cr4, PagingMode};
-use crate::arch::ept::EptViolationQual;
+use crate::arch::ept::{EptViolationQual, Eptp};
 use crate::arch::perm::{Access, AccessKind, AccessRights};
 use crate::arch::pfec::PfErrorCode;
 use crate::arch::pte::PT_GLOBAL;
@@ -97,6 +98,44 @@ pub enum VcpuError {
         /// The last exit.
         last: Option<EptExit>,
     },
+}
+
+/// An INVEPT type (SDM vol. 3C, "INVEPT"), as the VMM issues it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invept {
+    /// Type 1: the combined mappings made through one EPTP.
+    SingleContext(Eptp),
+    /// Type 2: the combined mappings of every EPTP.
+    AllContext,
+}
+
+/// An INVVPID type (SDM vol. 3C, "INVVPID"), as the VMM issues it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invvpid {
+    /// Type 0: one linear address of one VPID.
+    IndividualAddress {
+        /// The VPID.
+        vpid: u16,
+        /// The linear address.
+        va: u64,
+    },
+    /// Type 1: everything of one VPID.
+    SingleContext(u16),
+    /// Type 2: everything of every VPID but 0.
+    AllContext,
+    /// Type 3: the non-global mappings of one VPID.
+    SingleContextRetainingGlobals(u16),
+}
+
+/// Why an INVEPT/INVVPID failed (VMfailValid in hardware, a VMM bug here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidationError {
+    /// VPID 0 is the host's: INVVPID types 0, 1 and 3 refuse it.
+    #[error("INVVPID with VPID 0")]
+    VpidZero,
+    /// INVVPID type 0 with a non-canonical linear address.
+    #[error("INVVPID individual-address with non-canonical address {0:#x}")]
+    NonCanonical(u64),
 }
 
 /// A vCPU on the TDP MMU.
@@ -298,6 +337,47 @@ impl Vcpu {
             _ => Flush::AllNonGlobal(tag),
         };
         self.tlb.flush(flush);
+    }
+
+    /// INVEPT executed by the VMM on this (physical) CPU: drops the
+    /// combined mappings the type names. The MMU's own flushes already
+    /// reach every vCPU through the remote-flush protocol; this is for a
+    /// VMM that manages EPTPs itself (e.g. when it changes the EPTP).
+    pub fn invept(&mut self, kind: Invept) {
+        match kind {
+            Invept::SingleContext(eptp) => self.tlb.flush(Flush::Eptp(eptp.root() >> 12)),
+            Invept::AllContext => self.tlb.flush(Flush::Everything),
+        }
+    }
+
+    /// INVVPID executed by the VMM on this CPU (KVM's `vpid_sync_*`).
+    pub fn invvpid(&mut self, kind: Invvpid) -> Result<(), InvalidationError> {
+        let flush = match kind {
+            Invvpid::IndividualAddress { vpid: 0, .. }
+            | Invvpid::SingleContext(0)
+            | Invvpid::SingleContextRetainingGlobals(0) => return Err(InvalidationError::VpidZero),
+            // The modelled processor supports 5-level paging: linear
+            // addresses are 57 bits wide.
+            Invvpid::IndividualAddress { va, .. } if !is_canonical(va, 57) => {
+                return Err(InvalidationError::NonCanonical(va));
+            }
+            Invvpid::IndividualAddress { vpid, va } => Flush::VpidPage { vpid, va },
+            Invvpid::SingleContext(vpid) => Flush::Vpid(vpid),
+            Invvpid::SingleContextRetainingGlobals(vpid) => Flush::VpidNonGlobal(vpid),
+            Invvpid::AllContext => {
+                // Every VPID but 0: this TLB holds this vCPU's VPID (never 0
+                // for a guest) and nothing of the host.
+                self.tlb.flush(Flush::Everything);
+                return Ok(());
+            }
+        };
+        self.tlb.flush(flush);
+        Ok(())
+    }
+
+    /// This vCPU's VPID.
+    pub fn vpid(&self) -> u16 {
+        self.vpid
     }
 
     fn ept(&self) -> EptTranslator<'_> {
