@@ -27,7 +27,7 @@ fn vcpu(vm: &Vm, vpid: u16) -> Vcpu {
 fn read(v: &mut Vcpu, gpa: u64) -> (u64, bool) {
     match v.access(gpa, AccessKind::Read, 0, false, 8, 0).unwrap() {
         AccessResult::Done { value, mmio, .. } => (value, mmio),
-        AccessResult::Fault(f) => panic!("paging is off, yet {f:?}"),
+        other => panic!("paging is off and no dirty ring, yet {other:?}"),
     }
 }
 
@@ -269,7 +269,7 @@ fn nothing_hands_out_an_invalid_root() {
         exec: false,
     };
     assert_eq!(
-        vm.mmu.page_fault(&held, fault, &mut cache).unwrap(),
+        vm.mmu.page_fault(&held, fault, &mut cache, None).unwrap(),
         vmmu::mmu::tdp::FaultOutcome::Retry
     );
     assert_eq!(vm.mmu.stats().snapshot().pages_4k, 0);

@@ -425,7 +425,7 @@ fn fault_range(vm: &Vm, gfns: u64, leaf_pages: u64, threads: usize) -> Result<(D
                 exec: false,
             };
             loop {
-                match vm.mmu.page_fault(&root, fault, &mut cache) {
+                match vm.mmu.page_fault(&root, fault, &mut cache, None) {
                     Ok(FaultOutcome::Fixed) => {
                         n += 1;
                         break;
@@ -729,7 +729,7 @@ pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report,
                     exec: false,
                 };
                 loop {
-                    match vm.mmu.page_fault(&root, fault, &mut cache) {
+                    match vm.mmu.page_fault(&root, fault, &mut cache, None) {
                         Ok(FaultOutcome::Fixed | FaultOutcome::Spurious) => break,
                         Ok(FaultOutcome::Retry) => continue,
                         Ok(other) => return Err(BenchError::Run(format!("fault at gfn {gfn:#x}: {other:?}"))),

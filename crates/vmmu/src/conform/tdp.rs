@@ -40,8 +40,8 @@ fn vm(case: &Case) -> Result<Vm, String> {
     })
 }
 
-fn outcome(r: AccessResult) -> Outcome {
-    match r {
+fn outcome(r: AccessResult) -> Result<Outcome, String> {
+    Ok(match r {
         AccessResult::Done { gpa, .. } => Outcome {
             fault: false,
             vector: None,
@@ -60,8 +60,12 @@ fn outcome(r: AccessResult) -> Outcome {
             error_code: Some(0),
             pa: None,
         },
-    }
+        AccessResult::DirtyRingFull => return Err(NO_RING.to_string()),
+    })
 }
+
+/// Conformance VMs never enable the dirty ring.
+const NO_RING: &str = "unexpected dirty-ring-full exit (the dirty ring is not enabled)";
 
 impl StepMachine for Vm {
     fn access(&mut self, va: u64, kind: AccessKind, cpl: u8, ac: bool, value: u64) -> Result<Outcome, String> {
@@ -69,12 +73,13 @@ impl StepMachine for Vm {
             .vcpu
             .access(va, kind, cpl, ac, self.access_size, value)
             .map_err(|e| e.to_string())?;
-        Ok(outcome(r))
+        outcome(r)
     }
     fn store(&mut self, va: u64, size: usize, value: u64) -> Result<(), String> {
         match self.vcpu.access(va, AccessKind::Write, 0, false, size, value) {
             Ok(AccessResult::Done { .. }) => Ok(()),
             Ok(AccessResult::Fault(f)) => Err(format!("the kernel's store faulted: {f:?}")),
+            Ok(AccessResult::DirtyRingFull) => Err(NO_RING.to_string()),
             Err(e) => Err(e.to_string()),
         }
     }

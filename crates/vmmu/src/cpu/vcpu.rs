@@ -13,7 +13,7 @@ use crate::arch::perm::{Access, AccessKind, AccessRights};
 use crate::arch::pfec::PfErrorCode;
 use crate::arch::pte::PT_GLOBAL;
 use crate::arch::pte::PteEpt;
-use crate::mem::{MemslotTable, SlotCache};
+use crate::mem::{DirtyRing, MemslotTable, SlotCache};
 use crate::mmu::flush::VcpuMode;
 use crate::mmu::tdp::{FaultOutcome, RootRef, TdpError, TdpFault, TdpMmu};
 use crate::walker::{ControlRegs, EntrySize, GuestPaging, Paging, PtMemory, WalkError};
@@ -46,6 +46,10 @@ pub enum AccessResult {
     },
     /// The guest takes an exception.
     Fault(GuestFault),
+    /// The vCPU exited to the VMM before the access
+    /// (`KVM_EXIT_DIRTY_RING_FULL`): harvest its ring, reset the rings
+    /// ([`TdpMmu::reset_dirty_rings`]) and issue the access again.
+    DirtyRingFull,
 }
 
 /// Counters of one vCPU.
@@ -158,6 +162,7 @@ pub struct Vcpu {
     seen_flush_gen: u64,
     seen_root_gen: u64,
     slot_cache: SlotCache,
+    dirty_ring: Option<Arc<DirtyRing>>,
     stats: VcpuStats,
 }
 
@@ -183,6 +188,7 @@ impl Vcpu {
         let regs = ControlRegs::default();
         let ept_paging = Paging::ept(mmu.config().geometry.levels, mmu.config().ad, &CpuFeatures::default());
         Ok(Vcpu {
+            dirty_ring: mmu.dirty_ring_size().map(|size| Arc::new(DirtyRing::new(size))),
             mode: mmu.remote_tlb().register(),
             seen_flush_gen: mmu.remote_tlb().generation(),
             seen_root_gen: mmu.root_generation(),
@@ -375,6 +381,12 @@ impl Vcpu {
         Ok(())
     }
 
+    /// This vCPU's dirty ring, when the MMU has the dirty ring enabled: the
+    /// VMM harvests it.
+    pub fn dirty_ring(&self) -> Option<&Arc<DirtyRing>> {
+        self.dirty_ring.as_ref()
+    }
+
     /// This vCPU's VPID.
     pub fn vpid(&self) -> u16 {
         self.vpid
@@ -451,13 +463,34 @@ impl Vcpu {
             write,
             exec,
         };
-        Ok(self.mmu.page_fault(&self.root, fault, &mut self.slot_cache)?)
+        Ok(self
+            .mmu
+            .page_fault(&self.root, fault, &mut self.slot_cache, self.dirty_ring.as_deref())?)
     }
 
     /// One access of `size` (1..=8) bytes at `gva`, as the instruction at
     /// `cpl` with RFLAGS.AC = `ac` makes it; a write stores the low `size`
     /// bytes of `value`. An access that crosses a page is split in two.
+    ///
+    /// With the dirty ring enabled, a vCPU whose ring reached its soft
+    /// limit does not run: the access returns
+    /// [`AccessResult::DirtyRingFull`] without touching anything.
     pub fn access(
+        &mut self,
+        gva: u64,
+        kind: AccessKind,
+        cpl: u8,
+        ac: bool,
+        size: usize,
+        value: u64,
+    ) -> Result<AccessResult, VcpuError> {
+        if self.dirty_ring.as_ref().is_some_and(|r| r.soft_full()) {
+            return Ok(AccessResult::DirtyRingFull);
+        }
+        self.access_split(gva, kind, cpl, ac, size, value)
+    }
+
+    fn access_split(
         &mut self,
         gva: u64,
         kind: AccessKind,
@@ -469,11 +502,14 @@ impl Vcpu {
         debug_assert!((1..=8).contains(&size));
         let in_page = (0x1000 - (gva & 0xfff)) as usize;
         if size > in_page {
-            let low = self.access(gva, kind, cpl, ac, in_page, value)?;
-            let AccessResult::Done { value: v0, .. } = low else {
+            let low = self.access_split(gva, kind, cpl, ac, in_page, value)?;
+            let AccessResult::Done {
+                value: v0, gpa: gpa0, ..
+            } = low
+            else {
                 return Ok(low);
             };
-            let high = self.access(
+            let high = self.access_split(
                 gva + in_page as u64,
                 kind,
                 cpl,
@@ -483,10 +519,7 @@ impl Vcpu {
             )?;
             return Ok(match high {
                 AccessResult::Done { value: v1, mmio, .. } => AccessResult::Done {
-                    gpa: match low {
-                        AccessResult::Done { gpa, .. } => gpa,
-                        AccessResult::Fault(_) => unreachable!("checked above"),
-                    },
+                    gpa: gpa0,
                     value: v0 | v1 << (8 * in_page),
                     mmio,
                 },

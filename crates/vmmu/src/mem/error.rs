@@ -235,6 +235,9 @@ pub enum MemslotError {
         /// That slot's end gfn (exclusive).
         other_end: Gfn,
     },
+    /// The bitmap interfaces while the dirty ring is enabled (KVM: ENXIO).
+    #[error("dirty pages are reported through the dirty ring: the dirty bitmap interfaces are disabled")]
+    DirtyRingEnabled,
     /// No slot has this id in this address space.
     #[error("no memslot {id} in address space {as_id}")]
     UnknownSlot {

@@ -78,6 +78,11 @@ impl RemoteTlb {
         }
     }
 
+    /// vCPUs registered now.
+    pub fn registered(&self) -> usize {
+        self.vcpus.lock().len()
+    }
+
     /// Flushes performed.
     pub fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)

@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 
 use super::{TdpMmu, defer_free_tree};
 use crate::addr::{Gfn, Level};
-use crate::mem::{Memslot, MemslotChange, MemslotError, MemslotObserver, MmuLockHeld, stable_host_level};
+use crate::mem::{DirtyRing, Memslot, MemslotChange, MemslotError, MemslotObserver, MmuLockHeld, stable_host_level};
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::iter::SpteIter;
 use crate::mmu::spte::{FROZEN_SPTE, Spte, SpteAccess};
@@ -136,6 +136,7 @@ impl TdpMmu {
         gfn: Gfn,
         fault: &super::TdpFault,
         slot: &Memslot,
+        ring: Option<&DirtyRing>,
     ) -> Option<super::FaultOutcome> {
         let write = fault.write;
         let _epoch = crossbeam_epoch::pin();
@@ -168,7 +169,7 @@ impl TdpMmu {
             return None;
         }
         if made_writable {
-            slot.mark_page_dirty(gfn);
+            self.mark_dirty(slot, gfn, ring);
         }
         tracing::trace!(target: "fast_page_fault", gfn = gfn.raw(), write, old = spte.0, new = new.0);
         MmuStats::inc(&self.stats.local().pf_fast);
@@ -180,6 +181,9 @@ impl TdpMmu {
     /// protect the bits are cleared and their pages write-protected, with
     /// TLBs flushed before this returns.
     pub fn get_dirty_log(&self, as_id: u16, slot_id: u16) -> Result<Vec<u64>, MemslotError> {
+        if self.dirty_ring_size().is_some() {
+            return Err(MemslotError::DirtyRingEnabled);
+        }
         let guard = self.lock.write();
         if self.dirty_bit_logging() {
             // Move the hardware's D bits into the bitmap and clean them;
@@ -199,6 +203,9 @@ impl TdpMmu {
     /// `KVM_CLEAR_DIRTY_LOG` (manual protect): clears the bits of `mask`
     /// from `first_page` and write-protects the pages that were dirty.
     pub fn clear_dirty_log(&self, as_id: u16, slot_id: u16, first_page: u64, mask: &[u64]) -> Result<(), MemslotError> {
+        if self.dirty_ring_size().is_some() {
+            return Err(MemslotError::DirtyRingEnabled);
+        }
         let guard = self.lock.write();
         let cleared = self.slots.clear_dirty_log(as_id, slot_id, first_page, mask)?;
         let flush = self.protect_bitmap(&guard, as_id, slot_id, first_page, &cleared)?;
@@ -246,7 +253,7 @@ impl TdpMmu {
         Ok(PendingFlush::new(cleaned))
     }
 
-    fn protect_bitmap(
+    pub(super) fn protect_bitmap(
         &self,
         guard: &impl MmuLockHeld,
         as_id: u16,

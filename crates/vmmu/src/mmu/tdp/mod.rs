@@ -16,8 +16,10 @@
 mod age;
 mod audit;
 mod dirty;
+mod ring;
 
 pub use audit::AuditViolation;
+pub use ring::DirtyRingError;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -30,8 +32,8 @@ use super::spte::{FROZEN_SPTE, Spte, SpteAccess, SpteFormat};
 use super::stats::MmuStats;
 use crate::addr::{Gfn, Gpa, Level, PageSize, Pfn};
 use crate::mem::{
-    FaultinError, FrameArena, FrameError, HostAddressSpace, HvaRange, InvalidateState, MemslotTable, MmuLock,
-    MmuLockReadGuard, MmuNotifier, MmuWriteLockHeld, NotifierRange, SlotCache, faultin_gfn,
+    DirtyRing, FaultinError, FrameArena, FrameError, HostAddressSpace, HvaRange, InvalidateState, MemslotTable,
+    MmuLock, MmuLockReadGuard, MmuNotifier, MmuWriteLockHeld, NotifierRange, SlotCache, faultin_gfn,
 };
 
 /// Configuration of a TDP MMU.
@@ -220,6 +222,9 @@ pub enum TdpError {
     /// No frame for a page table.
     #[error("out of frames for MMU page tables: {0}")]
     OutOfFrames(#[from] FrameError),
+    /// The dirty ring is enabled but the fault came without the vCPU's ring.
+    #[error("the dirty ring is enabled: a fault must bring the faulting vCPU's ring")]
+    DirtyRingRequired,
 }
 
 /// An EPT violation or misconfiguration, as the MMU needs it.
@@ -256,6 +261,8 @@ pub struct TdpMmu {
     /// mitigation, oldest first (KVM's `possible_nx_huge_pages`):
     /// (address space, first gfn of the region, its level).
     nx_split: Mutex<NxSplit>,
+    /// The per-vCPU dirty ring size, once enabled (`KVM_CAP_DIRTY_LOG_RING`).
+    dirty_ring: std::sync::OnceLock<u32>,
     stats: MmuStats,
 }
 
@@ -283,6 +290,7 @@ impl TdpMmu {
             root_generation: AtomicU64::new(0),
             remote_tlb: RemoteTlb::default(),
             nx_split: Mutex::new(NxSplit::default()),
+            dirty_ring: std::sync::OnceLock::new(),
             stats: MmuStats::default(),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
@@ -436,8 +444,19 @@ impl TdpMmu {
     /// Handles an EPT violation or misconfiguration at `fault.gpa` for the
     /// vCPU's root (KVM's `kvm_tdp_mmu_page_fault`): memslot → host page
     /// with the MMU-notifier retry protocol → install under the read lock.
-    pub fn page_fault(&self, root: &RootRef, fault: TdpFault, cache: &mut SlotCache) -> Result<FaultOutcome, TdpError> {
+    ///
+    /// `ring` is the faulting vCPU's dirty ring when the dirty ring is
+    /// enabled ([`TdpMmu::enable_dirty_ring`]): pages it dirties go there
+    /// instead of the memslot's bitmap.
+    pub fn page_fault(
+        &self,
+        root: &RootRef,
+        fault: TdpFault,
+        cache: &mut SlotCache,
+        ring: Option<&DirtyRing>,
+    ) -> Result<FaultOutcome, TdpError> {
         MmuStats::inc(&self.stats.local().pf_taken);
+        self.check_ring(ring)?;
         tracing::trace!(target: "kvm_page_fault", gpa = fault.gpa.raw(), write = fault.write, exec = fault.exec);
         let gfn = fault.gpa.frame();
         // The snapshot stays held for the whole fault, as KVM holds
@@ -453,7 +472,7 @@ impl TdpMmu {
             return Ok(FaultOutcome::ReadOnlySlot);
         }
         let logging = slot.logs_dirty_pages();
-        if let Some(outcome) = self.fast_page_fault(root, gfn, &fault, slot) {
+        if let Some(outcome) = self.fast_page_fault(root, gfn, &fault, slot, ring) {
             return Ok(outcome);
         }
         let mapping = match faultin_gfn(&self.host, &self.invalidate, slot, gfn, fault.write) {
@@ -515,7 +534,7 @@ impl TdpMmu {
         if logging && leaf.is_writable(self.fmt) && outcome == FaultOutcome::Fixed {
             // Still under the read lock: no harvest can run between the
             // install and the mark.
-            slot.mark_page_dirty(gfn);
+            self.mark_dirty(slot, gfn, ring);
         }
         Ok(outcome)
     }
