@@ -22,8 +22,13 @@ fn vcpus_host_churn_zap_all_and_dirty_logging() {
     )
     .unwrap();
     eprintln!(
-        "stress: {} accesses, {} host operations, {} VMM operations, {} audits, {} violations",
-        report.accesses, report.host_operations, report.vmm_operations, report.audits, report.violations
+        "stress: {} accesses, {} host operations, {} VMM operations, {} dirty-log sessions, {} audits, {} violations",
+        report.accesses,
+        report.host_operations,
+        report.vmm_operations,
+        report.dirty_log_sessions,
+        report.audits,
+        report.violations
     );
     assert_eq!(
         report.violations, 0,
@@ -31,7 +36,10 @@ fn vcpus_host_churn_zap_all_and_dirty_logging() {
         report.data_violations, report.spte_violations
     );
     assert!(
-        report.accesses > 1000 && report.host_operations > 50 && report.vmm_operations > 10,
+        report.accesses > 1000
+            && report.host_operations > 50
+            && report.vmm_operations > 10
+            && report.dirty_log_sessions > 0,
         "every thread made progress: {report:?}"
     );
 }

@@ -463,11 +463,19 @@ impl TdpMmu {
         // `kvm->srcu`: a memslot update waits for it, and no reference
         // count on the slot is touched (a shared cache line per fault).
         let slots = self.slots.load(root.root.as_id);
-        let Some(slot) = slots.lookup_cached(gfn, cache).filter(|s| !s.is_invalid()) else {
+        let Some(slot) = slots.lookup_cached(gfn, cache) else {
             let generation = slots.generation();
             drop(slots);
             return self.mmio_fault(root, gfn, generation);
         };
+        if slot.is_invalid() {
+            // Being deleted or moved (KVM's `KVM_MEMSLOT_INVALID`): retry
+            // until the change is done, so the access sees the new layout
+            // (an MMIO answer now would drop a write to memory that is
+            // merely moving).
+            MmuStats::inc(&self.stats.local().pf_retry);
+            return Ok(FaultOutcome::Retry);
+        }
         if fault.write && slot.is_readonly() {
             return Ok(FaultOutcome::ReadOnlySlot);
         }
