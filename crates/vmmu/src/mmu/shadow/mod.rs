@@ -1,0 +1,7 @@
+//! The shadow-paging MMU (KVM's shadow MMU, `mmu.c` and `paging_tmpl.h`):
+//! shadow page tables built from the guest's own, write-protected guest
+//! tables, unsync leaves, write emulation and the `prev_roots` cache.
+//!
+//! Built in steps; present so far: [`role`], the key of the page hash.
+
+pub mod role;

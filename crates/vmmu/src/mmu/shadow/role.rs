@@ -1,0 +1,399 @@
+//! Shadow page roles (KVM's `union kvm_mmu_page_role`).
+//!
+//! A shadow page table is found by (gfn, role): two guest contexts may share
+//! a shadow page exactly when they would fill it with the same SPTEs. So a
+//! role holds exactly what changes the translation, and every bit that means
+//! nothing for a page is normalised to one value, in one place
+//! ([`Role::normalise`]), called by every constructor. The lesson of seed
+//! `001_*`: KVM cleared `cr4_pae` for direct pages at one call site and not
+//! at another, so equal translations got different roles (a `prev_roots` miss,
+//! a duplicate tree) and code that read the bit had to guess which convention
+//! applied. Here a [`Role`] cannot be built un-normalised, its fields are
+//! private, and a test checks every constructor against the normal form.
+//!
+//! What shapes the translation of a shadow page:
+//! - `level` and whether the page is `direct` (it shadows no guest table:
+//!   paging off, or the pieces of a guest huge page);
+//! - for an indirect page, whether the guest table has 4-byte entries (32-bit
+//!   paging) and then which `quadrant` of the guest table the 512-entry shadow
+//!   page covers;
+//! - the `access` inherited from the guest entries above (user, write, exec);
+//! - CR0.WP (with WP = 0 supervisor writes to read-only pages are emulated by
+//!   writable, user-inaccessible SPTEs), and SMEP/SMAP only when WP = 0 (they
+//!   change how that emulation must restrict the SPTE);
+//! - EFER.NX, only for guest tables with 8-byte entries (4-byte entries have
+//!   no XD bit);
+//! - the address space (SMM) and guest mode (nested), and `invalid` (a zapped
+//!   root still referenced by vCPUs).
+//!
+//! With paging off the guest has no protections at all: every bit but
+//! level, direct, access and the address space is meaningless and zero.
+
+use crate::arch::control::{Cr0, Cr4, Efer, PagingMode};
+use crate::walker::ControlRegs;
+
+bitflags::bitflags! {
+    /// Inherited guest access (KVM's `ACC_EXEC_MASK`, `ACC_WRITE_MASK`,
+    /// `ACC_USER_MASK`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub struct Acc: u8 {
+        /// Instruction fetches allowed.
+        const EXEC = 1;
+        /// Writes allowed.
+        const WRITE = 2;
+        /// User-mode accesses allowed.
+        const USER = 4;
+    }
+}
+
+/// The guest paging state that shapes shadow pages (the base of KVM's
+/// `cpu_role`), read from the vCPU's control registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuestContext {
+    mode: PagingMode,
+    cr0_wp: bool,
+    smep: bool,
+    smap: bool,
+    efer_nx: bool,
+    smm: bool,
+}
+
+impl GuestContext {
+    /// The context of a vCPU with `regs`, in SMM or not.
+    pub fn new(regs: &ControlRegs, smm: bool) -> GuestContext {
+        GuestContext {
+            mode: regs.mode(),
+            cr0_wp: regs.cr0.contains(Cr0::WP),
+            smep: regs.cr4.contains(Cr4::SMEP),
+            smap: regs.cr4.contains(Cr4::SMAP),
+            efer_nx: regs.efer.contains(Efer::NXE),
+            smm,
+        }
+    }
+
+    /// The guest paging mode.
+    pub fn mode(&self) -> PagingMode {
+        self.mode
+    }
+
+    /// Levels of the shadow tree: 5 or 4 for 5- and 4-level guests, 3 for
+    /// PAE and 32-bit guests (shadowed with PAE-format tables under a
+    /// 4-entry root table) and for paging off (identity map of 4 GiB).
+    pub fn root_level(&self) -> u8 {
+        match self.mode {
+            PagingMode::Level5 => 5,
+            PagingMode::Level4 => 4,
+            PagingMode::Pae | PagingMode::Bits32 | PagingMode::None => 3,
+        }
+    }
+
+    /// Whether the guest's paging-structure entries are 4 bytes.
+    pub fn has_4_byte_gpte(&self) -> bool {
+        self.mode == PagingMode::Bits32
+    }
+}
+
+/// The role of a shadow page: with its gfn, the key of the page hash.
+/// Always normalised; see the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Role {
+    level: u8,
+    direct: bool,
+    has_4_byte_gpte: bool,
+    quadrant: u8,
+    access: Acc,
+    cr0_wp: bool,
+    smep_andnot_wp: bool,
+    smap_andnot_wp: bool,
+    efer_nx: bool,
+    smm: bool,
+    guest_mode: bool,
+    invalid: bool,
+}
+
+impl Role {
+    /// The role of a root for `ctx` at `level` (the root level, or 2 for
+    /// each of the four PAE roots, with `quadrant` = the PDPTE index for a
+    /// 32-bit guest). Direct when paging is off.
+    pub fn root(ctx: &GuestContext, level: u8, quadrant: u8) -> Role {
+        Role::new(ctx, level, ctx.mode == PagingMode::None, quadrant, Acc::all())
+    }
+
+    /// The role of the page linked below an SPTE of `self` at entry `index`:
+    /// one level down, `direct` when it shadows the pieces of a guest huge
+    /// page, with the inherited `access` (KVM's `kvm_mmu_child_role`). The
+    /// quadrant of a 4-byte-gpte page table is which half of the guest's
+    /// 1024-entry table it covers: the parity of the parent's entry (two
+    /// 2 MiB shadow PDEs per 4 MiB guest PDE).
+    pub fn child(self, index: usize, direct: bool, access: Acc) -> Role {
+        debug_assert!(self.level > 1, "a 4K page has no children");
+        let quadrant = if self.has_4_byte_gpte { (index & 1) as u8 } else { 0 };
+        Role {
+            level: self.level - 1,
+            direct: self.direct || direct,
+            quadrant,
+            access,
+            ..self
+        }
+        .normalise()
+    }
+
+    fn new(ctx: &GuestContext, level: u8, direct: bool, quadrant: u8, access: Acc) -> Role {
+        Role {
+            level,
+            direct,
+            has_4_byte_gpte: ctx.has_4_byte_gpte(),
+            quadrant,
+            access,
+            cr0_wp: ctx.cr0_wp,
+            smep_andnot_wp: ctx.smep && !ctx.cr0_wp,
+            smap_andnot_wp: ctx.smap && !ctx.cr0_wp,
+            efer_nx: ctx.efer_nx,
+            smm: ctx.smm,
+            guest_mode: false,
+            invalid: false,
+        }
+        .normalise()
+    }
+
+    /// The one normal form: clears every bit that means nothing for this
+    /// page. Idempotent.
+    fn normalise(mut self) -> Role {
+        debug_assert!((1..=5).contains(&self.level), "level {}", self.level);
+        if self.direct {
+            // A direct page's SPTEs are computed from the gfn and `access`,
+            // never read from guest entries: entry size and quadrant are
+            // meaningless, and `access` already carries the guest's XD.
+            self.has_4_byte_gpte = false;
+            self.efer_nx = false;
+        }
+        if self.has_4_byte_gpte {
+            // 4-byte guest entries have no XD bit.
+            self.efer_nx = false;
+            // Quadrants exist for the 4K table (2 halves) and the page
+            // directory (4 quarters, one per PAE root); not above.
+            let quadrants = match self.level {
+                1 => 2,
+                2 => 4,
+                _ => 1,
+            };
+            self.quadrant %= quadrants;
+        } else {
+            self.quadrant = 0;
+        }
+        if self.cr0_wp {
+            self.smep_andnot_wp = false;
+            self.smap_andnot_wp = false;
+        }
+        self
+    }
+
+    /// Whether the role is in normal form (for assertions).
+    pub fn is_normalised(&self) -> bool {
+        self.normalise() == *self
+    }
+
+    /// The same role marked invalid (a zapped root that vCPUs still hold).
+    pub fn invalidated(self) -> Role {
+        Role { invalid: true, ..self }
+    }
+
+    /// Level, 1 = 4K.
+    pub fn level(&self) -> u8 {
+        self.level
+    }
+    /// Shadows no guest table.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+    /// The shadowed guest table has 4-byte entries.
+    pub fn has_4_byte_gpte(&self) -> bool {
+        self.has_4_byte_gpte
+    }
+    /// Which part of a 4-byte-entry guest table this page covers.
+    pub fn quadrant(&self) -> u8 {
+        self.quadrant
+    }
+    /// Access inherited from the guest entries above.
+    pub fn access(&self) -> Acc {
+        self.access
+    }
+    /// CR0.WP.
+    pub fn cr0_wp(&self) -> bool {
+        self.cr0_wp
+    }
+    /// CR4.SMEP with CR0.WP = 0.
+    pub fn smep_andnot_wp(&self) -> bool {
+        self.smep_andnot_wp
+    }
+    /// CR4.SMAP with CR0.WP = 0.
+    pub fn smap_andnot_wp(&self) -> bool {
+        self.smap_andnot_wp
+    }
+    /// EFER.NX, for 8-byte guest entries.
+    pub fn efer_nx(&self) -> bool {
+        self.efer_nx
+    }
+    /// The SMM address space.
+    pub fn smm(&self) -> bool {
+        self.smm
+    }
+    /// Zapped while still a root.
+    pub fn is_invalid(&self) -> bool {
+        self.invalid
+    }
+    /// Bytes per guest entry of the shadowed table (0 for direct pages).
+    pub fn gpte_size(&self) -> usize {
+        match (self.direct, self.has_4_byte_gpte) {
+            (true, _) => 0,
+            (false, true) => 4,
+            (false, false) => 8,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs(mode: PagingMode, wp: bool, smep: bool, smap: bool, nx: bool) -> ControlRegs {
+        let mut cr0 = Cr0::PE;
+        let mut cr4 = Cr4::empty();
+        let mut efer = Efer::empty();
+        if mode != PagingMode::None {
+            cr0 |= Cr0::PG;
+        }
+        match mode {
+            PagingMode::None | PagingMode::Bits32 => {}
+            PagingMode::Pae => cr4 |= Cr4::PAE,
+            PagingMode::Level4 => {
+                cr4 |= Cr4::PAE;
+                efer |= Efer::LME | Efer::LMA;
+            }
+            PagingMode::Level5 => {
+                cr4 |= Cr4::PAE | Cr4::LA57;
+                efer |= Efer::LME | Efer::LMA;
+            }
+        }
+        cr0.set(Cr0::WP, wp);
+        cr4.set(Cr4::SMEP, smep);
+        cr4.set(Cr4::SMAP, smap);
+        efer.set(Efer::NXE, nx);
+        ControlRegs { cr0, cr4, efer }
+    }
+
+    const MODES: [PagingMode; 5] = [
+        PagingMode::None,
+        PagingMode::Bits32,
+        PagingMode::Pae,
+        PagingMode::Level4,
+        PagingMode::Level5,
+    ];
+
+    /// Every context × every constructor path.
+    fn all_roles() -> Vec<(GuestContext, Role)> {
+        let mut out = Vec::new();
+        for mode in MODES {
+            for bits in 0..16u8 {
+                let ctx = GuestContext::new(
+                    &regs(mode, bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, bits & 8 != 0),
+                    false,
+                );
+                assert_eq!(ctx.mode(), mode);
+                let top = ctx.root_level();
+                for q in 0..4 {
+                    let root = Role::root(&ctx, if top == 3 { 2 } else { top }, q);
+                    out.push((ctx, root));
+                    let mut r = root;
+                    while r.level() > 1 {
+                        for (index, direct, access) in
+                            [(0, false, Acc::all()), (1, true, Acc::USER), (3, false, Acc::WRITE)]
+                        {
+                            out.push((ctx, r.child(index, direct, access)));
+                        }
+                        r = r.child(1, false, Acc::all());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_constructor_yields_the_normal_form() {
+        for (ctx, r) in all_roles() {
+            assert!(r.is_normalised(), "{ctx:?} → {r:?}");
+            assert!(
+                !r.is_direct() || (!r.has_4_byte_gpte() && r.quadrant() == 0 && !r.efer_nx()),
+                "{r:?}"
+            );
+            assert!(r.has_4_byte_gpte() || r.quadrant() == 0, "{r:?}");
+            assert!(!r.cr0_wp() || (!r.smep_andnot_wp() && !r.smap_andnot_wp()), "{r:?}");
+        }
+    }
+
+    /// Seed 001: a direct page must not depend on how the guest's tables
+    /// are laid out; a 32-bit guest's and a PAE guest's direct pages for
+    /// the same access are the same page.
+    #[test]
+    fn direct_pages_are_shared_across_guest_entry_sizes() {
+        let c32 = GuestContext::new(&regs(PagingMode::Bits32, true, false, false, true), false);
+        let cpae = GuestContext::new(&regs(PagingMode::Pae, true, false, false, true), false);
+        let d32 = Role::root(&c32, 2, 1).child(0, true, Acc::all());
+        let dpae = Role::root(&cpae, 2, 0).child(0, true, Acc::all());
+        assert_eq!(d32, dpae);
+        assert_eq!(d32.gpte_size(), 0);
+        // …while their indirect pages differ (4- vs 8-byte entries).
+        assert_ne!(Role::root(&c32, 2, 0), Role::root(&cpae, 2, 0));
+    }
+
+    #[test]
+    fn smep_and_smap_matter_only_without_wp() {
+        let with_wp = |smep, smap| GuestContext::new(&regs(PagingMode::Level4, true, smep, smap, true), false);
+        let r = |c: GuestContext| Role::root(&c, 4, 0);
+        assert_eq!(r(with_wp(false, false)), r(with_wp(true, true)));
+        let no_wp = |smep, smap| GuestContext::new(&regs(PagingMode::Level4, false, smep, smap, true), false);
+        assert_ne!(r(no_wp(false, false)), r(no_wp(true, false)));
+        assert_ne!(r(no_wp(false, false)), r(no_wp(false, true)));
+        assert_ne!(
+            r(with_wp(false, false)),
+            r(no_wp(false, false)),
+            "CR0.WP itself always matters"
+        );
+    }
+
+    #[test]
+    fn efer_nx_matters_only_for_8_byte_entries() {
+        let ctx = |mode, nx| GuestContext::new(&regs(mode, true, false, false, nx), false);
+        let r = |c: GuestContext| Role::root(&c, 2, 0);
+        assert_eq!(r(ctx(PagingMode::Bits32, false)), r(ctx(PagingMode::Bits32, true)));
+        assert_ne!(r(ctx(PagingMode::Pae, false)), r(ctx(PagingMode::Pae, true)));
+        assert_eq!(
+            r(ctx(PagingMode::None, false)),
+            r(ctx(PagingMode::None, true)),
+            "paging off"
+        );
+    }
+
+    #[test]
+    fn quadrants_follow_the_32_bit_table_halves() {
+        let c32 = GuestContext::new(&regs(PagingMode::Bits32, true, false, false, false), false);
+        let pd = Role::root(&c32, 2, 3);
+        assert_eq!(pd.quadrant(), 3);
+        assert_eq!(pd.child(6, false, Acc::all()).quadrant(), 0);
+        assert_eq!(pd.child(7, false, Acc::all()).quadrant(), 1);
+        let cpae = GuestContext::new(&regs(PagingMode::Pae, true, false, false, false), false);
+        assert_eq!(Role::root(&cpae, 2, 3).quadrant(), 0, "PAE tables have no quadrants");
+        assert_eq!(Role::root(&cpae, 2, 3).child(7, false, Acc::all()).quadrant(), 0);
+    }
+
+    #[test]
+    fn invalid_and_smm_roles_are_distinct() {
+        let ctx = GuestContext::new(&regs(PagingMode::Level4, true, false, false, true), false);
+        let smm = GuestContext::new(&regs(PagingMode::Level4, true, false, false, true), true);
+        let r = Role::root(&ctx, 4, 0);
+        assert_ne!(r, r.invalidated());
+        assert_ne!(r, Role::root(&smm, 4, 0));
+        assert!(r.invalidated().is_invalid());
+    }
+}
