@@ -11,6 +11,9 @@
 //! applied. Here a [`Role`] cannot be built un-normalised, its fields are
 //! private, and a test checks every constructor against the normal form.
 //!
+//! Inherited access uses [`AccessRights`](crate::arch::perm::AccessRights),
+//! whose bits are KVM's `ACC_EXEC_MASK`, `ACC_WRITE_MASK`, `ACC_USER_MASK`.
+//!
 //! What shapes the translation of a shadow page:
 //! - `level` and whether the page is `direct` (it shadows no guest table:
 //!   paging off, or the pieces of a guest huge page);
@@ -30,21 +33,8 @@
 //! level, direct, access and the address space is meaningless and zero.
 
 use crate::arch::control::{Cr0, Cr4, Efer, PagingMode};
+use crate::arch::perm::AccessRights as Acc;
 use crate::walker::ControlRegs;
-
-bitflags::bitflags! {
-    /// Inherited guest access (KVM's `ACC_EXEC_MASK`, `ACC_WRITE_MASK`,
-    /// `ACC_USER_MASK`).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-    pub struct Acc: u8 {
-        /// Instruction fetches allowed.
-        const EXEC = 1;
-        /// Writes allowed.
-        const WRITE = 2;
-        /// User-mode accesses allowed.
-        const USER = 4;
-    }
-}
 
 /// The guest paging state that shapes shadow pages (the base of KVM's
 /// `cpu_role`), read from the vCPU's control registers.
@@ -95,7 +85,7 @@ impl GuestContext {
 
 /// The role of a shadow page: with its gfn, the key of the page hash.
 /// Always normalised; see the module documentation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Role {
     level: u8,
     direct: bool,
