@@ -103,12 +103,12 @@ enum BenchName {
     /// Guest CR3 switches (not implemented yet: needs the shadow MMU).
     #[value(name = "cr3-switch")]
     Cr3Switch,
-    /// Access tracking (not implemented yet).
+    /// Age every page, then re-access it, with EPT A/D on and off (KVM's access_tracking_perf_test).
     #[value(name = "access-tracking")]
     AccessTracking,
     /// 4-level guest walks against four dependent loads.
     Walk,
-    /// Every implemented benchmark: walk, populate, dirty-log, zap-all.
+    /// Every implemented benchmark: walk, populate, dirty-log, zap-all, access-tracking.
     All,
 }
 
@@ -139,15 +139,16 @@ struct BenchArgs {
     /// Which benchmark.
     #[arg(value_enum)]
     name: BenchName,
-    /// vCPU threads (populate, dirty-log).
+    /// vCPU threads (populate, dirty-log, access-tracking).
     #[arg(short = 'v', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     vcpus: u32,
-    /// Guest memory each vCPU touches (populate, dirty-log), e.g. 64M, 1G.
+    /// Guest memory each vCPU touches (populate, dirty-log, access-tracking), e.g. 64M, 1G.
     #[arg(short = 'b', long, default_value = "64M", value_parser = parse_size)]
     bytes_per_vcpu: u64,
     /// walk: walks per measured round (default 2000000); populate, zap-all:
     /// rounds, the best reported (default 3; zap-all with huge pages 10);
-    /// dirty-log: dirty + get iterations (default 2).
+    /// dirty-log: dirty + get iterations (default 2); access-tracking:
+    /// access + age + re-access iterations, the best reported (default 3).
     #[arg(short = 'i', long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     iterations: Option<u64>,
     /// Host memory backing guest memory.
@@ -339,14 +340,8 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         eprintln!("vmmu bench: {msg}");
         ExitCode::from(2)
     };
-    match args.name {
-        BenchName::Cr3Switch => {
-            return usage("cr3-switch: not implemented yet: needs the shadow MMU (issue 5)".into());
-        }
-        BenchName::AccessTracking => {
-            return usage("access-tracking: not implemented yet: needs access tracking".into());
-        }
-        _ => {}
+    if args.name == BenchName::Cr3Switch {
+        return usage("cr3-switch: not implemented yet: needs the shadow MMU (issue 5)".into());
     }
     if args.mmu == BenchMmu::Shadow {
         return usage("--mmu shadow: not implemented yet: needs the shadow MMU (issue 5)".into());
@@ -368,13 +363,14 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             BenchName::Populate,
             BenchName::DirtyLog,
             BenchName::ZapAll,
+            BenchName::AccessTracking,
         ],
         ref one => std::slice::from_ref(one),
     };
     // Check every size before running anything.
     if names
         .iter()
-        .any(|n| matches!(n, BenchName::Populate | BenchName::DirtyLog))
+        .any(|n| matches!(n, BenchName::Populate | BenchName::DirtyLog | BenchName::AccessTracking))
         && let Err(e) = cfg.validate()
     {
         return usage(e.to_string());
@@ -396,7 +392,8 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             BenchName::Populate => tdp::populate(&cfg, &progress),
             BenchName::DirtyLog => tdp::dirty_log(&cfg, &progress),
             BenchName::ZapAll => tdp::zap_all(&cfg, &progress),
-            BenchName::Cr3Switch | BenchName::AccessTracking | BenchName::All => unreachable!("handled above"),
+            BenchName::AccessTracking => tdp::access_tracking(&cfg, &progress),
+            BenchName::Cr3Switch | BenchName::All => unreachable!("handled above"),
         };
         let r = match result {
             Ok(r) => r,

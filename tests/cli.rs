@@ -270,7 +270,6 @@ fn bench_bad_sizes_and_backings_exit_2_naming_the_problem() {
 fn bench_unimplemented_exit_2_and_print_no_numbers() {
     for (args, needle) in [
         (vec!["bench", "cr3-switch"], "shadow MMU"),
-        (vec!["bench", "access-tracking"], "access tracking"),
         (vec!["bench", "populate", "--mmu", "shadow"], "shadow MMU"),
     ] {
         let o = vmmu(&args);
@@ -279,4 +278,78 @@ fn bench_unimplemented_exit_2_and_print_no_numbers() {
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
         assert!(stdout(&o).is_empty(), "{args:?}");
     }
+}
+
+#[test]
+fn bench_access_tracking_json_both_ad_modes_against_the_reference() {
+    let o = vmmu(&["bench", "access-tracking", "-b", "8M", "-i", "1", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    for key in [
+        "bench",
+        "mmu",
+        "vcpus",
+        "pages",
+        "seconds",
+        "per_op_ns",
+        "reference_ns",
+        "ratio",
+        "phases",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    assert_eq!(v["bench"], "access-tracking");
+    assert_eq!(v["mmu"], "tdp");
+    assert_eq!(v["vcpus"], 1);
+    assert_eq!(v["pages"], 2048, "8M of 4K pages");
+    assert_eq!(v["backing"], "anon");
+    let sane = |x: &serde_json::Value, what: &str| {
+        let x = x.as_f64().unwrap_or_else(|| panic!("{what} is not a number: {v}"));
+        assert!(x.is_finite() && x > 0.0, "{what} = {x}: {v}");
+        x
+    };
+    let per_op = sane(&v["per_op_ns"], "per_op_ns");
+    let reference = sane(&v["reference_ns"], "reference_ns");
+    let ratio = sane(&v["ratio"], "ratio");
+    assert!((ratio - per_op / reference).abs() < 1e-9 * ratio, "{v}");
+    // Aging does more than the bare scan, within reason (an unoptimised
+    // build, a busy machine).
+    assert!(ratio > 0.5 && ratio < 1000.0, "age / reference = {ratio}: {v}");
+    let phases = v["phases"].as_array().unwrap();
+    let names: Vec<&str> = phases.iter().map(|p| p["phase"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "ad-on/age",
+            "ad-on/access",
+            "ad-on/test_young",
+            "ad-on/age-per-page",
+            "ad-off/age",
+            "ad-off/access",
+            "ad-off/test_young",
+            "ad-off/age-per-page",
+        ]
+    );
+    for p in phases {
+        let name = p["phase"].as_str().unwrap();
+        let r = sane(&p["ratio"], name);
+        sane(&p["per_op_ns"], name);
+        sane(&p["reference_ns"], name);
+        assert!(r < 10_000.0, "{name}: ratio {r}: {v}");
+    }
+    assert_eq!(phases[0]["per_op_ns"], v["per_op_ns"], "the headline is ad-on/age");
+    let exits = |mode: &str| {
+        v["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == format!("EPT exits re-accessing aged memory, {mode}"))
+            .unwrap_or_else(|| panic!("no exit figure for {mode}: {v}"))["value"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(exits("A/D on"), 0.0, "the walker sets A without exits");
+    assert_eq!(exits("A/D off"), 1.0, "one fast-path fix per access-tracked SPTE");
 }

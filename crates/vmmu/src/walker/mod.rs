@@ -573,7 +573,9 @@ fn identity_walk(va: u64) -> Walk {
         gpa: Gpa::new(va),
         rights: AccessRights::all(),
         pkey: 0,
-        dirty: false,
+        // No leaf whose D bit a write must set: a cached translation serves
+        // writes at once.
+        dirty: true,
         entries: [WalkEntry::default(); 5],
     }
 }

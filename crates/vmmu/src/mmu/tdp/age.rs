@@ -36,6 +36,10 @@ impl TdpMmu {
     ) -> (bool, PendingFlush) {
         let mut young = false;
         let mut changed = false;
+        // Tables unlinked meanwhile (a zap under the read lock, an invalid
+        // root's last reference dropped) are freed only after this guard:
+        // the walk never reads a freed or reused frame.
+        let _epoch = crossbeam_epoch::pin();
         for root in self.roots_of(as_id) {
             let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 1, start.raw());
             while it.valid() && it.gfn() < end.raw() {
@@ -47,6 +51,10 @@ impl TdpMmu {
                 }
                 if spte.is_accessed(self.fmt) {
                     young = true;
+                    if aging == Aging::Test {
+                        // KVM's test_age stops at the first young leaf.
+                        return (true, PendingFlush::new(changed));
+                    }
                     if aging == Aging::Clear {
                         let old = self.make_old(spte);
                         if !it.try_set(old) {
