@@ -70,6 +70,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
 enum ConformMmu {
     /// The guest page-table walker alone (a fresh walk at every access).
     Walker,
+    /// A one-vCPU VM on the shadow MMU: TLB, walk of the shadow tables,
+    /// #PF exits, write-protected guest tables.
+    Shadow,
     /// A one-vCPU VM on the TDP MMU: TLB, two-dimensional walk, EPT exits.
     Tdp,
 }
@@ -278,6 +281,7 @@ fn run_conform(args: ConformArgs) -> ExitCode {
     }
     let mut replayer: Box<dyn Replayer> = match args.mmu {
         ConformMmu::Walker => Box::new(conform::WalkerReplayer),
+        ConformMmu::Shadow => Box::new(conform::ShadowReplayer),
         ConformMmu::Tdp => Box::new(conform::TdpReplayer),
     };
     let mut total = conform::Report::default();

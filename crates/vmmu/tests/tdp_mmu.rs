@@ -231,7 +231,7 @@ fn fast_zap_invalidates_roots_and_vcpus_reload() {
     for page in 0..16u64 {
         write(&mut v, page << 12, page + 100);
     }
-    let old_root = v.root().root().clone();
+    let old_root = v.root().unwrap().root().clone();
     assert_eq!(vm.mmu.stats().snapshot().pages_4k, 16);
     vm.mmu.zap_all_fast();
     assert!(!old_root.is_valid(), "zap-all invalidates the root");
@@ -240,8 +240,8 @@ fn fast_zap_invalidates_roots_and_vcpus_reload() {
     // The vCPU drops the obsolete root at its next entry and loads a new one.
     assert_eq!(read(&mut v, 5 << 12).0, 105);
     assert_eq!(v.stats().root_reloads, 1);
-    assert_ne!(v.root().root().pfn(), old_root.pfn());
-    assert!(v.root().root().is_valid());
+    assert_ne!(v.root().unwrap().root().pfn(), old_root.pfn());
+    assert!(v.root().unwrap().root().is_valid());
     // The invalidated tree is zapped under the read lock, then freed once
     // its last reference is gone.
     assert_eq!(vm.mmu.zap_invalidated_roots(), 16);
@@ -612,7 +612,7 @@ fn invvpid_and_invept_drop_what_they_name() {
     assert!(v.tlb().is_empty(), "paging off: nothing is global");
 
     fill(&mut v);
-    let root = v.root().root().pfn().raw() << 12;
+    let root = v.root().unwrap().root().pfn().raw() << 12;
     v.invept(Invept::SingleContext(Eptp::new(root + 0x1000, 4, true)));
     assert_eq!(v.tlb().len(), 2, "another EPTP");
     v.invept(Invept::SingleContext(Eptp::new(root, 4, true)));

@@ -21,7 +21,7 @@ use crate::arch::perm::{Access, AccessKind};
 use crate::arch::pfec::GP_VECTOR;
 use crate::walker::{ControlRegs, GuestPaging, Root, SparseMemory, WalkError, load_pdptes};
 pub use case::{Case, CaseControl, Hex, Outcome, SingleCase, Step, StepCase};
-pub use tdp::TdpReplayer;
+pub use tdp::{ShadowReplayer, TdpReplayer};
 
 /// The verdict on one case.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -1,6 +1,8 @@
-//! Replay through a one-vCPU VM on the TDP MMU: every access goes through
-//! the vCPU's TLB and the hardware model's two-dimensional walk; EPT exits
-//! go to the MMU; the guest's stores to its page tables are guest writes.
+//! Replay through a one-vCPU VM on the TDP or the shadow MMU: every access
+//! goes through the vCPU's TLB and the hardware model's walk (two-
+//! dimensional through EPT, or of the shadow tables); exits go to the MMU;
+//! the guest's stores to its page tables are guest writes (trapped and
+//! emulated by the shadow MMU).
 
 use super::{Case, Failure, Hex, Outcome, Replayer, StepMachine, case_features, case_regs, replay};
 use crate::addr::{Gpa, Hva};
@@ -19,22 +21,33 @@ const RAM_HVA: u64 = 0x7000_0000;
 #[derive(Debug, Default)]
 pub struct TdpReplayer;
 
+/// Replays cases on the shadow MMU.
+#[derive(Debug, Default)]
+pub struct ShadowReplayer;
+
 struct Vm {
     mem: GuestMemory,
     vcpu: Vcpu,
     access_size: usize,
 }
 
-fn vm(case: &Case) -> Result<Vm, String> {
+fn vm(case: &Case, shadow: bool) -> Result<Vm, String> {
     let control = match case {
         Case::Single(c) => &c.control,
         Case::Steps(c) => &c.control,
     };
-    let vm = crate::sim::vm::Vm::new(RAM, Hva::new(RAM_HVA), VmaFlags::WRITE, TdpConfig::default())
-        .map_err(|e| e.to_string())?;
-    let vcpu = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), case_features(control), 1).map_err(|e| e.to_string())?;
+    let (mem, vcpu) = if shadow {
+        let vm = crate::sim::vm::ShadowVm::new(RAM, Hva::new(RAM_HVA), VmaFlags::WRITE).map_err(|e| e.to_string())?;
+        let vcpu = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), case_features(control), 1);
+        (vm.memory(), vcpu)
+    } else {
+        let vm = crate::sim::vm::Vm::new(RAM, Hva::new(RAM_HVA), VmaFlags::WRITE, TdpConfig::default())
+            .map_err(|e| e.to_string())?;
+        let vcpu = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), case_features(control), 1).map_err(|e| e.to_string())?;
+        (vm.memory(), vcpu)
+    };
     Ok(Vm {
-        mem: vm.memory(),
+        mem,
         vcpu,
         access_size: control.mode.access_size(),
     })
@@ -110,26 +123,40 @@ impl Replayer for TdpReplayer {
     }
 
     fn replay(&mut self, case: &Case) -> Result<(), Failure> {
-        let id = case.id();
-        let fail = |what: String| Failure {
-            id,
-            expected: "the replay to run".to_string(),
-            got: what,
-        };
-        let mut vm = vm(case).map_err(fail)?;
-        let (control, memory) = match case {
-            Case::Single(c) => (&c.control, &c.memory),
-            Case::Steps(c) => (&c.control, &c.memory),
-        };
-        let esize = control.mode.entry_size();
-        for e in memory {
-            vm.mem
-                .write_value(Gpa::new(e.pa.0), esize, e.value.0)
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        vm.vcpu
-            .set_state(case_regs(control), control.cr3.0, control.pkru.0 as u32)
-            .map_err(|e| fail(e.to_string()))?;
-        replay(&mut vm, case)
+        replay_on(case, false)
     }
+}
+
+impl Replayer for ShadowReplayer {
+    fn name(&self) -> &'static str {
+        "shadow"
+    }
+
+    fn replay(&mut self, case: &Case) -> Result<(), Failure> {
+        replay_on(case, true)
+    }
+}
+
+fn replay_on(case: &Case, shadow: bool) -> Result<(), Failure> {
+    let id = case.id();
+    let fail = |what: String| Failure {
+        id,
+        expected: "the replay to run".to_string(),
+        got: what,
+    };
+    let mut vm = vm(case, shadow).map_err(fail)?;
+    let (control, memory) = match case {
+        Case::Single(c) => (&c.control, &c.memory),
+        Case::Steps(c) => (&c.control, &c.memory),
+    };
+    let esize = control.mode.entry_size();
+    for e in memory {
+        vm.mem
+            .write_value(Gpa::new(e.pa.0), esize, e.value.0)
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    vm.vcpu
+        .set_state(case_regs(control), control.cr3.0, control.pkru.0 as u32)
+        .map_err(|e| fail(e.to_string()))?;
+    replay(&mut vm, case)
 }

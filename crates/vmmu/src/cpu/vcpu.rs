@@ -1,5 +1,12 @@
-//! A vCPU running on the TDP MMU: architectural state, its TLB, and the
-//! access path (TLB → two-dimensional walk → exit to the MMU → retry).
+//! A vCPU: architectural state, its TLB, and the access path, on either MMU.
+//!
+//! - On the TDP MMU: TLB → two-dimensional walk (the guest's tables through
+//!   EPT) → EPT exit to the MMU → retry.
+//! - On the shadow MMU: TLB → one-dimensional walk of the shadow tables (as
+//!   hardware runs a guest under shadow paging: CR0.WP and EFER.NX forced
+//!   on, the guest's SMEP/SMAP/PKE) → #PF exit to the MMU, which walks the
+//!   guest's tables and fixes the shadow, injects the guest's #PF, or asks
+//!   for the write to be emulated → retry.
 
 use std::sync::Arc;
 
@@ -7,16 +14,21 @@ use super::hw::{EptExit, EptGuestMemory, EptStage, EptTranslator};
 use super::tlb::{Flush, Tlb, TlbConfig, TlbEntry, TlbTag};
 use crate::addr::{Gpa, Hpa, Pfn};
 use crate::arch::control::is_canonical;
-use crate::arch::control::{CR3_NOFLUSH, CR3_PAE_PDPT_MASK, CR3_PCID_MASK, CpuFeatures, Cr0, Cr4, PagingMode};
+use crate::arch::control::{CR3_NOFLUSH, CR3_PAE_PDPT_MASK, CR3_PCID_MASK, CpuFeatures, Cr0, Cr4, Efer, PagingMode};
 use crate::arch::ept::{EptViolationQual, Eptp};
 use crate::arch::perm::{Access, AccessKind, AccessRights};
 use crate::arch::pfec::PfErrorCode;
 use crate::arch::pte::PT_GLOBAL;
+use crate::arch::pte::Pte64;
 use crate::arch::pte::PteEpt;
 use crate::mem::{DirtyRing, MemslotTable, SlotCache};
 use crate::mmu::flush::VcpuMode;
+use crate::mmu::shadow::page::SptePtr;
+use crate::mmu::shadow::role::GuestContext;
+use crate::mmu::shadow::roots::ShadowRoots;
+use crate::mmu::shadow::{ShadowError, ShadowMmu, ShadowOutcome};
 use crate::mmu::tdp::{FaultOutcome, RootRef, TdpError, TdpFault, TdpMmu};
-use crate::walker::{ControlRegs, EntrySize, GuestPaging, Paging, PtMemory, WalkError};
+use crate::walker::{ControlRegs, EntrySize, GuestPaging, Paging, PtMemory, Root, WalkError};
 
 /// A fault the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +89,9 @@ enum Attempt {
     Done(AccessResult),
     /// An EPT exit; `final_gpa` is set when the final translation exited.
     Exit { exit: EptExit, final_gpa: Option<Gpa> },
+    /// The walk of the shadow tables faulted (a #PF intercepted by the
+    /// shadow MMU).
+    ShadowExit,
 }
 
 /// Retries of one access before the vCPU reports that the MMU made no
@@ -94,6 +109,9 @@ pub enum VcpuError {
     /// The MMU failed.
     #[error(transparent)]
     Mmu(#[from] TdpError),
+    /// The shadow MMU failed.
+    #[error(transparent)]
+    Shadow(#[from] ShadowError),
     /// The MMU kept answering "retry".
     #[error("no progress on {gva:#x} after {MAX_RETRIES} retries (last exit {last:?})")]
     NoProgress {
@@ -143,32 +161,64 @@ pub enum InvalidationError {
 }
 
 /// A vCPU on the TDP MMU.
-pub struct Vcpu {
+/// The MMU a vCPU runs on, and what the vCPU keeps of it.
+enum Backend {
+    Tdp(TdpState),
+    Shadow(ShadowState),
+}
+
+/// A vCPU's view of the TDP MMU.
+struct TdpState {
     mmu: Arc<TdpMmu>,
-    slots: Arc<MemslotTable>,
     root: RootRef,
+    /// The EPT paging configuration (precomputed once: it only depends on
+    /// the MMU's configuration).
+    ept_paging: Paging<PteEpt>,
+    seen_root_gen: u64,
+    slot_cache: SlotCache,
+    dirty_ring: Option<Arc<DirtyRing>>,
+}
+
+/// A vCPU's view of the shadow MMU: its roots and what they were loaded
+/// for (a change of any of it reloads them, KVM's `kvm_mmu_new_pgd` and
+/// `kvm_mmu_reset_context`).
+struct ShadowState {
+    mmu: Arc<ShadowMmu>,
+    roots: Option<ShadowRoots>,
+    loaded_for: Option<(GuestContext, u64, [u64; 4])>,
+    seen_root_gen: u64,
+    /// The hardware's paging configuration for walking the shadow tables.
+    hw: Paging<Pte64>,
+}
+
+/// A vCPU on the TDP or the shadow MMU.
+pub struct Vcpu {
+    backend: Backend,
+    slots: Arc<MemslotTable>,
     features: CpuFeatures,
     regs: ControlRegs,
     cr3: u64,
     pdptes: [u64; 4],
     pkru: u32,
     paging: GuestPaging,
-    /// The EPT paging configuration (precomputed once: it only depends on
-    /// the MMU's configuration).
-    ept_paging: Paging<PteEpt>,
     tlb: Tlb,
     vpid: u16,
     mode: Arc<VcpuMode>,
     seen_flush_gen: u64,
-    seen_root_gen: u64,
-    slot_cache: SlotCache,
-    dirty_ring: Option<Arc<DirtyRing>>,
     stats: VcpuStats,
 }
 
 impl Drop for Vcpu {
     fn drop(&mut self) {
-        self.mmu.remote_tlb().unregister(&self.mode);
+        match &mut self.backend {
+            Backend::Tdp(t) => t.mmu.remote_tlb().unregister(&self.mode),
+            Backend::Shadow(s) => {
+                s.mmu.remote_tlb().unregister(&self.mode);
+                if let Some(roots) = s.roots.take() {
+                    s.mmu.release_roots(roots);
+                }
+            }
+        }
     }
 }
 
@@ -185,28 +235,60 @@ impl Vcpu {
     /// A vCPU with paging off, on address space 0 of `mmu`.
     pub fn new(mmu: Arc<TdpMmu>, slots: Arc<MemslotTable>, features: CpuFeatures, vpid: u16) -> Result<Vcpu, TdpError> {
         let root = mmu.get_root(0)?;
-        let regs = ControlRegs::default();
         let ept_paging = Paging::ept(mmu.config().geometry.levels, mmu.config().ad, &CpuFeatures::default());
-        Ok(Vcpu {
+        let mode = mmu.remote_tlb().register();
+        let seen_flush_gen = mmu.remote_tlb().generation();
+        let backend = Backend::Tdp(TdpState {
             dirty_ring: mmu.dirty_ring_size().map(|size| Arc::new(DirtyRing::new(size))),
-            mode: mmu.remote_tlb().register(),
-            seen_flush_gen: mmu.remote_tlb().generation(),
+            seen_root_gen: mmu.root_generation(),
+            root,
+            ept_paging,
+            slot_cache: SlotCache::default(),
+            mmu,
+        });
+        Ok(Vcpu::with_backend(backend, mode, seen_flush_gen, slots, features, vpid))
+    }
+
+    /// A vCPU with paging off on the shadow MMU `mmu`, address space 0.
+    /// Its roots are loaded at the first access.
+    pub fn new_shadow(mmu: Arc<ShadowMmu>, slots: Arc<MemslotTable>, features: CpuFeatures, vpid: u16) -> Vcpu {
+        let mode = mmu.remote_tlb().register();
+        let seen_flush_gen = mmu.remote_tlb().generation();
+        let regs = ControlRegs::default();
+        let backend = Backend::Shadow(ShadowState {
             seen_root_gen: mmu.root_generation(),
             mmu,
+            roots: None,
+            loaded_for: None,
+            hw: hw_paging(&regs, &features, 4),
+        });
+        Vcpu::with_backend(backend, mode, seen_flush_gen, slots, features, vpid)
+    }
+
+    fn with_backend(
+        backend: Backend,
+        mode: Arc<VcpuMode>,
+        seen_flush_gen: u64,
+        slots: Arc<MemslotTable>,
+        features: CpuFeatures,
+        vpid: u16,
+    ) -> Vcpu {
+        let regs = ControlRegs::default();
+        Vcpu {
+            backend,
+            mode,
+            seen_flush_gen,
             slots,
-            root,
             features,
             regs,
             cr3: 0,
             pdptes: [0; 4],
             pkru: 0,
             paging: GuestPaging::new(&regs, &features),
-            ept_paging,
             tlb: Tlb::new(TlbConfig::default()),
             vpid,
-            slot_cache: SlotCache::default(),
             stats: VcpuStats::default(),
-        })
+        }
     }
 
     /// The counters.
@@ -214,9 +296,21 @@ impl Vcpu {
         self.stats
     }
 
-    /// The root this vCPU runs on.
-    pub fn root(&self) -> &RootRef {
-        &self.root
+    /// The TDP root this vCPU runs on (`None` on the shadow MMU).
+    pub fn root(&self) -> Option<&RootRef> {
+        match &self.backend {
+            Backend::Tdp(t) => Some(&t.root),
+            Backend::Shadow(_) => None,
+        }
+    }
+
+    /// The frame of the shadow table the hardware walk starts from (`None`
+    /// on the TDP MMU, or before the first access).
+    pub fn shadow_root(&self) -> Option<Pfn> {
+        match &self.backend {
+            Backend::Shadow(s) => s.roots.as_ref().map(ShadowRoots::hw_root),
+            Backend::Tdp(_) => None,
+        }
     }
 
     /// The TLB.
@@ -272,7 +366,12 @@ impl Vcpu {
     fn tag(&self) -> TlbTag {
         TlbTag {
             vpid: self.vpid,
-            eptp: self.root.root().pfn().raw(),
+            // Shadow paging has no EPTP: translations follow the guest's
+            // PCIDs, and the MMU's zaps flush them remotely.
+            eptp: match &self.backend {
+                Backend::Tdp(t) => t.root.root().pfn().raw(),
+                Backend::Shadow(_) => 0,
+            },
             pcid: self.pcid(),
         }
     }
@@ -295,6 +394,13 @@ impl Vcpu {
 
     fn load_pdptes(&mut self) -> Result<(), VcpuError> {
         let base = self.cr3 & CR3_PAE_PDPT_MASK;
+        if let Backend::Shadow(s) = &self.backend {
+            // Read from guest memory (with no memslot, as zeros).
+            for (i, p) in self.pdptes.iter_mut().enumerate() {
+                *p = s.mmu.memory().read_u64(Gpa::new(base + 8 * i as u64)).unwrap_or(0);
+            }
+            return Ok(());
+        }
         let mut last = None;
         for _ in 0..MAX_RETRIES {
             self.reload_root_if_obsolete()?;
@@ -384,7 +490,10 @@ impl Vcpu {
     /// This vCPU's dirty ring, when the MMU has the dirty ring enabled: the
     /// VMM harvests it.
     pub fn dirty_ring(&self) -> Option<&Arc<DirtyRing>> {
-        self.dirty_ring.as_ref()
+        match &self.backend {
+            Backend::Tdp(t) => t.dirty_ring.as_ref(),
+            Backend::Shadow(_) => None,
+        }
     }
 
     /// This vCPU's VPID.
@@ -392,34 +501,75 @@ impl Vcpu {
         self.vpid
     }
 
+    fn tdp(&self) -> &TdpState {
+        match &self.backend {
+            Backend::Tdp(t) => t,
+            Backend::Shadow(_) => unreachable!("a TDP path on a shadow vCPU"),
+        }
+    }
+
     fn ept(&self) -> EptTranslator<'_> {
-        EptTranslator::with_paging(
-            self.mmu.arena(),
-            Hpa::new(self.root.root().pfn().raw() << 12),
-            self.ept_paging,
-        )
+        let t = self.tdp();
+        EptTranslator::with_paging(t.mmu.arena(), Hpa::new(t.root.root().pfn().raw() << 12), t.ept_paging)
     }
 
     fn guest_memory(&self, stage: EptStage) -> EptGuestMemory<'_> {
         EptGuestMemory {
             ept: self.ept(),
             slots: &self.slots,
-            as_id: self.root.root().as_id(),
+            as_id: self.tdp().root.root().as_id(),
             stage,
         }
     }
 
     /// Processes the obsolete-root request (outside guest mode): drops an
-    /// invalidated root and loads the address space's valid one.
+    /// invalidated root and loads the address space's valid one. On the
+    /// shadow MMU also (re)loads the roots when the guest context, CR3 or
+    /// the PDPTEs changed.
     fn reload_root_if_obsolete(&mut self) -> Result<(), VcpuError> {
-        let generation = self.mmu.root_generation();
-        if generation != self.seen_root_gen {
-            self.seen_root_gen = generation;
-            if !self.root.root().is_valid() {
-                let old = self.root.root().pfn().raw();
-                self.root = self.mmu.get_root(self.root.root().as_id())?;
-                self.tlb.flush(Flush::Eptp(old));
-                self.stats.root_reloads += 1;
+        match &mut self.backend {
+            Backend::Tdp(t) => {
+                let generation = t.mmu.root_generation();
+                if generation != t.seen_root_gen {
+                    t.seen_root_gen = generation;
+                    if !t.root.root().is_valid() {
+                        let old = t.root.root().pfn().raw();
+                        t.root = t.mmu.get_root(t.root.root().as_id())?;
+                        self.tlb.flush(Flush::Eptp(old));
+                        self.stats.root_reloads += 1;
+                    }
+                }
+            }
+            Backend::Shadow(s) => {
+                let ctx = GuestContext::new(&self.regs, false);
+                let cr3 = self.cr3 & !CR3_PCID_MASK;
+                let key = (ctx, cr3, self.pdptes);
+                let generation = s.mmu.root_generation();
+                let obsolete =
+                    generation != s.seen_root_gen && s.roots.as_ref().is_some_and(|r| s.mmu.roots_obsolete(r));
+                s.seen_root_gen = generation;
+                if s.loaded_for != Some(key) || s.roots.is_none() || obsolete {
+                    // A new guest context (CR0.WP, SMEP, SMAP, EFER.NX,
+                    // mode) means new roles: translations cached from the
+                    // old shadow pages may grant more than the new context
+                    // allows (the CR0.WP = 0 emulation), so they go, as
+                    // KVM flushes when it loads a new root. A CR3 change
+                    // alone keeps the PCID semantics `mov_cr3` applied.
+                    if s.loaded_for.is_some_and(|(old, ..)| old != ctx) || obsolete {
+                        self.tlb.flush(Flush::Vpid(self.vpid));
+                    }
+                    if let Some(old) = s.roots.take() {
+                        s.mmu.release_roots(old);
+                    }
+                    s.loaded_for = None;
+                    let roots = s.mmu.load_roots(&ctx, 0, cr3, self.pdptes)?;
+                    s.hw = hw_paging(&self.regs, &self.features, roots.levels());
+                    s.roots = Some(roots);
+                    s.loaded_for = Some(key);
+                    if obsolete {
+                        self.stats.root_reloads += 1;
+                    }
+                }
             }
         }
         Ok(())
@@ -429,10 +579,14 @@ impl Vcpu {
     /// MMU if it asked for a remote flush since the last entry (KVM's
     /// `KVM_REQ_TLB_FLUSH` processed at VM entry).
     fn enter_guest(&mut self) {
-        let generation = self.mode.enter(self.mmu.remote_tlb());
+        let (remote, flush) = match &self.backend {
+            Backend::Tdp(t) => (t.mmu.remote_tlb(), Flush::Eptp(t.root.root().pfn().raw())),
+            Backend::Shadow(s) => (s.mmu.remote_tlb(), Flush::Vpid(self.vpid)),
+        };
+        let generation = self.mode.enter(remote);
         if generation != self.seen_flush_gen {
             self.seen_flush_gen = generation;
-            self.tlb.flush(Flush::Eptp(self.root.root().pfn().raw()));
+            self.tlb.flush(flush);
             self.stats.remote_flushes += 1;
         }
     }
@@ -463,9 +617,11 @@ impl Vcpu {
             write,
             exec,
         };
-        Ok(self
-            .mmu
-            .page_fault(&self.root, fault, &mut self.slot_cache, self.dirty_ring.as_deref())?)
+        let Backend::Tdp(t) = &mut self.backend else {
+            unreachable!("an EPT exit on a shadow vCPU")
+        };
+        Ok(t.mmu
+            .page_fault(&t.root, fault, &mut t.slot_cache, t.dirty_ring.as_deref())?)
     }
 
     /// One access of `size` (1..=8) bytes at `gva`, as the instruction at
@@ -484,7 +640,7 @@ impl Vcpu {
         size: usize,
         value: u64,
     ) -> Result<AccessResult, VcpuError> {
-        if self.dirty_ring.as_ref().is_some_and(|r| r.soft_full()) {
+        if self.dirty_ring().is_some_and(|r| r.soft_full()) {
             return Ok(AccessResult::DirtyRingFull);
         }
         self.access_split(gva, kind, cpl, ac, size, value)
@@ -539,11 +695,19 @@ impl Vcpu {
                 // Pinned for the whole attempt: tables the MMU unlinks
                 // meanwhile are not freed under the walk.
                 let _epoch = crossbeam_epoch::pin();
-                self.attempt(gva, access, size, value)
+                match self.backend {
+                    Backend::Tdp(_) => self.attempt(gva, access, size, value),
+                    Backend::Shadow(_) => self.attempt_shadow(gva, access, size, value),
+                }
             };
             self.exit_guest();
             match attempt {
                 Attempt::Done(result) => return Ok(result),
+                Attempt::ShadowExit => {
+                    if let Some(result) = self.handle_shadow_fault(gva, access, size, value)? {
+                        return Ok(result);
+                    }
+                }
                 Attempt::Exit { exit, final_gpa } => {
                     last = Some(exit);
                     let outcome = self.handle_exit(exit)?;
@@ -644,7 +808,7 @@ impl Vcpu {
                 // it) must walk again.
                 dirty: walk.dirty
                     && ept_rights.contains(AccessRights::WRITE)
-                    && (ept_walk.dirty || !self.mmu.config().ad),
+                    && (ept_walk.dirty || !self.tdp().mmu.config().ad),
             });
         }
         Attempt::Done(self.touch(Hpa::new(ept_walk.gpa.raw()), walk.gpa, write, size, value))
@@ -652,6 +816,11 @@ impl Vcpu {
 
     /// Whether a cached translation serves `access` now.
     fn check(&self, access: Access, e: &TlbEntry) -> bool {
+        if let Backend::Shadow(s) = &self.backend {
+            // The entry holds the shadow SPTE's rights: the hardware's
+            // rules apply (CR0.WP forced on), not the guest's.
+            return s.hw.check_access(access, e.rights, e.pkey, self.pkru).is_none() && (!access.is_write() || e.dirty);
+        }
         let allowed = match &self.paging {
             // No guest paging, but EPT still applies: its execute right is
             // folded into the entry's rights (its write right into `dirty`).
@@ -664,7 +833,10 @@ impl Vcpu {
 
     /// Reads or writes host memory at `hpa`.
     fn touch(&self, hpa: Hpa, gpa: Gpa, write: bool, size: usize, value: u64) -> AccessResult {
-        let arena = self.mmu.arena();
+        let arena = match &self.backend {
+            Backend::Tdp(t) => t.mmu.arena(),
+            Backend::Shadow(s) => s.mmu.arena(),
+        };
         let pfn = Pfn::new(hpa.raw() >> 12);
         let offset = hpa.page_offset() as usize;
         let mut buf = [0u8; 8];
@@ -680,5 +852,141 @@ impl Vcpu {
             value,
             mmio: false,
         }
+    }
+}
+
+/// The hardware's paging configuration for walking shadow tables of
+/// `levels` levels for a guest with `regs` (as KVM programs the hardware
+/// under shadow paging: CR0.WP and EFER.NX on, IA-32e paging; the guest's
+/// SMEP, SMAP and PKE, except with guest paging off, where none applies).
+fn hw_paging(regs: &ControlRegs, features: &CpuFeatures, levels: u8) -> Paging<Pte64> {
+    let mut cr4 = Cr4::PAE;
+    if levels == 5 {
+        cr4 |= Cr4::LA57;
+    }
+    if regs.mode() != PagingMode::None {
+        cr4 |= regs.cr4 & (Cr4::SMEP | Cr4::SMAP | Cr4::PKE);
+    }
+    let hw = ControlRegs {
+        cr0: regs.cr0 | Cr0::PE | Cr0::PG | Cr0::WP,
+        cr4,
+        efer: Efer::LME | Efer::LMA | Efer::NXE,
+    };
+    let mode = if levels == 5 {
+        PagingMode::Level5
+    } else {
+        PagingMode::Level4
+    };
+    Paging::long_or_pae(mode, &hw, features)
+}
+
+impl Vcpu {
+    /// One try of a one-page access in guest mode on the shadow MMU: TLB,
+    /// else the hardware walk of the shadow tables; a fault of that walk
+    /// ends the try.
+    fn attempt_shadow(&mut self, gva: u64, access: Access, size: usize, value: u64) -> Attempt {
+        let gva = self.linear(gva);
+        let tag = self.tag();
+        let write = access.is_write();
+        if let Some(e) = self.tlb.lookup(gva, tag) {
+            if self.check(access, &e) {
+                self.stats.tlb_hits += 1;
+                return Attempt::Done(self.touch(e.hpa(gva), Gpa::new(e.gpa(gva)), write, size, value));
+            }
+            self.tlb.remove(gva, tag);
+        }
+        let Backend::Shadow(s) = &self.backend else {
+            unreachable!("a shadow attempt on a TDP vCPU")
+        };
+        let Some(roots) = &s.roots else {
+            return Attempt::ShadowExit;
+        };
+        let root = Root::Table(Gpa::new(roots.hw_root().raw() << 12));
+        let walk = match s
+            .hw
+            .walk(&super::hw::HostPhys(s.mmu.arena()), &root, gva, access, self.pkru)
+        {
+            Ok(w) => w,
+            Err(WalkError::NonCanonical) => {
+                self.stats.guest_faults += 1;
+                return Attempt::Done(AccessResult::Fault(GuestFault::GeneralProtection));
+            }
+            Err(_) => return Attempt::ShadowExit,
+        };
+        // The guest-physical address: the gfn the leaf was installed for.
+        let leaf = walk.entries[walk.level as usize - 1];
+        let ptr = SptePtr {
+            table: Pfn::new(leaf.pte_gpa.raw() >> 12),
+            index: ((leaf.pte_gpa.raw() & 0xfff) / 8) as u16,
+        };
+        let Some(gfn) = s.mmu.translation_of(ptr) else {
+            return Attempt::ShadowExit; // zapped under the walk
+        };
+        let gpa = Gpa::new(gfn.raw() << 12 | (gva & 0xfff));
+        let global = self.regs.cr4.contains(Cr4::PGE) && leaf.pte & PT_GLOBAL != 0;
+        self.tlb.insert(TlbEntry {
+            va_base: gva & !0xfff,
+            size: crate::addr::PageSize::Size4K,
+            tag,
+            global,
+            hpa_base: Hpa::new(walk.gpa.raw() & !0xfff),
+            gpa_base: gfn.raw() << 12,
+            rights: walk.rights,
+            pkey: walk.pkey,
+            dirty: walk.dirty,
+        });
+        Attempt::Done(self.touch(Hpa::new(walk.gpa.raw()), gpa, write, size, value))
+    }
+
+    /// The linear address: 32 bits wide outside IA-32e paging.
+    fn linear(&self, gva: u64) -> u64 {
+        match self.paging.mode() {
+            PagingMode::Level4 | PagingMode::Level5 => gva,
+            _ => gva & 0xffff_ffff,
+        }
+    }
+
+    /// A #PF of the shadow walk, handed to the shadow MMU (outside guest
+    /// mode). `Some` ends the access: a fault for the guest, MMIO, or an
+    /// emulated write; `None` retries it.
+    fn handle_shadow_fault(
+        &mut self,
+        gva: u64,
+        access: Access,
+        size: usize,
+        value: u64,
+    ) -> Result<Option<AccessResult>, VcpuError> {
+        let Backend::Shadow(s) = &self.backend else {
+            unreachable!("a shadow fault on a TDP vCPU")
+        };
+        let Some(roots) = &s.roots else {
+            return Ok(None);
+        };
+        let groot = self.paging.root(self.cr3, self.pdptes);
+        let outcome = s.mmu.page_fault(roots, &self.paging, &groot, gva, access, self.pkru)?;
+        Ok(match outcome {
+            ShadowOutcome::Fixed | ShadowOutcome::Retry => None,
+            ShadowOutcome::GuestPageFault(error_code) => {
+                self.stats.guest_faults += 1;
+                Some(AccessResult::Fault(GuestFault::PageFault { error_code, gva }))
+            }
+            ShadowOutcome::GuestGeneralProtection => {
+                self.stats.guest_faults += 1;
+                Some(AccessResult::Fault(GuestFault::GeneralProtection))
+            }
+            ShadowOutcome::Mmio(gpa) | ShadowOutcome::ReadOnlySlot(gpa) => Some(AccessResult::Done {
+                gpa,
+                value: 0,
+                mmio: true,
+            }),
+            ShadowOutcome::EmulateWrite(gpa) => {
+                s.mmu.emulate_write(gpa, size, value)?;
+                Some(AccessResult::Done {
+                    gpa,
+                    value: 0,
+                    mmio: false,
+                })
+            }
+        })
     }
 }

@@ -94,6 +94,24 @@ stats!(
         mmu_pages: AtomicI64,
         /// Leaf SPTEs zapped.
         mmu_zapped: AtomicU64,
+        /// Shadow pages zapped (shadow MMU).
+        mmu_shadow_zapped: AtomicU64,
+        /// Emulated guest writes to write-tracked guest page tables.
+        mmu_pte_write: AtomicU64,
+        /// Non-leaf SPTEs zapped by such writes.
+        mmu_pde_zapped: AtomicU64,
+        /// Shadow pages zapped for write flooding or a misaligned write.
+        mmu_flooded: AtomicU64,
+        /// Shadow pages reclaimed at the page limit.
+        mmu_recycled: AtomicU64,
+        /// Shadow pages created (a miss in the page hash).
+        mmu_cache_miss: AtomicU64,
+        /// Shadow pages made unsync.
+        mmu_unsync: AtomicU64,
+        /// CR3 loads served from `prev_roots`.
+        prev_roots_hit: AtomicU64,
+        /// CR3 loads that built or looked up a root.
+        prev_roots_miss: AtomicU64,
     }
 );
 

@@ -1,9 +1,678 @@
 //! The shadow-paging MMU (KVM's shadow MMU, `mmu.c` and `paging_tmpl.h`):
 //! shadow page tables built from the guest's own, write-protected guest
-//! tables, unsync leaves, write emulation and the `prev_roots` cache.
+//! tables.
 //!
-//! Built in steps; present so far: [`role`], the key of the page hash, and
-//! [`access`], the rights of a leaf SPTE (with the CR0.WP = 0 emulation).
+//! - [`role`]: the key of the page hash, normalised in one place.
+//! - [`access`]: the rights of a leaf SPTE, with the CR0.WP = 0 emulation.
+//! - [`page`]: shadow pages, the page hash, parent pointers, rmaps, gfn
+//!   write tracking.
+//! - [`roots`]: a vCPU's roots for its guest context and CR3.
+//! - this module: the MMU, its page fault, write emulation and zaps.
+//!
+//! The flow of a fault (KVM's `FNAME(page_fault)`): the hardware model's
+//! walk of the shadow tables faults; the vCPU passes the access here; the
+//! guest's tables are walked with the foundation walker (setting the
+//! guest's A/D bits as hardware would; a guest #PF is injected with the
+//! walker's error code); the host page is found with the MMU-notifier retry
+//! protocol; then under the lock the guest entries used are re-read (a
+//! change means retry), the shadow tree is descended from the root, finding
+//! or creating one shadow page per guest table by (gfn, role) (creating an
+//! indirect page write-protects its gfn), direct pages below a guest huge
+//! page, and the 4K leaf is installed. A write to a write-tracked gfn is not
+//! mapped but emulated ([`ShadowMmu::emulate_write`]): the guest memory is
+//! written and the SPTEs shadowing the written guest entry are zapped, or
+//! the whole page on a misaligned write or write flooding.
+//!
+//! Not built yet (issue 5 continues): unsync pages, `prev_roots`, MMIO
+//! SPTEs, huge SPTEs, prefetch, the page limit, dirty logging.
 
 pub mod access;
+pub mod page;
 pub mod role;
+pub mod roots;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use self::access::{Leaf, leaf_rights};
+use self::page::{ENTRIES, PageId, Pages, SptePtr, Translations};
+use self::role::Role;
+use self::roots::ShadowRoots;
+use crate::addr::{Gfn, Gpa};
+use crate::arch::perm::{Access, AccessRights};
+use crate::arch::pfec::PfErrorCode;
+use crate::mem::{
+    FaultinError, FrameArena, FrameError, GuestMemory, HostAddressSpace, InvalidateState, Memslot, MemslotChange,
+    MemslotObserver, MemslotTable, MmuLock, MmuNotifier, NotifierRange, faultin_gfn,
+};
+use crate::mmu::flush::RemoteTlb;
+use crate::mmu::spte::{Spte, SpteAccess, SpteFormat};
+use crate::mmu::stats::MmuStats;
+use crate::walker::{EntrySize, GuestPaging, PtMemory, Root, WalkError};
+
+/// Why the shadow MMU could not handle a fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ShadowError {
+    /// The host could not provide the page.
+    #[error("host fault for {gpa}: {source}")]
+    Host {
+        /// The guest-physical address.
+        gpa: Gpa,
+        /// The host's answer.
+        source: FaultinError,
+    },
+    /// No frame for a shadow page.
+    #[error("out of frames for shadow pages: {0}")]
+    OutOfFrames(#[from] FrameError),
+}
+
+/// What the vCPU does after a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShadowOutcome {
+    /// An SPTE was installed: retry the access.
+    Fixed,
+    /// A race (guest entry changed, notifier invalidation, obsolete roots):
+    /// retry.
+    Retry,
+    /// The guest's own walk faults: inject #PF with this error code.
+    GuestPageFault(PfErrorCode),
+    /// The address is not canonical: inject #GP(0).
+    GuestGeneralProtection,
+    /// No memslot at `gpa`: emulated MMIO.
+    Mmio(Gpa),
+    /// A write to a read-only memslot at `gpa`: exit to the VMM.
+    ReadOnlySlot(Gpa),
+    /// The write must be emulated ([`ShadowMmu::emulate_write`]): the
+    /// target is a guest page table, or no SPTE can serve it safely.
+    EmulateWrite(Gpa),
+}
+
+/// The guest memory as the MMU's walker reads it: a gpa with no memslot
+/// reads as zero (like MMIO with nothing behind it) and A/D updates to it
+/// are dropped.
+struct WalkerMemory<'a>(&'a GuestMemory);
+
+impl PtMemory for WalkerMemory<'_> {
+    type Error = std::convert::Infallible;
+    fn read_entry(&self, gpa: Gpa, size: EntrySize) -> Result<u64, Self::Error> {
+        Ok(self.0.read_entry(gpa, size).unwrap_or(0))
+    }
+    fn cmpxchg_entry(&self, gpa: Gpa, size: EntrySize, old: u64, new: u64) -> Result<Result<(), u64>, Self::Error> {
+        Ok(self.0.cmpxchg_entry(gpa, size, old, new).unwrap_or(Ok(())))
+    }
+}
+
+/// A/D bits, ignored when checking that a guest entry did not change.
+const GPTE_AD: u64 = (1 << 5) | (1 << 6);
+
+/// The shadow MMU of one VM.
+pub struct ShadowMmu {
+    arena: Arc<FrameArena>,
+    host: Arc<HostAddressSpace>,
+    slots: Arc<MemslotTable>,
+    memory: GuestMemory,
+    lock: MmuLock<Mutex<Pages>>,
+    translations: Translations,
+    invalidate: InvalidateState,
+    remote_tlb: RemoteTlb,
+    /// Bumped by a fast zap of everything: roots of older generations are
+    /// obsolete.
+    valid_gen: AtomicU64,
+    /// Bumped whenever a root page is invalidated: vCPUs recheck theirs.
+    root_generation: AtomicU64,
+    /// Indirect shadow pages, readable without the lock (seed 002).
+    indirect_shadow_pages: AtomicU64,
+    stats: MmuStats,
+}
+
+impl std::fmt::Debug for ShadowMmu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShadowMmu").finish_non_exhaustive()
+    }
+}
+
+/// The SPTE format of shadow pages.
+const FMT: SpteFormat = SpteFormat::Legacy;
+
+impl ShadowMmu {
+    /// A shadow MMU over `host` memory and `slots`, registered as MMU
+    /// notifier and memslot observer.
+    pub fn new(host: Arc<HostAddressSpace>, slots: Arc<MemslotTable>) -> Arc<ShadowMmu> {
+        let mmu = Arc::new(ShadowMmu {
+            arena: host.arena().clone(),
+            memory: GuestMemory::new(host.clone(), slots.clone()),
+            host: host.clone(),
+            slots: slots.clone(),
+            lock: MmuLock::new(Mutex::new(Pages::default())),
+            translations: Translations::default(),
+            invalidate: InvalidateState::default(),
+            remote_tlb: RemoteTlb::default(),
+            valid_gen: AtomicU64::new(0),
+            root_generation: AtomicU64::new(0),
+            indirect_shadow_pages: AtomicU64::new(0),
+            stats: MmuStats::default(),
+        });
+        host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
+        slots.register_observer(Arc::new(Notifier(Arc::downgrade(&mmu))));
+        mmu
+    }
+
+    /// The frame arena (SPTE tables and guest memory).
+    pub fn arena(&self) -> &Arc<FrameArena> {
+        &self.arena
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &MmuStats {
+        &self.stats
+    }
+
+    /// The remote TLB flush protocol of this MMU's vCPUs.
+    pub fn remote_tlb(&self) -> &RemoteTlb {
+        &self.remote_tlb
+    }
+
+    /// The guest memory, as the MMU reads and writes it.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Changes whenever a root may have become invalid.
+    pub fn root_generation(&self) -> u64 {
+        self.root_generation.load(Ordering::Acquire)
+    }
+
+    /// The guest-physical frame the leaf SPTE at `ptr` translates (for the
+    /// hardware model's reports).
+    pub fn translation_of(&self, ptr: SptePtr) -> Option<Gfn> {
+        self.translations.get(ptr)
+    }
+
+    /// Shadow pages live now.
+    pub fn page_count(&self) -> usize {
+        self.lock.read().lock().len()
+    }
+
+    /// Handles a fault of the hardware walk of `roots` at `gva` for
+    /// `access` (KVM's `FNAME(page_fault)`).
+    pub fn page_fault(
+        &self,
+        roots: &ShadowRoots,
+        paging: &GuestPaging,
+        groot: &Root,
+        gva: u64,
+        access: Access,
+        pkru: u32,
+    ) -> Result<ShadowOutcome, ShadowError> {
+        MmuStats::inc(&self.stats.local().pf_taken);
+        tracing::trace!(target: "kvm_page_fault", gva, write = access.is_write(), fetch = access.is_fetch());
+        let walk = match paging.walk(&WalkerMemory(&self.memory), groot, gva, access, pkru) {
+            Ok(w) => w,
+            Err(WalkError::PageFault(pf)) => return Ok(ShadowOutcome::GuestPageFault(pf.error_code)),
+            Err(WalkError::NonCanonical) => return Ok(ShadowOutcome::GuestGeneralProtection),
+        };
+        // The linear address as the walk used it (32 bits in legacy modes).
+        let gva = walk.va;
+        let gfn = walk.gfn();
+        let slots = self.slots.load(roots.as_id());
+        let Some(slot) = slots.lookup(gfn) else {
+            MmuStats::inc(&self.stats.local().pf_emulate);
+            return Ok(ShadowOutcome::Mmio(walk.gpa));
+        };
+        if slot.is_invalid() {
+            MmuStats::inc(&self.stats.local().pf_retry);
+            return Ok(ShadowOutcome::Retry);
+        }
+        if access.is_write() && slot.is_readonly() {
+            return Ok(ShadowOutcome::ReadOnlySlot(walk.gpa));
+        }
+        let mapping = faultin_gfn(&self.host, &self.invalidate, slot, gfn, access.is_write())
+            .map_err(|source| ShadowError::Host { gpa: walk.gpa, source })?;
+        let guard = self.lock.write();
+        let Ok(valid) = mapping.validate(&guard, &self.invalidate) else {
+            MmuStats::inc(&self.stats.local().pf_retry);
+            return Ok(ShadowOutcome::Retry);
+        };
+        let mut pages = guard.lock();
+        if !self.roots_valid(&pages, roots) {
+            MmuStats::inc(&self.stats.local().pf_retry);
+            return Ok(ShadowOutcome::Retry);
+        }
+        // KVM's FNAME(gpte_changed): the guest entries the walk used must
+        // still hold (their writes are trapped, so under the lock they
+        // cannot change until we are done).
+        for level in walk.level..=walk.root_level {
+            let Some(e) = walk.entry(level) else { continue };
+            if matches!(groot, Root::PaeRegs { .. }) && level == 3 {
+                continue; // PDPTE registers, not memory
+            }
+            let size = if paging.mode() == crate::arch::control::PagingMode::Bits32 {
+                EntrySize::Four
+            } else {
+                EntrySize::Eight
+            };
+            let now = WalkerMemory(&self.memory).read_entry(e.pte_gpa, size).unwrap_or(0);
+            if (now ^ e.pte) & !GPTE_AD != 0 {
+                MmuStats::inc(&self.stats.local().pf_retry);
+                return Ok(ShadowOutcome::Retry);
+            }
+        }
+
+        // Descend from the root that covers `gva`.
+        let mut sp = roots.root_for(gva);
+        let mut flush = false;
+        loop {
+            let page = pages.page(sp);
+            let level = page.role.level();
+            if level == 1 {
+                break;
+            }
+            let role = page.role;
+            let table = page.pfn;
+            let index = ((gva >> (12 + 9 * (u32::from(level) - 1))) & 511) as u16;
+            let ptr = SptePtr { table, index };
+            let (child_gfn, child_role) = if !role.is_direct() && level - 1 >= walk.level {
+                let e = walk.entry(level - 1).expect("the walk visited the guest table below");
+                let parent_rights = walk.entry(level).map_or(AccessRights::all(), |p| p.rights);
+                (e.table_gfn, role.child(index as usize, false, parent_rights))
+            } else {
+                // Below a guest huge page: a direct page for the part this
+                // entry covers.
+                let covered = 1u64 << (12 + 9 * (u32::from(level) - 1));
+                (
+                    walk.gpa.align_down(covered).frame(),
+                    role.child(index as usize, true, walk.rights),
+                )
+            };
+            let spte = Pages::spte(&self.arena, ptr);
+            let existing = spte
+                .is_mmu_present()
+                .then(|| pages.by_pfn(spte.pfn()))
+                .flatten()
+                .filter(|&c| {
+                    let c = pages.page(c);
+                    c.gfn == child_gfn && c.role == child_role && !c.invalid
+                });
+            let child = match existing {
+                Some(c) => c,
+                None => {
+                    if spte.is_mmu_present() {
+                        flush |= self.drop_spte(&mut pages, ptr, level);
+                    }
+                    let (c, wp) = self.get_page(&mut pages, child_gfn, child_role)?;
+                    flush |= wp;
+                    self.link(&mut pages, ptr, c);
+                    c
+                }
+            };
+            pages.page_mut(child).write_flooding = 0;
+            sp = child;
+        }
+
+        // The 4K leaf.
+        let page = pages.page(sp);
+        let ptr = SptePtr {
+            table: page.pfn,
+            index: ((gva >> 12) & 511) as u16,
+        };
+        let role = page.role;
+        let mut rights = match leaf_rights(&role, walk.rights, walk.dirty, access) {
+            Leaf::Map(r) => r,
+            Leaf::Emulate => {
+                self.discharge(flush);
+                MmuStats::inc(&self.stats.local().pf_emulate);
+                return Ok(ShadowOutcome::EmulateWrite(walk.gpa));
+            }
+        };
+        let tracked = pages.is_write_tracked(gfn);
+        if tracked && rights.contains(AccessRights::WRITE) {
+            if access.is_write() {
+                // A write to a guest page table: emulate it.
+                self.discharge(flush);
+                MmuStats::inc(&self.stats.local().pf_emulate);
+                return Ok(ShadowOutcome::EmulateWrite(walk.gpa));
+            }
+            rights.remove(AccessRights::WRITE);
+        }
+        let pfn = valid.pfn_at(crate::addr::Level::L1);
+        let mut leaf = FMT.make_leaf(
+            1,
+            pfn,
+            SpteAccess {
+                read: true,
+                write: rights.contains(AccessRights::WRITE),
+                exec: rights.contains(AccessRights::EXEC),
+                user: rights.contains(AccessRights::USER),
+            },
+            valid.writable(),
+            !tracked,
+            false,
+        );
+        leaf = Spte(leaf.0 | u64::from(walk.pkey & 0xf) << 59);
+        let old = Pages::spte(&self.arena, ptr);
+        if old.is_mmu_present() {
+            flush |= self.drop_spte(&mut pages, ptr, 1);
+        }
+        ptr.get(&self.arena).store(leaf.0, Ordering::Release);
+        pages.rmap_add(gfn, ptr, &self.translations);
+        self.stats.account_leaf(1, 1);
+        drop(pages);
+        self.discharge(flush);
+        MmuStats::inc(&self.stats.local().pf_fixed);
+        Ok(ShadowOutcome::Fixed)
+    }
+
+    /// Finds or creates the page for (gfn, role); returns it and whether a
+    /// flush is owed (creating an indirect page write-protected its gfn).
+    fn get_page(&self, pages: &mut Pages, gfn: Gfn, role: Role) -> Result<(PageId, bool), ShadowError> {
+        if let Some(id) = pages.find(gfn, role) {
+            return Ok((id, false));
+        }
+        MmuStats::inc(&self.stats.local().mmu_cache_miss);
+        let first_indirect = !role.is_direct() && !pages.is_write_tracked(gfn);
+        let id = pages.create(&self.arena, &self.translations, gfn, role)?;
+        self.stats.local().mmu_pages.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level(), direct = role.is_direct(), created = true);
+        let mut flush = false;
+        if !role.is_direct() {
+            self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
+            if first_indirect {
+                // Write-protect every mapping of the guest table's gfn.
+                for ptr in pages.rmap_of(gfn) {
+                    let a = ptr.get(&self.arena);
+                    let old = Spte(a.load(Ordering::Acquire));
+                    let new = old.write_protect(FMT);
+                    if new != old {
+                        a.fetch_and(new.0 | !old.0, Ordering::AcqRel);
+                        flush = true;
+                    }
+                }
+            }
+        }
+        Ok((id, flush))
+    }
+
+    /// Points the SPTE at `ptr` to `child`.
+    fn link(&self, pages: &mut Pages, ptr: SptePtr, child: PageId) {
+        let c = pages.page_mut(child);
+        c.parents.push(ptr);
+        ptr.get(&self.arena).store(FMT.make_nonleaf(c.pfn).0, Ordering::Release);
+    }
+
+    /// Clears the SPTE at `ptr` (at `level`), unlinking a child page or
+    /// forgetting a leaf. Returns whether something was present (a flush is
+    /// owed). A child left with no parent and no root use is zapped.
+    fn drop_spte(&self, pages: &mut Pages, ptr: SptePtr, level: u8) -> bool {
+        let old = Spte(ptr.get(&self.arena).swap(0, Ordering::AcqRel));
+        if !old.is_mmu_present() {
+            return false;
+        }
+        if level == 1 {
+            if let Some(gfn) = self.translations.get(ptr) {
+                pages.rmap_remove(gfn, ptr, &self.translations);
+            }
+            self.stats.account_leaf(1, -1);
+            MmuStats::inc(&self.stats.local().mmu_zapped);
+        } else if let Some(child) = pages.by_pfn(old.pfn()) {
+            let c = pages.page_mut(child);
+            c.parents.retain(|&p| p != ptr);
+            if c.parents.is_empty() && c.root_count == 0 {
+                self.zap_page(pages, child);
+            }
+        }
+        true
+    }
+
+    /// Zaps a shadow page (KVM's `kvm_mmu_prepare_zap_page` and commit):
+    /// every entry dropped, every parent SPTE cleared, out of the hash; a
+    /// page still used as a root is kept, invalid, until released. The
+    /// caller owes a flush.
+    fn zap_page(&self, pages: &mut Pages, id: PageId) {
+        let (pfn, level, gfn) = {
+            let p = pages.page(id);
+            (p.pfn, p.role.level(), p.gfn)
+        };
+        tracing::trace!(target: "kvm_mmu_prepare_zap_page", gfn = gfn.raw(), level);
+        MmuStats::inc(&self.stats.local().mmu_shadow_zapped);
+        let was_indirect = !pages.page(id).role.is_direct();
+        pages.unhash(id);
+        if was_indirect {
+            self.indirect_shadow_pages.fetch_sub(1, Ordering::Relaxed);
+        }
+        for index in 0..ENTRIES {
+            let ptr = SptePtr {
+                table: pfn,
+                index: index as u16,
+            };
+            self.drop_spte(pages, ptr, level);
+        }
+        let parents = std::mem::take(&mut pages.page_mut(id).parents);
+        for ptr in parents {
+            ptr.get(&self.arena).store(0, Ordering::Release);
+        }
+        if pages.page(id).root_count > 0 {
+            pages.page_mut(id).invalid = true;
+            self.root_generation.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.free_page(pages, id);
+        }
+    }
+
+    fn free_page(&self, pages: &mut Pages, id: PageId) {
+        let pfn = pages.remove(id, &self.translations);
+        self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
+        // Hardware walks in flight may still read the table.
+        let arena = self.arena.clone();
+        let guard = crossbeam_epoch::pin();
+        guard.defer(move || {
+            let _ = arena.free(pfn, crate::addr::PageSize::Size4K);
+        });
+    }
+
+    /// Flushes every vCPU's TLB if `needed` (before the lock is dropped).
+    fn discharge(&self, needed: bool) {
+        if needed {
+            MmuStats::inc(&self.stats.local().remote_tlb_flush);
+            self.remote_tlb.flush();
+        }
+    }
+
+    /// A guest write the MMU emulates (KVM's `emulator_write_phys` then
+    /// `kvm_mmu_track_write`): writes `size` bytes of `value` at `gpa`,
+    /// then zaps the SPTEs shadowing the written guest entries, or whole
+    /// pages on a misaligned write or write flooding.
+    pub fn emulate_write(&self, gpa: Gpa, size: usize, value: u64) -> Result<(), ShadowError> {
+        let guard = self.lock.write();
+        let mut pages = guard.lock();
+        // A write to memory with no memslot (or a read-only one) is dropped.
+        let _ = self.memory.write_value(gpa, size, value);
+        let flush = self.track_write(&mut pages, gpa, size);
+        drop(pages);
+        self.discharge(flush);
+        Ok(())
+    }
+
+    /// KVM's `kvm_mmu_track_write`. Returns whether a flush is owed.
+    fn track_write(&self, pages: &mut Pages, gpa: Gpa, size: usize) -> bool {
+        let gfn = gpa.frame();
+        let mut flush = false;
+        for id in pages.indirect_of(gfn).to_vec() {
+            let role = pages.page(id).role;
+            let misaligned = detect_write_misaligned(&role, gpa, size);
+            let flooded = role.level() > 1 && {
+                let p = pages.page_mut(id);
+                p.write_flooding = p.write_flooding.saturating_add(1);
+                p.write_flooding >= 3
+            };
+            if misaligned || flooded {
+                MmuStats::inc(&self.stats.local().mmu_flooded);
+                self.zap_page(pages, id);
+                flush = true;
+                continue;
+            }
+            MmuStats::inc(&self.stats.local().mmu_pte_write);
+            let pfn = pages.page(id).pfn;
+            for index in written_sptes(&role, gpa) {
+                let ptr = SptePtr { table: pfn, index };
+                if Pages::spte(&self.arena, ptr).is_mmu_present() {
+                    if role.level() > 1 {
+                        MmuStats::inc(&self.stats.local().mmu_pde_zapped);
+                    }
+                    flush |= self.drop_spte(pages, ptr, role.level());
+                }
+            }
+        }
+        flush
+    }
+
+    /// Zaps every shadow page (KVM's `kvm_mmu_zap_all_fast`): roots in use
+    /// become invalid and vCPUs reload.
+    pub fn zap_all(&self) {
+        let guard = self.lock.write();
+        let mut pages = guard.lock();
+        self.valid_gen.fetch_add(1, Ordering::AcqRel);
+        self.zap_everything(&mut pages);
+        self.root_generation.fetch_add(1, Ordering::AcqRel);
+        drop(pages);
+        self.discharge(true);
+    }
+
+    fn zap_everything(&self, pages: &mut Pages) {
+        // Roots first (top-down zaps unlink and free children).
+        let mut ids = pages.ids();
+        ids.sort_by_key(|&id| std::cmp::Reverse(pages.page(id).role.level()));
+        for id in ids {
+            if pages.ids().contains(&id) && !pages.page(id).invalid {
+                self.zap_page(pages, id);
+            }
+        }
+    }
+
+    /// Zaps the leaf SPTEs mapping gfns `start..end`. Returns whether a
+    /// flush is owed.
+    fn zap_gfn_range(&self, pages: &mut Pages, start: Gfn, end: Gfn) -> bool {
+        let mut flush = false;
+        for (_, ptr) in pages.rmap_range(start, end) {
+            flush |= self.drop_spte(pages, ptr, 1);
+        }
+        flush
+    }
+
+    fn roots_valid(&self, pages: &Pages, roots: &ShadowRoots) -> bool {
+        roots.generation() == self.valid_gen.load(Ordering::Acquire) && roots.pages().all(|id| !pages.page(id).invalid)
+    }
+}
+
+/// KVM's `detect_write_misaligned`: a write that does not fall within one
+/// guest entry (a byte write at an entry's start is the common `clear_bit`
+/// and is allowed).
+fn detect_write_misaligned(role: &Role, gpa: Gpa, size: usize) -> bool {
+    let offset = gpa.raw() & 0xfff;
+    let pte_size = role.gpte_size() as u64;
+    if offset & (pte_size - 1) == 0 && size == 1 {
+        return false;
+    }
+    let last = offset + size as u64 - 1;
+    (offset ^ last) & !(pte_size - 1) != 0 || size < 4
+}
+
+/// The SPTE indexes of a page that shadow the guest entry written at `gpa`
+/// (KVM's `get_written_sptes`): for 4-byte guest entries, only in the page
+/// of the right quadrant, and a 32-bit PDE (4 MiB) is two shadow PDEs.
+fn written_sptes(role: &Role, gpa: Gpa) -> Vec<u16> {
+    let mut offset = gpa.raw() & 0xfff;
+    let mut n = 1;
+    if role.has_4_byte_gpte() {
+        offset <<= 1;
+        if role.level() == 2 {
+            offset &= !7;
+            offset <<= 1;
+            n = 2;
+        }
+        let quadrant = (offset >> 12) as u8;
+        offset &= 0xfff;
+        if quadrant != role.quadrant() {
+            return Vec::new();
+        }
+    }
+    let first = (offset / 8) as u16;
+    (first..first + n).collect()
+}
+
+/// The MMU-notifier and memslot-observer subscriptions.
+struct Notifier(std::sync::Weak<ShadowMmu>);
+
+impl MmuNotifier for Notifier {
+    fn invalidate_range_start(&self, range: &NotifierRange) {
+        let Some(mmu) = self.0.upgrade() else { return };
+        let guard = mmu.lock.write();
+        mmu.invalidate.begin(&guard);
+        mmu.invalidate.range_add(&guard, range.range);
+        let mut pages = guard.lock();
+        let mut flush = false;
+        for as_id in 0..2u16 {
+            let slots = mmu.slots.load(as_id);
+            let spans: Vec<_> = slots
+                .overlapping_hva(range.range)
+                .filter_map(|s| s.hva_range_to_gfns(range.range))
+                .collect();
+            drop(slots);
+            for r in spans {
+                flush |= mmu.zap_gfn_range(&mut pages, r.start, r.end);
+            }
+        }
+        drop(pages);
+        mmu.discharge(flush);
+    }
+
+    fn invalidate_range_end(&self, _range: &NotifierRange) {
+        let Some(mmu) = self.0.upgrade() else { return };
+        let guard = mmu.lock.write();
+        mmu.invalidate.end(&guard);
+    }
+}
+
+impl MemslotObserver for Notifier {
+    fn flush_memslot(&self, _slot: &Memslot) {
+        // KVM's default for shadow paging: zap everything on delete/move.
+        if let Some(mmu) = self.0.upgrade() {
+            mmu.zap_all();
+        }
+    }
+
+    fn commit(&self, _change: MemslotChange, _old: Option<&Memslot>, _new: Option<&Memslot>, _generation: u64) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::control::{Cr0, Cr4, Efer};
+    use crate::mmu::shadow::role::GuestContext;
+    use crate::walker::ControlRegs;
+
+    #[test]
+    fn written_sptes_follow_kvm_for_32_bit_tables() {
+        let regs = ControlRegs {
+            cr0: Cr0::PE | Cr0::PG | Cr0::WP,
+            cr4: Cr4::empty(),
+            efer: Efer::empty(),
+        };
+        let ctx = GuestContext::new(&regs, false);
+        let pd_q1 = Role::root(&ctx, 2, 1);
+        // Guest PDE 256 (the first of the second GiB) at offset 0x400.
+        assert_eq!(written_sptes(&pd_q1, Gpa::new(0x5400)), vec![0, 1]);
+        assert!(written_sptes(&pd_q1, Gpa::new(0x5000)).is_empty(), "quadrant 0's PDE");
+        let pt_q1 = pd_q1.child(1, false, AccessRights::all());
+        // Guest PTE 512 (second half of the 4 MiB) at offset 0x800.
+        assert_eq!(written_sptes(&pt_q1, Gpa::new(0x7800)), vec![0]);
+        assert!(written_sptes(&pt_q1, Gpa::new(0x77fc)).is_empty());
+        assert!(detect_write_misaligned(&pt_q1, Gpa::new(0x7802), 4));
+        assert!(!detect_write_misaligned(&pt_q1, Gpa::new(0x7804), 4));
+        assert!(
+            !detect_write_misaligned(&pt_q1, Gpa::new(0x7804), 1),
+            "clear_bit on the low byte"
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! A vCPU's shadow roots (KVM's `mmu_alloc_shadow_roots`,
+//! `mmu_alloc_direct_roots` for paging off, `kvm_mmu_free_roots`).
+//!
+//! The hardware model always walks 4- or 5-level IA-32e tables, as KVM's
+//! hardware does on a 64-bit host (with NX and CR0.WP forced on):
+//! - a 4- or 5-level guest gets one root page, shadowing its CR3 table;
+//! - a PAE, 32-bit or paging-off guest gets four level-2 root pages (one
+//!   per PDPTE register; for a 32-bit guest the four quarters of its page
+//!   directory by quadrant; with paging off four direct pages covering
+//!   4 GiB), linked from a vCPU-owned PDPT ("pae_root") under a vCPU-owned
+//!   PML4 ("pml4_root"), as KVM does for 32-bit guests under 64-bit NPT.
+//!
+//! A root page counts its users (`root_count`); a root zapped while in use
+//! stays allocated, invalid, until its last user releases it.
+
+use std::sync::atomic::Ordering;
+
+use super::page::{PageId, SptePtr};
+use super::role::{GuestContext, Role};
+use super::{FMT, ShadowError, ShadowMmu};
+use crate::addr::{Gfn, Pfn};
+use crate::arch::control::{CR3_32_ROOT_MASK, CR3_LM_ROOT_MASK, PagingMode};
+use crate::arch::pte::{PT_PRESENT, PT64_ADDR_MASK};
+use crate::mmu::stats::MmuStats;
+
+/// What the vCPU's hardware root is.
+#[derive(Debug)]
+enum RootKind {
+    /// One root page (4- and 5-level guests).
+    Table(PageId),
+    /// The vCPU's PML4 and PDPT over four level-2 roots.
+    Pae {
+        pml4: Pfn,
+        pae: Pfn,
+        roots: [Option<PageId>; 4],
+    },
+}
+
+/// The roots one vCPU runs on. Release them with
+/// [`ShadowMmu::release_roots`] (dropping them leaks the reference).
+#[derive(Debug)]
+#[must_use = "roots must be released with ShadowMmu::release_roots"]
+pub struct ShadowRoots {
+    as_id: u16,
+    generation: u64,
+    hw_root: Pfn,
+    levels: u8,
+    kind: RootKind,
+}
+
+impl ShadowRoots {
+    /// The address space.
+    pub fn as_id(&self) -> u16 {
+        self.as_id
+    }
+
+    /// The zap-all generation these roots were loaded in.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The frame of the table the hardware walk starts from.
+    pub fn hw_root(&self) -> Pfn {
+        self.hw_root
+    }
+
+    /// Levels of the hardware walk (4 or 5).
+    pub fn levels(&self) -> u8 {
+        self.levels
+    }
+
+    /// The root pages.
+    pub(super) fn pages(&self) -> impl Iterator<Item = PageId> + '_ {
+        let (one, four) = match &self.kind {
+            RootKind::Table(id) => (Some(*id), [None; 4]),
+            RootKind::Pae { roots, .. } => (None, *roots),
+        };
+        one.into_iter().chain(four.into_iter().flatten())
+    }
+
+    /// The root page whose tree translates `gva`.
+    pub(super) fn root_for(&self, gva: u64) -> PageId {
+        match &self.kind {
+            RootKind::Table(id) => *id,
+            RootKind::Pae { roots, .. } => {
+                roots[((gva >> 30) & 3) as usize].expect("the guest walk went through a present PDPTE")
+            }
+        }
+    }
+}
+
+impl ShadowMmu {
+    /// Loads the roots for a vCPU in guest context `ctx` with `cr3` (and,
+    /// in PAE paging, the PDPTE registers `pdptes`): KVM's `kvm_mmu_load`.
+    pub fn load_roots(
+        &self,
+        ctx: &GuestContext,
+        as_id: u16,
+        cr3: u64,
+        pdptes: [u64; 4],
+    ) -> Result<ShadowRoots, ShadowError> {
+        MmuStats::inc(&self.stats.local().prev_roots_miss);
+        let guard = self.lock.write();
+        let mut pages = guard.lock();
+        let generation = self.valid_gen.load(Ordering::Acquire);
+        let mut flush = false;
+        let mut get = |pages: &mut super::page::Pages, gfn: Gfn, role: Role| -> Result<PageId, ShadowError> {
+            let (id, wp) = self.get_page(pages, gfn, role)?;
+            flush |= wp;
+            pages.page_mut(id).root_count += 1;
+            Ok(id)
+        };
+        let roots = match ctx.mode() {
+            PagingMode::Level4 | PagingMode::Level5 => {
+                let level = ctx.root_level();
+                let id = get(
+                    &mut pages,
+                    Gfn::new((cr3 & CR3_LM_ROOT_MASK) >> 12),
+                    Role::root(ctx, level, 0),
+                )?;
+                ShadowRoots {
+                    as_id,
+                    generation,
+                    hw_root: pages.page(id).pfn,
+                    levels: level,
+                    kind: RootKind::Table(id),
+                }
+            }
+            mode => {
+                let pml4 = self.arena.alloc_4k()?;
+                let pae = match self.arena.alloc_4k() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = self.arena.free(pml4, crate::addr::PageSize::Size4K);
+                        return Err(e.into());
+                    }
+                };
+                self.arena.table(pml4)[0].store(FMT.make_nonleaf(pae).0, Ordering::Release);
+                let mut roots = [None; 4];
+                for (i, root) in roots.iter_mut().enumerate() {
+                    let target = match mode {
+                        PagingMode::Pae => (pdptes[i] & PT_PRESENT != 0)
+                            .then(|| (Gfn::new((pdptes[i] & PT64_ADDR_MASK) >> 12), Role::root(ctx, 2, 0))),
+                        PagingMode::Bits32 => {
+                            Some((Gfn::new((cr3 & CR3_32_ROOT_MASK) >> 12), Role::root(ctx, 2, i as u8)))
+                        }
+                        _ => Some((Gfn::new((i as u64) << 18), Role::root(ctx, 2, 0))),
+                    };
+                    if let Some((gfn, role)) = target {
+                        let id = get(&mut pages, gfn, role)?;
+                        let ptr = SptePtr {
+                            table: pae,
+                            index: i as u16,
+                        };
+                        self.link(&mut pages, ptr, id);
+                        *root = Some(id);
+                    }
+                }
+                ShadowRoots {
+                    as_id,
+                    generation,
+                    hw_root: pml4,
+                    levels: 4,
+                    kind: RootKind::Pae { pml4, pae, roots },
+                }
+            }
+        };
+        drop(pages);
+        self.discharge(flush);
+        Ok(roots)
+    }
+
+    /// Releases a vCPU's roots (KVM's `kvm_mmu_free_roots`): an invalid
+    /// root page whose last user this was is freed.
+    pub fn release_roots(&self, roots: ShadowRoots) {
+        let guard = self.lock.write();
+        let mut pages = guard.lock();
+        for id in roots.pages() {
+            let p = pages.page_mut(id);
+            p.root_count -= 1;
+            if let RootKind::Pae { pae, .. } = roots.kind {
+                p.parents.retain(|ptr| ptr.table != pae);
+            }
+            let p = pages.page(id);
+            if p.root_count == 0 && p.invalid {
+                self.free_page(&mut pages, id);
+            }
+        }
+        if let RootKind::Pae { pml4, pae, .. } = roots.kind {
+            // Hardware walks in flight may still read them.
+            let arena = self.arena.clone();
+            let guard = crossbeam_epoch::pin();
+            guard.defer(move || {
+                let _ = arena.free(pml4, crate::addr::PageSize::Size4K);
+                let _ = arena.free(pae, crate::addr::PageSize::Size4K);
+            });
+        }
+    }
+
+    /// Whether `roots` must be reloaded (zapped, or a zap-all happened).
+    pub fn roots_obsolete(&self, roots: &ShadowRoots) -> bool {
+        let guard = self.lock.read();
+        let pages = guard.lock();
+        !self.roots_valid(&pages, roots)
+    }
+}
