@@ -273,7 +273,7 @@ impl ShadowMmu {
             let table = page.pfn;
             let index = ((gva >> (12 + 9 * (u32::from(level) - 1))) & 511) as u16;
             let ptr = SptePtr { table, index };
-            let (child_gfn, child_role) = if !role.is_direct() && level - 1 >= walk.level {
+            let (child_gfn, child_role) = if !role.is_direct() && level > walk.level {
                 let e = walk.entry(level - 1).expect("the walk visited the guest table below");
                 let parent_rights = walk.entry(level).map_or(AccessRights::all(), |p| p.rights);
                 (e.table_gfn, role.child(index as usize, false, parent_rights))
