@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use vmmu::conform::{Replayer, Report, TdpReplayer, WalkerReplayer, read_cases, run_cases};
+use vmmu::conform::{Replayer, Report, ShadowReplayer, TdpReplayer, WalkerReplayer, read_cases, run_cases};
 
 fn corpus() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/conformance");
@@ -43,6 +43,11 @@ fn walker_passes_every_vendored_case() {
 }
 
 #[test]
+fn shadow_mmu_passes_every_vendored_case() {
+    assert_every_case_passes(&mut ShadowReplayer);
+}
+
+#[test]
 fn tdp_mmu_passes_every_vendored_case() {
     assert_every_case_passes(&mut TdpReplayer);
 }
@@ -65,9 +70,15 @@ fn an_altered_case_fails() {
             }
         }
     }
-    let mut report = Report::default();
-    run_cases(&mut WalkerReplayer, &cases, &mut report);
-    assert_eq!(report.failed, altered);
+    for replayer in [
+        &mut WalkerReplayer as &mut dyn Replayer,
+        &mut TdpReplayer,
+        &mut ShadowReplayer,
+    ] {
+        let mut report = Report::default();
+        run_cases(replayer, &cases, &mut report);
+        assert_eq!(report.failed, altered, "{}", replayer.name());
+    }
 }
 
 /// The walker over the memory layer's `GuestMemory` (gpa → memslot → hva →

@@ -858,14 +858,18 @@ impl Vcpu {
 /// The hardware's paging configuration for walking shadow tables of
 /// `levels` levels for a guest with `regs` (as KVM programs the hardware
 /// under shadow paging: CR0.WP and EFER.NX on, IA-32e paging; the guest's
-/// SMEP, SMAP and PKE, except with guest paging off, where none applies).
+/// SMEP and SMAP, except with guest paging off, where neither applies; and
+/// CR4.PKE only for an IA-32e guest, the only mode with protection keys).
 fn hw_paging(regs: &ControlRegs, features: &CpuFeatures, levels: u8) -> Paging<Pte64> {
     let mut cr4 = Cr4::PAE;
     if levels == 5 {
         cr4 |= Cr4::LA57;
     }
     if regs.mode() != PagingMode::None {
-        cr4 |= regs.cr4 & (Cr4::SMEP | Cr4::SMAP | Cr4::PKE);
+        cr4 |= regs.cr4 & (Cr4::SMEP | Cr4::SMAP);
+    }
+    if matches!(regs.mode(), PagingMode::Level4 | PagingMode::Level5) {
+        cr4 |= regs.cr4 & Cr4::PKE;
     }
     let hw = ControlRegs {
         cr0: regs.cr0 | Cr0::PE | Cr0::PG | Cr0::WP,
