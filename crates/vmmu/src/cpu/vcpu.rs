@@ -27,6 +27,7 @@ use crate::mmu::shadow::page::SptePtr;
 use crate::mmu::shadow::role::GuestContext;
 use crate::mmu::shadow::roots::ShadowRoots;
 use crate::mmu::shadow::{ShadowError, ShadowMmu, ShadowOutcome};
+use crate::mmu::stats::MmuStats;
 use crate::mmu::tdp::{FaultOutcome, RootRef, TdpError, TdpFault, TdpMmu};
 use crate::walker::{ControlRegs, EntrySize, GuestPaging, Paging, PtMemory, Root, WalkError};
 
@@ -179,16 +180,34 @@ struct TdpState {
     dirty_ring: Option<Arc<DirtyRing>>,
 }
 
-/// A vCPU's view of the shadow MMU: its roots and what they were loaded
-/// for (a change of any of it reloads them, KVM's `kvm_mmu_new_pgd` and
-/// `kvm_mmu_reset_context`).
+/// What a vCPU's shadow roots were loaded for: a change of any of it
+/// switches roots (KVM's `kvm_mmu_new_pgd`, `kvm_mmu_reset_context`).
+type RootKey = (GuestContext, u64, [u64; 4]);
+
+/// Roots kept besides the current ones (KVM's `KVM_MMU_NUM_PREV_ROOTS`).
+pub const PREV_ROOTS: usize = 3;
+
+/// A vCPU's view of the shadow MMU: its current roots and the
+/// `prev_roots` cache, most recently used first.
 struct ShadowState {
     mmu: Arc<ShadowMmu>,
-    roots: Option<ShadowRoots>,
-    loaded_for: Option<(GuestContext, u64, [u64; 4])>,
+    current: Option<(RootKey, ShadowRoots)>,
+    prev: std::collections::VecDeque<(RootKey, ShadowRoots)>,
     seen_root_gen: u64,
     /// The hardware's paging configuration for walking the shadow tables.
     hw: Paging<Pte64>,
+}
+
+impl ShadowState {
+    fn roots(&self) -> Option<&ShadowRoots> {
+        self.current.as_ref().map(|(_, r)| r)
+    }
+
+    fn release_all(&mut self) {
+        for (_, r) in self.current.take().into_iter().chain(self.prev.drain(..)) {
+            self.mmu.release_roots(r);
+        }
+    }
 }
 
 /// A vCPU on the TDP or the shadow MMU.
@@ -214,9 +233,7 @@ impl Drop for Vcpu {
             Backend::Tdp(t) => t.mmu.remote_tlb().unregister(&self.mode),
             Backend::Shadow(s) => {
                 s.mmu.remote_tlb().unregister(&self.mode);
-                if let Some(roots) = s.roots.take() {
-                    s.mmu.release_roots(roots);
-                }
+                s.release_all();
             }
         }
     }
@@ -258,8 +275,8 @@ impl Vcpu {
         let backend = Backend::Shadow(ShadowState {
             seen_root_gen: mmu.root_generation(),
             mmu,
-            roots: None,
-            loaded_for: None,
+            current: None,
+            prev: std::collections::VecDeque::new(),
             hw: hw_paging(&regs, &features, 4),
         });
         Vcpu::with_backend(backend, mode, seen_flush_gen, slots, features, vpid)
@@ -308,7 +325,7 @@ impl Vcpu {
     /// on the TDP MMU, or before the first access).
     pub fn shadow_root(&self) -> Option<Pfn> {
         match &self.backend {
-            Backend::Shadow(s) => s.roots.as_ref().map(ShadowRoots::hw_root),
+            Backend::Shadow(s) => s.roots().map(ShadowRoots::hw_root),
             Backend::Tdp(_) => None,
         }
     }
@@ -542,33 +559,61 @@ impl Vcpu {
             }
             Backend::Shadow(s) => {
                 let ctx = GuestContext::new(&self.regs, false);
-                let cr3 = self.cr3 & !CR3_PCID_MASK;
-                let key = (ctx, cr3, self.pdptes);
+                let key: RootKey = (ctx, self.cr3 & !CR3_PCID_MASK, self.pdptes);
                 let generation = s.mmu.root_generation();
-                let obsolete =
-                    generation != s.seen_root_gen && s.roots.as_ref().is_some_and(|r| s.mmu.roots_obsolete(r));
-                s.seen_root_gen = generation;
-                if s.loaded_for != Some(key) || s.roots.is_none() || obsolete {
+                if generation != s.seen_root_gen {
+                    // Some root was zapped: drop every obsolete one, the
+                    // current roots and the cached ones alike.
+                    s.seen_root_gen = generation;
+                    if s.roots().is_some_and(|r| s.mmu.roots_obsolete(r)) {
+                        let (_, r) = s.current.take().expect("checked");
+                        s.mmu.release_roots(r);
+                        self.tlb.flush(Flush::Vpid(self.vpid));
+                        self.stats.root_reloads += 1;
+                    }
+                    let (keep, drop): (Vec<_>, Vec<_>) = s.prev.drain(..).partition(|(_, r)| !s.mmu.roots_obsolete(r));
+                    s.prev = keep.into();
+                    for (_, r) in drop {
+                        s.mmu.release_roots(r);
+                    }
+                }
+                let current_key = s.current.as_ref().map(|(k, _)| *k);
+                if current_key != Some(key) {
                     // A new guest context (CR0.WP, SMEP, SMAP, EFER.NX,
                     // mode) means new roles: translations cached from the
                     // old shadow pages may grant more than the new context
                     // allows (the CR0.WP = 0 emulation), so they go, as
                     // KVM flushes when it loads a new root. A CR3 change
                     // alone keeps the PCID semantics `mov_cr3` applied.
-                    if s.loaded_for.is_some_and(|(old, ..)| old != ctx) || obsolete {
+                    if current_key.is_some_and(|(old, ..)| old != ctx) {
                         self.tlb.flush(Flush::Vpid(self.vpid));
                     }
-                    if let Some(old) = s.roots.take() {
-                        s.mmu.release_roots(old);
+                    // KVM's fast_pgd_switch: a recent address space's roots
+                    // are reused without rebuilding (KVM keeps prev_roots
+                    // for 4- and 5-level guests only; here the PDPTEs are
+                    // part of the key, so PAE and 32-bit guests get them
+                    // too).
+                    let hit = s
+                        .prev
+                        .iter()
+                        .position(|(k, _)| *k == key)
+                        .and_then(|i| s.prev.remove(i));
+                    if let Some(cur) = s.current.take() {
+                        s.prev.push_front(cur);
                     }
-                    s.loaded_for = None;
-                    let roots = s.mmu.load_roots(&ctx, 0, cr3, self.pdptes)?;
-                    s.hw = hw_paging(&self.regs, &self.features, roots.levels());
-                    s.roots = Some(roots);
-                    s.loaded_for = Some(key);
-                    if obsolete {
-                        self.stats.root_reloads += 1;
+                    let next = match hit {
+                        Some(cached) => {
+                            MmuStats::inc(&s.mmu.stats().local().prev_roots_hit);
+                            cached
+                        }
+                        None => (key, s.mmu.load_roots(&ctx, 0, key.1, self.pdptes)?),
+                    };
+                    while s.prev.len() > PREV_ROOTS {
+                        let (_, r) = s.prev.pop_back().expect("longer than PREV_ROOTS");
+                        s.mmu.release_roots(r);
                     }
+                    s.hw = hw_paging(&self.regs, &self.features, next.1.levels());
+                    s.current = Some(next);
                 }
             }
         }
@@ -902,7 +947,7 @@ impl Vcpu {
         let Backend::Shadow(s) = &self.backend else {
             unreachable!("a shadow attempt on a TDP vCPU")
         };
-        let Some(roots) = &s.roots else {
+        let Some(roots) = s.roots() else {
             return Attempt::ShadowExit;
         };
         let root = Root::Table(Gpa::new(roots.hw_root().raw() << 12));
@@ -963,7 +1008,7 @@ impl Vcpu {
         let Backend::Shadow(s) = &self.backend else {
             unreachable!("a shadow fault on a TDP vCPU")
         };
-        let Some(roots) = &s.roots else {
+        let Some(roots) = s.roots() else {
             return Ok(None);
         };
         let groot = self.paging.root(self.cr3, self.pdptes);

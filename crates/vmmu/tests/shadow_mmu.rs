@@ -1,0 +1,258 @@
+//! The shadow MMU from the guest's side: several address spaces and the
+//! `prev_roots` cache, edits of a cached address space's tables, CR0.WP
+//! and SMEP, write flooding, and a guest using its page table as data.
+
+use vmmu::addr::{Gpa, Hva};
+use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
+use vmmu::arch::perm::AccessKind;
+use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
+use vmmu::mem::{GuestMemory, VmaFlags};
+use vmmu::sim::vm::ShadowVm;
+use vmmu::walker::ControlRegs;
+
+const P: u64 = 1;
+const W: u64 = 2;
+const U: u64 = 4;
+const TABLE: u64 = P | W | U;
+
+fn regs(wp: bool, smep: bool) -> ControlRegs {
+    let mut cr0 = Cr0::PE | Cr0::PG;
+    cr0.set(Cr0::WP, wp);
+    let mut cr4 = Cr4::PAE;
+    cr4.set(Cr4::SMEP, smep);
+    ControlRegs {
+        cr0,
+        cr4,
+        efer: Efer::LME | Efer::LMA | Efer::NXE,
+    }
+}
+
+/// Address space `i`: PML4 at (1 + 4i) pages, then PDPT, PD, PT; va 0 maps
+/// data frame 0x100 + i, va 0x1000 maps the PT itself (supervisor, RW).
+fn space(mem: &GuestMemory, i: u64) -> u64 {
+    let base = (1 + 4 * i) * 0x1000;
+    let (pml4, pdpt, pd, pt) = (base, base + 0x1000, base + 0x2000, base + 0x3000);
+    let w = |gpa: u64, v: u64| mem.write_u64(Gpa::new(gpa), v).unwrap();
+    w(pml4, pdpt | TABLE);
+    w(pdpt, pd | TABLE);
+    w(pd, pt | TABLE);
+    w(pt, ((0x100 + i) << 12) | P | W | U);
+    w(pt + 8, pt | P | W);
+    pml4
+}
+
+fn vm() -> (ShadowVm, Vcpu) {
+    let vm = ShadowVm::new(4 << 20, Hva::new(0x4000_0000), VmaFlags::WRITE).unwrap();
+    let v = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1);
+    (vm, v)
+}
+
+fn access(v: &mut Vcpu, va: u64, kind: AccessKind, cpl: u8, value: u64) -> AccessResult {
+    v.access(va, kind, cpl, false, 8, value).unwrap()
+}
+
+fn read(v: &mut Vcpu, va: u64) -> (u64, u64) {
+    match access(v, va, AccessKind::Read, 0, 0) {
+        AccessResult::Done { gpa, value, .. } => (gpa.raw(), value),
+        other => panic!("read at {va:#x}: {other:?}"),
+    }
+}
+
+fn pf(r: AccessResult) -> u32 {
+    match r {
+        AccessResult::Fault(GuestFault::PageFault { error_code, .. }) => error_code.bits(),
+        other => panic!("expected a #PF, got {other:?}"),
+    }
+}
+
+#[test]
+fn recent_address_spaces_reuse_their_roots() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3s: Vec<u64> = (0..5).map(|i| space(&mem, i)).collect();
+    v.set_state(regs(true, false), cr3s[0], 0).unwrap();
+    let stats = || vm.mmu.stats().snapshot();
+    // Four address spaces (the current one and three cached) round robin:
+    // after the first round every switch hits.
+    for round in 0..3 {
+        for (i, &cr3) in cr3s[..4].iter().enumerate() {
+            let before = stats();
+            v.mov_cr3(cr3).unwrap();
+            assert_eq!(read(&mut v, 0).0, (0x100 + i as u64) << 12);
+            let after = stats();
+            if round > 0 {
+                assert_eq!(
+                    after.prev_roots_hit,
+                    before.prev_roots_hit + 1,
+                    "round {round}, space {i}"
+                );
+                assert_eq!(after.prev_roots_miss, before.prev_roots_miss);
+            }
+        }
+    }
+    // Five round robin: the least recently used is always the one evicted
+    // (after one round in which the four cached ones still hit).
+    for (i, &cr3) in cr3s.iter().enumerate() {
+        v.mov_cr3(cr3).unwrap();
+        assert_eq!(read(&mut v, 0).0, (0x100 + i as u64) << 12);
+    }
+    let hits = stats().prev_roots_hit;
+    for _ in 0..2 {
+        for (i, &cr3) in cr3s.iter().enumerate() {
+            v.mov_cr3(cr3).unwrap();
+            assert_eq!(read(&mut v, 0).0, (0x100 + i as u64) << 12);
+        }
+    }
+    assert_eq!(
+        stats().prev_roots_hit,
+        hits,
+        "an LRU of 3 + 1 never hits on a cycle of 5"
+    );
+}
+
+/// Address space 1's page table is edited while 0 runs (through a mapping
+/// of it in 0): switching back to 1's cached roots shows the edit.
+#[test]
+fn an_edit_to_a_cached_address_space_is_seen_when_it_returns() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let a = space(&mem, 0);
+    let b = space(&mem, 1);
+    let pt_b = b + 0x3000;
+    // Space A also maps B's PT at va 0x2000, supervisor read-write.
+    mem.write_u64(Gpa::new(a + 0x3000 + 16), pt_b | P | W).unwrap();
+    v.set_state(regs(true, false), b, 0).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x101 << 12);
+    v.mov_cr3(a).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x100 << 12);
+    // A guest store to B's PTE 0 (a write-tracked gfn: emulated).
+    let before = vm.mmu.stats().snapshot();
+    assert!(matches!(
+        access(&mut v, 0x2000, AccessKind::Write, 0, (0x1ff << 12) | P | W | U),
+        AccessResult::Done { mmio: false, .. }
+    ));
+    let after = vm.mmu.stats().snapshot();
+    assert!(after.pf_emulate > before.pf_emulate && after.mmu_pte_write > before.mmu_pte_write);
+    v.mov_cr3(b).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x1ff << 12, "the cached root shows the edit");
+    assert_eq!(vm.mmu.stats().snapshot().prev_roots_hit, after.prev_roots_hit + 1);
+}
+
+/// CR0.WP = 0: the kernel writes a read-only user page (as a kernel page),
+/// users still read it, and with SMEP the kernel cannot execute it; with
+/// CR0.WP = 1 again the kernel's write faults.
+#[test]
+fn cr0_wp_and_smep_are_emulated() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    // va 0: user, read-only.
+    mem.write_u64(Gpa::new(cr3 + 0x3000), (0x100 << 12) | P | U).unwrap();
+    v.set_state(regs(false, true), cr3, 0).unwrap();
+    assert!(matches!(
+        access(&mut v, 0x8, AccessKind::Write, 0, 7),
+        AccessResult::Done { mmio: false, .. }
+    ));
+    assert_eq!(
+        pf(access(&mut v, 0x8, AccessKind::Fetch, 0, 0)),
+        0x11,
+        "SMEP: supervisor fetch of a user page"
+    );
+    match access(&mut v, 0x8, AccessKind::Read, 3, 0) {
+        AccessResult::Done { value, .. } => assert_eq!(value, 7),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        pf(access(&mut v, 0x8, AccessKind::Write, 3, 1)),
+        0x7,
+        "users never write it"
+    );
+    v.set_cr0_wp(true);
+    assert_eq!(
+        pf(access(&mut v, 0x8, AccessKind::Write, 0, 1)),
+        0x3,
+        "CR0.WP = 1: the kernel's write faults"
+    );
+    v.set_cr0_wp(false);
+    assert!(matches!(
+        access(&mut v, 0x8, AccessKind::Write, 0, 9),
+        AccessResult::Done { .. }
+    ));
+    assert_eq!(read(&mut v, 0x8).1, 9);
+}
+
+/// A guest that keeps rewriting a page directory it does not translate
+/// through (another address space's, as when forking) gets its shadow page
+/// zapped (write flooding); the other address space is rebuilt right.
+#[test]
+fn write_flooding_zaps_the_shadow_page() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let a = space(&mem, 0);
+    let b = space(&mem, 1);
+    let pd_b = b + 0x2000;
+    // A maps B's PD at va 0x3000 (supervisor RW).
+    mem.write_u64(Gpa::new(a + 0x3000 + 24), pd_b | P | W).unwrap();
+    v.set_state(regs(true, false), b, 0).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x101 << 12);
+    v.mov_cr3(a).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x100 << 12);
+    let before = vm.mmu.stats().snapshot();
+    // Unused entries of B's PD, written over and over.
+    for i in 0..3u64 {
+        access(&mut v, 0x3000 + 8 * (100 + i), AccessKind::Write, 0, 0);
+    }
+    let after = vm.mmu.stats().snapshot();
+    assert_eq!(after.mmu_flooded, before.mmu_flooded + 1, "{after:?}");
+    assert!(after.mmu_shadow_zapped > before.mmu_shadow_zapped);
+    // Further writes are to an untracked page: no emulation.
+    access(&mut v, 0x3000 + 8 * 110, AccessKind::Write, 0, 0);
+    assert_eq!(vm.mmu.stats().snapshot().pf_emulate, after.pf_emulate);
+    // B comes back through its cached root, its PD shadowed anew.
+    v.mov_cr3(b).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x101 << 12);
+}
+
+/// A misaligned write to a guest page table (not within one entry) zaps
+/// the shadow page instead of guessing which entries changed.
+#[test]
+fn a_misaligned_write_zaps_the_shadow_page() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    v.set_state(regs(true, false), cr3, 0).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x100 << 12);
+    let before = vm.mmu.stats().snapshot();
+    // Eight bytes straddling PTEs 2 and 3 of the PT (mapped at va 0x1000).
+    v.access(0x1000 + 20, AccessKind::Write, 0, false, 8, 0).unwrap();
+    let after = vm.mmu.stats().snapshot();
+    assert_eq!(after.mmu_flooded, before.mmu_flooded + 1, "{after:?}");
+    assert_eq!(read(&mut v, 0).0, 0x100 << 12, "rebuilt");
+}
+
+/// A page table used as data: the guest reads and writes its own PTEs
+/// through the self-mapping, and each write takes effect on translation.
+#[test]
+fn a_page_table_used_as_data() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    v.set_state(regs(true, false), cr3, 0).unwrap();
+    // va 0x1000 is the PT: its entry 0 maps va 0.
+    let (_, pte0) = read(&mut v, 0x1000);
+    assert_eq!(pte0 & !0xfff, 0x100 << 12);
+    let (_, pte1) = read(&mut v, 0x1008);
+    assert!(
+        pte1 & (1 << 5) != 0,
+        "the walk for va 0x1000 set A on its own PTE, entry 1"
+    );
+    for frame in [0x120u64, 0x130, 0x140] {
+        access(&mut v, 0x1000, AccessKind::Write, 0, (frame << 12) | P | W | U);
+        v.invlpg(0);
+        assert_eq!(read(&mut v, 0).0, frame << 12);
+    }
+    // Unmap va 0: the next access faults (not present).
+    access(&mut v, 0x1000, AccessKind::Write, 0, 0);
+    v.invlpg(0);
+    assert_eq!(pf(access(&mut v, 0, AccessKind::Read, 0, 0)), 0);
+}
