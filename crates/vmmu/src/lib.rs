@@ -25,6 +25,7 @@ pub mod mem;
 pub mod mmu;
 pub mod percpu;
 pub mod sim;
+pub mod sync;
 pub mod walker;
 
 /// The README's example, compiled and run as a doctest so it stays true.

@@ -44,6 +44,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::percpu::{SHARDS, shard_index};
+use crate::sync::{Bug, bug, sched_point};
 
 use crate::addr::{Gfn, Hva, Level, Pfn};
 use crate::mem::error::FaultinError;
@@ -224,10 +225,36 @@ impl MmuWriteLockHeld for HeldMmuWriteLock<'_> {}
 ///
 /// The protected data is reached through `&T` from either guard; data a
 /// writer changes needs its own interior mutability.
+///
+/// A lock made inside a shuttle model run ([`crate::sync`], `shuttle`
+/// feature) is one shuttle `RwLock` instead, because it is held across
+/// schedule points: a model's threads share one OS thread (and so one
+/// shard), and a `parking_lot` lock would block that thread for good. Such
+/// a lock must be used only inside that run.
 #[derive(Debug)]
 pub struct MmuLock<T> {
     shards: Box<[CachePadded<RwLock<()>>]>,
+    #[cfg(feature = "shuttle")]
+    model: Option<shuttle::sync::RwLock<()>>,
     data: T,
+}
+
+/// How a read guard holds the lock (the guard is kept for its `Drop`).
+#[derive(Debug)]
+#[allow(dead_code)]
+enum ReadHold<'a> {
+    Shard(RwLockReadGuard<'a, ()>),
+    #[cfg(feature = "shuttle")]
+    Model(shuttle::sync::RwLockReadGuard<'a, ()>),
+}
+
+/// How a write guard holds the lock (the guards are kept for their `Drop`).
+#[derive(Debug)]
+#[allow(dead_code)]
+enum WriteHold<'a> {
+    Shards([RwLockWriteGuard<'a, ()>; SHARDS]),
+    #[cfg(feature = "shuttle")]
+    Model(shuttle::sync::RwLockWriteGuard<'a, ()>),
 }
 
 impl<T: Default> Default for MmuLock<T> {
@@ -241,14 +268,23 @@ impl<T> MmuLock<T> {
     pub fn new(data: T) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| CachePadded::new(RwLock::new(()))).collect(),
+            #[cfg(feature = "shuttle")]
+            model: crate::sync::in_model().then(|| shuttle::sync::RwLock::new(())),
             data,
         }
     }
 
     /// Takes the lock for reading (KVM's `read_lock(&kvm->mmu_lock)`).
     pub fn read(&self) -> MmuLockReadGuard<'_, T> {
+        #[cfg(feature = "shuttle")]
+        if let Some(model) = &self.model {
+            return MmuLockReadGuard {
+                _hold: ReadHold::Model(model.read().expect("a model thread panicked holding mmu_lock")),
+                data: &self.data,
+            };
+        }
         MmuLockReadGuard {
-            _shard: self.shards[shard_index()].read(),
+            _hold: ReadHold::Shard(self.shards[shard_index()].read()),
             data: &self.data,
         }
     }
@@ -256,8 +292,15 @@ impl<T> MmuLock<T> {
     /// Takes the lock for writing: every shard, in index order (the one
     /// lock order, so two writers never deadlock).
     pub fn write(&self) -> MmuLockWriteGuard<'_, T> {
+        #[cfg(feature = "shuttle")]
+        if let Some(model) = &self.model {
+            return MmuLockWriteGuard {
+                _hold: WriteHold::Model(model.write().expect("a model thread panicked holding mmu_lock")),
+                data: &self.data,
+            };
+        }
         MmuLockWriteGuard {
-            _shards: std::array::from_fn(|i| self.shards[i].write()),
+            _hold: WriteHold::Shards(std::array::from_fn(|i| self.shards[i].write())),
             data: &self.data,
         }
     }
@@ -271,14 +314,14 @@ impl<T> MmuLock<T> {
 /// `mmu_lock` held for reading.
 #[derive(Debug)]
 pub struct MmuLockReadGuard<'a, T> {
-    _shard: RwLockReadGuard<'a, ()>,
+    _hold: ReadHold<'a>,
     data: &'a T,
 }
 
 /// `mmu_lock` held for writing.
 #[derive(Debug)]
 pub struct MmuLockWriteGuard<'a, T> {
-    _shards: [RwLockWriteGuard<'a, ()>; SHARDS],
+    _hold: WriteHold<'a>,
     data: &'a T,
 }
 
@@ -579,11 +622,21 @@ pub fn faultin_pfn(
     write: bool,
 ) -> Result<HostMapping, FaultinError> {
     // Sample before the lookup (acquire orders the walk after it).
-    let seq = state.seq();
+    let early = !bug(Bug::SeqSampledAfterLookup);
+    let mut seq = if early { state.seq() } else { 0 };
     loop {
+        // Model tests: an invalidation may run between the sample and the
+        // lookup, and between the lookup and the validation.
+        sched_point();
         if let Some(leaf) = host.lookup(hva)
             && (!write || leaf.writable)
         {
+            sched_point();
+            if !early {
+                // Injected bug (model tests only): sampled too late, an
+                // invalidation that ended since the lookup goes unseen.
+                seq = state.seq();
+            }
             return Ok(HostMapping {
                 pfn: leaf.pfn,
                 level: leaf.level,

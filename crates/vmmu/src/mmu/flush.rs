@@ -69,10 +69,12 @@ impl RemoteTlb {
                     break;
                 }
                 spins += 1;
-                if spins < 64 {
+                if spins < 64 && !crate::sync::in_model() {
                     std::hint::spin_loop();
                 } else {
-                    std::thread::yield_now();
+                    // Shuttle's yield inside a model test (the vCPU being
+                    // waited for runs on the same OS thread).
+                    crate::sync::yield_now();
                 }
             }
         }

@@ -12,12 +12,18 @@
 //!
 //! The table geometry comes from a [`Geometry`]: 512-entry tables for real
 //! paging, and e.g. 4-entry tables for model-checking tests.
+//!
+//! Every SPTE access through the cursor (the loads of `restart`/`refresh`,
+//! the compare-exchange of `try_set`, and whatever a caller does through
+//! `sptep`) is preceded by a [`sched_point`]: where a model test
+//! (`tests/races.rs`) may switch to another thread.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::spte::Spte;
 use crate::addr::Pfn;
 use crate::mem::FrameArena;
+use crate::sync::{Bug, bug, sched_point};
 
 /// The shape of a paging tree: entries per table and the number of levels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -120,7 +126,8 @@ impl<'a> SpteIter<'a> {
         self.gfn = self.align(self.next_last_level_gfn, self.level);
         self.valid = self.next_last_level_gfn < self.geometry.span();
         if self.valid {
-            self.old_spte = Spte(self.sptep().load(Ordering::Acquire));
+            sched_point();
+            self.old_spte = Spte(self.slot().load(Ordering::Acquire));
         }
     }
 
@@ -159,9 +166,18 @@ impl<'a> SpteIter<'a> {
         self.pt_path[self.level as usize - 1]
     }
 
-    /// The current SPTE's slot.
+    /// The current SPTE's slot, for an access the cursor does not offer
+    /// (an exchange, a store under the write lock or to a frozen SPTE).
+    /// The caller is expected to access it right away: it is a schedule
+    /// point for model tests ([`sched_point`]).
     #[inline(always)]
     pub fn sptep(&self) -> &'a AtomicU64 {
+        sched_point();
+        self.slot()
+    }
+
+    #[inline(always)]
+    fn slot(&self) -> &'a AtomicU64 {
         let index = self.geometry.index(self.gfn, self.level) as usize;
         &self.arena.table(self.table())[index]
     }
@@ -169,7 +185,8 @@ impl<'a> SpteIter<'a> {
     /// Re-reads the current SPTE.
     #[inline(always)]
     pub fn refresh(&mut self) -> Spte {
-        self.old_spte = Spte(self.sptep().load(Ordering::Acquire));
+        sched_point();
+        self.old_spte = Spte(self.slot().load(Ordering::Acquire));
         self.old_spte
     }
 
@@ -178,8 +195,16 @@ impl<'a> SpteIter<'a> {
     /// decides whether to retry.
     #[inline]
     pub fn try_set(&mut self, new: Spte) -> bool {
+        sched_point();
+        if bug(Bug::BlindSpteSet) {
+            // Injected bug (model tests only): a store, blind to a change
+            // made since `old_spte` was read.
+            self.slot().store(new.0, Ordering::Release);
+            self.old_spte = new;
+            return true;
+        }
         match self
-            .sptep()
+            .slot()
             .compare_exchange(self.old_spte.0, new.0, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => {

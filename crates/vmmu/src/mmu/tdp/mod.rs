@@ -35,6 +35,7 @@ use crate::mem::{
     DirtyRing, FaultinError, FrameArena, FrameError, HostAddressSpace, HvaRange, InvalidateState, MemslotTable,
     MmuLock, MmuLockReadGuard, MmuNotifier, MmuWriteLockHeld, NotifierRange, SlotCache, faultin_gfn,
 };
+use crate::sync;
 
 /// Configuration of a TDP MMU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +116,10 @@ impl RootRef {
     /// with the MMU's root list locked, which invalidation also holds: so a
     /// root seen valid here cannot be invalidated before the reference is
     /// taken (seed `003_*`).
+    ///
+    /// No schedule point for model tests here ([`crate::sync`]): the root
+    /// list is a `parking_lot` mutex, and nothing can interleave with this
+    /// check anyway while it is held.
     fn try_get(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry) -> Option<RootRef> {
         if !root.is_valid() {
             return None;
@@ -346,6 +351,21 @@ impl TdpMmu {
     /// A reference to the valid root of `as_id`, allocating it on first use
     /// (KVM's `kvm_tdp_mmu_get_vcpu_root_hpa`).
     pub fn get_root(&self, as_id: u16) -> Result<RootRef, TdpError> {
+        sync::sched_point();
+        if sync::bug(sync::Bug::UncheckedRootRef) {
+            // Injected bug (model tests only): the reference is taken
+            // after the list lock is dropped, without `try_get`'s checks.
+            let found = self.roots.lock().valid.iter().find(|r| r.as_id == as_id).cloned();
+            if let Some(root) = found {
+                sync::sched_point();
+                root.refs.fetch_add(1, Ordering::AcqRel);
+                return Ok(RootRef {
+                    root,
+                    arena: self.arena.clone(),
+                    geometry: self.config.geometry,
+                });
+            }
+        }
         let mut roots = self.roots.lock();
         for r in roots.valid.iter() {
             if r.as_id == as_id
@@ -383,6 +403,8 @@ impl TdpMmu {
     /// the amount of memory mapped.
     pub fn zap_all_fast(&self) {
         let _guard = self.lock.write();
+        // Model tests: `get_root` does not take `mmu_lock` and may run here.
+        sync::sched_point();
         let mut roots = self.roots.lock();
         let valid = std::mem::take(&mut roots.valid);
         for r in &valid {
@@ -393,6 +415,7 @@ impl TdpMmu {
         // no yield between invalidating and asking vCPUs to drop.
         self.root_generation.fetch_add(1, Ordering::AcqRel);
         drop(roots);
+        sync::sched_point();
         // vCPUs still running on the old roots must not keep translations.
         self.flush_remote_tlbs();
     }
@@ -403,6 +426,7 @@ impl TdpMmu {
     /// `kvm_tdp_mmu_zap_invalidated_roots`). Returns the leaves zapped.
     pub fn zap_invalidated_roots(&self) -> u64 {
         let queued = std::mem::take(&mut self.roots.lock().invalidated);
+        sync::sched_point();
         let guard = self.lock.read();
         let mut zapped = 0;
         for root in &queued {
@@ -413,6 +437,8 @@ impl TdpMmu {
             self.flush_remote_tlbs();
         }
         for root in &queued {
+            // Model tests: a vCPU may drop its reference at the same time.
+            sync::sched_point();
             put_root(root, &self.arena, self.config.geometry);
         }
         zapped
@@ -582,7 +608,8 @@ impl TdpMmu {
         // valid until this fault is done, and the zapper of invalidated
         // roots never races with an install into one. The vCPU must reload
         // its root first.
-        if !root.root.is_valid() {
+        sync::sched_point();
+        if !root.root.is_valid() && !sync::bug(sync::Bug::InstallIntoInvalidRoot) {
             MmuStats::inc(&self.stats.local().pf_retry);
             return Ok(FaultOutcome::Retry);
         }

@@ -1,0 +1,518 @@
+//! Model-checked races of the TDP MMU, with shuttle (`vmmu::sync`).
+//!
+//! Each test runs a small scenario (a VM of 16 pages, 4-entry tables, 3
+//! levels) under many thread schedules; the threads switch at the MMU's
+//! schedule points (every SPTE access through the walk cursor, root
+//! reference counting, the host lookup in `faultin_pfn`) and at `mmu_lock`.
+//! After the threads are joined, the end state is checked: SPTEs against
+//! the host (`TdpMmu::audit`), `pages_4k` against the leaves present,
+//! `mmu_pages` and the frame arena against the tables reachable.
+//!
+//! Every race has a deliberately broken variant (a test-only injected bug,
+//! `vmmu::sync::Bug`) and a test that the same scenario finds it, so none
+//! of these tests passes merely because it cannot fail.
+//!
+//! Rules for scenarios: build everything inside the model run (the
+//! `mmu_lock` of a VM built there is a shuttle lock); keep every check that
+//! can fail in the main thread after the joins (a failed execution leaks
+//! the stacks of the threads still running, and with them any epoch pin);
+//! never let a thread fault a host page in (`HostAddressSpace::fault_in`
+//! takes the host's mm lock, a `parking_lot` mutex that a host operation
+//! holds across the MMU-notifier callbacks, which take `mmu_lock`): pages
+//! are faulted in on the host before the threads start.
+
+#[cfg(not(feature = "shuttle"))]
+#[test]
+#[ignore = "needs vmmu's `shuttle` feature: run `cargo test --workspace` (the root package turns it on) or `cargo test -p vmmu --features shuttle`"]
+fn races_need_the_shuttle_feature() {}
+
+#[cfg(feature = "shuttle")]
+mod model {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use shuttle::scheduler::{PctScheduler, RandomScheduler};
+    use shuttle::thread;
+    use vmmu::addr::{Gfn, Gpa, Hva, Pfn};
+    use vmmu::mem::{HvaRange, SlotCache, VmaFlags};
+    use vmmu::mmu::iter::{Geometry, SpteIter};
+    use vmmu::mmu::tdp::{FaultOutcome, RootRef, TdpConfig, TdpFault, TdpMmu};
+    use vmmu::sim::vm::Vm;
+    use vmmu::sync::model::{Exploration, check_pct, check_random, explore};
+    use vmmu::sync::{Bug, sched_point};
+
+    /// Where the guest's memory is mapped in the host.
+    const BASE: u64 = 0x4000_0000;
+    /// Guest pages (one memslot at gpa 0).
+    const PAGES: u64 = 16;
+    /// Schedules explored per scenario and scheduler (random, then PCT).
+    const ITERATIONS: usize = 10_000;
+    /// Schedules a run with an injected bug may take to find it (they take
+    /// at most a few hundred: see `schedules_to_find_each_injected_bug`).
+    const BUG_LIMIT: usize = 2_000;
+    /// 4-entry tables, 3 levels: 64 gfns.
+    const TINY: Geometry = Geometry {
+        bits_per_level: 2,
+        levels: 3,
+    };
+
+    fn hva(gfn: u64) -> Hva {
+        Hva::new(BASE + (gfn << 12))
+    }
+
+    /// A VM on the tiny geometry, 4K leaves only, with the host pages of
+    /// `prefault` faulted in (writable).
+    fn tiny_vm(ad: bool, prefault: &[u64]) -> Vm {
+        let config = TdpConfig {
+            geometry: TINY,
+            ad,
+            max_level: 1,
+            ..TdpConfig::default()
+        };
+        let vm = Vm::new(PAGES << 12, Hva::new(BASE), VmaFlags::WRITE, config).expect("a tiny VM");
+        for &gfn in prefault {
+            vm.host.fault_in(hva(gfn), true).expect("a host page");
+        }
+        vm
+    }
+
+    fn fault(gfn: u64, write: bool) -> TdpFault {
+        TdpFault {
+            gpa: Gpa::new(gfn << 12),
+            write,
+            exec: false,
+        }
+    }
+
+    /// A vCPU's fault, retried while the MMU asks for a retry (at most a
+    /// few times: each retry means another thread made progress). Returns
+    /// the last outcome.
+    fn fault_in(mmu: &TdpMmu, root: &RootRef, gfn: u64, write: bool) -> FaultOutcome {
+        let mut cache = SlotCache::default();
+        for _ in 0..4 {
+            let outcome = mmu
+                .page_fault(root, fault(gfn, write), &mut cache, None)
+                .expect("a fault");
+            if outcome != FaultOutcome::Retry || !root.root().is_valid() {
+                return outcome;
+            }
+        }
+        FaultOutcome::Retry
+    }
+
+    /// What a tree holds: tables (the root included) and leaves by gfn.
+    struct Tree {
+        tables: i64,
+        leaves: BTreeMap<u64, Pfn>,
+    }
+
+    fn walk(mmu: &TdpMmu, root: Pfn) -> Tree {
+        let mut tree = Tree {
+            tables: 1,
+            leaves: BTreeMap::new(),
+        };
+        let mut it = SpteIter::new(mmu.arena(), mmu.config().geometry, root, 1, 0);
+        while it.valid() {
+            let spte = it.old_spte();
+            if spte.is_mmu_present() {
+                if spte.is_leaf(it.level()) {
+                    tree.leaves.insert(it.gfn(), spte.pfn());
+                } else {
+                    tree.tables += 1;
+                }
+            }
+            it.next();
+        }
+        tree
+    }
+
+    fn host_pfn(vm: &Vm, gfn: u64) -> Pfn {
+        vm.host.lookup(hva(gfn)).expect("mapped by the host").pfn
+    }
+
+    /// The end-state checks every scenario shares, on the valid root
+    /// `root`: the audit is clean (no SPTE maps a stale or freed frame),
+    /// every leaf maps the frame the host maps now, and `pages_4k` counts
+    /// exactly the leaves present.
+    fn check_consistent(vm: &Vm, root: Pfn) -> Tree {
+        let audit = vm.mmu.audit();
+        assert!(audit.is_empty(), "audit: {audit:?}");
+        let tree = walk(&vm.mmu, root);
+        for (&gfn, &pfn) in &tree.leaves {
+            assert_eq!(pfn, host_pfn(vm, gfn), "the leaf of gfn {gfn} maps the host's frame");
+        }
+        let stats = vm.mmu.stats().snapshot();
+        assert_eq!(
+            stats.pages_4k,
+            tree.leaves.len() as i64,
+            "pages_4k counts the leaves present {:?}",
+            tree.leaves.keys()
+        );
+        tree
+    }
+
+    /// Asserts that a run with an injected bug failed, and reports after
+    /// how many schedules.
+    fn assert_found(name: &str, run: Exploration) {
+        let failure = run
+            .failure
+            .unwrap_or_else(|| panic!("{name}: no schedule of {} found the injected bug", run.executions));
+        eprintln!("{name}: found in schedule {}: {failure}", run.executions);
+    }
+
+    // ---- 1. Two faults race to link the same missing page tables -------
+
+    /// Two faults on gfns 0 and 1 of an empty tree: both need the same two
+    /// tables below the root and race to link them with compare-exchange.
+    /// Exactly one table wins at each level, the loser's is freed at once,
+    /// and both leaves end up installed.
+    fn two_faults_link_the_same_tables() {
+        let vm = tiny_vm(true, &[0, 1]);
+        let root = Arc::new(vm.mmu.get_root(0).expect("a root"));
+        let frames_before = vm.mmu.arena().allocated_frames();
+        assert_eq!(vm.mmu.stats().snapshot().mmu_pages, 1, "the root alone");
+        let faults: Vec<_> = [0u64, 1]
+            .into_iter()
+            .map(|gfn| {
+                let (mmu, root) = (vm.mmu.clone(), root.clone());
+                thread::spawn(move || fault_in(&mmu, &root, gfn, true))
+            })
+            .collect();
+        for f in faults {
+            let outcome = f.join().expect("a fault thread");
+            assert!(
+                matches!(outcome, FaultOutcome::Fixed | FaultOutcome::Spurious),
+                "{outcome:?}"
+            );
+        }
+        let tree = check_consistent(&vm, root.root().pfn());
+        assert_eq!(tree.leaves.len(), 2, "both faults installed their leaf");
+        assert_eq!(tree.tables, 3, "one table won at each level");
+        let stats = vm.mmu.stats().snapshot();
+        assert_eq!(stats.mmu_pages, tree.tables, "mmu_pages counts the tables linked");
+        assert_eq!(
+            vm.mmu.arena().allocated_frames() - frames_before,
+            (tree.tables - 1) as u64,
+            "the losers' tables were freed"
+        );
+    }
+
+    #[test]
+    fn two_faults_linking_the_same_table() {
+        check_random(1, ITERATIONS, two_faults_link_the_same_tables);
+        check_pct(2, ITERATIONS, 3, two_faults_link_the_same_tables);
+    }
+
+    #[test]
+    fn a_blind_table_link_is_caught() {
+        let run = explore(
+            RandomScheduler::new_from_seed(11, BUG_LIMIT),
+            &[Bug::BlindSpteSet],
+            false,
+            two_faults_link_the_same_tables,
+        );
+        assert_found("blind table link", run);
+    }
+
+    // ---- 2. A fault against a zap of the same range ---------------------
+
+    /// gfn 1 is mapped and access-tracked (EPT A/D off, aged), so its
+    /// fault takes the lockless fast path (one compare-exchange); gfn 2 is
+    /// not mapped, so its fault takes the slow path under the read lock.
+    /// A third thread zaps gfns 0..4 under the write lock.
+    fn faults_against_a_write_locked_zap() {
+        let vm = tiny_vm(false, &[0, 1, 2, 3]);
+        let root = Arc::new(vm.mmu.get_root(0).expect("a root"));
+        assert_eq!(fault_in(&vm.mmu, &root, 1, false), FaultOutcome::Fixed);
+        vm.mmu.age_hva_range(HvaRange::new(hva(1), 0x1000), false);
+        let fast = {
+            let (mmu, root) = (vm.mmu.clone(), root.clone());
+            thread::spawn(move || fault_in(&mmu, &root, 1, false))
+        };
+        let slow = {
+            let (mmu, root) = (vm.mmu.clone(), root.clone());
+            thread::spawn(move || fault_in(&mmu, &root, 2, true))
+        };
+        let zap = {
+            let mmu = vm.mmu.clone();
+            thread::spawn(move || {
+                let guard = mmu.write_lock();
+                let flush = mmu.zap_gfn_range(&guard, 0, Gfn::new(0), Gfn::new(4));
+                mmu.discharge(flush);
+            })
+        };
+        for t in [fast, slow] {
+            t.join().expect("a fault thread");
+        }
+        zap.join().expect("the zapper");
+        check_consistent(&vm, root.root().pfn());
+    }
+
+    #[test]
+    fn faults_against_a_zap_under_the_write_lock() {
+        check_random(3, ITERATIONS, faults_against_a_write_locked_zap);
+        check_pct(4, ITERATIONS, 3, faults_against_a_write_locked_zap);
+    }
+
+    #[test]
+    fn a_fast_path_store_that_resurrects_a_zapped_spte_is_caught() {
+        let run = explore(
+            RandomScheduler::new_from_seed(13, BUG_LIMIT),
+            &[Bug::BlindSpteSet],
+            false,
+            faults_against_a_write_locked_zap,
+        );
+        assert_found("blind fast-path store", run);
+    }
+
+    /// The zap under the read lock: `zap_all_fast` invalidates the root a
+    /// fault holds, and `zap_invalidated_roots` zaps its leaves under the
+    /// read lock while the fault may be installing (it must see the root
+    /// invalid and retry; the vCPU then reloads its root).
+    fn a_fault_against_a_read_locked_zap() {
+        let vm = tiny_vm(true, &[0, 1, 2]);
+        let root = Arc::new(vm.mmu.get_root(0).expect("a root"));
+        assert_eq!(fault_in(&vm.mmu, &root, 0, true), FaultOutcome::Fixed);
+        let faulting = {
+            let (mmu, root) = (vm.mmu.clone(), root.clone());
+            thread::spawn(move || {
+                fault_in(&mmu, &root, 1, true);
+            })
+        };
+        let zap = {
+            let mmu = vm.mmu.clone();
+            thread::spawn(move || {
+                mmu.zap_all_fast();
+                mmu.zap_invalidated_roots();
+            })
+        };
+        faulting.join().expect("the fault thread");
+        zap.join().expect("the zapper");
+        assert!(!root.root().is_valid());
+        drop(root);
+        // Every leaf of the old root was zapped: only the new root counts.
+        let new_root = vm.mmu.get_root(0).expect("a new root");
+        let tree = check_consistent(&vm, new_root.root().pfn());
+        assert!(tree.leaves.is_empty());
+    }
+
+    #[test]
+    fn a_fault_against_a_zap_under_the_read_lock() {
+        check_random(5, ITERATIONS, a_fault_against_a_read_locked_zap);
+        check_pct(6, ITERATIONS, 3, a_fault_against_a_read_locked_zap);
+    }
+
+    #[test]
+    fn an_install_into_an_invalidated_root_is_caught() {
+        let run = explore(
+            RandomScheduler::new_from_seed(15, BUG_LIMIT),
+            &[Bug::InstallIntoInvalidRoot],
+            false,
+            a_fault_against_a_read_locked_zap,
+        );
+        assert_found("install into an invalid root", run);
+    }
+
+    // ---- 3. A fault against a notifier invalidation ---------------------
+
+    /// The host migrates gfn 1's page while a fault on it is between the
+    /// host lookup and the install. After the invalidation ends, no SPTE
+    /// may map the old frame (which the host freed).
+    fn a_fault_against_a_migration() {
+        let vm = tiny_vm(true, &[1]);
+        let old = host_pfn(&vm, 1);
+        let root = Arc::new(vm.mmu.get_root(0).expect("a root"));
+        let faulting = {
+            let (mmu, root) = (vm.mmu.clone(), root.clone());
+            thread::spawn(move || fault_in(&mmu, &root, 1, true))
+        };
+        let host = vm.host.clone();
+        let migrate = thread::spawn(move || host.migrate(hva(1)).expect("a migration"));
+        faulting.join().expect("the fault thread");
+        let new = migrate.join().expect("the host thread");
+        assert_ne!(old, new);
+        assert_eq!(host_pfn(&vm, 1), new);
+        let tree = check_consistent(&vm, root.root().pfn());
+        assert!(
+            tree.leaves.values().all(|&pfn| pfn != old),
+            "an SPTE maps the migrated-away frame"
+        );
+    }
+
+    #[test]
+    fn a_fault_against_a_notifier_invalidation() {
+        check_random(7, ITERATIONS, a_fault_against_a_migration);
+        check_pct(8, ITERATIONS, 3, a_fault_against_a_migration);
+    }
+
+    #[test]
+    fn a_sequence_sampled_after_the_lookup_is_caught() {
+        let run = explore(
+            RandomScheduler::new_from_seed(17, BUG_LIMIT),
+            &[Bug::SeqSampledAfterLookup],
+            false,
+            a_fault_against_a_migration,
+        );
+        assert_found("mmu_invalidate_seq sampled late", run);
+    }
+
+    // ---- 4. zap_all_fast against vCPUs taking root references -----------
+
+    /// A vCPU takes root references while the VM zaps everything fast and
+    /// another vCPU drops the last reference it held to the old root. Every
+    /// reference handed out is to a valid root whose tables are live while
+    /// it is held; at the end, the invalidated root has been freed once
+    /// (the arena holds exactly the host's frames and the valid root).
+    fn root_references_against_zap_all_fast() {
+        let vm = tiny_vm(true, &[]);
+        let arena = vm.mmu.arena().clone();
+        let frames_before = arena.allocated_frames();
+        let held = vm.mmu.get_root(0).expect("a root");
+        let taker = {
+            let (mmu, arena) = (vm.mmu.clone(), arena.clone());
+            thread::spawn(move || {
+                let mut violations = Vec::new();
+                for _ in 0..2 {
+                    let r = mmu.get_root(0).expect("a root");
+                    let pfn = r.root().pfn();
+                    if !r.root().is_valid() || arena.is_freed(pfn) {
+                        violations.push(format!("got a reference to an invalid root at {pfn:?}"));
+                        // Do not drop it: that would free its tree a
+                        // second time, in whatever thread collects next.
+                        std::mem::forget(r);
+                        continue;
+                    }
+                    sched_point();
+                    if arena.is_freed(pfn) {
+                        violations.push(format!("the root at {pfn:?} was freed while referenced"));
+                    }
+                }
+                violations
+            })
+        };
+        let dropper = thread::spawn(move || drop(held));
+        let zap = {
+            let mmu = vm.mmu.clone();
+            thread::spawn(move || {
+                mmu.zap_all_fast();
+                mmu.zap_invalidated_roots();
+            })
+        };
+        let violations = taker.join().expect("the vCPU thread");
+        dropper.join().expect("the dropping thread");
+        zap.join().expect("the zapper");
+        assert!(violations.is_empty(), "{violations:?}");
+        let current = vm.mmu.get_root(0).expect("the valid root");
+        assert!(current.root().is_valid());
+        // Invalidated roots are freed after an epoch grace period.
+        let mut waited = 0;
+        while arena.allocated_frames() != frames_before + 1 && waited < 100_000 {
+            crossbeam_epoch::pin().flush();
+            std::thread::yield_now();
+            waited += 1;
+        }
+        assert_eq!(
+            arena.allocated_frames(),
+            frames_before + 1,
+            "every invalidated root freed, exactly once (only the valid root is left)"
+        );
+    }
+
+    #[test]
+    fn zap_all_fast_against_root_references() {
+        check_random(9, ITERATIONS, root_references_against_zap_all_fast);
+        check_pct(10, ITERATIONS, 3, root_references_against_zap_all_fast);
+    }
+
+    #[test]
+    fn an_unchecked_root_reference_is_caught() {
+        let run = explore(
+            PctScheduler::new_from_seed(19, 3, BUG_LIMIT),
+            &[Bug::UncheckedRootRef],
+            false,
+            root_references_against_zap_all_fast,
+        );
+        assert_found("unchecked root reference", run);
+    }
+
+    // ---- How fast each injected bug is found ------------------------------
+
+    /// For every injected bug and both schedulers: over 40 seeds, how many
+    /// schedules it takes to find the bug (at most [`BUG_LIMIT`] per seed).
+    /// Fails if a seed never finds it; prints a table with `--nocapture`.
+    #[test]
+    fn schedules_to_find_each_injected_bug() {
+        type Scenario = fn();
+        let cases: [(&str, Bug, Scenario, usize); 5] = [
+            (
+                "1 blind table link",
+                Bug::BlindSpteSet,
+                two_faults_link_the_same_tables,
+                2,
+            ),
+            (
+                "2 blind fast-path store",
+                Bug::BlindSpteSet,
+                faults_against_a_write_locked_zap,
+                3,
+            ),
+            (
+                "2 install into invalid root",
+                Bug::InstallIntoInvalidRoot,
+                a_fault_against_a_read_locked_zap,
+                3,
+            ),
+            (
+                "3 seq sampled late",
+                Bug::SeqSampledAfterLookup,
+                a_fault_against_a_migration,
+                2,
+            ),
+            (
+                "4 unchecked root ref",
+                Bug::UncheckedRootRef,
+                root_references_against_zap_all_fast,
+                3,
+            ),
+        ];
+        const SEEDS: u64 = 40;
+        let mut never = Vec::new();
+        for (name, bug, scenario, depth) in cases {
+            for pct in [false, true] {
+                let mut found: Vec<usize> = (0..SEEDS)
+                    .filter_map(|seed| {
+                        let run = if pct {
+                            explore(
+                                PctScheduler::new_from_seed(seed, depth, BUG_LIMIT),
+                                &[bug],
+                                false,
+                                scenario,
+                            )
+                        } else {
+                            explore(RandomScheduler::new_from_seed(seed, BUG_LIMIT), &[bug], false, scenario)
+                        };
+                        run.failure.map(|_| run.executions)
+                    })
+                    .collect();
+                found.sort_unstable();
+                let scheduler = if pct {
+                    format!("pct(depth {depth})")
+                } else {
+                    "random".to_string()
+                };
+                if found.len() < SEEDS as usize {
+                    never.push(format!("{name} / {scheduler}"));
+                }
+                let mean = found.iter().sum::<usize>() as f64 / found.len().max(1) as f64;
+                println!(
+                    "{name:30} {scheduler:14} found by {:2}/{SEEDS} seeds; schedules: min {} median {} mean {mean:.1} max {}",
+                    found.len(),
+                    found.first().copied().unwrap_or(0),
+                    found.get(found.len() / 2).copied().unwrap_or(0),
+                    found.last().copied().unwrap_or(0),
+                );
+            }
+        }
+        assert!(never.is_empty(), "some seed never found the bug: {never:?}");
+    }
+}
