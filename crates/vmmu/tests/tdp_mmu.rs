@@ -624,3 +624,28 @@ fn invvpid_and_invept_drop_what_they_name() {
     assert_eq!(read(&mut v, 0x1000).0, 1);
     assert_eq!(read(&mut v, 0x2000).0, 2);
 }
+
+/// `mmu_pages` counts the tables linked now: a fast zap's old tree is
+/// subtracted when its last reference goes, and a table replaced by a huge
+/// leaf takes its subtables with it.
+#[test]
+fn mmu_pages_counts_live_tables_across_fast_zap() {
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let mut v = vcpu(&vm, 1);
+    for page in 0..4u64 {
+        write(&mut v, page << 12, page);
+    }
+    let tables = |vm: &Vm| vm.mmu.stats().snapshot().mmu_pages;
+    assert_eq!(tables(&vm), 4, "root, PDPT, PD, PT");
+    for round in 0..3 {
+        vm.mmu.zap_all_fast();
+        vm.mmu.zap_invalidated_roots();
+        // The vCPU drops the old root and builds the new tree.
+        write(&mut v, 0, round);
+        assert!(
+            reclaim_until(|| tables(&vm) == 4),
+            "round {round}: {} tables counted",
+            tables(&vm)
+        );
+    }
+}

@@ -108,6 +108,7 @@ pub struct RootRef {
     root: Arc<TdpRoot>,
     arena: Arc<FrameArena>,
     geometry: Geometry,
+    stats: Arc<MmuStats>,
 }
 
 impl RootRef {
@@ -120,7 +121,12 @@ impl RootRef {
     /// No schedule point for model tests here ([`crate::sync`]): the root
     /// list is a `parking_lot` mutex, and nothing can interleave with this
     /// check anyway while it is held.
-    fn try_get(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry) -> Option<RootRef> {
+    fn try_get(
+        root: &Arc<TdpRoot>,
+        arena: &Arc<FrameArena>,
+        geometry: Geometry,
+        stats: &Arc<MmuStats>,
+    ) -> Option<RootRef> {
         if !root.is_valid() {
             return None;
         }
@@ -141,6 +147,7 @@ impl RootRef {
             root: root.clone(),
             arena: arena.clone(),
             geometry,
+            stats: stats.clone(),
         })
     }
 
@@ -157,24 +164,43 @@ impl Clone for RootRef {
             root: self.root.clone(),
             arena: self.arena.clone(),
             geometry: self.geometry,
+            stats: self.stats.clone(),
         }
     }
 }
 
 impl Drop for RootRef {
     fn drop(&mut self) {
-        put_root(&self.root, &self.arena, self.geometry);
+        put_root(&self.root, &self.arena, self.geometry, &self.stats);
     }
 }
 
 /// Drops one reference; the last one frees the tree after a grace period.
 /// Only an invalid root reaches zero: the MMU's list holds a reference
 /// from creation until the root has been invalidated and zapped.
-fn put_root(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry) {
+fn put_root(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry, stats: &MmuStats) {
     if root.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
         assert!(!root.is_valid(), "the last reference to a valid root was dropped");
+        // Nothing links into an invalid, unreferenced tree any more: its
+        // tables can be counted now and freed after the grace period.
+        let tables = count_tables(arena, geometry, root.pfn, geometry.levels);
+        stats.local().mmu_pages.fetch_sub(tables as i64, Ordering::Relaxed);
         defer_free_tree(arena, geometry, root.pfn, geometry.levels);
     }
+}
+
+/// The tables of a tree (the root included).
+fn count_tables(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) -> u64 {
+    let mut n = 1;
+    if level > 1 {
+        for slot in arena.table(table).iter().take(geometry.entries() as usize) {
+            let spte = Spte(slot.load(Ordering::Acquire));
+            if spte.is_mmu_present() && !spte.is_leaf(level) {
+                n += count_tables(arena, geometry, spte.pfn(), level - 1);
+            }
+        }
+    }
+    n
 }
 
 /// Regions split by instruction fetches (NX huge pages): the queue the
@@ -268,7 +294,7 @@ pub struct TdpMmu {
     nx_split: Mutex<NxSplit>,
     /// The per-vCPU dirty ring size, once enabled (`KVM_CAP_DIRTY_LOG_RING`).
     dirty_ring: std::sync::OnceLock<u32>,
-    stats: MmuStats,
+    stats: Arc<MmuStats>,
 }
 
 impl std::fmt::Debug for TdpMmu {
@@ -296,7 +322,7 @@ impl TdpMmu {
             remote_tlb: RemoteTlb::default(),
             nx_split: Mutex::new(NxSplit::default()),
             dirty_ring: std::sync::OnceLock::new(),
-            stats: MmuStats::default(),
+            stats: Arc::new(MmuStats::default()),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
         mmu.slots
@@ -363,13 +389,14 @@ impl TdpMmu {
                     root,
                     arena: self.arena.clone(),
                     geometry: self.config.geometry,
+                    stats: self.stats.clone(),
                 });
             }
         }
         let mut roots = self.roots.lock();
         for r in roots.valid.iter() {
             if r.as_id == as_id
-                && let Some(rr) = RootRef::try_get(r, &self.arena, self.config.geometry)
+                && let Some(rr) = RootRef::try_get(r, &self.arena, self.config.geometry, &self.stats)
             {
                 return Ok(rr);
             }
@@ -384,7 +411,7 @@ impl TdpMmu {
             valid: AtomicBool::new(true),
         });
         roots.valid.push(root.clone());
-        Ok(RootRef::try_get(&root, &self.arena, self.config.geometry).expect("a new root is valid"))
+        Ok(RootRef::try_get(&root, &self.arena, self.config.geometry, &self.stats).expect("a new root is valid"))
     }
 
     /// The root generation: when it changes, a vCPU whose root is no longer
@@ -439,7 +466,7 @@ impl TdpMmu {
         for root in &queued {
             // Model tests: a vCPU may drop its reference at the same time.
             sync::sched_point();
-            put_root(root, &self.arena, self.config.geometry);
+            put_root(root, &self.arena, self.config.geometry, &self.stats);
         }
         zapped
     }
@@ -672,6 +699,7 @@ impl TdpMmu {
             }
             self.zap_subtree_leaves(old.pfn(), level - 1);
             self.flush_remote_tlbs();
+            self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
             defer_free_tree(&self.arena, self.config.geometry, old.pfn(), level - 1);
             it.sptep().store(leaf.0, Ordering::Release);
         } else if !it.try_set(leaf) {
@@ -708,7 +736,9 @@ impl TdpMmu {
             .expect("a table this fault allocated and never published is live");
     }
 
-    /// Counts the leaves of a subtree being dropped.
+    /// Zaps a subtree being dropped: counts its leaves, and unlinks, counts
+    /// and frees (after a grace period) every table below `table`; the
+    /// caller frees `table` itself.
     fn zap_subtree_leaves(&self, table: Pfn, level: u8) {
         for slot in self
             .arena
@@ -726,6 +756,7 @@ impl TdpMmu {
             } else {
                 self.zap_subtree_leaves(spte.pfn(), level - 1);
                 self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
+                defer_free_tree(&self.arena, self.config.geometry, spte.pfn(), level - 1);
             }
         }
     }
