@@ -103,7 +103,7 @@ enum BenchName {
     /// The wait of zap_all_fast with 1 GiB and 16 GiB mapped.
     #[value(name = "zap-all")]
     ZapAll,
-    /// Guest CR3 switches (not implemented yet: needs the shadow MMU).
+    /// Guest CR3 switches on the shadow MMU: prev_roots hits against misses and rebuilds.
     #[value(name = "cr3-switch")]
     Cr3Switch,
     /// Age every page, then re-access it, with EPT A/D on and off (KVM's access_tracking_perf_test).
@@ -111,7 +111,7 @@ enum BenchName {
     AccessTracking,
     /// 4-level guest walks against four dependent loads.
     Walk,
-    /// Every implemented benchmark: walk, populate, dirty-log, zap-all, access-tracking.
+    /// Every benchmark: walk, populate, dirty-log, zap-all, access-tracking, cr3-switch.
     All,
 }
 
@@ -131,7 +131,7 @@ enum BackingArg {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum BenchMmu {
-    /// The shadow MMU (not implemented yet).
+    /// The shadow MMU (cr3-switch).
     Shadow,
     /// The TDP MMU.
     Tdp,
@@ -157,9 +157,10 @@ struct BenchArgs {
     /// Host memory backing guest memory.
     #[arg(short = 's', long, value_enum, default_value = "anon")]
     backing: BackingArg,
-    /// The MMU measured.
-    #[arg(long, value_enum, default_value = "tdp")]
-    mmu: BenchMmu,
+    /// The MMU measured (default: the one the benchmark measures: shadow
+    /// for cr3-switch, TDP for the others).
+    #[arg(long = "mmu", value_enum)]
+    mmu_given: Option<BenchMmu>,
     /// Print one JSON object per benchmark instead of a table.
     #[arg(long)]
     json: bool,
@@ -344,11 +345,16 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         eprintln!("vmmu bench: {msg}");
         ExitCode::from(2)
     };
-    if args.name == BenchName::Cr3Switch {
-        return usage("cr3-switch: not implemented yet: needs the shadow MMU (issue 5)".into());
+    if args.name == BenchName::Cr3Switch && args.mmu_given == Some(BenchMmu::Tdp) {
+        return usage(
+            "cr3-switch measures the shadow MMU's prev_roots (under TDP a CR3 switch never reaches the MMU)".into(),
+        );
     }
-    if args.mmu == BenchMmu::Shadow {
-        return usage("--mmu shadow: not implemented yet: needs the shadow MMU (issue 5)".into());
+    if args.name != BenchName::Cr3Switch && args.name != BenchName::All && args.mmu_given == Some(BenchMmu::Shadow) {
+        return usage(format!(
+            "--mmu shadow: only cr3-switch measures the shadow MMU so far; {:?} runs on the TDP MMU",
+            args.name
+        ));
     }
     let cfg = TdpBenchConfig {
         vcpus: args.vcpus,
@@ -361,15 +367,23 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             BackingArg::Hugetlb1g => Backing::Hugetlb1G,
         },
     };
-    let names: &[BenchName] = match args.name {
-        BenchName::All => &[
-            BenchName::Walk,
+    let names: &[BenchName] = match (args.name, args.mmu_given) {
+        (BenchName::All, Some(BenchMmu::Shadow)) => &[BenchName::Cr3Switch],
+        (BenchName::All, Some(BenchMmu::Tdp)) => &[
             BenchName::Populate,
             BenchName::DirtyLog,
             BenchName::ZapAll,
             BenchName::AccessTracking,
         ],
-        ref one => std::slice::from_ref(one),
+        (BenchName::All, None) => &[
+            BenchName::Walk,
+            BenchName::Populate,
+            BenchName::DirtyLog,
+            BenchName::ZapAll,
+            BenchName::AccessTracking,
+            BenchName::Cr3Switch,
+        ],
+        (_, _) => std::slice::from_ref(&args.name),
     };
     // Check every size before running anything.
     if names
@@ -397,7 +411,8 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             BenchName::DirtyLog => tdp::dirty_log(&cfg, &progress),
             BenchName::ZapAll => tdp::zap_all(&cfg, &progress),
             BenchName::AccessTracking => tdp::access_tracking(&cfg, &progress),
-            BenchName::Cr3Switch | BenchName::All => unreachable!("handled above"),
+            BenchName::Cr3Switch => vmmu::bench::shadow::cr3_switch(args.iterations),
+            BenchName::All => unreachable!("expanded above"),
         };
         let r = match result {
             Ok(r) => r,

@@ -267,17 +267,34 @@ fn bench_bad_sizes_and_backings_exit_2_naming_the_problem() {
 }
 
 #[test]
-fn bench_unimplemented_exit_2_and_print_no_numbers() {
+fn bench_mmu_mismatches_exit_2_and_print_no_numbers() {
     for (args, needle) in [
-        (vec!["bench", "cr3-switch"], "shadow MMU"),
-        (vec!["bench", "populate", "--mmu", "shadow"], "shadow MMU"),
+        (vec!["bench", "cr3-switch", "--mmu", "tdp"], "prev_roots"),
+        (vec!["bench", "populate", "--mmu", "shadow"], "only cr3-switch"),
     ] {
         let o = vmmu(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
-        assert!(stderr(&o).contains("not implemented yet"), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
         assert!(stdout(&o).is_empty(), "{args:?}");
     }
+}
+
+#[test]
+fn bench_cr3_switch_json_hits_beat_misses() {
+    let o = vmmu(&["bench", "cr3-switch", "-i", "2000", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    assert_eq!(v["bench"], "cr3-switch");
+    assert_eq!(v["mmu"], "shadow");
+    let phases: Vec<&str> = v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["hit", "miss", "rebuild"]);
+    let ratio = v["ratio"].as_f64().unwrap();
+    assert!(ratio.is_finite() && ratio > 0.0, "{v}");
 }
 
 #[test]

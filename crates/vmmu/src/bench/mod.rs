@@ -2,6 +2,7 @@
 //! reference in the same run and reports the ratio, so results are
 //! comparable across noisy machines.
 
+pub mod shadow;
 pub mod tdp;
 pub mod walk;
 

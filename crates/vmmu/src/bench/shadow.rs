@@ -1,0 +1,183 @@
+//! Shadow MMU benchmarks: `cr3-switch` (a guest switching between address
+//! spaces, served by `prev_roots` or by loading roots again) and the cost
+//! of an emulated write to a write-protected guest page table.
+
+use super::tdp::BenchError;
+use super::{BenchResult, Figure, Phase, Report, best_ns_per_iter};
+use crate::addr::{Gpa, Hva};
+use crate::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
+use crate::arch::perm::AccessKind;
+use crate::cpu::vcpu::{AccessResult, PREV_ROOTS, Vcpu};
+use crate::mem::{GuestMemory, VmaFlags};
+use crate::sim::vm::ShadowVm;
+use crate::walker::ControlRegs;
+
+const TABLE: u64 = 0x7;
+
+/// Address space `i` (4-level): its tables at `(1 + 4i)` pages, mapping
+/// `pages` data pages from va 0, and its PT at va 2 MiB (supervisor RW).
+fn space(mem: &GuestMemory, i: u64, pages: u64) -> Result<u64, BenchError> {
+    let base = (1 + 4 * i) * 0x1000;
+    let (pml4, pdpt, pd, pt) = (base, base + 0x1000, base + 0x2000, base + 0x3000);
+    let w = |gpa: u64, v: u64| {
+        mem.write_u64(Gpa::new(gpa), v)
+            .map_err(|e| BenchError::Run(format!("building the guest tables: {e}")))
+    };
+    w(pml4, pdpt | TABLE)?;
+    w(pdpt, pd | TABLE)?;
+    w(pd, pt | TABLE)?;
+    w(pd + 8, pt | 0x3)?; // va 2 MiB..: the PT itself at its first page
+    for p in 0..pages {
+        w(pt + 8 * p, ((0x400 + 64 * i + p) << 12) | TABLE)?;
+    }
+    Ok(pml4)
+}
+
+fn regs() -> ControlRegs {
+    ControlRegs {
+        cr0: Cr0::PE | Cr0::PG | Cr0::WP,
+        cr4: Cr4::PAE,
+        efer: Efer::LME | Efer::LMA | Efer::NXE,
+    }
+}
+
+fn read(v: &mut Vcpu, va: u64) -> Result<u64, BenchError> {
+    match v.access(va, AccessKind::Read, 0, false, 8, 0) {
+        Ok(AccessResult::Done { gpa, .. }) => Ok(gpa.raw()),
+        other => Err(BenchError::Run(format!("read at {va:#x}: {other:?}"))),
+    }
+}
+
+/// `cr3-switch`: MOV to CR3 between address spaces (no PCID, so each switch
+/// also empties the TLB) followed by one access, in three settings:
+/// - `hit`: a cycle of 4 address spaces, each switch served by
+///   `prev_roots` (the current roots plus 3 cached);
+/// - `miss`: a cycle of 5, so the least recently used is always the one
+///   evicted: every switch releases and loads roots (KVM's slow path: the
+///   root pages are found in the page hash, not built);
+/// - `rebuild`: a cycle of 4 after a zap of everything each time: the
+///   roots and the shadow tables below them are built from the guest's.
+///
+/// The headline is `hit` against `miss` (the reference).
+pub fn cr3_switch(iterations: Option<u64>) -> Result<Report, BenchError> {
+    let iters = iterations.unwrap_or(200_000);
+    if iters == 0 {
+        return Err(BenchError::Config("cr3-switch: --iterations must be at least 1".into()));
+    }
+    let vm =
+        ShadowVm::new(16 << 20, Hva::new(0x4000_0000), VmaFlags::WRITE).map_err(|e| BenchError::Run(e.to_string()))?;
+    let mem = vm.memory();
+    let spaces = PREV_ROOTS as u64 + 2;
+    let cr3s: Vec<u64> = (0..spaces).map(|i| space(&mem, i, 4)).collect::<Result<_, _>>()?;
+    let mut v = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1);
+    v.set_state(regs(), cr3s[0], 0)
+        .map_err(|e| BenchError::Run(e.to_string()))?;
+    for &cr3 in &cr3s {
+        v.mov_cr3(cr3).map_err(|e| BenchError::Run(e.to_string()))?;
+        read(&mut v, 0)?;
+    }
+    let mut failed = None;
+    let mut cycle = |v: &mut Vcpu, n: u64, count: u64, zap: bool| -> u64 {
+        let mut sink = 0;
+        for k in 0..n {
+            let i = (k % count) as usize;
+            if zap {
+                vm.mmu.zap_all();
+            }
+            if let Err(e) = v.mov_cr3(cr3s[i]) {
+                failed.get_or_insert(e.to_string());
+            }
+            match read(v, 0) {
+                Ok(gpa) if gpa == (0x400 + 64 * i as u64) << 12 => sink += gpa,
+                other => {
+                    failed.get_or_insert(format!("address space {i}: read gave {other:?}"));
+                }
+            }
+        }
+        sink
+    };
+    let stats = |vm: &ShadowVm| vm.mmu.stats().snapshot();
+    // Warm the hit phase's cache: its 4 address spaces, in order.
+    cycle(&mut v, PREV_ROOTS as u64 + 1, PREV_ROOTS as u64 + 1, false);
+    let s0 = stats(&vm);
+    let (hit, hit_secs, _) = best_ns_per_iter(3, iters, |n| cycle(&mut v, n, PREV_ROOTS as u64 + 1, false));
+    let s1 = stats(&vm);
+    let (miss, _, _) = best_ns_per_iter(3, iters, |n| cycle(&mut v, n, PREV_ROOTS as u64 + 2, false));
+    let s2 = stats(&vm);
+    let rebuild_iters = (iters / 20).max(1);
+    let (rebuild, _, _) = best_ns_per_iter(3, rebuild_iters, |n| cycle(&mut v, n, PREV_ROOTS as u64 + 1, true));
+    if let Some(e) = failed {
+        return Err(BenchError::Run(e));
+    }
+    // The phases measured what they claim.
+    let hits = (s1.prev_roots_hit - s0.prev_roots_hit) as u64;
+    let misses = (s2.prev_roots_miss - s1.prev_roots_miss) as u64;
+    if hits < 3 * iters - 4 || s1.prev_roots_miss != s0.prev_roots_miss {
+        return Err(BenchError::Run(format!(
+            "the hit phase missed prev_roots ({hits} hits, {} misses)",
+            s1.prev_roots_miss - s0.prev_roots_miss
+        )));
+    }
+    if misses < 3 * iters - 5 || s2.prev_roots_hit - s1.prev_roots_hit > 5 {
+        return Err(BenchError::Run(format!(
+            "the miss phase hit prev_roots ({misses} misses, {} hits)",
+            s2.prev_roots_hit - s1.prev_roots_hit
+        )));
+    }
+    let phase = |phase, per_op_ns: f64, reference_ns: f64| Phase {
+        phase,
+        per_op_ns,
+        reference_ns,
+        ratio: per_op_ns / reference_ns,
+    };
+    let result = BenchResult {
+        bench: "cr3-switch",
+        mmu: "shadow",
+        vcpus: 1,
+        pages: spaces,
+        seconds: hit_secs,
+        per_op_ns: hit,
+        reference_ns: miss,
+        ratio: hit / miss,
+        reference: "per switch + one access: the same switch when prev_roots misses (roots released and loaded again from the page hash)",
+        goal_ratio: None,
+        phases: vec![
+            phase("hit", hit, miss),
+            phase("miss", miss, miss),
+            phase("rebuild", rebuild, miss),
+        ],
+    };
+    Ok(Report {
+        result,
+        backing: Some("anon"),
+        figures: vec![
+            Figure {
+                name: "hit".into(),
+                unit: "ns/switch",
+                value: hit,
+                reference: Some(miss),
+                goal: None,
+            },
+            Figure {
+                name: "rebuild after zap-all".into(),
+                unit: "ns/switch",
+                value: rebuild,
+                reference: Some(miss),
+                goal: None,
+            },
+        ],
+        notes: vec![
+            format!(
+                "{iters} switches per round (best of 3), 4-level guest, no PCID: every switch also empties the TLB, so each is followed by a hardware walk of the shadow tables"
+            ),
+            format!(
+                "prev_roots: {} entries; the hit phase cycles through {} address spaces, the miss phase through {}",
+                PREV_ROOTS,
+                PREV_ROOTS + 1,
+                PREV_ROOTS + 2
+            ),
+            "rebuild: zap_all before each switch, so the access faults in a root and 3 shadow tables (the zap is timed too)"
+                .into(),
+        ],
+    })
+}
