@@ -48,9 +48,25 @@ impl TdpMmu {
         let mut protected = false;
         for root in self.roots_of(as_id) {
             let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 1, start.raw());
+            let entries = self.config.geometry.entries();
             while it.valid() && it.gfn() < end.raw() {
                 let level = it.level();
                 let spte = it.old_spte();
+                if level == 1
+                    && !self.dirty_bit_logging()
+                    && it.gfn().is_multiple_of(entries)
+                    && it.gfn() + entries <= end.raw()
+                {
+                    // A whole 4K table in range: one tight pass over its
+                    // slots (the cursor's per-entry bookkeeping would cost
+                    // as much as the compare-exchange), then past it.
+                    protected |= self.write_protect_table(it.table());
+                    if !it.step_up() {
+                        break;
+                    }
+                    it.skip_subtree();
+                    continue;
+                }
                 if spte.is_mmu_present() && spte.is_leaf(level) {
                     if level > 1 && split {
                         if self.split_huge(&mut it) {
@@ -80,6 +96,40 @@ impl TdpMmu {
             }
         }
         PendingFlush::new(protected)
+    }
+
+    /// Clears hardware W on every present leaf of a 4K table, with
+    /// compare-exchange (hardware may set A/D meanwhile). Returns whether
+    /// any was writable.
+    fn write_protect_table(&self, table: crate::addr::Pfn) -> bool {
+        let mut protected = false;
+        for slot in self
+            .arena
+            .table(table)
+            .iter()
+            .take(self.config.geometry.entries() as usize)
+        {
+            let mut cur = slot.load(Ordering::Acquire);
+            loop {
+                let spte = Spte(cur);
+                if !(spte.is_mmu_present() && spte.is_writable(self.fmt)) {
+                    break;
+                }
+                match slot.compare_exchange(
+                    cur,
+                    spte.clear_writable(self.fmt).0,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {
+                        protected = true;
+                        break;
+                    }
+                    Err(now) => cur = now,
+                }
+            }
+        }
+        protected
     }
 
     /// Replaces the huge leaf at the cursor with a table of next-level
@@ -268,17 +318,28 @@ impl TdpMmu {
         let base = slot.base_gfn().raw() + first_page;
         drop(slots);
         let mut flush = PendingFlush::none();
+        // Runs of set bits become one range each, across word boundaries
+        // (a fully dirty slot is one walk, not one per 64 pages).
+        let mut run: Option<(u64, u64)> = None;
         for (w, &word) in bits.iter().enumerate() {
             let mut word = word;
             while word != 0 {
-                // Runs of set bits become one range each.
                 let lo = word.trailing_zeros() as u64;
-                let run = (word >> lo).trailing_ones() as u64;
+                let len = (word >> lo).trailing_ones() as u64;
                 let start = base + w as u64 * 64 + lo;
-                flush =
-                    flush.merge(self.write_protect_range(guard, as_id, Gfn::new(start), Gfn::new(start + run), false));
-                word &= !(((1u128 << (lo + run)) - 1) as u64);
+                run = match run {
+                    Some((s, e)) if e == start => Some((s, start + len)),
+                    Some((s, e)) => {
+                        flush = flush.merge(self.write_protect_range(guard, as_id, Gfn::new(s), Gfn::new(e), false));
+                        Some((start, start + len))
+                    }
+                    None => Some((start, start + len)),
+                };
+                word &= !(((1u128 << (lo + len)) - 1) as u64);
             }
+        }
+        if let Some((s, e)) = run {
+            flush = flush.merge(self.write_protect_range(guard, as_id, Gfn::new(s), Gfn::new(e), false));
         }
         Ok(flush)
     }
