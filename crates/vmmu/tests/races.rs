@@ -81,6 +81,8 @@ mod model {
             gpa: Gpa::new(gfn << 12),
             write,
             exec: false,
+            // Not known: the fast path is tried (it races with zaps).
+            present: true,
         }
     }
 

@@ -108,6 +108,7 @@ fn enabling_follows_kvm_rules() {
         gpa: Gpa::new(0x1000),
         write: true,
         exec: false,
+        present: false,
     };
     assert!(matches!(
         vm.mmu.page_fault(&root, fault, &mut SlotCache::default(), None),

@@ -267,6 +267,7 @@ fn nothing_hands_out_an_invalid_root() {
         gpa: Gpa::new(0x1000),
         write: false,
         exec: false,
+        present: false,
     };
     assert_eq!(
         vm.mmu.page_fault(&held, fault, &mut cache, None).unwrap(),

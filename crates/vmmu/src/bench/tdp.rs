@@ -434,6 +434,7 @@ fn fault_range(vm: &Vm, gfns: u64, leaf_pages: u64, threads: usize) -> Result<(D
                 gpa,
                 write: true,
                 exec: false,
+                present: false,
             };
             loop {
                 match vm.mmu.page_fault(&root, fault, &mut cache, None) {
@@ -760,6 +761,7 @@ pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report,
                     gpa: Gpa::new(gfn * PAGE),
                     write: true,
                     exec: false,
+                    present: false,
                 };
                 loop {
                     match vm.mmu.page_fault(&root, fault, &mut cache, None) {

@@ -644,23 +644,27 @@ impl Vcpu {
 
     /// Hands an exit to the MMU (outside guest mode).
     fn handle_exit(&mut self, exit: EptExit) -> Result<FaultOutcome, VcpuError> {
-        let (write, exec) = match exit {
+        let (write, exec, present) = match exit {
             EptExit::Violation { qual, .. } => {
                 self.stats.ept_violations += 1;
                 (
                     qual.contains(EptViolationQual::WRITE),
                     qual.contains(EptViolationQual::FETCH),
+                    qual.intersects(
+                        EptViolationQual::READABLE | EptViolationQual::WRITABLE | EptViolationQual::EXECUTABLE,
+                    ),
                 )
             }
             EptExit::Misconfig { .. } => {
                 self.stats.ept_misconfigs += 1;
-                (false, false)
+                (false, false, true)
             }
         };
         let fault = TdpFault {
             gpa: exit.gpa(),
             write,
             exec,
+            present,
         };
         let Backend::Tdp(t) = &mut self.backend else {
             unreachable!("an EPT exit on a shadow vCPU")

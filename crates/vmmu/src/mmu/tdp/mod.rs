@@ -267,6 +267,12 @@ pub struct TdpFault {
     pub write: bool,
     /// Whether it was an instruction fetch.
     pub exec: bool,
+    /// Whether hardware found a translation (the exit qualification's
+    /// readable/writable/executable bits, KVM's `fault->present`). With
+    /// EPT A/D on, a fault on no translation cannot be fixed by the
+    /// lockless fast path, which is then skipped (KVM's
+    /// `page_fault_can_be_fast`); pass `true` when unsure.
+    pub present: bool,
 }
 
 /// The TDP MMU of one VM.
@@ -510,6 +516,10 @@ impl TdpMmu {
     ) -> Result<FaultOutcome, TdpError> {
         MmuStats::inc(&self.stats.local().pf_taken);
         self.check_ring(ring)?;
+        // One epoch pin for the whole fault: the host lookup's, the fast
+        // path's and the install's pins nest in it (a nested pin is a
+        // counter increment; a fresh one is a full fence).
+        let _epoch = crossbeam_epoch::pin();
         tracing::trace!(target: "kvm_page_fault", gpa = fault.gpa.raw(), write = fault.write, exec = fault.exec);
         let gfn = fault.gpa.frame();
         // The snapshot stays held for the whole fault, as KVM holds
@@ -533,7 +543,11 @@ impl TdpMmu {
             return Ok(FaultOutcome::ReadOnlySlot);
         }
         let logging = slot.logs_dirty_pages();
-        if let Some(outcome) = self.fast_page_fault(root, gfn, &fault, slot, ring) {
+        // Without A/D, access-tracked SPTEs look absent to hardware: the
+        // fast path must be tried for them.
+        if (fault.present || !self.config.ad)
+            && let Some(outcome) = self.fast_page_fault(root, gfn, &fault, slot, ring)
+        {
             return Ok(outcome);
         }
         let mapping = match faultin_gfn(&self.host, &self.invalidate, slot, gfn, fault.write) {
