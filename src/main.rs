@@ -245,6 +245,7 @@ fn run_stress(args: StressArgs) -> ExitCode {
         println!("accesses           {}", report.accesses);
         println!("host operations    {}", report.host_operations);
         println!("vmm operations     {}", report.vmm_operations);
+        println!("dirty-log sessions {}", report.dirty_log_sessions);
         println!("audits             {}", report.audits);
         println!("pf_taken           {}", s.pf_taken);
         println!("pf_fixed           {}", s.pf_fixed);
