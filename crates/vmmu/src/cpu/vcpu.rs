@@ -780,14 +780,8 @@ impl Vcpu {
     fn attempt(&mut self, gva: u64, access: Access, size: usize, value: u64) -> Attempt {
         let tag = self.tag();
         let write = access.is_write();
-        if let Some(e) = self.tlb.lookup(gva, tag) {
-            if self.check(access, &e) {
-                self.stats.tlb_hits += 1;
-                return Attempt::Done(self.touch(e.hpa(gva), Gpa::new(e.gpa(gva)), write, size, value));
-            }
-            // Rights cached, not decisions: a hit that faults, or a write
-            // through a clean entry, walks again.
-            self.tlb.remove(gva, tag);
+        if let Some(done) = self.tlb_hit(gva, tag, access, size, value) {
+            return Attempt::Done(done);
         }
         let root = self.paging.root(self.cr3, self.pdptes);
         let walk = {
@@ -861,6 +855,19 @@ impl Vcpu {
             });
         }
         Attempt::Done(self.touch(Hpa::new(ept_walk.gpa.raw()), walk.gpa, write, size, value))
+    }
+
+    /// The access served by a cached translation, if one serves it now.
+    /// Rights are cached, not decisions: a hit that would fault, or a write
+    /// through a clean entry, drops the entry and walks again.
+    fn tlb_hit(&mut self, gva: u64, tag: TlbTag, access: Access, size: usize, value: u64) -> Option<AccessResult> {
+        let e = self.tlb.lookup(gva, tag)?;
+        if self.check(access, &e) {
+            self.stats.tlb_hits += 1;
+            return Some(self.touch(e.hpa(gva), Gpa::new(e.gpa(gva)), access.is_write(), size, value));
+        }
+        self.tlb.remove(gva, tag);
+        None
     }
 
     /// Whether a cached translation serves `access` now.
@@ -941,12 +948,8 @@ impl Vcpu {
         let gva = self.linear(gva);
         let tag = self.tag();
         let write = access.is_write();
-        if let Some(e) = self.tlb.lookup(gva, tag) {
-            if self.check(access, &e) {
-                self.stats.tlb_hits += 1;
-                return Attempt::Done(self.touch(e.hpa(gva), Gpa::new(e.gpa(gva)), write, size, value));
-            }
-            self.tlb.remove(gva, tag);
+        if let Some(done) = self.tlb_hit(gva, tag, access, size, value) {
+            return Attempt::Done(done);
         }
         let Backend::Shadow(s) = &self.backend else {
             unreachable!("a shadow attempt on a TDP vCPU")
