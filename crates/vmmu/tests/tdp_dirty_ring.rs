@@ -190,6 +190,18 @@ fn a_copy_made_from_the_rings_equals_guest_memory() {
         let rings = vec![a.dirty_ring().unwrap().clone(), b.dirty_ring().unwrap().clone()];
         let vcpus = std::sync::Mutex::new(vec![a, b]);
         let mut fetch = [0u32; 2];
+        // One migration pass, in QEMU's order: harvest every ring, reset
+        // (re-protect), then copy the harvested pages.
+        let migrate = |fetch: &mut [u32; 2], copy: &mut Vec<[u64; 2]>| {
+            let mut harvested = Vec::new();
+            for (r, f) in rings.iter().zip(fetch.iter_mut()) {
+                harvested.extend(r.harvest(f).into_iter().map(|e| e.offset));
+            }
+            vm.mmu.reset_dirty_rings(rings.iter().map(|r| &**r));
+            for p in harvested {
+                copy_page(copy, p);
+            }
+        };
         let mut rounds = 0u64;
         std::thread::scope(|s| {
             for t in 0..2u64 {
@@ -218,27 +230,13 @@ fn a_copy_made_from_the_rings_equals_guest_memory() {
             let start = std::time::Instant::now();
             while start.elapsed() < std::time::Duration::from_millis(300) || rounds < 20 {
                 rounds += 1;
-                let mut harvested = Vec::new();
-                for (r, f) in rings.iter().zip(&mut fetch) {
-                    harvested.extend(r.harvest(f).into_iter().map(|e| e.offset));
-                }
-                vm.mmu.reset_dirty_rings(rings.iter().map(|r| &**r));
-                for p in harvested {
-                    copy_page(&mut copy, p);
-                }
+                migrate(&mut fetch, &mut copy);
                 std::thread::sleep(std::time::Duration::from_micros(500));
             }
             stop.store(true, Ordering::Relaxed);
         });
         // The final pass, with the vCPUs stopped.
-        let mut harvested = Vec::new();
-        for (r, f) in rings.iter().zip(&mut fetch) {
-            harvested.extend(r.harvest(f).into_iter().map(|e| e.offset));
-        }
-        vm.mmu.reset_dirty_rings(rings.iter().map(|r| &**r));
-        for p in harvested {
-            copy_page(&mut copy, p);
-        }
+        migrate(&mut fetch, &mut copy);
         rings
     };
     assert!(writes.load(Ordering::Relaxed) > 2 * PAGES, "the vCPUs kept writing");
