@@ -256,3 +256,35 @@ fn a_page_table_used_as_data() {
     v.invlpg(0);
     assert_eq!(pf(access(&mut v, 0, AccessKind::Read, 0, 0)), 0);
 }
+
+/// A guest with more page tables than the page limit (512 page tables, a
+/// limit of 64 shadow pages): the MMU reclaims the oldest pages, never
+/// holds more than the limit, and every translation stays right.
+#[test]
+fn the_page_limit_bounds_shadow_memory_under_a_guest_with_many_tables() {
+    let vm = ShadowVm::new(8 << 20, Hva::new(0x4000_0000), VmaFlags::WRITE).unwrap();
+    let mem = vm.memory();
+    let (pml4, pdpt, pd) = (0x1000u64, 0x2000u64, 0x3000u64);
+    let w = |gpa: u64, v: u64| mem.write_u64(Gpa::new(gpa), v).unwrap();
+    w(pml4, pdpt | TABLE);
+    w(pdpt, pd | TABLE);
+    for i in 0..512u64 {
+        let pt = 0x10_0000 + i * 0x1000;
+        w(pd + 8 * i, pt | TABLE);
+        w(pt, ((0x300 + i) << 12) | TABLE);
+    }
+    assert_eq!(vm.mmu.set_max_pages(10), 64, "at least KVM's minimum");
+    let mut v = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1);
+    v.set_state(regs(true, false), pml4, 0).unwrap();
+    let mut most = 0;
+    for round in 0..2 {
+        for i in 0..512u64 {
+            assert_eq!(read(&mut v, i << 21).0, (0x300 + i) << 12, "round {round}, table {i}");
+            most = most.max(vm.mmu.page_count());
+        }
+    }
+    assert!(most <= 64, "{most} shadow pages live at most");
+    let s = vm.mmu.stats().snapshot();
+    assert!(s.mmu_recycled > 900, "{s:?}");
+    assert_eq!(s.mmu_pages, vm.mmu.page_count() as i64);
+}

@@ -104,6 +104,23 @@ impl PtMemory for WalkerMemory<'_> {
     }
 }
 
+/// The smallest page limit (KVM's `KVM_MIN_ALLOC_MMU_PAGES`).
+pub const MIN_MMU_PAGES: u64 = 64;
+/// Pages kept free for one fault (KVM's `KVM_MIN_FREE_MMU_PAGES`).
+pub const FREE_MMU_PAGES: u64 = 5;
+/// Pages reclaimed at least at once, so a full MMU does not scan for
+/// victims on every fault.
+const RECLAIM_BATCH: usize = 16;
+
+/// KVM's default limit: 2% of the guest's pages (`KVM_PERMILLE_MMU_PAGES`
+/// = 20), at least [`MIN_MMU_PAGES`].
+fn default_max_pages(slots: &MemslotTable) -> u64 {
+    let pages: u64 = (0..crate::mem::memslot::ADDRESS_SPACE_NUM)
+        .map(|as_id| slots.load(as_id).iter().map(|s| s.npages()).sum::<u64>())
+        .sum();
+    (pages * 20 / 1000).max(MIN_MMU_PAGES)
+}
+
 /// A/D bits, ignored when checking that a guest entry did not change.
 const GPTE_AD: u64 = (1 << 5) | (1 << 6);
 
@@ -124,6 +141,8 @@ pub struct ShadowMmu {
     root_generation: AtomicU64,
     /// Indirect shadow pages, readable without the lock (seed 002).
     indirect_shadow_pages: AtomicU64,
+    /// The page limit (KVM's `n_max_mmu_pages`).
+    max_pages: AtomicU64,
     stats: MmuStats,
 }
 
@@ -152,6 +171,7 @@ impl ShadowMmu {
             valid_gen: AtomicU64::new(0),
             root_generation: AtomicU64::new(0),
             indirect_shadow_pages: AtomicU64::new(0),
+            max_pages: AtomicU64::new(default_max_pages(&slots)),
             stats: MmuStats::default(),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
@@ -193,6 +213,55 @@ impl ShadowMmu {
     /// Shadow pages live now.
     pub fn page_count(&self) -> usize {
         self.lock.read().lock().len()
+    }
+
+    /// The page limit (KVM's `n_max_mmu_pages`).
+    pub fn max_pages(&self) -> u64 {
+        self.max_pages.load(Ordering::Relaxed)
+    }
+
+    /// Sets the page limit (`KVM_SET_NR_MMU_PAGES`), at least
+    /// [`MIN_MMU_PAGES`]; pages above it are reclaimed at once, oldest
+    /// first. Returns the limit set.
+    pub fn set_max_pages(&self, n: u64) -> u64 {
+        let n = n.max(MIN_MMU_PAGES);
+        self.max_pages.store(n, Ordering::Relaxed);
+        let guard = self.lock.write();
+        let mut pages = guard.lock();
+        let flush = self.reclaim(&mut pages, 0);
+        drop(pages);
+        self.discharge(flush);
+        n
+    }
+
+    /// KVM's `make_mmu_pages_available`: before a fault or a root load may
+    /// create pages, zap the oldest pages not used as roots until
+    /// [`FREE_MMU_PAGES`] more fit under the limit. Returns whether a flush
+    /// is owed. Roots in use cannot be reclaimed, so with very many vCPUs
+    /// the count can pass the limit by their roots, as in KVM.
+    fn reclaim(&self, pages: &mut Pages, headroom: u64) -> bool {
+        let max = self.max_pages.load(Ordering::Relaxed);
+        let mut flush = false;
+        while pages.len() as u64 + headroom > max {
+            let excess = (pages.len() as u64 + headroom - max) as usize;
+            let victims = pages.oldest_reclaimable(excess.max(RECLAIM_BATCH));
+            if victims.is_empty() {
+                break;
+            }
+            let before = pages.len();
+            for id in victims {
+                // A zap can take children with it: skip the ones gone.
+                if pages.is_live(id) && !pages.page(id).invalid && pages.page(id).root_count == 0 {
+                    self.zap_page(pages, id);
+                    flush = true;
+                }
+            }
+            // Counted as KVM counts it: every page the reclaim zapped,
+            // children included.
+            let zapped = before.saturating_sub(pages.len()) as u64;
+            self.stats.local().mmu_recycled.fetch_add(zapped, Ordering::Relaxed);
+        }
+        flush
     }
 
     /// Handles a fault of the hardware walk of `roots` at `gva` for
@@ -240,6 +309,8 @@ impl ShadowMmu {
             MmuStats::inc(&self.stats.local().pf_retry);
             return Ok(ShadowOutcome::Retry);
         }
+        // Room for the pages this fault may create (one per level).
+        let mut flush = self.reclaim(&mut pages, FREE_MMU_PAGES);
         // KVM's FNAME(gpte_changed): the guest entries the walk used must
         // still hold (their writes are trapped, so under the lock they
         // cannot change until we are done).
@@ -262,7 +333,6 @@ impl ShadowMmu {
 
         // Descend from the root that covers `gva`.
         let mut sp = roots.root_for(gva);
-        let mut flush = false;
         loop {
             let page = pages.page(sp);
             let level = page.role.level();
@@ -544,7 +614,7 @@ impl ShadowMmu {
         let mut ids = pages.ids();
         ids.sort_by_key(|&id| std::cmp::Reverse(pages.page(id).role.level()));
         for id in ids {
-            if pages.ids().contains(&id) && !pages.page(id).invalid {
+            if pages.is_live(id) && !pages.page(id).invalid {
                 self.zap_page(pages, id);
             }
         }

@@ -60,12 +60,16 @@ pub struct ShadowPage {
     /// Zapped while still a root: out of the hash, freed at the last
     /// release.
     pub invalid: bool,
+    /// Creation order: reclaim takes the oldest first (KVM's
+    /// `active_mmu_pages`, newest at the head).
+    pub created: u64,
 }
 
 /// The shadow MMU's pages and indexes.
 #[derive(Debug, Default)]
 pub struct Pages {
     slab: Vec<Option<ShadowPage>>,
+    created: u64,
     free_ids: Vec<usize>,
     hash: HashMap<(Gfn, Role), PageId>,
     by_pfn: HashMap<Pfn, PageId>,
@@ -136,6 +140,24 @@ impl Pages {
         self.len() == 0
     }
 
+    /// Up to `n` pages that can be reclaimed (valid and not used as a
+    /// root), oldest first.
+    pub fn oldest_reclaimable(&self, n: usize) -> Vec<PageId> {
+        let mut v: Vec<(u64, PageId)> = (0..self.slab.len())
+            .filter_map(|i| {
+                let p = self.slab[i].as_ref()?;
+                (!p.invalid && p.root_count == 0).then_some((p.created, PageId(i)))
+            })
+            .collect();
+        v.sort_unstable();
+        v.into_iter().take(n).map(|(_, id)| id).collect()
+    }
+
+    /// Whether `id` names a live page.
+    pub fn is_live(&self, id: PageId) -> bool {
+        self.slab.get(id.0).is_some_and(Option::is_some)
+    }
+
     /// Every live page id.
     pub fn ids(&self) -> Vec<PageId> {
         (0..self.slab.len())
@@ -172,7 +194,9 @@ impl Pages {
             root_count: 0,
             write_flooding: 0,
             invalid: false,
+            created: self.created,
         };
+        self.created += 1;
         let id = match self.free_ids.pop() {
             Some(i) => {
                 self.slab[i] = Some(page);

@@ -103,7 +103,8 @@ impl ShadowMmu {
         let guard = self.lock.write();
         let mut pages = guard.lock();
         let generation = self.valid_gen.load(Ordering::Acquire);
-        let mut flush = false;
+        // Room for up to four roots.
+        let mut flush = self.reclaim(&mut pages, super::FREE_MMU_PAGES);
         let mut get = |pages: &mut super::page::Pages, gfn: Gfn, role: Role| -> Result<PageId, ShadowError> {
             let (id, wp) = self.get_page(pages, gfn, role)?;
             flush |= wp;
