@@ -106,12 +106,15 @@ enum BenchName {
     /// Guest CR3 switches on the shadow MMU: prev_roots hits against misses and rebuilds.
     #[value(name = "cr3-switch")]
     Cr3Switch,
+    /// A guest store to its own page table on the shadow MMU (write-protection fault, emulated).
+    #[value(name = "wp-emulate")]
+    WpEmulate,
     /// Age every page, then re-access it, with EPT A/D on and off (KVM's access_tracking_perf_test).
     #[value(name = "access-tracking")]
     AccessTracking,
     /// 4-level guest walks against four dependent loads.
     Walk,
-    /// Every benchmark: walk, populate, dirty-log, zap-all, access-tracking, cr3-switch.
+    /// Every benchmark: walk, populate, dirty-log, zap-all, access-tracking, cr3-switch, wp-emulate.
     All,
 }
 
@@ -346,14 +349,16 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         eprintln!("vmmu bench: {msg}");
         ExitCode::from(2)
     };
-    if args.name == BenchName::Cr3Switch && args.mmu_given == Some(BenchMmu::Tdp) {
-        return usage(
-            "cr3-switch measures the shadow MMU's prev_roots (under TDP a CR3 switch never reaches the MMU)".into(),
-        );
-    }
-    if args.name != BenchName::Cr3Switch && args.name != BenchName::All && args.mmu_given == Some(BenchMmu::Shadow) {
+    let shadow_only = matches!(args.name, BenchName::Cr3Switch | BenchName::WpEmulate);
+    if shadow_only && args.mmu_given == Some(BenchMmu::Tdp) {
         return usage(format!(
-            "--mmu shadow: only cr3-switch measures the shadow MMU so far; {:?} runs on the TDP MMU",
+            "{:?} measures the shadow MMU: under TDP neither a CR3 switch (no prev_roots) nor a guest page-table store reaches the MMU",
+            args.name
+        ));
+    }
+    if !shadow_only && args.name != BenchName::All && args.mmu_given == Some(BenchMmu::Shadow) {
+        return usage(format!(
+            "--mmu shadow: only cr3-switch and wp-emulate measure the shadow MMU so far; {:?} runs on the TDP MMU",
             args.name
         ));
     }
@@ -369,7 +374,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         },
     };
     let names: &[BenchName] = match (args.name, args.mmu_given) {
-        (BenchName::All, Some(BenchMmu::Shadow)) => &[BenchName::Cr3Switch],
+        (BenchName::All, Some(BenchMmu::Shadow)) => &[BenchName::Cr3Switch, BenchName::WpEmulate],
         (BenchName::All, Some(BenchMmu::Tdp)) => &[
             BenchName::Populate,
             BenchName::DirtyLog,
@@ -383,6 +388,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             BenchName::ZapAll,
             BenchName::AccessTracking,
             BenchName::Cr3Switch,
+            BenchName::WpEmulate,
         ],
         (_, _) => std::slice::from_ref(&args.name),
     };
@@ -413,6 +419,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             BenchName::ZapAll => tdp::zap_all(&cfg, &progress),
             BenchName::AccessTracking => tdp::access_tracking(&cfg, &progress),
             BenchName::Cr3Switch => vmmu::bench::shadow::cr3_switch(args.iterations),
+            BenchName::WpEmulate => vmmu::bench::shadow::wp_emulate(args.iterations),
             BenchName::All => unreachable!("expanded above"),
         };
         let r = match result {

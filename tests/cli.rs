@@ -280,6 +280,16 @@ fn bench_mmu_mismatches_exit_2_and_print_no_numbers() {
 }
 
 #[test]
+fn bench_wp_emulate_json() {
+    let o = vmmu(&["bench", "wp-emulate", "-i", "500", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    assert_eq!(v["bench"], "wp-emulate");
+    assert_eq!(v["mmu"], "shadow");
+    assert!(v["ratio"].as_f64().is_some_and(|r| r.is_finite() && r > 1.0), "{v}");
+}
+
+#[test]
 fn bench_cr3_switch_json_hits_beat_misses() {
     let o = vmmu(&["bench", "cr3-switch", "-i", "2000", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
