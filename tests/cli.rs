@@ -193,11 +193,14 @@ fn stress_bad_input_exits_2() {
     }
 }
 
-#[test]
-fn bench_populate_json_has_the_contract_fields() {
-    let o = vmmu(&["bench", "populate", "-b", "4M", "-i", "1", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+/// Runs a benchmark with `--json`: exit 0, one line, one object with every
+/// field of the CLI contract.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let o = vmmu(args);
+    assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
     for key in [
         "bench",
         "mmu",
@@ -211,6 +214,12 @@ fn bench_populate_json_has_the_contract_fields() {
     ] {
         assert!(v.get(key).is_some(), "missing {key}: {v}");
     }
+    v
+}
+
+#[test]
+fn bench_populate_json_has_the_contract_fields() {
+    let v = bench_json(&["bench", "populate", "-b", "4M", "-i", "1", "--json"]);
     assert_eq!(v["bench"], "populate");
     assert_eq!(v["mmu"], "tdp");
     assert_eq!(v["vcpus"], 1);
@@ -281,9 +290,7 @@ fn bench_mmu_mismatches_exit_2_and_print_no_numbers() {
 
 #[test]
 fn bench_wp_emulate_json() {
-    let o = vmmu(&["bench", "wp-emulate", "-i", "500", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    let v = bench_json(&["bench", "wp-emulate", "-i", "500", "--json"]);
     assert_eq!(v["bench"], "wp-emulate");
     assert_eq!(v["mmu"], "shadow");
     assert!(v["ratio"].as_f64().is_some_and(|r| r.is_finite() && r > 1.0), "{v}");
@@ -291,9 +298,7 @@ fn bench_wp_emulate_json() {
 
 #[test]
 fn bench_cr3_switch_json_hits_beat_misses() {
-    let o = vmmu(&["bench", "cr3-switch", "-i", "2000", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    let v = bench_json(&["bench", "cr3-switch", "-i", "2000", "--json"]);
     assert_eq!(v["bench"], "cr3-switch");
     assert_eq!(v["mmu"], "shadow");
     let phases: Vec<&str> = v["phases"]
@@ -309,24 +314,7 @@ fn bench_cr3_switch_json_hits_beat_misses() {
 
 #[test]
 fn bench_access_tracking_json_both_ad_modes_against_the_reference() {
-    let o = vmmu(&["bench", "access-tracking", "-b", "8M", "-i", "1", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let out = stdout(&o);
-    assert_eq!(out.lines().count(), 1, "{out}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
-    for key in [
-        "bench",
-        "mmu",
-        "vcpus",
-        "pages",
-        "seconds",
-        "per_op_ns",
-        "reference_ns",
-        "ratio",
-        "phases",
-    ] {
-        assert!(v.get(key).is_some(), "missing {key}: {v}");
-    }
+    let v = bench_json(&["bench", "access-tracking", "-b", "8M", "-i", "1", "--json"]);
     assert_eq!(v["bench"], "access-tracking");
     assert_eq!(v["mmu"], "tdp");
     assert_eq!(v["vcpus"], 1);

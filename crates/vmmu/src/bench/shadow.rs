@@ -43,6 +43,22 @@ fn regs() -> ControlRegs {
     }
 }
 
+/// A shadow VM with `spaces` address spaces and a vCPU running the first;
+/// the iterations (default 200,000, at least 1).
+fn setup(bench: &str, iterations: Option<u64>, spaces: u64) -> Result<(u64, ShadowVm, Vec<u64>, Vcpu), BenchError> {
+    let iters = iterations.unwrap_or(200_000);
+    if iters == 0 {
+        return Err(BenchError::Config(format!("{bench}: --iterations must be at least 1")));
+    }
+    let run = |e: &dyn std::fmt::Display| BenchError::Run(e.to_string());
+    let vm = ShadowVm::new(16 << 20, Hva::new(0x4000_0000), VmaFlags::WRITE).map_err(|e| run(&e))?;
+    let mem = vm.memory();
+    let cr3s: Vec<u64> = (0..spaces).map(|i| space(&mem, i, 4)).collect::<Result<_, _>>()?;
+    let mut v = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1);
+    v.set_state(regs(), cr3s[0], 0).map_err(|e| run(&e))?;
+    Ok((iters, vm, cr3s, v))
+}
+
 fn read(v: &mut Vcpu, va: u64) -> Result<u64, BenchError> {
     match v.access(va, AccessKind::Read, 0, false, 8, 0) {
         Ok(AccessResult::Done { gpa, .. }) => Ok(gpa.raw()),
@@ -62,18 +78,8 @@ fn read(v: &mut Vcpu, va: u64) -> Result<u64, BenchError> {
 ///
 /// The headline is `hit` against `miss` (the reference).
 pub fn cr3_switch(iterations: Option<u64>) -> Result<Report, BenchError> {
-    let iters = iterations.unwrap_or(200_000);
-    if iters == 0 {
-        return Err(BenchError::Config("cr3-switch: --iterations must be at least 1".into()));
-    }
-    let vm =
-        ShadowVm::new(16 << 20, Hva::new(0x4000_0000), VmaFlags::WRITE).map_err(|e| BenchError::Run(e.to_string()))?;
-    let mem = vm.memory();
     let spaces = PREV_ROOTS as u64 + 2;
-    let cr3s: Vec<u64> = (0..spaces).map(|i| space(&mem, i, 4)).collect::<Result<_, _>>()?;
-    let mut v = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1);
-    v.set_state(regs(), cr3s[0], 0)
-        .map_err(|e| BenchError::Run(e.to_string()))?;
+    let (iters, vm, cr3s, mut v) = setup("cr3-switch", iterations, spaces)?;
     for &cr3 in &cr3s {
         v.mov_cr3(cr3).map_err(|e| BenchError::Run(e.to_string()))?;
         read(&mut v, 0)?;
@@ -192,17 +198,7 @@ pub fn cr3_switch(iterations: Option<u64>) -> Result<Report, BenchError> {
 /// hit). The entry written maps nothing the guest uses, as a kernel
 /// filling a new page table does.
 pub fn wp_emulate(iterations: Option<u64>) -> Result<Report, BenchError> {
-    let iters = iterations.unwrap_or(200_000);
-    if iters == 0 {
-        return Err(BenchError::Config("wp-emulate: --iterations must be at least 1".into()));
-    }
-    let vm =
-        ShadowVm::new(16 << 20, Hva::new(0x4000_0000), VmaFlags::WRITE).map_err(|e| BenchError::Run(e.to_string()))?;
-    let mem = vm.memory();
-    let cr3 = space(&mem, 0, 4)?;
-    let mut v = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1);
-    v.set_state(regs(), cr3, 0)
-        .map_err(|e| BenchError::Run(e.to_string()))?;
+    let (iters, vm, _, mut v) = setup("wp-emulate", iterations, 1)?;
     // Entry 100 of the PT is unused.
     const PTE_VA: u64 = PT_VA + 8 * 100;
     read(&mut v, 0)?;

@@ -562,37 +562,27 @@ impl RefTree {
 
     /// The linear scan: every leaf of every leaf table, hardware W cleared
     /// with a compare-exchange where set. Returns the leaves changed.
-    #[inline(never)]
     pub fn scan_clear_writable(&self) -> u64 {
-        let w = FMT.writable_mask();
-        let mut n = 0;
-        for &t in &self.leaf_tables {
-            for e in self.arena.table(t).iter() {
-                let v = e.load(Ordering::Acquire);
-                if v & w != 0
-                    && e.compare_exchange(v, v & !w, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                {
-                    n += 1;
-                }
-            }
-        }
-        n
+        self.scan_clear(FMT.writable_mask())
     }
 
     /// The aging reference: every leaf of every leaf table, the Accessed
     /// bit cleared with a compare-exchange where set. Returns the leaves
     /// changed. On a tree with no Accessed bit set it only reads every
     /// leaf: the `test_young` reference.
-    #[inline(never)]
     pub fn scan_clear_accessed(&self) -> u64 {
-        let a = FMT.accessed_mask();
+        self.scan_clear(FMT.accessed_mask())
+    }
+
+    /// Clears `bits` in every leaf where any is set, by compare-exchange.
+    #[inline(never)]
+    fn scan_clear(&self, bits: u64) -> u64 {
         let mut n = 0;
         for &t in &self.leaf_tables {
             for e in self.arena.table(t).iter() {
                 let v = e.load(Ordering::Acquire);
-                if v & a != 0
-                    && e.compare_exchange(v, v & !a, Ordering::AcqRel, Ordering::Acquire)
+                if v & bits != 0
+                    && e.compare_exchange(v, v & !bits, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
                 {
                     n += 1;

@@ -533,11 +533,18 @@ impl ShadowMmu {
     fn free_page(&self, pages: &mut Pages, id: PageId) {
         let pfn = pages.remove(id, &self.translations);
         self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
-        // Hardware walks in flight may still read the table.
+        self.defer_free(vec![pfn]);
+    }
+
+    /// Frees table frames after an epoch grace period: hardware walks in
+    /// flight may still read them.
+    fn defer_free(&self, frames: Vec<crate::addr::Pfn>) {
         let arena = self.arena.clone();
-        let guard = crossbeam_epoch::pin();
-        guard.defer(move || {
-            let _ = arena.free(pfn, crate::addr::PageSize::Size4K);
+        crossbeam_epoch::pin().defer(move || {
+            for pfn in frames {
+                // A double free would be an MMU bug; the arena refuses it.
+                let _ = arena.free(pfn, crate::addr::PageSize::Size4K);
+            }
         });
     }
 

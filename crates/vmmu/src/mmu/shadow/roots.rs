@@ -188,13 +188,7 @@ impl ShadowMmu {
             }
         }
         if let RootKind::Pae { pml4, pae, .. } = roots.kind {
-            // Hardware walks in flight may still read them.
-            let arena = self.arena.clone();
-            let guard = crossbeam_epoch::pin();
-            guard.defer(move || {
-                let _ = arena.free(pml4, crate::addr::PageSize::Size4K);
-                let _ = arena.free(pae, crate::addr::PageSize::Size4K);
-            });
+            self.defer_free(vec![pml4, pae]);
         }
     }
 
