@@ -100,6 +100,9 @@ pub enum Bug {
     /// reference after dropping the lock, with a plain increment instead of
     /// `RootRef::try_get` (no validity check, no "count already zero" check).
     UncheckedRootRef = 1 << 3,
+    /// The shadow MMU's `sync_roots` and `sync_addr` do nothing: a guest
+    /// flush leaves unsync pages stale.
+    SkipUnsyncSync = 1 << 4,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**
@@ -118,6 +121,18 @@ pub fn bug(b: Bug) -> bool {
         let _ = b;
         false
     }
+}
+
+/// Runs `f` with `bugs` injected on this thread (outside a shuttle model:
+/// for checkers that must catch a broken MMU). Only with the `shuttle`
+/// feature.
+#[cfg(feature = "shuttle")]
+#[doc(hidden)]
+pub fn with_bugs<R>(bugs: &[Bug], f: impl FnOnce() -> R) -> R {
+    let saved = BUGS.with(|b| b.replace(bugs.iter().fold(0, |m, &x| m | x as u32)));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    BUGS.with(|b| b.set(saved));
+    r.unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// Running model checks: shuttle's runner with the hooks of this module

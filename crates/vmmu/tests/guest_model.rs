@@ -8,13 +8,15 @@
 //! - with no unflushed change since the translation was last flushed, the
 //!   result (the #PF error code, or the guest-physical address) is exactly
 //!   the walker's on the current memory;
-//! - otherwise it may also be what the walker gives on a page-table state
-//!   that held when the same page was last translated successfully since
-//!   that flush (a TLB entry made then), and only those.
+//! - otherwise it may also be what the walker gives on any page-table state
+//!   that held since the page's last flush, and only those: the processor
+//!   may cache a translation at any time, speculatively too (SDM 4.10.2.3),
+//!   so an edit without a flush may leave any translation valid since the
+//!   flush in the TLB. A #PF on the page flushes it (SDM 4.10.4.1).
 //!
 //! This is the architecture's TLB without paging-structure caches; the
 //! shadow MMU must never show anything else, whatever it write-protects,
-//! zaps or emulates underneath.
+//! zaps, emulates or leaves unsync underneath.
 
 use proptest::prelude::*;
 use vmmu::addr::{Gpa, Hva};
@@ -115,7 +117,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// Guest memory as it was at one moment (the tables and the data).
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 struct Snapshot(Vec<u64>);
 
 impl PtMemory for Snapshot {
@@ -192,16 +194,19 @@ fn build(mem: &GuestMemory) {
 struct Model {
     wp: bool,
     cr3: u64,
-    /// Per va page: memory states since its last flush under which an
-    /// access succeeded (a TLB entry may have been made from each).
-    cached: Vec<Vec<Snapshot>>,
+    /// Per va page: the memory states since its last flush (a TLB entry
+    /// may have been made from each).
+    cached: Vec<Vec<std::rc::Rc<Snapshot>>>,
 }
 
 fn run(ops: &[Op], shadow: bool) -> Result<(), TestCaseError> {
     let features = CpuFeatures::default();
+    let mut audit: Box<dyn Fn() -> Vec<String>> = Box::new(Vec::new);
     let (mem, mut v, _keep): (GuestMemory, Vcpu, Box<dyn std::any::Any>) = if shadow {
         let vm = ShadowVm::new(1 << 20, Hva::new(0x4000_0000), VmaFlags::WRITE).unwrap();
         let v = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), features, 1);
+        let mmu = vm.mmu.clone();
+        audit = Box::new(move || mmu.audit().iter().map(ToString::to_string).collect());
         (vm.memory(), v, Box::new(vm))
     } else {
         let vm = Vm::new(1 << 20, Hva::new(0x4000_0000), VmaFlags::WRITE, TdpConfig::default()).unwrap();
@@ -216,6 +221,13 @@ fn run(ops: &[Op], shadow: bool) -> Result<(), TestCaseError> {
     };
     v.set_state(regs(true), PML4_A, 0).unwrap();
     for (step, op) in ops.iter().enumerate() {
+        // The state before this step could have been cached by every page.
+        let state = std::rc::Rc::new(snapshot(&mem));
+        for list in &mut m.cached {
+            if list.last().is_none_or(|last| **last != *state) {
+                list.push(state.clone());
+            }
+        }
         // A guest store (to its tables) or an access: judged the same way.
         let (va, access, value) = match *op {
             Op::WritePte { index, value } => (PT_VA + 8 * index, Access::new(AccessKind::Write, 0, false), value),
@@ -272,19 +284,63 @@ fn run(ops: &[Op], shadow: bool) -> Result<(), TestCaseError> {
             if shadow { "shadow" } else { "TDP" },
             if tracked { m.cached[page].len() } else { 0 }
         );
-        if tracked && matches!(got, Seen::Gpa(_)) {
-            // A successful access may have cached a translation from the
-            // memory it saw: `now` if it walked, or an older state if it
-            // hit (already in the list).
-            if got == fresh {
-                m.cached[page].push(now);
-            }
-        } else if tracked && got == fresh && matches!(got, Seen::Fault(_)) {
+        let violations = audit();
+        prop_assert!(
+            violations.is_empty(),
+            "step {step} {op:?}: the MMU's audit: {violations:?}"
+        );
+        if tracked && got == fresh && matches!(got, Seen::Fault(_)) {
             // A #PF removes the page's TLB entries (SDM 4.10.4.1).
             m.cached[page].clear();
         }
     }
     Ok(())
+}
+
+/// The sequence that shows an unsync page's stale SPTE: a translation is
+/// made, the guest edits its PTE (the 4K table goes unsync, the store is
+/// not trapped), then flushes the page.
+fn edit_then_flush(flush: Op) -> Vec<Op> {
+    vec![
+        Op::Access {
+            page: 5,
+            offset: 0,
+            kind: 0,
+            user: false,
+        },
+        Op::WritePte {
+            index: 5,
+            value: (DATA + 0x1000) | 0x7,
+        },
+        flush,
+        Op::Access {
+            page: 5,
+            offset: 0,
+            kind: 0,
+            user: false,
+        },
+    ]
+}
+
+#[test]
+fn a_flush_after_an_unsync_edit_shows_the_edit() {
+    // INVLPG; a CR3 reload; a switch to the other address space (whose
+    // new root links the unsync table's page at a new place).
+    for flush in [Op::Invlpg { page: 5 }, Op::MovCr3 { b: false }, Op::MovCr3 { b: true }] {
+        run(&edit_then_flush(flush), true).unwrap();
+    }
+}
+
+/// The checker can fail: with syncs switched off (an injected bug), the
+/// same sequences show the stale translation and are caught.
+#[cfg(feature = "shuttle")]
+#[test]
+fn the_model_catches_a_shadow_mmu_that_does_not_sync() {
+    use vmmu::sync::{Bug, with_bugs};
+    for flush in [Op::Invlpg { page: 5 }, Op::MovCr3 { b: false }] {
+        let r = with_bugs(&[Bug::SkipUnsyncSync], || run(&edit_then_flush(flush.clone()), true));
+        assert!(r.is_err(), "{flush:?}: a stale translation went unnoticed");
+    }
 }
 
 proptest! {

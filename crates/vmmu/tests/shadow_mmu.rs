@@ -125,17 +125,22 @@ fn an_edit_to_a_cached_address_space_is_seen_when_it_returns() {
     assert_eq!(read(&mut v, 0).0, 0x101 << 12);
     v.mov_cr3(a).unwrap();
     assert_eq!(read(&mut v, 0).0, 0x100 << 12);
-    // A guest store to B's PTE 0 (a write-tracked gfn: emulated).
+    // A guest store to B's PTE 0: a 4K guest table, so its shadow page
+    // goes unsync and the store is not trapped.
     let before = vm.mmu.stats().snapshot();
     assert!(matches!(
         access(&mut v, 0x2000, AccessKind::Write, 0, (0x1ff << 12) | P | W | U),
         AccessResult::Done { mmio: false, .. }
     ));
     let after = vm.mmu.stats().snapshot();
-    assert!(after.pf_emulate > before.pf_emulate && after.mmu_pte_write > before.mmu_pte_write);
+    assert_eq!(after.mmu_unsync, before.mmu_unsync + 1, "{after:?}");
+    assert_eq!(after.pf_emulate, before.pf_emulate);
+    // The CR3 load flushes B's translations: the cached root is synced.
     v.mov_cr3(b).unwrap();
     assert_eq!(read(&mut v, 0).0, 0x1ff << 12, "the cached root shows the edit");
-    assert_eq!(vm.mmu.stats().snapshot().prev_roots_hit, after.prev_roots_hit + 1);
+    let end = vm.mmu.stats().snapshot();
+    assert_eq!(end.prev_roots_hit, after.prev_roots_hit + 1);
+    assert_eq!(end.mmu_synced, after.mmu_synced + 1);
 }
 
 /// CR0.WP = 0: the kernel writes a read-only user page (as a kernel page),
@@ -220,11 +225,14 @@ fn a_misaligned_write_zaps_the_shadow_page() {
     let (vm, mut v) = vm();
     let mem = vm.memory();
     let cr3 = space(&mem, 0);
+    // The PD (an upper-level table: never unsync) mapped at va 0x3000.
+    mem.write_u64(Gpa::new(cr3 + 0x3000 + 24), (cr3 + 0x2000) | P | W)
+        .unwrap();
     v.set_state(regs(true, false), cr3, 0).unwrap();
     assert_eq!(read(&mut v, 0).0, 0x100 << 12);
     let before = vm.mmu.stats().snapshot();
-    // Eight bytes straddling PTEs 2 and 3 of the PT (mapped at va 0x1000).
-    v.access(0x1000 + 20, AccessKind::Write, 0, false, 8, 0).unwrap();
+    // Eight bytes straddling PDEs 2 and 3.
+    v.access(0x3000 + 20, AccessKind::Write, 0, false, 8, 0).unwrap();
     let after = vm.mmu.stats().snapshot();
     assert_eq!(after.mmu_flooded, before.mmu_flooded + 1, "{after:?}");
     assert_eq!(read(&mut v, 0).0, 0x100 << 12, "rebuilt");

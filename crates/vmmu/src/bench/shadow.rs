@@ -190,43 +190,77 @@ pub fn cr3_switch(iterations: Option<u64>) -> Result<Report, BenchError> {
     })
 }
 
-/// `wp-emulate`: a guest store to one of its own page-table entries (a
-/// write-tracked gfn): the walk of the shadow tables faults (the SPTE is
-/// read-only), the MMU walks the guest's tables, answers "emulate", and the
-/// store is emulated (`emulate_write` + `track_write`, zapping the SPTE that
-/// shadowed the entry). Reference: the same store to a data page (a TLB
-/// hit). The entry written maps nothing the guest uses, as a kernel
-/// filling a new page table does.
+/// `wp-emulate`: the cost of a write to a write-protected guest page
+/// table. A guest stores to an unused entry of its page directory (an
+/// upper-level table, never unsync: every store is a #PF exit, a guest
+/// walk, an emulated write and a `track_write` that zaps the SPTE it
+/// shadows) and then touches the 2 MiB region that entry maps (a shadow
+/// fault through the directory, which also clears its write-flooding
+/// count, as a guest mapping a new table does). The reference is the same
+/// store and load to data pages (TLB hits). A second phase stores to the
+/// guest's 4K page table: its shadow page is unsync after the first store,
+/// so these are plain stores.
 pub fn wp_emulate(iterations: Option<u64>) -> Result<Report, BenchError> {
-    let (iters, vm, _, mut v) = setup("wp-emulate", iterations, 1)?;
+    let (iters, vm, cr3s, mut v) = setup("wp-emulate", iterations, 1)?;
+    let run = |e: &dyn std::fmt::Display| BenchError::Run(e.to_string());
+    // The PD mapped at PD_VA; its entry 1 points at a second PT that maps
+    // va 2 MiB to a data page.
+    const PD_VA: u64 = PT_VA - 0x1000;
+    const PT2: u64 = 0xf000;
+    let (pd, pt) = (cr3s[0] + 0x2000, cr3s[0] + 0x3000);
+    let mem = vm.memory();
+    let w = |gpa: u64, val: u64| mem.write_u64(Gpa::new(gpa), val).map_err(|e| run(&e));
+    w(pt + 8 * (PD_VA >> 12), pd | 0x3)?;
+    w(PT2, (0x500 << 12) | TABLE)?;
+    w(pd + 8, PT2 | TABLE)?;
     // Entry 100 of the PT is unused.
     const PTE_VA: u64 = PT_VA + 8 * 100;
-    read(&mut v, 0)?;
-    read(&mut v, PTE_VA)?;
+    for va in [0, 0x1000, PD_VA, PT_VA, 0x20_0000] {
+        read(&mut v, va)?;
+    }
     let mut failed = None;
-    let mut store = |v: &mut Vcpu, va: u64, n: u64| -> u64 {
+    let mut pairs = |v: &mut Vcpu, store_va: u64, value: u64, load_va: u64, n: u64| -> u64 {
+        let mut sink = 0;
         for k in 0..n {
-            match v.access(va, AccessKind::Write, 0, false, 8, k << 12) {
+            match v.access(store_va, AccessKind::Write, 0, false, 8, value | (k & 1) << 3) {
                 Ok(AccessResult::Done { mmio: false, .. }) => {}
                 other => {
-                    failed.get_or_insert(format!("store at {va:#x}: {other:?}"));
+                    failed.get_or_insert(format!("store at {store_va:#x}: {other:?}"));
+                }
+            }
+            match read(v, load_va) {
+                Ok(gpa) => sink += gpa,
+                Err(e) => {
+                    failed.get_or_insert(e.to_string());
                 }
             }
         }
-        n
+        sink
     };
     let before = vm.mmu.stats().snapshot();
-    let (emulated, secs, _) = best_ns_per_iter(3, iters, |n| store(&mut v, PTE_VA, n));
+    // The PDE's value stays the table (bit 3, PWT, toggles so each store
+    // changes it).
+    let (emulated, secs, _) = best_ns_per_iter(3, iters, |n| pairs(&mut v, PD_VA + 8, PT2 | TABLE, 0x20_0000, n));
     let after = vm.mmu.stats().snapshot();
-    let (plain, _, _) = best_ns_per_iter(3, iters, |n| store(&mut v, 0, n));
+    let (unsync, _, _) = best_ns_per_iter(3, iters, |n| pairs(&mut v, PTE_VA, 0, 0x1000, n));
+    let end = vm.mmu.stats().snapshot();
+    let (plain, _, _) = best_ns_per_iter(3, iters, |n| pairs(&mut v, 0, 0, 0x1000, n));
     if let Some(e) = failed {
         return Err(BenchError::Run(e));
     }
     let emulations = (after.mmu_pte_write - before.mmu_pte_write) as u64;
-    if emulations != 3 * iters {
+    if emulations != 3 * iters || after.mmu_flooded != before.mmu_flooded {
         return Err(BenchError::Run(format!(
-            "{emulations} emulated page-table writes for {} stores",
-            3 * iters
+            "{emulations} emulated page-table writes for {} stores, {} pages flooded",
+            3 * iters,
+            after.mmu_flooded - before.mmu_flooded
+        )));
+    }
+    if end.mmu_pte_write != after.mmu_pte_write || end.mmu_unsync != after.mmu_unsync + 1 {
+        return Err(BenchError::Run(format!(
+            "stores to the 4K page table: {} emulated, {} unsync (expected 0 and 1)",
+            end.mmu_pte_write - after.mmu_pte_write,
+            end.mmu_unsync - after.mmu_unsync
         )));
     }
     let result = BenchResult {
@@ -238,21 +272,32 @@ pub fn wp_emulate(iterations: Option<u64>) -> Result<Report, BenchError> {
         per_op_ns: emulated,
         reference_ns: plain,
         ratio: emulated / plain,
-        reference: "the same 8-byte store to a data page (a TLB hit)",
+        reference: "the same 8-byte store and load to data pages (TLB hits)",
         goal_ratio: None,
-        phases: vec![Phase {
-            phase: "pte-store",
-            per_op_ns: emulated,
-            reference_ns: plain,
-            ratio: emulated / plain,
-        }],
+        phases: vec![
+            Phase {
+                phase: "pde-store",
+                per_op_ns: emulated,
+                reference_ns: plain,
+                ratio: emulated / plain,
+            },
+            Phase {
+                phase: "pte-store-unsync",
+                per_op_ns: unsync,
+                reference_ns: plain,
+                ratio: unsync / plain,
+            },
+        ],
     };
     Ok(Report {
         result,
         backing: Some("anon"),
         figures: Vec::new(),
-        notes: vec![format!(
-            "{iters} stores per round (best of 3); each one is a #PF exit, a guest walk, an emulated write and a track_write (verified: mmu_pte_write counted every store)"
-        )],
+        notes: vec![
+            format!(
+                "{iters} store+load pairs per round (best of 3); pde-store: every store emulated (verified: mmu_pte_write counted each, none flooded), then a shadow fault through the directory"
+            ),
+            "pte-store-unsync: the 4K page table went unsync at the first store (verified: mmu_unsync +1, nothing emulated)".into(),
+        ],
     })
 }

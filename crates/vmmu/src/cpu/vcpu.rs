@@ -182,7 +182,36 @@ struct TdpState {
 
 /// What a vCPU's shadow roots were loaded for: a change of any of it
 /// switches roots (KVM's `kvm_mmu_new_pgd`, `kvm_mmu_reset_context`).
-type RootKey = (GuestContext, u64, [u64; 4]);
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RootKey {
+    ctx: GuestContext,
+    /// CR3 as far as it names the tables (with the PCID under CR4.PCIDE,
+    /// as KVM's `pgd`).
+    pgd: u64,
+    pdptes: [u64; 4],
+    /// The PCID (0 without CR4.PCIDE): INVPCID names roots by it.
+    pcid: u16,
+}
+
+/// Guest TLB flushes the shadow MMU must answer with a sync before the
+/// next access (KVM's `KVM_REQ_MMU_SYNC`, `KVM_REQ_TLB_FLUSH_GUEST` and
+/// `kvm_mmu_invalidate_addr`).
+#[derive(Debug, Default)]
+struct SyncRequests {
+    /// Sync the current roots (a flushing CR3 load, a root load).
+    current: bool,
+    /// Sync every root, current and cached (INVPCID of all contexts, a
+    /// CR4.PGE toggle).
+    all: bool,
+    /// Sync the roots of these PCIDs (INVPCID single context).
+    pcids: Vec<u16>,
+    /// Sync one address in the roots of a PCID, or every root (INVLPG,
+    /// INVPCID of one address).
+    addrs: Vec<(u64, Option<u16>)>,
+}
+
+/// Address syncs kept before they become one sync of everything.
+const MAX_PENDING_ADDRS: usize = 64;
 
 /// Roots kept besides the current ones (KVM's `KVM_MMU_NUM_PREV_ROOTS`).
 pub const PREV_ROOTS: usize = 3;
@@ -194,6 +223,7 @@ struct ShadowState {
     current: Option<(RootKey, ShadowRoots)>,
     prev: std::collections::VecDeque<(RootKey, ShadowRoots)>,
     seen_root_gen: u64,
+    requests: SyncRequests,
     /// The hardware's paging configuration for walking the shadow tables.
     hw: Paging<Pte64>,
 }
@@ -201,6 +231,27 @@ struct ShadowState {
 impl ShadowState {
     fn roots(&self) -> Option<&ShadowRoots> {
         self.current.as_ref().map(|(_, r)| r)
+    }
+
+    /// Answers the guest's TLB flushes since the last access with syncs of
+    /// the unsync pages they cover.
+    fn process_sync_requests(&mut self) {
+        let r = std::mem::take(&mut self.requests);
+        if !r.current && !r.all && r.pcids.is_empty() && r.addrs.is_empty() {
+            return;
+        }
+        let current = self.current.iter().map(|c| (c, true));
+        for ((key, roots), is_current) in current.chain(self.prev.iter().map(|c| (c, false))) {
+            if r.all || (is_current && r.current) || r.pcids.contains(&key.pcid) {
+                self.mmu.sync_roots(roots);
+                continue;
+            }
+            for &(va, pcid) in &r.addrs {
+                if pcid.is_none_or(|p| p == key.pcid) {
+                    self.mmu.sync_addr(roots, va);
+                }
+            }
+        }
     }
 
     fn release_all(&mut self) {
@@ -277,6 +328,7 @@ impl Vcpu {
             mmu,
             current: None,
             prev: std::collections::VecDeque::new(),
+            requests: SyncRequests::default(),
             hw: hw_paging(&regs, &features, 4),
         });
         Vcpu::with_backend(backend, mode, seen_flush_gen, slots, features, vpid)
@@ -368,6 +420,9 @@ impl Vcpu {
         }
         if self.regs.cr4.contains(Cr4::PGE) != old_pge {
             self.tlb.flush(Flush::All(self.tag()));
+            if let Backend::Shadow(s) = &mut self.backend {
+                s.requests.all = true;
+            }
         }
         self.paging = GuestPaging::new(&self.regs, &self.features);
     }
@@ -402,6 +457,9 @@ impl Vcpu {
         self.cr3 = if pcide { value & !CR3_NOFLUSH } else { value };
         if !noflush {
             self.tlb.flush(Flush::Pcid(self.tag()));
+            if let Backend::Shadow(s) = &mut self.backend {
+                s.requests.current = true;
+            }
         }
         if self.paging.mode() == PagingMode::Pae {
             self.load_pdptes()?;
@@ -453,7 +511,11 @@ impl Vcpu {
 
     /// INVLPG.
     pub fn invlpg(&mut self, va: u64) {
+        let va = self.linear(va);
         self.tlb.flush(Flush::Page { va, tag: self.tag() });
+        // KVM syncs the address in every root of the vCPU
+        // (`KVM_MMU_ROOTS_ALL`).
+        self.request_addr_sync(va, None);
     }
 
     /// INVPCID of `kind` 0..=3 with descriptor (`pcid`, `va`).
@@ -466,6 +528,30 @@ impl Vcpu {
             _ => Flush::AllNonGlobal(tag),
         };
         self.tlb.flush(flush);
+        match kind {
+            0 => self.request_addr_sync(va, Some(pcid)),
+            1 => {
+                if let Backend::Shadow(s) = &mut self.backend {
+                    s.requests.pcids.push(pcid);
+                }
+            }
+            _ => {
+                if let Backend::Shadow(s) = &mut self.backend {
+                    s.requests.all = true;
+                }
+            }
+        }
+    }
+
+    fn request_addr_sync(&mut self, va: u64, pcid: Option<u16>) {
+        if let Backend::Shadow(s) = &mut self.backend {
+            let r = &mut s.requests;
+            if r.addrs.len() < MAX_PENDING_ADDRS {
+                r.addrs.push((va, pcid));
+            } else {
+                r.all = true;
+            }
+        }
     }
 
     /// INVEPT executed by the VMM on this (physical) CPU: drops the
@@ -559,7 +645,13 @@ impl Vcpu {
             }
             Backend::Shadow(s) => {
                 let ctx = GuestContext::new(&self.regs, false);
-                let key: RootKey = (ctx, self.cr3 & !CR3_PCID_MASK, self.pdptes);
+                let pcide = self.regs.cr4.contains(Cr4::PCIDE);
+                let key = RootKey {
+                    ctx,
+                    pgd: if pcide { self.cr3 } else { self.cr3 & !CR3_PCID_MASK },
+                    pdptes: self.pdptes,
+                    pcid: if pcide { (self.cr3 & CR3_PCID_MASK) as u16 } else { 0 },
+                };
                 let generation = s.mmu.root_generation();
                 if generation != s.seen_root_gen {
                     // Some root was zapped: drop every obsolete one, the
@@ -585,8 +677,15 @@ impl Vcpu {
                     // allows (the CR0.WP = 0 emulation), so they go, as
                     // KVM flushes when it loads a new root. A CR3 change
                     // alone keeps the PCID semantics `mov_cr3` applied.
-                    if current_key.is_some_and(|(old, ..)| old != ctx) {
+                    //
+                    // KVM unloads every root on a context change and syncs
+                    // at the reload; here cached roots of the old context
+                    // stay, so returning to one syncs it: its unsync pages
+                    // may hold what a flush in the other context (or a
+                    // #PF there) removed.
+                    if current_key.is_some_and(|old| old.ctx != ctx) {
                         self.tlb.flush(Flush::Vpid(self.vpid));
+                        s.requests.current = true;
                     }
                     // KVM's fast_pgd_switch: a recent address space's roots
                     // are reused without rebuilding (KVM keeps prev_roots
@@ -606,7 +705,12 @@ impl Vcpu {
                             MmuStats::inc(&s.mmu.stats().local().prev_roots_hit);
                             cached
                         }
-                        None => (key, s.mmu.load_roots(&ctx, 0, key.1, self.pdptes)?),
+                        None => {
+                            // A root load syncs what it links (KVM's
+                            // `kvm_mmu_load`).
+                            s.requests.current = true;
+                            (key, s.mmu.load_roots(&ctx, 0, key.pgd, self.pdptes)?)
+                        }
                     };
                     while s.prev.len() > PREV_ROOTS {
                         let (_, r) = s.prev.pop_back().expect("longer than PREV_ROOTS");
@@ -615,6 +719,7 @@ impl Vcpu {
                     s.hw = hw_paging(&self.regs, &self.features, next.1.levels());
                     s.current = Some(next);
                 }
+                s.process_sync_requests();
             }
         }
         Ok(())
@@ -1023,6 +1128,10 @@ impl Vcpu {
         Ok(match outcome {
             ShadowOutcome::Fixed | ShadowOutcome::Retry => None,
             ShadowOutcome::GuestPageFault(error_code) => {
+                // A #PF invalidates the address's translations (SDM
+                // 4.10.4.1): a stale SPTE of an unsync page goes too
+                // (KVM's `kvm_inject_emulated_page_fault`).
+                s.mmu.sync_addr(roots, self.linear(gva));
                 self.stats.guest_faults += 1;
                 Some(AccessResult::Fault(GuestFault::PageFault { error_code, gva }))
             }

@@ -52,6 +52,14 @@ macro_rules! stats {
             pub fn local(&self) -> &$shard {
                 &self.shards[shard_index()]
             }
+
+            /// The first shard: where counters that are not sums (maxima,
+            /// updated with `fetch_max`) live, so that the snapshot's sum
+            /// is their value.
+            #[inline]
+            pub fn global(&self) -> &$shard {
+                &self.shards[0]
+            }
         }
     };
 }
@@ -74,7 +82,8 @@ stats!(
         pf_retry: AtomicU64,
         /// MMIO SPTEs created.
         pf_mmio_spte_created: AtomicU64,
-        /// Faults answered as emulated MMIO.
+        /// Faults answered by emulation: MMIO, or a write to a
+        /// write-protected guest page table (shadow MMU).
         pf_emulate: AtomicU64,
         /// Leaf SPTEs mapping 4 KiB, now.
         pages_4k: AtomicI64,
@@ -108,6 +117,17 @@ stats!(
         mmu_cache_miss: AtomicU64,
         /// Shadow pages made unsync.
         mmu_unsync: AtomicU64,
+        /// Unsync shadow pages synced (KVM has only the `kvm_mmu_sync_page`
+        /// tracepoint for this).
+        mmu_synced: AtomicU64,
+        /// Faults retried after unprotecting a guest table the guest wrote
+        /// with an instruction that does not write page tables (KVM's
+        /// `kvm_mmu_unprotect_gfn_and_retry`).
+        mmu_unprotect_retry: AtomicU64,
+        /// The most shadow pages of one guest table with other roles met
+        /// by a lookup (KVM's `max_mmu_page_hash_collisions`; the hash here
+        /// is exact on gfn and role, so this counts the other roles).
+        max_mmu_page_hash_collisions: AtomicU64,
         /// CR3 loads served from `prev_roots`.
         prev_roots_hit: AtomicU64,
         /// CR3 loads that built or looked up a root.

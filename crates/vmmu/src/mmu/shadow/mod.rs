@@ -27,9 +27,11 @@
 //! SPTEs, huge SPTEs, prefetch, the page limit, dirty logging.
 
 pub mod access;
+pub mod audit;
 pub mod page;
 pub mod role;
 pub mod roots;
+mod sync;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,8 +123,12 @@ fn default_max_pages(slots: &MemslotTable) -> u64 {
     (pages * 20 / 1000).max(MIN_MMU_PAGES)
 }
 
+/// The guest entry's Accessed bit (the same in every x86 format).
+const GPTE_A: u64 = 1 << 5;
+/// The guest entry's Dirty bit.
+const GPTE_D: u64 = 1 << 6;
 /// A/D bits, ignored when checking that a guest entry did not change.
-const GPTE_AD: u64 = (1 << 5) | (1 << 6);
+const GPTE_AD: u64 = GPTE_A | GPTE_D;
 
 /// The shadow MMU of one VM.
 pub struct ShadowMmu {
@@ -141,6 +147,9 @@ pub struct ShadowMmu {
     root_generation: AtomicU64,
     /// Indirect shadow pages, readable without the lock (seed 002).
     indirect_shadow_pages: AtomicU64,
+    /// Unsync pages, readable without the lock: a sync finding none skips
+    /// the lock (see [`sync`]).
+    unsync_pages: AtomicU64,
     /// The page limit (KVM's `n_max_mmu_pages`).
     max_pages: AtomicU64,
     stats: MmuStats,
@@ -171,6 +180,7 @@ impl ShadowMmu {
             valid_gen: AtomicU64::new(0),
             root_generation: AtomicU64::new(0),
             indirect_shadow_pages: AtomicU64::new(0),
+            unsync_pages: AtomicU64::new(0),
             max_pages: AtomicU64::new(default_max_pages(&slots)),
             stats: MmuStats::default(),
         });
@@ -373,6 +383,11 @@ impl ShadowMmu {
                     }
                     let (c, wp) = self.get_page(&mut pages, child_gfn, child_role)?;
                     flush |= wp;
+                    // A new path to a page must not expose stale SPTEs:
+                    // an unsync child is synced before it is linked.
+                    if pages.page(c).has_unsync() {
+                        flush |= self.sync_before_link(&mut pages, c);
+                    }
                     self.link(&mut pages, ptr, c);
                     c
                 }
@@ -397,14 +412,20 @@ impl ShadowMmu {
             }
         };
         let tracked = pages.is_write_tracked(gfn);
+        let mut mmu_writable = !tracked;
         if tracked && rights.contains(AccessRights::WRITE) {
-            if access.is_write() {
+            if self.try_unsync(&mut pages, gfn) {
+                // Every shadow page of the guest table is a 4K page, now
+                // unsync: the guest writes its table without trapping.
+                mmu_writable = true;
+            } else if access.is_write() {
                 // A write to a guest page table: emulate it.
                 self.discharge(flush);
                 MmuStats::inc(&self.stats.local().pf_emulate);
                 return Ok(ShadowOutcome::EmulateWrite(walk.gpa));
+            } else {
+                rights.remove(AccessRights::WRITE);
             }
-            rights.remove(AccessRights::WRITE);
         }
         let pfn = valid.pfn_at(crate::addr::Level::L1);
         let mut leaf = FMT.make_leaf(
@@ -417,7 +438,7 @@ impl ShadowMmu {
                 user: rights.contains(AccessRights::USER),
             },
             valid.writable(),
-            !tracked,
+            mmu_writable,
             false,
         );
         leaf = Spte(leaf.0 | u64::from(walk.pkey & 0xf) << 59);
@@ -426,6 +447,11 @@ impl ShadowMmu {
             flush |= self.drop_spte(&mut pages, ptr, 1);
         }
         ptr.get(&self.arena).store(leaf.0, Ordering::Release);
+        if let Some(e) = walk.entry(1).filter(|_| !role.is_direct()) {
+            // What the SPTE assumed of the guest entry, for sync.
+            let d = if walk.dirty { GPTE_D } else { 0 };
+            pages.record_gpte(sp, ptr.index as usize, e.pte | GPTE_A | d);
+        }
         pages.rmap_add(gfn, ptr, &self.translations);
         self.stats.account_leaf(1, 1);
         drop(pages);
@@ -437,31 +463,64 @@ impl ShadowMmu {
     /// Finds or creates the page for (gfn, role); returns it and whether a
     /// flush is owed (creating an indirect page write-protected its gfn).
     fn get_page(&self, pages: &mut Pages, gfn: Gfn, role: Role) -> Result<(PageId, bool), ShadowError> {
+        // The hash is exact on (gfn, role); what KVM counts as hash
+        // collisions is here the other roles of the same guest table.
+        if !role.is_direct() {
+            let others = pages
+                .indirect_of(gfn)
+                .iter()
+                .filter(|&&id| pages.page(id).role != role)
+                .count();
+            self.stats
+                .global()
+                .max_mmu_page_hash_collisions
+                .fetch_max(others as u64, Ordering::Relaxed);
+        }
         if let Some(id) = pages.find(gfn, role) {
+            tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level(), direct = role.is_direct(), created = false);
             return Ok((id, false));
         }
         MmuStats::inc(&self.stats.local().mmu_cache_miss);
-        let first_indirect = !role.is_direct() && !pages.is_write_tracked(gfn);
-        let id = pages.create(&self.arena, &self.translations, gfn, role)?;
-        self.stats.local().mmu_pages.fetch_add(1, Ordering::Relaxed);
-        tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level(), direct = role.is_direct(), created = true);
         let mut flush = false;
-        if !role.is_direct() {
-            self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
-            if first_indirect {
-                // Write-protect every mapping of the guest table's gfn.
-                for ptr in pages.rmap_of(gfn) {
-                    let a = ptr.get(&self.arena);
-                    let old = Spte(a.load(Ordering::Acquire));
-                    let new = old.write_protect(FMT);
-                    if new != old {
-                        a.fetch_and(new.0 | !old.0, Ordering::AcqRel);
-                        flush = true;
-                    }
+        if !role.is_direct() && role.level() > 1 {
+            // The guest table becomes an upper-level table: it must be
+            // write-protected, so its unsync 4K pages go (KVM's
+            // `kvm_mmu_find_shadow_page`; only 4K pages may be unsync).
+            for id in pages.indirect_of(gfn).to_vec() {
+                if pages.page(id).is_unsync() {
+                    self.zap_page(pages, id);
+                    flush = true;
                 }
             }
         }
+        let id = pages.create(&self.arena, &self.translations, gfn, role)?;
+        self.stats.local().mmu_pages.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level(), direct = role.is_direct(), created = true);
+        if !role.is_direct() {
+            self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
+            // Write-protect every mapping of the guest table's gfn (also
+            // when other pages of it exist: they may be unsync, and it
+            // writable).
+            flush |= self.write_protect_gfn(pages, gfn);
+        }
         Ok((id, flush))
+    }
+
+    /// Write-protects every leaf SPTE mapping `gfn`. Returns whether one
+    /// changed (a flush is owed).
+    fn write_protect_gfn(&self, pages: &Pages, gfn: Gfn) -> bool {
+        let mut flush = false;
+        for ptr in pages.rmap_of(gfn) {
+            let a = ptr.get(&self.arena);
+            let old = Spte(a.load(Ordering::Acquire));
+            let new = old.write_protect(FMT);
+            if new != old {
+                // Clear only the bits: hardware may set A/D meanwhile.
+                a.fetch_and(new.0 | !old.0, Ordering::AcqRel);
+                flush = true;
+            }
+        }
+        flush
     }
 
     /// Points the SPTE at `ptr` to `child`.
@@ -469,13 +528,20 @@ impl ShadowMmu {
         let c = pages.page_mut(child);
         c.parents.push(ptr);
         ptr.get(&self.arena).store(FMT.make_nonleaf(c.pfn).0, Ordering::Release);
+        pages.note_link(ptr, child);
     }
 
     /// Clears the SPTE at `ptr` (at `level`), unlinking a child page or
     /// forgetting a leaf. Returns whether something was present (a flush is
     /// owed). A child left with no parent and no root use is zapped.
     fn drop_spte(&self, pages: &mut Pages, ptr: SptePtr, level: u8) -> bool {
-        let old = Spte(ptr.get(&self.arena).swap(0, Ordering::AcqRel));
+        let entry = ptr.get(&self.arena);
+        // Only the MMU, under the lock, makes an entry present: an empty
+        // one needs no (cache-line-dirtying) swap.
+        if !Spte(entry.load(Ordering::Acquire)).is_mmu_present() {
+            return false;
+        }
+        let old = Spte(entry.swap(0, Ordering::AcqRel));
         if !old.is_mmu_present() {
             return false;
         }
@@ -486,6 +552,7 @@ impl ShadowMmu {
             self.stats.account_leaf(1, -1);
             MmuStats::inc(&self.stats.local().mmu_zapped);
         } else if let Some(child) = pages.by_pfn(old.pfn()) {
+            pages.note_unlink(ptr);
             let c = pages.page_mut(child);
             c.parents.retain(|&p| p != ptr);
             if c.parents.is_empty() && c.root_count == 0 {
@@ -507,6 +574,9 @@ impl ShadowMmu {
         tracing::trace!(target: "kvm_mmu_prepare_zap_page", gfn = gfn.raw(), level);
         MmuStats::inc(&self.stats.local().mmu_shadow_zapped);
         let was_indirect = !pages.page(id).role.is_direct();
+        if pages.page(id).is_unsync() {
+            self.unsync_pages.fetch_sub(1, Ordering::Relaxed);
+        }
         pages.unhash(id);
         if was_indirect {
             self.indirect_shadow_pages.fetch_sub(1, Ordering::Relaxed);
@@ -521,6 +591,7 @@ impl ShadowMmu {
         let parents = std::mem::take(&mut pages.page_mut(id).parents);
         for ptr in parents {
             ptr.get(&self.arena).store(0, Ordering::Release);
+            pages.note_unlink(ptr);
         }
         if pages.page(id).root_count > 0 {
             pages.page_mut(id).invalid = true;

@@ -41,6 +41,32 @@ impl SptePtr {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PageId(usize);
 
+/// A shadow page proven to be a 4K page table shadowing a guest page table
+/// (level 1, indirect): the only kind of page that may be unsync (the rule
+/// of KVM's `kvm_unsync_page`, seed 000). Only [`Pages::leaf`] makes one,
+/// and only [`Pages::mark_unsync`] sets a page unsync, so a root or an
+/// upper-level page cannot be made unsync; code outside this module cannot
+/// forge one:
+///
+/// ```compile_fail
+/// use vmmu::mmu::shadow::page::{LeafPage, PageId};
+/// fn forge(id: PageId) -> LeafPage {
+///     LeafPage(id) // the field is private
+/// }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafPage(PageId);
+
+impl LeafPage {
+    /// The page.
+    pub fn id(self) -> PageId {
+        self.0
+    }
+}
+
+/// Words of an unsync-children bitmap (one bit per entry).
+const BITMAP_WORDS: usize = ENTRIES / 64;
+
 /// One shadow page table.
 #[derive(Debug)]
 pub struct ShadowPage {
@@ -63,6 +89,50 @@ pub struct ShadowPage {
     /// Creation order: reclaim takes the oldest first (KVM's
     /// `active_mmu_pages`, newest at the head).
     pub created: u64,
+    /// Its SPTEs may be out of date with its guest table, which the guest
+    /// writes without trapping (KVM's `unsync`). Only ever set through a
+    /// [`LeafPage`].
+    unsync: bool,
+    /// Entries whose child page is unsync or has unsync children (KVM's
+    /// `unsync_child_bitmap`), and how many (`unsync_children`).
+    unsync_children: [u64; BITMAP_WORDS],
+    unsync_child_count: u16,
+    /// For an indirect 4K page: the guest entry each present SPTE was built
+    /// from, with A set and D as the SPTE's rights assumed (KVM's
+    /// `shadowed_translation`, kept whole so sync compares every bit).
+    gptes: Option<Box<[u64; ENTRIES]>>,
+}
+
+impl ShadowPage {
+    /// Whether the page is unsync.
+    pub fn is_unsync(&self) -> bool {
+        self.unsync
+    }
+
+    /// How many entries lead to unsync pages.
+    pub fn unsync_child_count(&self) -> u16 {
+        self.unsync_child_count
+    }
+
+    /// Whether entry `index` leads to unsync pages.
+    pub fn unsync_child(&self, index: usize) -> bool {
+        self.unsync_children[index / 64] & (1 << (index % 64)) != 0
+    }
+
+    /// Entries that lead to unsync pages.
+    pub fn unsync_child_indexes(&self) -> Vec<usize> {
+        (0..ENTRIES).filter(|&i| self.unsync_child(i)).collect()
+    }
+
+    /// Whether anything at or below the page is unsync.
+    pub fn has_unsync(&self) -> bool {
+        self.unsync || self.unsync_child_count > 0
+    }
+
+    /// The guest entry the SPTE at `index` was built from.
+    pub fn gpte(&self, index: usize) -> Option<u64> {
+        self.gptes.as_ref().map(|g| g[index])
+    }
 }
 
 /// The shadow MMU's pages and indexes.
@@ -195,6 +265,10 @@ impl Pages {
             write_flooding: 0,
             invalid: false,
             created: self.created,
+            unsync: false,
+            unsync_children: [0; BITMAP_WORDS],
+            unsync_child_count: 0,
+            gptes: (role.level() == 1 && !role.is_direct()).then(|| Box::new([0; ENTRIES])),
         };
         self.created += 1;
         let id = match self.free_ids.pop() {
@@ -283,5 +357,100 @@ impl Pages {
     /// The SPTE at `ptr`, read.
     pub fn spte(arena: &FrameArena, ptr: SptePtr) -> Spte {
         Spte(ptr.get(arena).load(Ordering::Acquire))
+    }
+
+    /// Records the guest entry the leaf SPTE at `index` of `id` is built
+    /// from (indirect 4K pages only).
+    pub fn record_gpte(&mut self, id: PageId, index: usize, gpte: u64) {
+        if let Some(g) = self.page_mut(id).gptes.as_mut() {
+            g[index] = gpte;
+        }
+    }
+
+    /// The page as a [`LeafPage`], if it is an indirect 4K page.
+    pub fn leaf(&self, id: PageId) -> Option<LeafPage> {
+        let role = self.page(id).role;
+        (role.level() == 1 && !role.is_direct()).then_some(LeafPage(id))
+    }
+
+    /// Marks a 4K page unsync and its parents, up to the roots, as having
+    /// an unsync child (KVM's `kvm_unsync_page` and
+    /// `kvm_mmu_mark_parents_unsync`). Returns false if it already was.
+    pub fn mark_unsync(&mut self, leaf: LeafPage) -> bool {
+        let p = self.page_mut(leaf.0);
+        // The type proves it; the assertion guards this module's own code.
+        assert_eq!(p.role.level(), 1, "only 4K shadow pages may be unsync");
+        if p.unsync {
+            return false;
+        }
+        p.unsync = true;
+        for ptr in p.parents.clone() {
+            self.set_child_bit(ptr);
+        }
+        true
+    }
+
+    /// Marks an unsync 4K page in sync again and clears the paths to it
+    /// that lead to nothing else unsync (KVM's `kvm_unlink_unsync_page` and
+    /// `mmu_pages_clear_parents`). Returns whether it was unsync.
+    pub fn mark_sync(&mut self, leaf: LeafPage) -> bool {
+        let p = self.page_mut(leaf.0);
+        if !p.unsync {
+            return false;
+        }
+        p.unsync = false;
+        for ptr in p.parents.clone() {
+            self.clear_child_bit(ptr);
+        }
+        true
+    }
+
+    /// Records that the SPTE at `ptr` now links `child`: the bit of `ptr`
+    /// is set if `child` has anything unsync (KVM's `mark_unsync` in
+    /// `__link_shadow_page`).
+    pub fn note_link(&mut self, ptr: SptePtr, child: PageId) {
+        if self.page(child).has_unsync() {
+            self.set_child_bit(ptr);
+        }
+    }
+
+    /// Records that the SPTE at `ptr` no longer links a child.
+    pub fn note_unlink(&mut self, ptr: SptePtr) {
+        self.clear_child_bit(ptr);
+    }
+
+    fn set_child_bit(&mut self, ptr: SptePtr) {
+        // A parent that is not a shadow page (a vCPU's PAE root table)
+        // ends the propagation.
+        let Some(parent) = self.by_pfn(ptr.table) else { return };
+        let p = self.page_mut(parent);
+        assert!(p.role.level() > 1, "an unsync-children bit in a 4K page");
+        let (word, bit) = (ptr.index as usize / 64, 1u64 << (ptr.index % 64));
+        if p.unsync_children[word] & bit != 0 {
+            return;
+        }
+        p.unsync_children[word] |= bit;
+        p.unsync_child_count += 1;
+        if p.unsync_child_count == 1 {
+            for gp in p.parents.clone() {
+                self.set_child_bit(gp);
+            }
+        }
+    }
+
+    fn clear_child_bit(&mut self, ptr: SptePtr) {
+        let Some(parent) = self.by_pfn(ptr.table) else { return };
+        let p = self.page_mut(parent);
+        let (word, bit) = (ptr.index as usize / 64, 1u64 << (ptr.index % 64));
+        if p.unsync_children[word] & bit == 0 {
+            return;
+        }
+        p.unsync_children[word] &= !bit;
+        p.unsync_child_count -= 1;
+        if p.unsync_child_count == 0 {
+            for gp in p.parents.clone() {
+                self.clear_child_bit(gp);
+            }
+        }
     }
 }

@@ -80,11 +80,16 @@ impl ShadowRoots {
 
     /// The root page whose tree translates `gva`.
     pub(super) fn root_for(&self, gva: u64) -> PageId {
+        self.try_root_for(gva)
+            .expect("the guest walk went through a present PDPTE")
+    }
+
+    /// The root page whose tree translates `gva`, if any (a PAE guest's
+    /// PDPTE may be not present).
+    pub(super) fn try_root_for(&self, gva: u64) -> Option<PageId> {
         match &self.kind {
-            RootKind::Table(id) => *id,
-            RootKind::Pae { roots, .. } => {
-                roots[((gva >> 30) & 3) as usize].expect("the guest walk went through a present PDPTE")
-            }
+            RootKind::Table(id) => Some(*id),
+            RootKind::Pae { roots, .. } => roots[((gva >> 30) & 3) as usize],
         }
     }
 }

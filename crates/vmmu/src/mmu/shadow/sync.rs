@@ -1,0 +1,337 @@
+//! Unsync shadow pages and their sync (KVM's `mmu_try_to_unsync_pages`,
+//! `kvm_mmu_sync_roots`, `mmu_sync_children`, `FNAME(sync_spte)`,
+//! `kvm_mmu_invalidate_addr`).
+//!
+//! A guest page table is write-protected so that the MMU sees every change
+//! to it. For a table that the guest rewrites often (a process's page table
+//! while it maps and unmaps), trapping every write costs more than it
+//! saves: when a fault wants a writable mapping of a guest table whose
+//! every shadow page is a 4K page table, those pages go **unsync** instead.
+//! The guest then writes its table freely; its SPTEs may lag behind it,
+//! which x86 allows until the guest flushes its TLB for the address. So the
+//! MMU syncs on the guest's flushes:
+//!
+//! - MOV to CR3 that flushes, a root load, INVPCID of all contexts or of
+//!   the current PCID, a CR4.PGE toggle: every unsync page below the roots
+//!   ([`ShadowMmu::sync_roots`]): write-protect their guest tables, flush
+//!   every vCPU's TLB (so no write can slip in unseen), then compare each
+//!   SPTE with its guest entry now and drop the ones that differ;
+//! - INVLPG, INVPCID of one address, an injected #PF: the one SPTE of the
+//!   address ([`ShadowMmu::sync_addr`]), leaving its page unsync;
+//! - a page found in the hash to be linked at a new place: synced first,
+//!   so that a fresh path never shows stale SPTEs.
+//!
+//! **Only 4K shadow pages may be unsync** (seed 000): an upper-level SPTE
+//! that lagged behind its guest entry would map whole tables wrongly, and a
+//! root is where every sync starts. [`Pages::mark_unsync`] takes a
+//! [`LeafPage`](super::page::LeafPage), which only a level-1 indirect page
+//! can be; [`ShadowMmu::sync_roots`] asserts that no root is unsync; when a
+//! guest table becomes an upper-level table, its unsync pages are zapped.
+//!
+//! A sync compares each present SPTE with the guest entry it was built
+//! from (recorded at install, with A set and D as the SPTE assumed): the
+//! SPTE stays if the entry is still present and accessed, differs in no bit
+//! but A/D, and is still dirty if the SPTE assumed so (a writable SPTE for
+//! a clean entry would skip the guest's D update). Otherwise it is dropped
+//! and the next access faults it back in from the guest's table.
+
+use std::sync::atomic::Ordering;
+
+use super::page::{ENTRIES, LeafPage, PageId, Pages, SptePtr};
+use super::roots::ShadowRoots;
+use super::{GPTE_A, GPTE_D, ShadowMmu};
+use crate::addr::Gpa;
+use crate::mmu::stats::MmuStats;
+
+/// Bits of a guest entry a sync compares besides A and D.
+const GPTE_PRESENT: u64 = 1;
+
+/// Whether the SPTE built from `recorded` (A set, D as assumed) still
+/// translates as the guest entry `now` does.
+pub(super) fn gpte_still_valid(recorded: u64, now: u64) -> bool {
+    now & GPTE_PRESENT != 0
+        && now & GPTE_A != 0
+        && (now ^ recorded) & !(GPTE_A | GPTE_D) == 0
+        && (recorded & GPTE_D == 0 || now & GPTE_D != 0)
+}
+
+impl ShadowMmu {
+    /// KVM's `mmu_try_to_unsync_pages`: if every shadow page of the guest
+    /// table `gfn` is a 4K page, marks them unsync and returns true (the
+    /// caller maps `gfn` writable); otherwise the table stays
+    /// write-protected.
+    pub(super) fn try_unsync(&self, pages: &mut Pages, gfn: crate::addr::Gfn) -> bool {
+        let ids = pages.indirect_of(gfn).to_vec();
+        let Some(leaves) = ids.iter().map(|&id| pages.leaf(id)).collect::<Option<Vec<LeafPage>>>() else {
+            return false;
+        };
+        for leaf in leaves {
+            if pages.mark_unsync(leaf) {
+                // Counted before the writable SPTE is stored (release): a
+                // guest write through that SPTE, then its flush, finds the
+                // count non-zero (KVM's ordering argument in
+                // `mmu_try_to_unsync_pages`).
+                self.unsync_pages.fetch_add(1, Ordering::AcqRel);
+                MmuStats::inc(&self.stats.local().mmu_unsync);
+                tracing::trace!(target: "kvm_mmu_unsync_page", gfn = gfn.raw(), level = 1u8);
+            }
+        }
+        true
+    }
+
+    /// Syncs a page found in the hash before it is linked at a new place:
+    /// an unsync 4K page's SPTEs are brought up to date (it stays unsync,
+    /// as in KVM's `kvm_mmu_find_shadow_page`); a page with unsync pages
+    /// below is synced whole. Returns whether a flush is owed.
+    pub(super) fn sync_before_link(&self, pages: &mut Pages, id: PageId) -> bool {
+        match pages.leaf(id) {
+            Some(leaf) if pages.page(id).is_unsync() => self.sync_leaf_entries(pages, leaf),
+            _ => self.sync_children(pages, id),
+        }
+    }
+
+    /// KVM's `mmu_sync_children`: syncs every unsync page below `id`.
+    /// Returns whether a flush is owed.
+    fn sync_children(&self, pages: &mut Pages, id: PageId) -> bool {
+        let mut leaves = Vec::new();
+        self.collect_unsync(pages, id, &mut leaves);
+        if leaves.is_empty() {
+            return false;
+        }
+        // Write-protect the guest tables and flush before reading them: a
+        // vCPU holding a writable translation could otherwise write an
+        // entry after it was compared, and the page, marked sync, would
+        // never see it.
+        let mut protected = false;
+        for leaf in &leaves {
+            protected |= self.write_protect_gfn(pages, pages.page(leaf.id()).gfn);
+        }
+        if protected {
+            self.discharge(true);
+        }
+        let mut flush = false;
+        for leaf in leaves {
+            // Reachable by several paths: sync once.
+            if !pages.page(leaf.id()).is_unsync() {
+                continue;
+            }
+            flush |= self.sync_leaf_entries(pages, leaf);
+            pages.mark_sync(leaf);
+            self.unsync_pages.fetch_sub(1, Ordering::AcqRel);
+            MmuStats::inc(&self.stats.local().mmu_synced);
+            tracing::trace!(target: "kvm_mmu_sync_page", gfn = pages.page(leaf.id()).gfn.raw(), level = 1u8);
+        }
+        flush
+    }
+
+    /// The unsync 4K pages below `id`, found through the unsync-children
+    /// bitmaps (KVM's `mmu_unsync_walk`).
+    fn collect_unsync(&self, pages: &Pages, id: PageId, out: &mut Vec<LeafPage>) {
+        let page = pages.page(id);
+        for index in page.unsync_child_indexes() {
+            let spte = Pages::spte(
+                &self.arena,
+                SptePtr {
+                    table: page.pfn,
+                    index: index as u16,
+                },
+            );
+            let child = spte.is_mmu_present().then(|| pages.by_pfn(spte.pfn())).flatten();
+            let Some(child) = child else {
+                debug_assert!(false, "an unsync-children bit for an empty entry");
+                continue;
+            };
+            match pages.leaf(child) {
+                Some(leaf) if pages.page(child).is_unsync() => out.push(leaf),
+                _ => self.collect_unsync(pages, child, out),
+            }
+        }
+    }
+
+    /// Brings every present SPTE of an unsync 4K page up to date with its
+    /// guest table (KVM's `kvm_sync_page`). Returns whether a flush is owed.
+    fn sync_leaf_entries(&self, pages: &mut Pages, leaf: LeafPage) -> bool {
+        let page = pages.page(leaf.id());
+        let (pfn, table) = (page.pfn, self.guest_table(pages, leaf));
+        let mut buf = vec![0u8; 4096];
+        // Guest tables with no memslot behind them read as zeros.
+        if self.memory.read(Gpa::new(table.0.raw() << 12), &mut buf).is_err() {
+            buf.fill(0);
+        }
+        let mut flush = false;
+        for index in 0..ENTRIES {
+            let ptr = SptePtr {
+                table: pfn,
+                index: index as u16,
+            };
+            if !Pages::spte(&self.arena, ptr).is_mmu_present() {
+                continue;
+            }
+            let now = table.entry(&buf, index);
+            let recorded = pages.page(leaf.id()).gpte(index).unwrap_or(0);
+            if !gpte_still_valid(recorded, now) {
+                flush |= self.drop_spte(pages, ptr, 1);
+            }
+        }
+        flush
+    }
+
+    /// Syncs the one SPTE at `index` of an unsync 4K page (KVM's
+    /// `FNAME(sync_spte)` from INVLPG). Returns whether a flush is owed.
+    fn sync_leaf_entry(&self, pages: &mut Pages, leaf: LeafPage, index: usize) -> bool {
+        let page = pages.page(leaf.id());
+        let ptr = SptePtr {
+            table: page.pfn,
+            index: index as u16,
+        };
+        if !Pages::spte(&self.arena, ptr).is_mmu_present() {
+            return false;
+        }
+        let table = self.guest_table(pages, leaf);
+        let size = table.entry_size();
+        let gpa = Gpa::new((table.0.raw() << 12) + table.offset(index) as u64);
+        let now = self.memory.read_value(gpa, size).unwrap_or(0);
+        let recorded = page.gpte(index).unwrap_or(0);
+        if gpte_still_valid(recorded, now) {
+            return false;
+        }
+        self.drop_spte(pages, ptr, 1)
+    }
+
+    fn guest_table(&self, pages: &Pages, leaf: LeafPage) -> GuestTable {
+        let role = pages.page(leaf.id()).role;
+        GuestTable(
+            pages.page(leaf.id()).gfn,
+            role.has_4_byte_gpte().then_some(role.quadrant()),
+        )
+    }
+
+    /// Syncs every unsync page below `roots` (KVM's `kvm_mmu_sync_roots`),
+    /// for a guest TLB flush that covers the whole address space.
+    pub fn sync_roots(&self, roots: &ShadowRoots) {
+        if crate::sync::bug(crate::sync::Bug::SkipUnsyncSync) {
+            return;
+        }
+        // The lockless check of seed 000: a guest write through an unsync
+        // mapping happens after the count went up (see `try_unsync`), and
+        // the flush asking for this sync after that write.
+        if self.unsync_pages.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let guard = self.lock.write();
+        let mut pages = guard.lock();
+        if !self.roots_valid(&pages, roots) {
+            return; // the vCPU reloads them
+        }
+        let mut flush = false;
+        for id in roots.pages() {
+            let root = pages.page(id);
+            // Only 4K pages may be unsync; a root never is (seed 000).
+            assert!(!root.is_unsync(), "a root shadow page is unsync");
+            if root.unsync_child_count() > 0 {
+                flush |= self.sync_children(&mut pages, id);
+            }
+        }
+        drop(pages);
+        self.discharge(flush);
+    }
+
+    /// Syncs the SPTE translating `gva` below `roots`, if its page is
+    /// unsync (KVM's `__kvm_mmu_invalidate_addr`), for INVLPG and friends.
+    /// `gva` is the linear address (32 bits in legacy modes).
+    pub fn sync_addr(&self, roots: &ShadowRoots, gva: u64) {
+        if crate::sync::bug(crate::sync::Bug::SkipUnsyncSync) {
+            return;
+        }
+        if self.unsync_pages.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let guard = self.lock.write();
+        let mut pages = guard.lock();
+        if !self.roots_valid(&pages, roots) {
+            return;
+        }
+        let Some(mut id) = roots.try_root_for(gva) else { return };
+        let mut flush = false;
+        loop {
+            let page = pages.page(id);
+            let level = page.role.level();
+            let index = ((gva >> (12 + 9 * (u32::from(level) - 1))) & 511) as usize;
+            if level == 1 {
+                if let Some(leaf) = pages.leaf(id).filter(|_| page.is_unsync()) {
+                    flush |= self.sync_leaf_entry(&mut pages, leaf, index);
+                }
+                break;
+            }
+            if !page.unsync_child(index) {
+                break;
+            }
+            let spte = Pages::spte(
+                &self.arena,
+                SptePtr {
+                    table: page.pfn,
+                    index: index as u16,
+                },
+            );
+            match spte.is_mmu_present().then(|| pages.by_pfn(spte.pfn())).flatten() {
+                Some(child) => id = child,
+                None => break,
+            }
+        }
+        drop(pages);
+        self.discharge(flush);
+    }
+
+    /// Unsync pages now.
+    pub fn unsync_page_count(&self) -> u64 {
+        self.unsync_pages.load(Ordering::Acquire)
+    }
+}
+
+/// The guest table a 4K shadow page shadows: its gfn, and for 4-byte
+/// entries the half (quadrant) of the 1024-entry table.
+struct GuestTable(crate::addr::Gfn, Option<u8>);
+
+impl GuestTable {
+    fn entry_size(&self) -> usize {
+        if self.1.is_some() { 4 } else { 8 }
+    }
+
+    /// The byte offset of the guest entry shadowed by SPTE `index`.
+    fn offset(&self, index: usize) -> usize {
+        match self.1 {
+            Some(q) => 4 * (usize::from(q) * ENTRIES + index),
+            None => 8 * index,
+        }
+    }
+
+    fn entry(&self, page: &[u8], index: usize) -> u64 {
+        let o = self.offset(index);
+        match self.1 {
+            Some(_) => u64::from(u32::from_le_bytes(page[o..o + 4].try_into().expect("4 bytes"))),
+            None => u64::from_le_bytes(page[o..o + 8].try_into().expect("8 bytes")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_synced_spte_stays_only_while_its_guest_entry_translates_the_same() {
+        let rec = 0x5000 | 0x7 | GPTE_A; // clean: the SPTE was made read-only
+        assert!(gpte_still_valid(rec, rec));
+        assert!(gpte_still_valid(rec, rec | GPTE_D), "dirtied since");
+        assert!(
+            !gpte_still_valid(rec, rec & !GPTE_A),
+            "accessed cleared: the walk must set it again"
+        );
+        assert!(!gpte_still_valid(rec, rec & !1), "not present");
+        assert!(!gpte_still_valid(rec, rec ^ 0x1000), "another frame");
+        assert!(!gpte_still_valid(rec, rec & !2), "write removed");
+        assert!(!gpte_still_valid(rec, rec | 1 << 63), "XD set");
+        let dirty = rec | GPTE_D; // the SPTE is writable
+        assert!(!gpte_still_valid(dirty, rec), "cleaned: writes must set D again");
+    }
+}
