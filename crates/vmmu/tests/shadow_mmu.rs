@@ -296,3 +296,73 @@ fn the_page_limit_bounds_shadow_memory_under_a_guest_with_many_tables() {
     assert!(s.mmu_recycled > 900, "{s:?}");
     assert_eq!(s.mmu_pages, vm.mmu.page_count() as i64);
 }
+
+/// A guest clears a page directory it no longer uses as one (another
+/// address space's, being freed) with `rep stos`: the first store finds the
+/// table write-protected, and instead of emulating 512 stores the MMU
+/// unprotects it (zaps its shadow page) and lets the guest retry; a plain
+/// store to a table in use is still emulated.
+#[test]
+fn a_table_cleared_with_rep_stos_is_unprotected_not_emulated() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let a = space(&mem, 0);
+    let b = space(&mem, 1);
+    let c = space(&mem, 2);
+    // A maps B's PD at va 0x3000 and C's at va 0x4000 (supervisor RW).
+    mem.write_u64(Gpa::new(a + 0x3000 + 24), (b + 0x2000) | P | W).unwrap();
+    mem.write_u64(Gpa::new(a + 0x3000 + 32), (c + 0x2000) | P | W).unwrap();
+    for cr3 in [b, c, a] {
+        v.set_state(regs(true, false), cr3, 0).unwrap();
+        read(&mut v, 0);
+    }
+    let stats = || vm.mmu.stats().snapshot();
+    let before = stats();
+    assert!(matches!(
+        v.rep_stos(0x3000, 512, 0).unwrap(),
+        AccessResult::Done { mmio: false, .. }
+    ));
+    let after = stats();
+    assert_eq!(after.mmu_unprotect_retry, before.mmu_unprotect_retry + 1, "{after:?}");
+    assert_eq!(after.mmu_pte_write, before.mmu_pte_write, "no store emulated");
+    assert!((0..512).all(|i| mem.read_u64(Gpa::new(b + 0x2000 + 8 * i)).unwrap() == 0));
+    // A plain store to C's PD (still a table) is emulated.
+    access(&mut v, 0x4000 + 8 * 7, AccessKind::Write, 0, 0);
+    assert_eq!(stats().mmu_pte_write, after.mmu_pte_write + 1);
+    // B, with its PD cleared, faults; C still translates.
+    v.mov_cr3(b).unwrap();
+    assert_eq!(pf(access(&mut v, 0, AccessKind::Read, 0, 0)), 0);
+    v.mov_cr3(c).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x102 << 12);
+    assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
+}
+
+/// One data page mapped by 1,536 PTEs: its rmap never passes KVM's
+/// recycle threshold, and every access still translates.
+#[test]
+fn a_page_mapped_everywhere_keeps_its_rmap_bounded() {
+    use vmmu::addr::Gfn;
+    use vmmu::mmu::shadow::RMAP_RECYCLE_THRESHOLD;
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let w = |gpa: u64, val: u64| mem.write_u64(Gpa::new(gpa), val).unwrap();
+    let (pml4, pdpt, pd) = (0x20000, 0x21000, 0x22000);
+    w(pml4, pdpt | TABLE);
+    w(pdpt, pd | TABLE);
+    for t in 0..3u64 {
+        let pt = 0x23000 + t * 0x1000;
+        w(pd + 8 * t, pt | TABLE);
+        for i in 0..512 {
+            w(pt + 8 * i, (0x100 << 12) | P | W | U);
+        }
+    }
+    v.set_state(regs(true, false), pml4, 0).unwrap();
+    let mut peak = 0;
+    for page in 0..1536u64 {
+        assert_eq!(read(&mut v, page << 12).0, 0x100 << 12);
+        peak = peak.max(vm.mmu.rmap_count(Gfn::new(0x100)));
+    }
+    assert!(peak <= RMAP_RECYCLE_THRESHOLD, "peak rmap {peak}");
+    assert!(peak >= RMAP_RECYCLE_THRESHOLD - 1, "the threshold was reached: {peak}");
+    assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
+}

@@ -163,6 +163,9 @@ pub enum InvalidationError {
 
 /// A vCPU on the TDP MMU.
 /// The MMU a vCPU runs on, and what the vCPU keeps of it.
+// One per vCPU, built once and never moved on a hot path: the size
+// difference costs nothing, a box would cost an indirection per access.
+#[allow(clippy::large_enum_variant)]
 enum Backend {
     Tdp(TdpState),
     Shadow(ShadowState),
@@ -224,6 +227,12 @@ struct ShadowState {
     prev: std::collections::VecDeque<(RootKey, ShadowRoots)>,
     seen_root_gen: u64,
     requests: SyncRequests,
+    /// The store being made is a string instruction's (`rep stos`), which
+    /// KVM does not consider a page-table write.
+    string_op: bool,
+    /// Where the last unprotect-and-retry happened (KVM's
+    /// `last_retry_addr`): a second fault there is emulated.
+    last_retry: Option<u64>,
     /// The hardware's paging configuration for walking the shadow tables.
     hw: Paging<Pte64>,
 }
@@ -329,6 +338,8 @@ impl Vcpu {
             current: None,
             prev: std::collections::VecDeque::new(),
             requests: SyncRequests::default(),
+            string_op: false,
+            last_retry: None,
             hw: hw_paging(&regs, &features, 4),
         });
         Vcpu::with_backend(backend, mode, seen_flush_gen, slots, features, vpid)
@@ -800,6 +811,34 @@ impl Vcpu {
         self.access_split(gva, kind, cpl, ac, size, value)
     }
 
+    /// `rep stosq`: stores `value` to `count` consecutive quadwords from
+    /// `gva`, stopping at the first store that does not complete (its
+    /// result is returned). On the shadow MMU a string store that hits a
+    /// write-protected guest table unprotects the table and retries instead
+    /// of being emulated (KVM's `EMULTYPE_ALLOW_RETRY_PF` for instructions
+    /// that are not page-table writes): a guest clearing a freed table page
+    /// for reuse pays one exit, not one per store.
+    pub fn rep_stos(&mut self, gva: u64, count: u64, value: u64) -> Result<AccessResult, VcpuError> {
+        if let Backend::Shadow(s) = &mut self.backend {
+            s.string_op = true;
+        }
+        let mut result = Ok(AccessResult::Done {
+            gpa: Gpa::new(0),
+            value: 0,
+            mmio: false,
+        });
+        for i in 0..count {
+            result = self.access(gva.wrapping_add(8 * i), AccessKind::Write, 0, false, 8, value);
+            if !matches!(result, Ok(AccessResult::Done { .. })) {
+                break;
+            }
+        }
+        if let Backend::Shadow(s) = &mut self.backend {
+            s.string_op = false;
+        }
+        result
+    }
+
     fn access_split(
         &mut self,
         gva: u64,
@@ -1144,6 +1183,14 @@ impl Vcpu {
                 value: 0,
                 mmio: true,
             }),
+            ShadowOutcome::EmulateWrite(gpa)
+                if s.string_op && s.last_retry != Some(gva) && s.mmu.unprotect_gfn_and_retry(gpa) =>
+            {
+                if let Backend::Shadow(s) = &mut self.backend {
+                    s.last_retry = Some(gva);
+                }
+                None
+            }
             ShadowOutcome::EmulateWrite(gpa) => {
                 s.mmu.emulate_write(gpa, size, value)?;
                 Some(AccessResult::Done {

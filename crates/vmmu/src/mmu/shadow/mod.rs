@@ -106,6 +106,10 @@ impl PtMemory for WalkerMemory<'_> {
     }
 }
 
+/// Leaf SPTEs one gfn may have before they are all dropped (KVM's
+/// `RMAP_RECYCLE_THRESHOLD`).
+pub const RMAP_RECYCLE_THRESHOLD: usize = 1000;
+
 /// The smallest page limit (KVM's `KVM_MIN_ALLOC_MMU_PAGES`).
 pub const MIN_MMU_PAGES: u64 = 64;
 /// Pages kept free for one fault (KVM's `KVM_MIN_FREE_MMU_PAGES`).
@@ -446,6 +450,13 @@ impl ShadowMmu {
         if old.is_mmu_present() {
             flush |= self.drop_spte(&mut pages, ptr, 1);
         }
+        if pages.rmap_len(gfn) >= RMAP_RECYCLE_THRESHOLD {
+            // A gfn mapped by very many SPTEs (a guest mapping one page
+            // everywhere): drop them all rather than let the chain grow
+            // (KVM's `rmap_recycle`); they fault back in on use.
+            tracing::trace!(target: "kvm_mmu_rmap_recycle", gfn = gfn.raw());
+            flush |= self.zap_gfn_range(&mut pages, gfn, gfn.add(1));
+        }
         ptr.get(&self.arena).store(leaf.0, Ordering::Release);
         if let Some(e) = walk.entry(1).filter(|_| !role.is_direct()) {
             // What the SPTE assumed of the guest entry, for sync.
@@ -640,6 +651,41 @@ impl ShadowMmu {
         drop(pages);
         self.discharge(flush);
         Ok(())
+    }
+
+    /// KVM's `kvm_mmu_unprotect_gfn_and_retry`: instead of emulating a
+    /// write to the write-protected guest table at `gpa`, zaps every shadow
+    /// page of that table so that the guest's retried instruction writes
+    /// it directly. For writes by instructions that do not write page
+    /// tables (a `rep stos` clearing a freed table page for reuse as data):
+    /// the guest has stopped using the page as a table. Returns whether
+    /// anything was unprotected (if not, emulate).
+    pub fn unprotect_gfn_and_retry(&self, gpa: Gpa) -> bool {
+        // Read without the lock, as a heuristic (seed 002): taking the
+        // lock to read one counter costs the whole VM more than a needless
+        // hash walk. A false positive walks the hash for nothing; a false
+        // negative (a page created just now) emulates this write instead,
+        // which is always correct.
+        if self.indirect_shadow_pages.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let guard = self.lock.write();
+        let mut pages = guard.lock();
+        let ids = pages.indirect_of(gpa.frame()).to_vec();
+        for &id in &ids {
+            self.zap_page(&mut pages, id);
+        }
+        drop(pages);
+        self.discharge(!ids.is_empty());
+        if !ids.is_empty() {
+            MmuStats::inc(&self.stats.local().mmu_unprotect_retry);
+        }
+        !ids.is_empty()
+    }
+
+    /// The number of leaf SPTEs mapping `gfn` (its rmap's length).
+    pub fn rmap_count(&self, gfn: Gfn) -> usize {
+        self.lock.read().lock().rmap_len(gfn)
     }
 
     /// KVM's `kvm_mmu_track_write`. Returns whether a flush is owed.

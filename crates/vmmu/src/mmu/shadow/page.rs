@@ -341,6 +341,11 @@ impl Pages {
         translations.set(ptr, None);
     }
 
+    /// How many leaf SPTEs map `gfn`.
+    pub fn rmap_len(&self, gfn: Gfn) -> usize {
+        self.rmap.get(&gfn).map_or(0, Vec::len)
+    }
+
     /// The leaf SPTEs mapping `gfn`.
     pub fn rmap_of(&self, gfn: Gfn) -> Vec<SptePtr> {
         self.rmap.get(&gfn).cloned().unwrap_or_default()
