@@ -366,3 +366,86 @@ fn a_page_mapped_everywhere_keeps_its_rmap_bounded() {
     assert!(peak >= RMAP_RECYCLE_THRESHOLD - 1, "the threshold was reached: {peak}");
     assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
 }
+
+/// A fault installs the 7 neighbours of its entry (an aligned group of 8)
+/// that the guest has used before (Accessed set), without touching their
+/// A/D bits; a neighbour never used is left to its own fault.
+#[test]
+fn a_fault_prefetches_the_neighbours_the_guest_has_used() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    let pt = cr3 + 0x3000;
+    const A: u64 = 1 << 5;
+    for i in 0..8u64 {
+        let accessed = if i == 2 { 0 } else { A };
+        mem.write_u64(Gpa::new(pt + 8 * i), ((0x200 + i) << 12) | P | W | U | accessed)
+            .unwrap();
+        // The data page is resident on the host (prefetch never faults a
+        // host page in).
+        mem.write_u64(Gpa::new((0x200 + i) << 12), i).unwrap();
+    }
+    v.set_state(regs(true, false), cr3, 0).unwrap();
+    let taken = || vm.mmu.stats().snapshot().pf_taken;
+    assert_eq!(read(&mut v, 0).0, 0x200 << 12);
+    let after_first = taken();
+    for i in [1u64, 3, 4, 5, 6, 7] {
+        assert_eq!(read(&mut v, i << 12).0, (0x200 + i) << 12);
+    }
+    assert_eq!(taken(), after_first, "served by prefetched SPTEs");
+    assert_eq!(mem.read_u64(Gpa::new(pt + 8 * 3)).unwrap() & (1 << 6), 0, "D untouched");
+    assert_eq!(read(&mut v, 2 << 12).0, 0x202 << 12);
+    assert_eq!(taken(), after_first + 1, "the unused entry faulted");
+    assert_ne!(
+        mem.read_u64(Gpa::new(pt + 16)).unwrap() & A,
+        0,
+        "its A set by that walk"
+    );
+    // A write through a prefetched entry of a clean page sets D as
+    // hardware would (the prefetched SPTE was read-only).
+    access(&mut v, 3 << 12, AccessKind::Write, 0, 1);
+    assert_ne!(mem.read_u64(Gpa::new(pt + 8 * 3)).unwrap() & (1 << 6), 0);
+    assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
+}
+
+/// Dirty logging on the shadow MMU: enabling it write-protects what is
+/// mapped, every written page shows in the bitmap once, harvesting
+/// protects again, and a page written after the harvest shows next time.
+#[test]
+fn dirty_logging_sees_every_written_page() {
+    use vmmu::mem::MemslotFlags;
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    let pt = cr3 + 0x3000;
+    for i in 0..16u64 {
+        mem.write_u64(Gpa::new(pt + 8 * (16 + i)), ((0x300 + i) << 12) | P | W | U)
+            .unwrap();
+    }
+    v.set_state(regs(true, false), cr3, 0).unwrap();
+    // Mapped writable before logging starts.
+    for i in 0..16u64 {
+        access(&mut v, (16 + i) << 12, AccessKind::Write, 0, i);
+    }
+    vm.slots.update_flags(0, 0, MemslotFlags::LOG_DIRTY_PAGES).unwrap();
+    let bit = |bm: &[u64], gfn: u64| bm[(gfn / 64) as usize] >> (gfn % 64) & 1 == 1;
+    let first = vm.mmu.get_dirty_log(0, 0).unwrap();
+    assert!(
+        (0..16).all(|i| !bit(&first, 0x300 + i)),
+        "nothing written since logging began"
+    );
+    for i in [1u64, 5, 9] {
+        access(&mut v, (16 + i) << 12, AccessKind::Write, 0, 7);
+    }
+    let second = vm.mmu.get_dirty_log(0, 0).unwrap();
+    for i in 0..16u64 {
+        assert_eq!(bit(&second, 0x300 + i), [1, 5, 9].contains(&i), "page {i}");
+    }
+    access(&mut v, (16 + 5) << 12, AccessKind::Write, 0, 8);
+    let third = vm.mmu.get_dirty_log(0, 0).unwrap();
+    assert!(
+        bit(&third, 0x305) && !bit(&third, 0x301),
+        "written again after the harvest"
+    );
+    assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
+}

@@ -28,7 +28,9 @@
 
 pub mod access;
 pub mod audit;
+mod dirty;
 pub mod page;
+pub mod prefetch;
 pub mod role;
 pub mod roots;
 mod sync;
@@ -465,6 +467,11 @@ impl ShadowMmu {
         }
         pages.rmap_add(gfn, ptr, &self.translations);
         self.stats.account_leaf(1, 1);
+        if leaf.is_writable(FMT) && slot.logs_dirty_pages() {
+            // Writable from now on: logged now (KVM's `make_spte`).
+            slot.mark_page_dirty(gfn);
+        }
+        self.prefetch(&mut pages, sp, ptr.index as usize, gva, paging, groot, roots.as_id());
         drop(pages);
         self.discharge(flush);
         MmuStats::inc(&self.stats.local().pf_fixed);
@@ -836,7 +843,15 @@ impl MemslotObserver for Notifier {
         }
     }
 
-    fn commit(&self, _change: MemslotChange, _old: Option<&Memslot>, _new: Option<&Memslot>, _generation: u64) {}
+    fn commit(&self, change: MemslotChange, old: Option<&Memslot>, new: Option<&Memslot>, _generation: u64) {
+        let Some(mmu) = self.0.upgrade() else { return };
+        if let (MemslotChange::FlagsOnly, Some(old), Some(new)) = (change, old, new)
+            && !old.logs_dirty_pages()
+            && new.logs_dirty_pages()
+        {
+            mmu.start_dirty_logging(new);
+        }
+    }
 }
 
 #[cfg(test)]

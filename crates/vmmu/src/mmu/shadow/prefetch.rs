@@ -1,0 +1,101 @@
+//! Prefetch of neighbouring guest entries (KVM's `FNAME(pte_prefetch)`).
+//!
+//! After a fault installs a 4K SPTE, the other entries of its aligned group
+//! of [`PTE_PREFETCH_NUM`] are installed too when the guest has already
+//! used them (Accessed set) and the host page is mapped now: a guest that
+//! touches one page of a region usually touches its neighbours next.
+//! Prefetch never faults a host page in, never sets a guest A/D bit, never
+//! makes a page table unsync, skips slots that log dirty pages, and skips a
+//! host range whose invalidation is in progress (an invalidation that
+//! starts later takes the MMU lock, held here, and zaps what this installs).
+
+use std::sync::atomic::Ordering;
+
+use super::access::{Leaf, leaf_rights};
+use super::page::{PageId, Pages, SptePtr};
+use super::{FMT, GPTE_A, GPTE_D, RMAP_RECYCLE_THRESHOLD, ShadowMmu, WalkerMemory};
+use crate::arch::perm::{Access, AccessKind, AccessRights};
+use crate::mmu::spte::{Spte, SpteAccess};
+use crate::walker::{GuestPaging, Root};
+
+/// Entries looked at around a fault (KVM's `PTE_PREFETCH_NUM`).
+pub const PTE_PREFETCH_NUM: usize = 8;
+
+impl ShadowMmu {
+    /// Prefetches the neighbours of entry `index` of the 4K page `sp`,
+    /// which the fault at `gva` just filled.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn prefetch(
+        &self,
+        pages: &mut Pages,
+        sp: PageId,
+        index: usize,
+        gva: u64,
+        paging: &GuestPaging,
+        groot: &Root,
+        as_id: u16,
+    ) {
+        let page = pages.page(sp);
+        if page.role.is_direct() || page.role.level() != 1 {
+            return;
+        }
+        let (table, role, table_gfn) = (page.pfn, page.role, page.gfn);
+        let slots = self.slots.load(as_id);
+        let first = index & !(PTE_PREFETCH_NUM - 1);
+        for j in first..first + PTE_PREFETCH_NUM {
+            let ptr = SptePtr { table, index: j as u16 };
+            if j == index || Pages::spte(&self.arena, ptr).is_mmu_present() {
+                continue;
+            }
+            let va = (gva & !(0x1ff << 12)) | (j as u64) << 12;
+            // A read as the kernel with AC set: the walk's rights are what
+            // the guest's entries grant; nothing is written.
+            let read = Access::new(AccessKind::Read, 0, true);
+            let Ok(walk) = paging.peek(&WalkerMemory(&self.memory), groot, va, read, 0) else {
+                continue;
+            };
+            let Some(e) = walk.entry(1).filter(|e| walk.level == 1 && e.table_gfn == table_gfn) else {
+                continue;
+            };
+            if e.pte & GPTE_A == 0 {
+                continue; // never used by the guest: leave it to a fault
+            }
+            let Leaf::Map(mut rights) = leaf_rights(&role, walk.rights, walk.dirty, read) else {
+                continue;
+            };
+            let gfn = walk.gfn();
+            let Some(slot) = slots.lookup(gfn).filter(|s| !s.is_invalid() && !s.logs_dirty_pages()) else {
+                continue;
+            };
+            let Some(hva) = slot.gfn_to_hva(gfn) else { continue };
+            if self.invalidate.in_progress_covers(hva) || pages.rmap_len(gfn) >= RMAP_RECYCLE_THRESHOLD {
+                continue;
+            }
+            let Some(host) = self.host.lookup(hva) else { continue };
+            let tracked = pages.is_write_tracked(gfn);
+            if tracked || slot.is_readonly() {
+                rights.remove(AccessRights::WRITE);
+            }
+            let leaf = FMT.make_leaf(
+                1,
+                host.pfn,
+                SpteAccess {
+                    read: true,
+                    write: rights.contains(AccessRights::WRITE),
+                    exec: rights.contains(AccessRights::EXEC),
+                    user: rights.contains(AccessRights::USER),
+                },
+                host.writable,
+                !tracked,
+                true,
+            );
+            let leaf = Spte(leaf.0 | u64::from(walk.pkey & 0xf) << 59);
+            ptr.get(&self.arena).store(leaf.0, Ordering::Release);
+            let d = if walk.dirty { GPTE_D } else { 0 };
+            pages.record_gpte(sp, j, e.pte | GPTE_A | d);
+            pages.rmap_add(gfn, ptr, &self.translations);
+            self.stats.account_leaf(1, 1);
+            tracing::trace!(target: "kvm_mmu_prefetch", gfn = gfn.raw(), index = j);
+        }
+    }
+}
