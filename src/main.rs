@@ -356,9 +356,10 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             args.name
         ));
     }
-    if !shadow_only && args.name != BenchName::All && args.mmu_given == Some(BenchMmu::Shadow) {
+    let both = matches!(args.name, BenchName::Populate);
+    if !shadow_only && !both && args.name != BenchName::All && args.mmu_given == Some(BenchMmu::Shadow) {
         return usage(format!(
-            "--mmu shadow: only cr3-switch and wp-emulate measure the shadow MMU so far; {:?} runs on the TDP MMU",
+            "--mmu shadow: only populate, cr3-switch and wp-emulate measure the shadow MMU; {:?} runs on the TDP MMU",
             args.name
         ));
     }
@@ -374,7 +375,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         },
     };
     let names: &[BenchName] = match (args.name, args.mmu_given) {
-        (BenchName::All, Some(BenchMmu::Shadow)) => &[BenchName::Cr3Switch, BenchName::WpEmulate],
+        (BenchName::All, Some(BenchMmu::Shadow)) => &[BenchName::Populate, BenchName::Cr3Switch, BenchName::WpEmulate],
         (BenchName::All, Some(BenchMmu::Tdp)) => &[
             BenchName::Populate,
             BenchName::DirtyLog,
@@ -414,6 +415,9 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     for name in names {
         let result: Result<Report, BenchError> = match name {
             BenchName::Walk => Ok(vmmu::bench::walk::run(args.iterations.unwrap_or(2_000_000)).into()),
+            BenchName::Populate if args.mmu_given == Some(BenchMmu::Shadow) => {
+                vmmu::bench::shadow::populate(&cfg, &progress)
+            }
             BenchName::Populate => tdp::populate(&cfg, &progress),
             BenchName::DirtyLog => tdp::dirty_log(&cfg, &progress),
             BenchName::ZapAll => tdp::zap_all(&cfg, &progress),

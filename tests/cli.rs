@@ -279,13 +279,29 @@ fn bench_bad_sizes_and_backings_exit_2_naming_the_problem() {
 fn bench_mmu_mismatches_exit_2_and_print_no_numbers() {
     for (args, needle) in [
         (vec!["bench", "cr3-switch", "--mmu", "tdp"], "prev_roots"),
-        (vec!["bench", "populate", "--mmu", "shadow"], "only cr3-switch"),
+        (
+            vec!["bench", "dirty-log", "--mmu", "shadow"],
+            "only populate, cr3-switch",
+        ),
+        (
+            vec!["bench", "populate", "--mmu", "shadow", "-s", "thp"],
+            "maps 4K pages only",
+        ),
     ] {
         let o = vmmu(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
         assert!(stdout(&o).is_empty(), "{args:?}");
     }
+}
+
+#[test]
+fn bench_populate_shadow_json() {
+    let v = bench_json(&["bench", "populate", "--mmu", "shadow", "-b", "4M", "-i", "1", "--json"]);
+    assert_eq!(v["bench"], "populate");
+    assert_eq!(v["mmu"], "shadow");
+    assert_eq!(v["pages"], 1024);
+    assert!(v["ratio"].as_f64().is_some_and(|r| r.is_finite() && r > 1.0), "{v}");
 }
 
 #[test]

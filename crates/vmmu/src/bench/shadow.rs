@@ -2,7 +2,7 @@
 //! spaces, served by `prev_roots` or by loading roots again) and the cost
 //! of an emulated write to a write-protected guest page table.
 
-use super::tdp::BenchError;
+use super::tdp::{Backing, BenchError, TdpBenchConfig};
 use super::{BenchResult, Figure, Phase, Report, best_ns_per_iter};
 use crate::addr::{Gpa, Hva};
 use crate::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
@@ -300,4 +300,171 @@ pub fn wp_emulate(iterations: Option<u64>) -> Result<Report, BenchError> {
             "pte-store-unsync: the 4K page table went unsync at the first store (verified: mmu_unsync +1, nothing emulated)".into(),
         ],
     })
+}
+
+/// `populate --mmu shadow` (KVM's `demand_paging_test` with `ept=0`): the
+/// guest's 4-level tables map each vCPU's region (`bytes_per_vcpu`, 4K
+/// pages, Accessed clear as in fresh mappings, so nothing is prefetched);
+/// each vCPU thread writes 8 bytes to every 4K page of its region once.
+/// Every first touch is a shadow page fault: a guest walk (setting A and
+/// D), the host page, the write lock, shadow pages found or built down to
+/// the leaf. Phases, best of `iterations` rounds (default 3) on a fresh VM,
+/// in ns per 4K page per vCPU thread: `vcpu`, and (with one vCPU)
+/// `2-vcpus` for the scaling. The reference is the TDP populate's: one
+/// walk and atomic store per page in preallocated tables.
+pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report, BenchError> {
+    cfg.validate()?;
+    if cfg.backing != Backing::Anon {
+        return Err(BenchError::Config(format!(
+            "populate --mmu shadow: the shadow MMU maps 4K pages only; -s {} needs the TDP MMU",
+            cfg.backing.name()
+        )));
+    }
+    let rounds = cfg.iterations.unwrap_or(3);
+    let (vcpus, bytes) = (cfg.vcpus, cfg.bytes_per_vcpu);
+    let ppt = bytes / 4096;
+    progress(&format!(
+        "populate --mmu shadow: {vcpus} vCPU(s) x {} MiB, {rounds} round(s)",
+        bytes >> 20
+    ));
+    let pass = |threads: u32| -> Result<(f64, f64), BenchError> {
+        let mut best = f64::INFINITY;
+        let mut secs = 0.0;
+        for _ in 0..rounds {
+            let (vm, cr3) = populate_vm(ppt * u64::from(threads))?;
+            let failed = std::sync::Mutex::new(None);
+            let d = super::tdp::parallel(threads as usize, |t| {
+                let mut v = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), t as u16 + 1);
+                v.set_state(regs(), cr3, 0)
+                    .map_err(|e| BenchError::Run(e.to_string()))?;
+                let base = DATA_VA + t as u64 * ppt * 4096;
+                for p in 0..ppt {
+                    let va = base + p * 4096;
+                    match v.access(va, AccessKind::Write, 0, false, 8, va) {
+                        Ok(AccessResult::Done { mmio: false, .. }) => {}
+                        other => {
+                            failed
+                                .lock()
+                                .expect("not poisoned")
+                                .get_or_insert(format!("store at {va:#x}: {other:?}"));
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            if let Some(e) = failed.into_inner().expect("not poisoned") {
+                return Err(BenchError::Run(e));
+            }
+            let mapped = vm.mmu.stats().snapshot().pages_4k as u64;
+            if mapped < ppt * u64::from(threads) {
+                return Err(BenchError::Run(format!(
+                    "populate --mmu shadow: {mapped} pages mapped, expected {}",
+                    ppt * u64::from(threads)
+                )));
+            }
+            secs += d.as_secs_f64();
+            best = best.min(super::tdp::ns(d) / ppt as f64);
+        }
+        Ok((best, secs))
+    };
+    let tree = super::tdp::RefTree::new(ppt * u64::from(vcpus.max(2)), 1)?;
+    let reference = |threads: u32| -> Result<f64, BenchError> {
+        let mut best = f64::INFINITY;
+        for _ in 0..rounds.max(3) {
+            tree.clear();
+            let d = super::tdp::parallel(threads as usize, |t| {
+                tree.insert_share(t, ppt);
+                Ok(())
+            })?;
+            best = best.min(super::tdp::ns(d) / ppt as f64);
+        }
+        Ok(best)
+    };
+    let (vcpu_ns, mut seconds) = pass(vcpus)?;
+    let ref_ns = reference(vcpus)?;
+    let mut phases = vec![super::tdp::phase("vcpu", vcpu_ns, ref_ns)];
+    let mut figures = vec![super::tdp::figure(
+        "vcpu",
+        "pages/s/thread",
+        1e9 / vcpu_ns,
+        Some(1e9 / ref_ns),
+        None,
+    )];
+    if vcpus == 1 {
+        progress("populate --mmu shadow: the same on 2 threads, for the scaling");
+        let (two_ns, secs) = pass(2)?;
+        seconds += secs;
+        let ref2_ns = reference(2)?;
+        phases.push(super::tdp::phase("2-vcpus", two_ns, ref2_ns));
+        figures.push(super::tdp::figure(
+            "2-thread scaling (aggregate pages/s, 2 threads / 1)",
+            "x",
+            2.0 * vcpu_ns / two_ns,
+            Some(2.0 * ref_ns / ref2_ns),
+            None,
+        ));
+    }
+    Ok(Report {
+        result: BenchResult {
+            bench: "populate",
+            mmu: "shadow",
+            vcpus,
+            pages: ppt * u64::from(vcpus),
+            seconds,
+            per_op_ns: vcpu_ns,
+            reference_ns: ref_ns,
+            ratio: vcpu_ns / ref_ns,
+            reference: "per 4K page, a walk from the root to its leaf in preallocated tables and one atomic store of the leaf, as many threads",
+            goal_ratio: None,
+            phases,
+        },
+        backing: Some("anon"),
+        figures,
+        notes: vec![
+            super::tdp::load_note(),
+            super::tdp::prefault_note(),
+            "every shadow fault takes mmu_lock for writing (as KVM's shadow MMU): the scaling shows the cost of that design against the TDP MMU's read-locked faults".into(),
+            format!("per_op_ns: wall time of the pass / pages per vCPU thread ({ppt}); best of {rounds} round(s), a fresh VM each"),
+        ],
+    })
+}
+
+/// Where the data the populate guest writes starts (after its tables).
+const DATA_VA: u64 = 1 << 30;
+
+/// A shadow VM whose 4-level tables map `pages` 4K data pages at
+/// [`DATA_VA`] (gpa = va), host memory resident; returns it and the CR3.
+fn populate_vm(pages: u64) -> Result<(ShadowVm, u64), BenchError> {
+    let run = |e: &dyn std::fmt::Display| BenchError::Run(e.to_string());
+    let pts = pages.div_ceil(512);
+    let pds = pts.div_ceil(512);
+    let vm = ShadowVm::new(DATA_VA + pages * 4096, Hva::new(0x40_0000_0000), VmaFlags::WRITE).map_err(|e| run(&e))?;
+    // Room for every page table, and more.
+    vm.mmu.set_max_pages(pts + pds + 64);
+    let mem = vm.memory();
+    let w = |gpa: u64, val: u64| mem.write_u64(Gpa::new(gpa), val).map_err(|e| run(&e));
+    // Tables from gpa 0x1000: PML4, PDPT, then the PDs, then the PTs.
+    let (pml4, pdpt) = (0x1000u64, 0x2000u64);
+    let pd0 = 0x3000u64;
+    let pt0 = pd0 + pds * 0x1000;
+    if pt0 + pts * 0x1000 > DATA_VA {
+        return Err(BenchError::Config(
+            "populate --mmu shadow: too many pages for the table area".into(),
+        ));
+    }
+    w(pml4, pdpt | TABLE)?;
+    for d in 0..pds {
+        // DATA_VA is 1 GiB: PDPT entry 1 onwards.
+        w(pdpt + 8 * (1 + d), (pd0 + d * 0x1000) | TABLE)?;
+    }
+    for t in 0..pts {
+        w(pd0 + 8 * t, (pt0 + t * 0x1000) | TABLE)?;
+    }
+    for p in 0..pages {
+        let gpa = DATA_VA + p * 4096;
+        w(pt0 + 8 * p, gpa | TABLE)?;
+        // Resident on the host: the timed part is the MMU's.
+        w(gpa, 0)?;
+    }
+    Ok((vm, pml4))
 }

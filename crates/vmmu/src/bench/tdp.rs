@@ -398,7 +398,10 @@ fn write_region(v: &mut Vcpu, i: u32, base: u64, bytes: u64, value: u64) -> Resu
 }
 
 /// `f(i)` on `threads` threads at once; the wall time.
-fn parallel(threads: usize, f: impl Fn(usize) -> Result<(), BenchError> + Sync) -> Result<Duration, BenchError> {
+pub(super) fn parallel(
+    threads: usize,
+    f: impl Fn(usize) -> Result<(), BenchError> + Sync,
+) -> Result<Duration, BenchError> {
     let barrier = Barrier::new(threads);
     let results = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -621,11 +624,11 @@ impl From<FrameErrorText> for BenchError {
 
 // ---- the benchmarks -------------------------------------------------------
 
-fn ns(d: Duration) -> f64 {
+pub(super) fn ns(d: Duration) -> f64 {
     d.as_secs_f64() * 1e9
 }
 
-fn phase(name: &'static str, per_op_ns: f64, reference_ns: f64) -> Phase {
+pub(super) fn phase(name: &'static str, per_op_ns: f64, reference_ns: f64) -> Phase {
     Phase {
         phase: name,
         per_op_ns,
@@ -634,7 +637,13 @@ fn phase(name: &'static str, per_op_ns: f64, reference_ns: f64) -> Phase {
     }
 }
 
-fn figure(name: &str, unit: &'static str, value: f64, reference: Option<f64>, goal: Option<&'static str>) -> Figure {
+pub(super) fn figure(
+    name: &str,
+    unit: &'static str,
+    value: f64,
+    reference: Option<f64>,
+    goal: Option<&'static str>,
+) -> Figure {
     Figure {
         name: name.to_string(),
         unit,
@@ -646,7 +655,7 @@ fn figure(name: &str, unit: &'static str, value: f64, reference: Option<f64>, go
 
 /// The 1-minute load average when the benchmark started (Linux), so a
 /// reader can tell a busy machine from a slow MMU.
-fn load_note() -> String {
+pub(super) fn load_note() -> String {
     match std::fs::read_to_string("/proc/loadavg") {
         Ok(s) => format!(
             "load average at start: {} on {} CPU(s) (other work on the machine skews the figures, most of all the multi-thread ones)",
@@ -660,7 +669,7 @@ fn load_note() -> String {
     }
 }
 
-fn prefault_note() -> String {
+pub(super) fn prefault_note() -> String {
     "host memory pre-faulted before timing: every 4K page written once through HostAddressSpace::write \
      (frames allocated, zeroed, touched), so the timed part is the MMU's fault path, not host page allocation"
         .to_string()

@@ -40,11 +40,34 @@ impl ShadowMmu {
             return;
         }
         let (table, role, table_gfn) = (page.pfn, page.role, page.gfn);
-        let slots = self.slots.load(as_id);
         let first = index & !(PTE_PREFETCH_NUM - 1);
+        // The group's guest entries in one read: most groups of a fresh
+        // mapping have none accessed, and need no walk at all.
+        let size = role.gpte_size();
+        let quadrant = if role.has_4_byte_gpte() {
+            usize::from(role.quadrant())
+        } else {
+            0
+        };
+        let offset = size * (quadrant * super::page::ENTRIES + first);
+        let mut buf = [0u8; 8 * PTE_PREFETCH_NUM];
+        let raw = &mut buf[..size * PTE_PREFETCH_NUM];
+        let at = crate::addr::Gpa::new((table_gfn.raw() << 12) + offset as u64);
+        if self.memory.read(at, raw).is_err() {
+            return;
+        }
+        let used = |k: usize| -> bool {
+            let b = &raw[k * size..(k + 1) * size];
+            let v = b.iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x));
+            v & (GPTE_A | 1) == GPTE_A | 1
+        };
+        if !(0..PTE_PREFETCH_NUM).any(|k| first + k != index && used(k)) {
+            return;
+        }
+        let slots = self.slots.load(as_id);
         for j in first..first + PTE_PREFETCH_NUM {
             let ptr = SptePtr { table, index: j as u16 };
-            if j == index || Pages::spte(&self.arena, ptr).is_mmu_present() {
+            if j == index || !used(j - first) || Pages::spte(&self.arena, ptr).is_mmu_present() {
                 continue;
             }
             let va = (gva & !(0x1ff << 12)) | (j as u64) << 12;
