@@ -23,8 +23,12 @@
 //! written and the SPTEs shadowing the written guest entry are zapped, or
 //! the whole page on a misaligned write or write flooding.
 //!
-//! Not built yet (issue 5 continues): unsync pages, `prev_roots`, MMIO
-//! SPTEs, huge SPTEs, prefetch, the page limit, dirty logging.
+//! - `sync`: unsync 4K pages and their sync on the guest's flushes.
+//! - [`prefetch`]: neighbouring entries installed with a fault.
+//! - `dirty`: dirty logging through the rmaps.
+//! - [`audit`]: the self-check.
+//!
+//! Not built: MMIO SPTEs, huge SPTEs (every shadow leaf is 4K).
 
 pub mod access;
 pub mod audit;
