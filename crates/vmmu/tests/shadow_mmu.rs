@@ -449,3 +449,42 @@ fn dirty_logging_sees_every_written_page() {
     );
     assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
 }
+
+/// With PCIDs: a CR3 load with the no-flush bit keeps another address
+/// space's stale translation possible (x86 allows it), and INVPCID of that
+/// PCID then shows the edit; INVPCID of another PCID does not have to.
+#[test]
+fn pcid_switches_without_flush_and_invpcid_sync_what_they_name() {
+    const NOFLUSH: u64 = 1 << 63;
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let a = space(&mem, 0);
+    let b = space(&mem, 1);
+    // B maps A's PT at va 0x2000, supervisor read-write.
+    mem.write_u64(Gpa::new(b + 0x3000 + 16), (a + 0x3000) | P | W).unwrap();
+    let mut r = regs(true, false);
+    r.cr4 |= Cr4::PCIDE;
+    v.set_state(r, a | 1, 0).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x100 << 12);
+    v.mov_cr3(b | 2 | NOFLUSH).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x101 << 12);
+    // B rewrites A's PTE 0 (A's PT goes unsync: not trapped).
+    access(&mut v, 0x2000, AccessKind::Write, 0, (0x1ff << 12) | P | W | U);
+    v.mov_cr3(a | 1 | NOFLUSH).unwrap();
+    let seen = read(&mut v, 0).0;
+    assert!(seen == 0x100 << 12 || seen == 0x1ff << 12, "old or new only: {seen:#x}");
+    // INVPCID single-context of another PCID: A may still be stale.
+    v.invpcid(1, 2, 0);
+    let seen = read(&mut v, 0).0;
+    assert!(seen == 0x100 << 12 || seen == 0x1ff << 12, "old or new only: {seen:#x}");
+    // INVPCID of A's PCID: the edit shows.
+    v.invpcid(1, 1, 0);
+    assert_eq!(read(&mut v, 0).0, 0x1ff << 12);
+    // Individual-address INVPCID after another edit, from B again.
+    v.mov_cr3(b | 2 | NOFLUSH).unwrap();
+    access(&mut v, 0x2000, AccessKind::Write, 0, (0x1fe << 12) | P | W | U);
+    v.mov_cr3(a | 1 | NOFLUSH).unwrap();
+    v.invpcid(0, 1, 0);
+    assert_eq!(read(&mut v, 0).0, 0x1fe << 12);
+    assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
+}
