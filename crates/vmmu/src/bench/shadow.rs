@@ -368,18 +368,7 @@ pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report,
         Ok((best, secs))
     };
     let tree = super::tdp::RefTree::new(ppt * u64::from(vcpus.max(2)), 1)?;
-    let reference = |threads: u32| -> Result<f64, BenchError> {
-        let mut best = f64::INFINITY;
-        for _ in 0..rounds.max(3) {
-            tree.clear();
-            let d = super::tdp::parallel(threads as usize, |t| {
-                tree.insert_share(t, ppt);
-                Ok(())
-            })?;
-            best = best.min(super::tdp::ns(d) / ppt as f64);
-        }
-        Ok(best)
-    };
+    let reference = |threads: u32| tree.populate_ns(threads, ppt, rounds);
     let (vcpu_ns, mut seconds) = pass(vcpus)?;
     let ref_ns = reference(vcpus)?;
     let mut phases = vec![super::tdp::phase("vcpu", vcpu_ns, ref_ns)];

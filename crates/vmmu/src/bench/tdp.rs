@@ -602,6 +602,22 @@ impl RefTree {
         }
     }
 
+    /// The populate reference: `threads` threads each storing the leaves
+    /// of `ppt` pages into the cleared tree; the best of `rounds` (at
+    /// least 3) in ns per page per thread.
+    pub fn populate_ns(&self, threads: u32, ppt: u64, rounds: u64) -> Result<f64, BenchError> {
+        let mut best = f64::INFINITY;
+        for _ in 0..rounds.max(3) {
+            self.clear();
+            let d = parallel(threads as usize, |t| {
+                self.insert_share(t, ppt);
+                Ok(())
+            })?;
+            best = best.min(ns(d) / ppt as f64);
+        }
+        Ok(best)
+    }
+
     /// Every leaf cleared (untimed set-up between rounds).
     pub fn clear(&self) {
         for &t in &self.leaf_tables {
@@ -706,18 +722,7 @@ pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report,
         backing.name()
     ));
     let tree = RefTree::new(ppt * u64::from(max_threads), backing.leaf_level())?;
-    let reference = |threads: u32| -> Result<f64, BenchError> {
-        let mut best = f64::INFINITY;
-        for _ in 0..rounds.max(3) {
-            tree.clear();
-            let d = parallel(threads as usize, |t| {
-                tree.insert_share(t, ppt);
-                Ok(())
-            })?;
-            best = best.min(ns(d) / ppt as f64);
-        }
-        Ok(best)
-    };
+    let reference = |threads: u32| tree.populate_ns(threads, ppt, rounds);
     let vcpu_pass = |threads: u32| -> Result<(f64, f64), BenchError> {
         let mut best = f64::INFINITY;
         let mut secs = 0.0;

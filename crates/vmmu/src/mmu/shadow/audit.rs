@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use std::fmt;
 
 use super::page::{ENTRIES, Pages, SptePtr};
-use super::sync::gpte_still_valid;
+use super::sync::{GuestTable, gpte_still_valid};
 use super::{FMT, ShadowMmu};
-use crate::addr::{Gfn, Gpa};
+use crate::addr::Gfn;
 use crate::mmu::tdp::AuditViolation;
 
 /// One way the shadow MMU's state is wrong.
@@ -140,12 +140,7 @@ impl ShadowMmu {
 
     fn audit_sync_page(&self, pages: &Pages, id: super::page::PageId, out: &mut Vec<ShadowAuditViolation>) {
         let p = pages.page(id);
-        let size = p.role.gpte_size();
-        let quadrant = if p.role.has_4_byte_gpte() {
-            usize::from(p.role.quadrant())
-        } else {
-            0
-        };
+        let table = GuestTable::of(p);
         for index in 0..ENTRIES {
             let ptr = SptePtr {
                 table: p.pfn,
@@ -154,8 +149,10 @@ impl ShadowMmu {
             if !Pages::spte(&self.arena, ptr).is_mmu_present() {
                 continue;
             }
-            let gpa = Gpa::new((p.gfn.raw() << 12) + (size * (quadrant * ENTRIES + index)) as u64);
-            let now = self.memory.read_value(gpa, size).unwrap_or(0);
+            let now = self
+                .memory
+                .read_value(table.gpa(index), table.entry_size())
+                .unwrap_or(0);
             let recorded = p.gpte(index).unwrap_or(0);
             if !gpte_still_valid(recorded, now) {
                 out.push(ShadowAuditViolation::StaleSyncSpte {

@@ -43,17 +43,11 @@ impl ShadowMmu {
         let first = index & !(PTE_PREFETCH_NUM - 1);
         // The group's guest entries in one read: most groups of a fresh
         // mapping have none accessed, and need no walk at all.
-        let size = role.gpte_size();
-        let quadrant = if role.has_4_byte_gpte() {
-            usize::from(role.quadrant())
-        } else {
-            0
-        };
-        let offset = size * (quadrant * super::page::ENTRIES + first);
+        let guest_table = super::sync::GuestTable::of(page);
+        let size = guest_table.entry_size();
         let mut buf = [0u8; 8 * PTE_PREFETCH_NUM];
         let raw = &mut buf[..size * PTE_PREFETCH_NUM];
-        let at = crate::addr::Gpa::new((table_gfn.raw() << 12) + offset as u64);
-        if self.memory.read(at, raw).is_err() {
+        if self.memory.read(guest_table.gpa(first), raw).is_err() {
             return;
         }
         let used = |k: usize| -> bool {

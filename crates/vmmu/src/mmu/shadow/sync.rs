@@ -152,10 +152,10 @@ impl ShadowMmu {
     /// guest table (KVM's `kvm_sync_page`). Returns whether a flush is owed.
     fn sync_leaf_entries(&self, pages: &mut Pages, leaf: LeafPage) -> bool {
         let page = pages.page(leaf.id());
-        let (pfn, table) = (page.pfn, self.guest_table(pages, leaf));
+        let (pfn, table) = (page.pfn, GuestTable::of(page));
         let mut buf = vec![0u8; 4096];
         // Guest tables with no memslot behind them read as zeros.
-        if self.memory.read(Gpa::new(table.0.raw() << 12), &mut buf).is_err() {
+        if self.memory.read(table.gpa(0).align_down(4096), &mut buf).is_err() {
             buf.fill(0);
         }
         let mut flush = false;
@@ -187,10 +187,11 @@ impl ShadowMmu {
         if !Pages::spte(&self.arena, ptr).is_mmu_present() {
             return false;
         }
-        let table = self.guest_table(pages, leaf);
-        let size = table.entry_size();
-        let gpa = Gpa::new((table.0.raw() << 12) + table.offset(index) as u64);
-        let now = self.memory.read_value(gpa, size).unwrap_or(0);
+        let table = GuestTable::of(page);
+        let now = self
+            .memory
+            .read_value(table.gpa(index), table.entry_size())
+            .unwrap_or(0);
         let recorded = page.gpte(index).unwrap_or(0);
         if gpte_still_valid(recorded, now) {
             return false;
@@ -198,17 +199,10 @@ impl ShadowMmu {
         self.drop_spte(pages, ptr, 1)
     }
 
-    fn guest_table(&self, pages: &Pages, leaf: LeafPage) -> GuestTable {
-        let role = pages.page(leaf.id()).role;
-        GuestTable(
-            pages.page(leaf.id()).gfn,
-            role.has_4_byte_gpte().then_some(role.quadrant()),
-        )
-    }
-
-    /// Syncs every unsync page below `roots` (KVM's `kvm_mmu_sync_roots`),
-    /// for a guest TLB flush that covers the whole address space.
-    pub fn sync_roots(&self, roots: &ShadowRoots) {
+    /// Runs `sync` under the lock when some page is unsync and `roots` are
+    /// still valid (if not, the vCPU reloads them), then discharges the
+    /// flush it owes.
+    fn sync_under_lock(&self, roots: &ShadowRoots, sync: impl FnOnce(&mut Pages) -> bool) {
         if crate::sync::bug(crate::sync::Bug::SkipUnsyncSync) {
             return;
         }
@@ -221,65 +215,62 @@ impl ShadowMmu {
         let guard = self.lock.write();
         let mut pages = guard.lock();
         if !self.roots_valid(&pages, roots) {
-            return; // the vCPU reloads them
+            return;
         }
-        let mut flush = false;
-        for id in roots.pages() {
-            let root = pages.page(id);
-            // Only 4K pages may be unsync; a root never is (seed 000).
-            assert!(!root.is_unsync(), "a root shadow page is unsync");
-            if root.unsync_child_count() > 0 {
-                flush |= self.sync_children(&mut pages, id);
-            }
-        }
+        let flush = sync(&mut pages);
         drop(pages);
         self.discharge(flush);
+    }
+
+    /// Syncs every unsync page below `roots` (KVM's `kvm_mmu_sync_roots`),
+    /// for a guest TLB flush that covers the whole address space.
+    pub fn sync_roots(&self, roots: &ShadowRoots) {
+        self.sync_under_lock(roots, |pages| {
+            let mut flush = false;
+            for id in roots.pages() {
+                let root = pages.page(id);
+                // Only 4K pages may be unsync; a root never is (seed 000).
+                assert!(!root.is_unsync(), "a root shadow page is unsync");
+                if root.unsync_child_count() > 0 {
+                    flush |= self.sync_children(pages, id);
+                }
+            }
+            flush
+        });
     }
 
     /// Syncs the SPTE translating `gva` below `roots`, if its page is
     /// unsync (KVM's `__kvm_mmu_invalidate_addr`), for INVLPG and friends.
     /// `gva` is the linear address (32 bits in legacy modes).
     pub fn sync_addr(&self, roots: &ShadowRoots, gva: u64) {
-        if crate::sync::bug(crate::sync::Bug::SkipUnsyncSync) {
-            return;
-        }
-        if self.unsync_pages.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        let guard = self.lock.write();
-        let mut pages = guard.lock();
-        if !self.roots_valid(&pages, roots) {
-            return;
-        }
-        let Some(mut id) = roots.try_root_for(gva) else { return };
-        let mut flush = false;
-        loop {
-            let page = pages.page(id);
-            let level = page.role.level();
-            let index = ((gva >> (12 + 9 * (u32::from(level) - 1))) & 511) as usize;
-            if level == 1 {
-                if let Some(leaf) = pages.leaf(id).filter(|_| page.is_unsync()) {
-                    flush |= self.sync_leaf_entry(&mut pages, leaf, index);
+        self.sync_under_lock(roots, |pages| {
+            let Some(mut id) = roots.try_root_for(gva) else {
+                return false;
+            };
+            loop {
+                let page = pages.page(id);
+                let level = page.role.level();
+                let index = ((gva >> (12 + 9 * (u32::from(level) - 1))) & 511) as usize;
+                if level == 1 {
+                    return match pages.leaf(id).filter(|_| page.is_unsync()) {
+                        Some(leaf) => self.sync_leaf_entry(pages, leaf, index),
+                        None => false,
+                    };
                 }
-                break;
-            }
-            if !page.unsync_child(index) {
-                break;
-            }
-            let spte = Pages::spte(
-                &self.arena,
-                SptePtr {
+                if !page.unsync_child(index) {
+                    return false;
+                }
+                let ptr = SptePtr {
                     table: page.pfn,
                     index: index as u16,
-                },
-            );
-            match spte.is_mmu_present().then(|| pages.by_pfn(spte.pfn())).flatten() {
-                Some(child) => id = child,
-                None => break,
+                };
+                let spte = Pages::spte(&self.arena, ptr);
+                match spte.is_mmu_present().then(|| pages.by_pfn(spte.pfn())).flatten() {
+                    Some(child) => id = child,
+                    None => return false,
+                }
             }
-        }
-        drop(pages);
-        self.discharge(flush);
+        });
     }
 
     /// Unsync pages now.
@@ -289,11 +280,19 @@ impl ShadowMmu {
 }
 
 /// The guest table a 4K shadow page shadows: its gfn, and for 4-byte
-/// entries the half (quadrant) of the 1024-entry table.
-struct GuestTable(crate::addr::Gfn, Option<u8>);
+/// entries the half (quadrant) of the 1024-entry table. Where the guest
+/// entry behind each SPTE index lives (for sync, prefetch and the audit).
+pub(super) struct GuestTable(crate::addr::Gfn, Option<u8>);
 
 impl GuestTable {
-    fn entry_size(&self) -> usize {
+    /// The guest table of a 4K shadow page.
+    pub(super) fn of(page: &super::page::ShadowPage) -> GuestTable {
+        let role = page.role;
+        GuestTable(page.gfn, role.has_4_byte_gpte().then_some(role.quadrant()))
+    }
+
+    /// The size of its entries in bytes.
+    pub(super) fn entry_size(&self) -> usize {
         if self.1.is_some() { 4 } else { 8 }
     }
 
@@ -305,6 +304,12 @@ impl GuestTable {
         }
     }
 
+    /// The guest-physical address of the entry shadowed by SPTE `index`.
+    pub(super) fn gpa(&self, index: usize) -> Gpa {
+        Gpa::new((self.0.raw() << 12) + self.offset(index) as u64)
+    }
+
+    /// The entry shadowed by SPTE `index`, from the table's bytes.
     fn entry(&self, page: &[u8], index: usize) -> u64 {
         let o = self.offset(index);
         match self.1 {
