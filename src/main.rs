@@ -4,6 +4,9 @@
 //! Exit codes, for every command: 0 success; 1 the run worked but found a
 //! failure; 2 bad usage or bad input.
 
+mod report;
+mod run;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -23,6 +26,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a guest workload on N vCPUs under the shadow MMU, the TDP MMU or
+    /// both, with host churn, live migration and the checker; exit 1 on any
+    /// violation.
+    Run(run::RunArgs),
+    /// Replay a trace recorded by `vmmu run --record`, deterministically.
+    Replay(run::ReplayArgs),
     /// Replay x86 paging conformance cases and compare with the recorded results.
     Conform(ConformArgs),
     /// Run a benchmark against its reference, measured in the same run.
@@ -49,6 +58,30 @@ struct StressArgs {
     /// Print one JSON object instead of the report.
     #[arg(long)]
     json: bool,
+}
+
+/// Turns on the MMU's tracepoints (`kvm_mmu_get_page`, `kvm_mmu_sync_page`,
+/// …) when `VMMU_LOG` is set, e.g. `VMMU_LOG=kvm_mmu_sync_page=trace` or
+/// `VMMU_LOG=trace` for all of them; they go to stderr.
+fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let Ok(spec) = std::env::var("VMMU_LOG") else {
+        return;
+    };
+    match spec.parse::<tracing_subscriber::filter::Targets>() {
+        Ok(targets) => {
+            let _ = tracing_subscriber::registry()
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .without_time(),
+                )
+                .with(targets)
+                .try_init();
+        }
+        Err(e) => eprintln!("vmmu: ignoring VMMU_LOG={spec:?}: {e}"),
+    }
 }
 
 /// Parses a size: a number with an optional K, M or G suffix (powers of 1024).
@@ -181,10 +214,13 @@ fn main() -> ExitCode {
             };
         }
     };
+    init_tracing();
     match cli.command {
         Command::Conform(args) => run_conform(args),
         Command::Bench(args) => run_bench(args),
         Command::Stress(args) => run_stress(args),
+        Command::Run(args) => run::run(args),
+        Command::Replay(args) => run::replay(args),
     }
 }
 

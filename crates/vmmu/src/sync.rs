@@ -36,6 +36,8 @@ thread_local! {
     static IN_MODEL: Cell<bool> = const { Cell::new(false) };
     /// The injected bugs ([`Bug`]) active on this OS thread, one bit each.
     static BUGS: Cell<u32> = const { Cell::new(0) };
+    /// The page whose dirty marks [`Bug::DropDirtyBit`] drops.
+    static DROPPED: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 /// Whether the caller is a thread of a shuttle model run (`model`).
@@ -103,6 +105,15 @@ pub enum Bug {
     /// The shadow MMU's `sync_roots` and `sync_addr` do nothing: a guest
     /// flush leaves unsync pages stale.
     SkipUnsyncSync = 1 << 4,
+    /// One-shot ([`take_bug`]): one remote TLB flush the MMU asks for is
+    /// not done.
+    SkipRemoteFlush = 1 << 5,
+    /// One-shot: the first time a fault's MMU-notifier retry check would
+    /// say "retry", it says "go on" and installs the stale page.
+    SkipNotifierRetry = 1 << 6,
+    /// One-shot: one page's dirty bit is dropped (the first page marked
+    /// dirty while the bug is armed).
+    DropDirtyBit = 1 << 7,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**
@@ -119,6 +130,61 @@ pub fn bug(b: Bug) -> bool {
     #[cfg(not(feature = "shuttle"))]
     {
         let _ = b;
+        false
+    }
+}
+
+/// Without the `shuttle` feature no bug can be injected: runs `f`.
+#[cfg(not(feature = "shuttle"))]
+#[doc(hidden)]
+pub fn with_bugs<R>(bugs: &[Bug], f: impl FnOnce() -> R) -> R {
+    let _ = bugs;
+    f()
+}
+
+/// Whether the one-shot injected bug `b` fires now: true once, then the
+/// bug is disarmed on this thread (**test-only**; a constant `false`
+/// without the `shuttle` feature).
+#[doc(hidden)]
+#[inline(always)]
+pub fn take_bug(b: Bug) -> bool {
+    #[cfg(feature = "shuttle")]
+    {
+        BUGS.with(|bugs| {
+            let armed = bugs.get() & b as u32 != 0;
+            bugs.set(bugs.get() & !(b as u32));
+            armed
+        })
+    }
+    #[cfg(not(feature = "shuttle"))]
+    {
+        let _ = b;
+        false
+    }
+}
+
+/// Whether the mark of page `key` in a dirty bitmap is dropped by the
+/// injected [`Bug::DropDirtyBit`]: the first key marked while the bug is
+/// armed, and that key again on this thread from then on (so that a later
+/// write does not hide the lost one). **Test-only**; `false` without the
+/// `shuttle` feature.
+#[doc(hidden)]
+#[inline(always)]
+pub fn drop_dirty(key: u64) -> bool {
+    #[cfg(feature = "shuttle")]
+    {
+        if DROPPED.with(Cell::get) == Some(key) {
+            return true;
+        }
+        if BUGS.with(Cell::get) & Bug::DropDirtyBit as u32 != 0 && take_bug(Bug::DropDirtyBit) {
+            DROPPED.with(|d| d.set(Some(key)));
+            return true;
+        }
+        false
+    }
+    #[cfg(not(feature = "shuttle"))]
+    {
+        let _ = key;
         false
     }
 }

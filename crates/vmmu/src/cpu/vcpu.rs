@@ -76,6 +76,8 @@ pub struct VcpuStats {
     pub ept_violations: u64,
     /// EPT-misconfiguration exits.
     pub ept_misconfigs: u64,
+    /// #PF exits intercepted by the shadow MMU.
+    pub shadow_exits: u64,
     /// Exceptions delivered to the guest.
     pub guest_faults: u64,
     /// Full TLB flushes requested by the MMU.
@@ -463,6 +465,16 @@ impl Vcpu {
     /// flush; otherwise the new PCID's non-global translations go. In PAE
     /// paging the PDPTE registers are loaded here.
     pub fn mov_cr3(&mut self, value: u64) -> Result<(), VcpuError> {
+        // A sync the last instruction asked for of the current root is done
+        // before this one runs: KVM processes KVM_REQ_MMU_SYNC at the VM
+        // entry between two intercepted MOV CR3s. Left pending, it would
+        // apply to the next CR3's root, and a return to this one without a
+        // flush (PCID no-flush) would find its unsync pages stale.
+        if let Backend::Shadow(s) = &self.backend
+            && s.requests.current
+        {
+            self.reload_root_if_obsolete()?;
+        }
         let pcide = self.regs.cr4.contains(Cr4::PCIDE);
         let noflush = pcide && value & CR3_NOFLUSH != 0;
         self.cr3 = if pcide { value & !CR3_NOFLUSH } else { value };
@@ -897,6 +909,7 @@ impl Vcpu {
             match attempt {
                 Attempt::Done(result) => return Ok(result),
                 Attempt::ShadowExit => {
+                    self.stats.shadow_exits += 1;
                     if let Some(result) = self.handle_shadow_fault(gva, access, size, value)? {
                         return Ok(result);
                     }

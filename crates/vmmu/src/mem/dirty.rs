@@ -66,6 +66,9 @@ impl DirtyBitmap {
         assert!(rel < self.npages, "page {rel} outside a {}-page bitmap", self.npages);
         let bit = 1u64 << (rel % 64);
         let w = &self.words[(rel / 64) as usize];
+        if crate::sync::drop_dirty(std::ptr::from_ref(w) as u64 ^ (rel % 64)) {
+            return;
+        }
         // Test before the RMW: most marks hit pages already dirty.
         if w.load(Ordering::Relaxed) & bit == 0 {
             w.fetch_or(bit, Ordering::Release);

@@ -304,6 +304,13 @@ pub enum MemslotError {
 /// Errors of the guest-memory API.
 #[derive(Debug, Error)]
 pub enum GuestMemoryError {
+    /// A non-faulting read ([`GuestMemory::read_atomic`](crate::mem::GuestMemory::read_atomic))
+    /// found the page not resident in the host.
+    #[error("{gpa:?} is not resident in the host (a non-faulting read)")]
+    NotResident {
+        /// The gpa.
+        gpa: Gpa,
+    },
     /// No memslot maps the gpa (or its slot is being deleted or moved).
     #[error("no memslot maps {gpa:?}")]
     GpaNotMapped {

@@ -164,6 +164,22 @@ impl GuestMemory {
         })
     }
 
+    /// Reads `buf.len()` bytes at `gpa` without faulting anything in (KVM's
+    /// `kvm_vcpu_read_guest_atomic`): what the MMU reads under `mmu_lock`.
+    /// A page the host has not resident now (swapped out, being migrated)
+    /// is [`GuestMemoryError::NotResident`]; the caller treats the entry as
+    /// changed and retries or zaps.
+    pub fn read_atomic(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
+        self.for_each_page(gpa, buf.len(), false, false, |_, hva, done, n| {
+            let off = hva.page_offset() as usize;
+            self.host
+                .with_resident_frame(hva, |a, pfn| a.read(pfn, off, &mut buf[done..done + n]))
+                .ok_or(GuestMemoryError::NotResident {
+                    gpa: gpa.add(done as u64),
+                })
+        })
+    }
+
     /// Writes `buf` at `gpa`, marking the pages dirty.
     pub fn write(&self, gpa: Gpa, buf: &[u8]) -> Result<(), GuestMemoryError> {
         self.for_each_page(gpa, buf.len(), true, true, |_, hva, done, n| {
@@ -288,7 +304,7 @@ impl From<GuestMemoryError> for VmError {
             }
             GuestMemoryError::Overflow { .. } => VmError::GuestAddressOverflow,
             GuestMemoryError::Misaligned { .. } => VmError::InvalidBackendAddress,
-            GuestMemoryError::Host { .. } => VmError::HostAddressNotAvailable,
+            GuestMemoryError::Host { .. } | GuestMemoryError::NotResident { .. } => VmError::HostAddressNotAvailable,
         }
     }
 }

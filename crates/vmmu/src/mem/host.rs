@@ -618,6 +618,21 @@ impl HostAddressSpace {
     /// needed, with the translation pinned (the access lock held shared)
     /// so the frame is not moved or freed during `f`. Sets young (and dirty
     /// on a write).
+    /// As `with_frame` for a read, but never faults the page in: `None`
+    /// when `hva` is not resident now. For readers that hold `mmu_lock`
+    /// (KVM's `__copy_from_user_inatomic` under `pagefault_disable`): a
+    /// fault-in takes the mm lock, which the MMU-notifier callbacks hold
+    /// while they wait for `mmu_lock`.
+    pub(crate) fn with_resident_frame<R>(&self, hva: Hva, f: impl FnOnce(&FrameArena, Pfn) -> R) -> Option<R> {
+        if hva.raw() >= HVA_LIMIT {
+            return None;
+        }
+        let _pinned = self.access.read();
+        let (_, level, pte) = self.walk_slot(hva.raw());
+        pte.present()
+            .then(|| f(&self.arena, Self::leaf_of(hva, level, pte).pfn))
+    }
+
     pub(crate) fn with_frame<R>(
         &self,
         hva: Hva,

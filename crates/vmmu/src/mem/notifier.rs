@@ -544,7 +544,7 @@ impl HostMapping {
         guard: &'g G,
         state: &InvalidateState,
     ) -> Result<ValidatedMapping<'g>, Retry> {
-        if state.retry_hva(guard, self.seq, self.hva) {
+        if state.retry_hva(guard, self.seq, self.hva) && !crate::sync::take_bug(crate::sync::Bug::SkipNotifierRetry) {
             return Err(Retry {
                 sampled_seq: self.seq,
                 current_seq: state.seq(),

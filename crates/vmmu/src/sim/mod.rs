@@ -3,5 +3,12 @@
 //! scenario ([`stress`]); the guest OS model,
 //! workloads and `vmmu run` grow here.
 
+pub mod checker;
+pub mod guest;
+pub mod machine;
+pub mod report;
+pub mod run;
 pub mod stress;
+pub mod trace;
 pub mod vm;
+pub mod workload;

@@ -149,10 +149,14 @@ impl ShadowMmu {
             if !Pages::spte(&self.arena, ptr).is_mmu_present() {
                 continue;
             }
-            let now = self
-                .memory
-                .read_value(table.gpa(index), table.entry_size())
-                .unwrap_or(0);
+            // Read without faulting (the lock is held): an entry the host
+            // has not resident now cannot be checked this time.
+            let mut b = [0u8; 8];
+            let now = match self.memory.read_atomic(table.gpa(index), &mut b[..table.entry_size()]) {
+                Ok(()) => u64::from_le_bytes(b),
+                Err(crate::mem::GuestMemoryError::NotResident { .. }) => continue,
+                Err(_) => 0,
+            };
             let recorded = p.gpte(index).unwrap_or(0);
             if !gpte_still_valid(recorded, now) {
                 out.push(ShadowAuditViolation::StaleSyncSpte {

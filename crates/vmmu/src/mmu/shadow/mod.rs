@@ -102,6 +102,30 @@ pub enum ShadowOutcome {
 /// are dropped.
 struct WalkerMemory<'a>(&'a GuestMemory);
 
+/// The guest memory as the MMU reads it under `mmu_lock`: never faulting a
+/// page in (KVM's `kvm_vcpu_read_guest_atomic`), since a fault-in takes
+/// the host's mm lock, which an MMU-notifier callback holds while it waits
+/// for `mmu_lock`. A page that is not resident reads as zero: a not-present
+/// guest entry, so the caller retries the fault, skips the prefetch or
+/// drops the SPTE.
+pub(super) struct LockedMemory<'a>(pub(super) &'a GuestMemory);
+
+impl PtMemory for LockedMemory<'_> {
+    type Error = std::convert::Infallible;
+    fn read_entry(&self, gpa: Gpa, size: EntrySize) -> Result<u64, Self::Error> {
+        let mut b = [0u8; 8];
+        let n = size.bytes() as usize;
+        Ok(match self.0.read_atomic(gpa, &mut b[..n]) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => 0,
+        })
+    }
+    fn cmpxchg_entry(&self, _gpa: Gpa, _size: EntrySize, _old: u64, _new: u64) -> Result<Result<(), u64>, Self::Error> {
+        // Only peeks run under the lock: nothing is written.
+        Ok(Ok(()))
+    }
+}
+
 impl PtMemory for WalkerMemory<'_> {
     type Error = std::convert::Infallible;
     fn read_entry(&self, gpa: Gpa, size: EntrySize) -> Result<u64, Self::Error> {
@@ -344,7 +368,7 @@ impl ShadowMmu {
             } else {
                 EntrySize::Eight
             };
-            let now = WalkerMemory(&self.memory).read_entry(e.pte_gpa, size).unwrap_or(0);
+            let Ok(now) = LockedMemory(&self.memory).read_entry(e.pte_gpa, size);
             if (now ^ e.pte) & !GPTE_AD != 0 {
                 MmuStats::inc(&self.stats.local().pf_retry);
                 return Ok(ShadowOutcome::Retry);
@@ -654,10 +678,14 @@ impl ShadowMmu {
     /// then zaps the SPTEs shadowing the written guest entries, or whole
     /// pages on a misaligned write or write flooding.
     pub fn emulate_write(&self, gpa: Gpa, size: usize, value: u64) -> Result<(), ShadowError> {
+        // The write first, outside the lock (it may fault the page in, which
+        // takes the host's mm lock; KVM's `emulator_write_phys` also writes
+        // before `kvm_mmu_track_write` takes `mmu_lock`). A fault racing in
+        // between builds its SPTE from the new entry or is zapped below. A
+        // write to memory with no memslot (or a read-only one) is dropped.
+        let _ = self.memory.write_value(gpa, size, value);
         let guard = self.lock.write();
         let mut pages = guard.lock();
-        // A write to memory with no memslot (or a read-only one) is dropped.
-        let _ = self.memory.write_value(gpa, size, value);
         let flush = self.track_write(&mut pages, gpa, size);
         drop(pages);
         self.discharge(flush);

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 
 use super::access::{Leaf, leaf_rights};
 use super::page::{PageId, Pages, SptePtr};
-use super::{FMT, GPTE_A, GPTE_D, RMAP_RECYCLE_THRESHOLD, ShadowMmu, WalkerMemory};
+use super::{FMT, GPTE_A, GPTE_D, LockedMemory, RMAP_RECYCLE_THRESHOLD, ShadowMmu};
 use crate::arch::perm::{Access, AccessKind, AccessRights};
 use crate::mmu::spte::{Spte, SpteAccess};
 use crate::walker::{GuestPaging, Root};
@@ -47,7 +47,7 @@ impl ShadowMmu {
         let size = guest_table.entry_size();
         let mut buf = [0u8; 8 * PTE_PREFETCH_NUM];
         let raw = &mut buf[..size * PTE_PREFETCH_NUM];
-        if self.memory.read(guest_table.gpa(first), raw).is_err() {
+        if self.memory.read_atomic(guest_table.gpa(first), raw).is_err() {
             return;
         }
         let used = |k: usize| -> bool {
@@ -68,7 +68,7 @@ impl ShadowMmu {
             // A read as the kernel with AC set: the walk's rights are what
             // the guest's entries grant; nothing is written.
             let read = Access::new(AccessKind::Read, 0, true);
-            let Ok(walk) = paging.peek(&WalkerMemory(&self.memory), groot, va, read, 0) else {
+            let Ok(walk) = paging.peek(&LockedMemory(&self.memory), groot, va, read, 0) else {
                 continue;
             };
             let Some(e) = walk.entry(1).filter(|e| walk.level == 1 && e.table_gfn == table_gfn) else {

@@ -154,8 +154,14 @@ impl ShadowMmu {
         let page = pages.page(leaf.id());
         let (pfn, table) = (page.pfn, GuestTable::of(page));
         let mut buf = vec![0u8; 4096];
-        // Guest tables with no memslot behind them read as zeros.
-        if self.memory.read(table.gpa(0).align_down(4096), &mut buf).is_err() {
+        // Guest tables with no memslot behind them, or not resident (read
+        // without faulting under the lock), read as zeros: every SPTE of
+        // the page is dropped.
+        if self
+            .memory
+            .read_atomic(table.gpa(0).align_down(4096), &mut buf)
+            .is_err()
+        {
             buf.fill(0);
         }
         let mut flush = false;

@@ -1,0 +1,222 @@
+//! The guest OS's view of its paging mode: how many levels, how wide an
+//! entry is, where the kernel half and its direct map of physical memory
+//! live, and how to build an entry. What Linux keeps in its `pgtable_*.h`
+//! headers, for the four modes the simulator boots.
+
+use crate::arch::control::{Cr0, Cr4, Efer, PagingMode};
+use crate::walker::ControlRegs;
+
+/// Present.
+pub const P: u64 = 1 << 0;
+/// Writable.
+pub const RW: u64 = 1 << 1;
+/// User.
+pub const US: u64 = 1 << 2;
+/// Accessed.
+pub const A: u64 = 1 << 5;
+/// Dirty.
+pub const D: u64 = 1 << 6;
+/// Page size (a leaf above level 1).
+pub const PS: u64 = 1 << 7;
+/// Global.
+pub const G: u64 = 1 << 8;
+/// Execute-disable (PAE and IA-32e paging, with EFER.NXE).
+pub const XD: u64 = 1 << 63;
+
+/// The paging mode a simulated guest boots, with its layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PagingFormat {
+    mode: PagingMode,
+}
+
+/// Where user mappings go in every mode: above 256 MiB.
+const USER_BASE: u64 = 0x1000_0000;
+
+impl PagingFormat {
+    /// The format of `mode` (not [`PagingMode::None`]).
+    pub fn new(mode: PagingMode) -> Option<PagingFormat> {
+        (mode != PagingMode::None).then_some(PagingFormat { mode })
+    }
+
+    /// Parses `32-bit`, `pae`, `4-level` or `5-level`.
+    pub fn parse(s: &str) -> Option<PagingFormat> {
+        let mode = match s {
+            "32-bit" | "32bit" | "bits32" => PagingMode::Bits32,
+            "pae" => PagingMode::Pae,
+            "4-level" | "4level" | "level4" => PagingMode::Level4,
+            "5-level" | "5level" | "level5" => PagingMode::Level5,
+            _ => return None,
+        };
+        PagingFormat::new(mode)
+    }
+
+    /// Every mode, in the order of [`PagingFormat::name`]s above.
+    pub fn all() -> [PagingFormat; 4] {
+        [
+            PagingMode::Bits32,
+            PagingMode::Pae,
+            PagingMode::Level4,
+            PagingMode::Level5,
+        ]
+        .map(|mode| PagingFormat { mode })
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> PagingMode {
+        self.mode
+    }
+
+    /// The name the CLI uses.
+    pub fn name(&self) -> &'static str {
+        match self.mode {
+            PagingMode::Bits32 => "32-bit",
+            PagingMode::Pae => "pae",
+            PagingMode::Level5 => "5-level",
+            _ => "4-level",
+        }
+    }
+
+    /// The control registers that select this mode: WP, PGE (the kernel
+    /// map is global), PSE, NXE, and PCIDE where the mode allows it.
+    pub fn regs(&self) -> ControlRegs {
+        let cr0 = Cr0::PE | Cr0::PG | Cr0::WP;
+        let (cr4, efer) = match self.mode {
+            PagingMode::Bits32 => (Cr4::PSE | Cr4::PGE, Efer::empty()),
+            PagingMode::Pae => (Cr4::PAE | Cr4::PGE, Efer::NXE),
+            PagingMode::Level5 => (
+                Cr4::PAE | Cr4::PGE | Cr4::PCIDE | Cr4::LA57,
+                Efer::LME | Efer::LMA | Efer::NXE,
+            ),
+            _ => (Cr4::PAE | Cr4::PGE | Cr4::PCIDE, Efer::LME | Efer::LMA | Efer::NXE),
+        };
+        ControlRegs { cr0, cr4, efer }
+    }
+
+    /// Whether context switches tag translations with PCIDs.
+    pub fn has_pcid(&self) -> bool {
+        matches!(self.mode, PagingMode::Level4 | PagingMode::Level5)
+    }
+
+    /// Levels of tables below CR3 (PAE: the PDPT counts, its entries are
+    /// the PDPTE registers).
+    pub fn levels(&self) -> u8 {
+        match self.mode {
+            PagingMode::Bits32 => 2,
+            PagingMode::Pae => 3,
+            PagingMode::Level5 => 5,
+            _ => 4,
+        }
+    }
+
+    /// Bytes per entry.
+    pub fn entry_size(&self) -> u64 {
+        if self.mode == PagingMode::Bits32 { 4 } else { 8 }
+    }
+
+    /// Entries per table (the PAE PDPT uses 4 of them).
+    pub fn entries(&self) -> u64 {
+        4096 / self.entry_size()
+    }
+
+    /// Bits of the linear address a table at `level` indexes.
+    fn index_bits(&self) -> u32 {
+        if self.mode == PagingMode::Bits32 { 10 } else { 9 }
+    }
+
+    /// The shift of the region one entry at `level` maps.
+    pub fn shift(&self, level: u8) -> u32 {
+        12 + self.index_bits() * u32::from(level - 1)
+    }
+
+    /// The index of `va` in a table at `level`.
+    pub fn index(&self, va: u64, level: u8) -> u64 {
+        let mask = if self.mode == PagingMode::Pae && level == 3 {
+            3
+        } else {
+            self.entries() - 1
+        };
+        (va >> self.shift(level)) & mask
+    }
+
+    /// The size of a huge user page: 4 MiB in 32-bit paging, 2 MiB
+    /// otherwise.
+    pub fn huge_size(&self) -> u64 {
+        1 << self.shift(2)
+    }
+
+    /// The kernel's direct map: linear `page_offset() + gpa` is `gpa`.
+    pub fn page_offset(&self) -> u64 {
+        match self.mode {
+            PagingMode::Bits32 | PagingMode::Pae => 0xc000_0000,
+            PagingMode::Level5 => 0xff11_0000_0000_0000,
+            _ => 0xffff_8880_0000_0000,
+        }
+    }
+
+    /// The most RAM the direct map can cover.
+    pub fn max_ram(&self) -> u64 {
+        match self.mode {
+            PagingMode::Bits32 | PagingMode::Pae => 1 << 30,
+            _ => 64 << 30,
+        }
+    }
+
+    /// The level of the direct map's leaves: 1 GiB pages in IA-32e
+    /// paging, 4 MiB or 2 MiB pages otherwise.
+    pub fn direct_map_level(&self) -> u8 {
+        if self.has_pcid() { 3 } else { 2 }
+    }
+
+    /// The user address window `[start, end)` mappings are placed in.
+    pub fn user_window(&self) -> (u64, u64) {
+        match self.mode {
+            PagingMode::Bits32 | PagingMode::Pae => (USER_BASE, 0xc000_0000),
+            PagingMode::Level5 => (USER_BASE, 0x00ff_ffff_ff00_0000),
+            _ => (USER_BASE, 0x0000_7fff_ff00_0000),
+        }
+    }
+
+    /// The frame an entry points at (a table or a leaf's page, 4K-aligned
+    /// base).
+    pub fn entry_addr(&self, entry: u64, level: u8) -> u64 {
+        let leaf_huge = level > 1 && entry & PS != 0;
+        match (self.mode, leaf_huge) {
+            (PagingMode::Bits32, false) => entry & 0xffff_f000,
+            (PagingMode::Bits32, true) => entry & 0xffc0_0000,
+            (_, false) => entry & 0x000f_ffff_ffff_f000,
+            (_, true) => entry & 0x000f_ffff_ffff_f000 & !((1 << self.shift(level)) - 1),
+        }
+    }
+
+    /// A non-leaf entry pointing at the table at `gpa`. PAE PDPTEs have
+    /// no rights bits (they are reserved there).
+    pub fn table_entry(&self, gpa: u64, level: u8) -> u64 {
+        if self.mode == PagingMode::Pae && level == 3 {
+            gpa | P
+        } else {
+            gpa | P | RW | US
+        }
+    }
+
+    /// A leaf at `level` mapping `gpa`, writable or not, never executable
+    /// where XD exists. A user leaf leaves A and D to the processor; a
+    /// kernel leaf is global with A and D preset (as Linux's direct map).
+    pub fn leaf_entry(&self, gpa: u64, level: u8, writable: bool, user: bool) -> u64 {
+        let mut e = gpa | P;
+        if writable {
+            e |= RW;
+        }
+        if user {
+            e |= US;
+        } else {
+            e |= G | A | if writable { D } else { 0 };
+        }
+        if level > 1 {
+            e |= PS;
+        }
+        if self.mode != PagingMode::Bits32 {
+            e |= XD;
+        }
+        e
+    }
+}
