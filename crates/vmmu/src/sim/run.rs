@@ -190,7 +190,29 @@ struct Shared<'a> {
     logging: AtomicBool,
 }
 
-impl Shared<'_> {
+impl<'a> Shared<'a> {
+    fn new(cfg: &'a RunConfig, m: &'a Machine, os: &'a Os, ck: &'a Checker, max_ops: u64, running: usize) -> Self {
+        Shared {
+            cfg,
+            m,
+            os,
+            ck,
+            stop: AtomicBool::new(false),
+            next_op: AtomicU64::new(0),
+            max_ops,
+            trace_seq: AtomicU64::new(0),
+            log: Mutex::new(Vec::new()),
+            accesses: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
+            pause: AtomicBool::new(false),
+            paused: AtomicUsize::new(0),
+            running: AtomicUsize::new(running),
+            host_ops: AtomicU64::new(0),
+            audits: AtomicU64::new(0),
+            dirty_epoch: AtomicU64::new(0),
+            logging: AtomicBool::new(false),
+        }
+    }
+
     fn log(&self, actor: Actor, kind: OpKind, seed: u64) -> u64 {
         let seq = self.trace_seq.fetch_add(1, Ordering::Relaxed);
         self.ck.op.store(seq, Ordering::Relaxed);
@@ -302,25 +324,7 @@ pub fn run(cfg: &RunConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunO
     } else {
         cfg.ops.unwrap_or(cfg.workload.ops)
     };
-    let sh = Shared {
-        cfg,
-        m: &m,
-        os: &os,
-        ck: &ck,
-        stop: AtomicBool::new(false),
-        next_op: AtomicU64::new(0),
-        max_ops,
-        trace_seq: AtomicU64::new(0),
-        log: Mutex::new(Vec::new()),
-        accesses: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
-        pause: AtomicBool::new(false),
-        paused: AtomicUsize::new(0),
-        running: AtomicUsize::new(cfg.vcpus),
-        host_ops: AtomicU64::new(0),
-        audits: AtomicU64::new(0),
-        dirty_epoch: AtomicU64::new(0),
-        logging: AtomicBool::new(false),
-    };
+    let sh = Shared::new(cfg, &m, &os, &ck, max_ops, cfg.vcpus);
     let start = Instant::now();
     let deadline = cfg.seconds.map(Duration::from_secs_f64);
     let fraction = |sh: &Shared| match deadline {
@@ -1099,25 +1103,7 @@ pub fn replay(trace: &Trace, mmu: MmuKind, check: CheckLevel) -> Result<RunOutco
         inject: Injection::default(),
     };
     let (m, os, ck, mut cpus) = boot(&cfg)?;
-    let sh = Shared {
-        cfg: &cfg,
-        m: &m,
-        os: &os,
-        ck: &ck,
-        stop: AtomicBool::new(false),
-        next_op: AtomicU64::new(0),
-        max_ops: u64::MAX,
-        trace_seq: AtomicU64::new(0),
-        log: Mutex::new(Vec::new()),
-        accesses: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
-        pause: AtomicBool::new(false),
-        paused: AtomicUsize::new(0),
-        running: AtomicUsize::new(0),
-        host_ops: AtomicU64::new(0),
-        audits: AtomicU64::new(0),
-        dirty_epoch: AtomicU64::new(0),
-        logging: AtomicBool::new(false),
-    };
+    let sh = Shared::new(&cfg, &m, &os, &ck, u64::MAX, 0);
     let start = Instant::now();
     for op in &trace.ops {
         ck.op.store(op.seq, Ordering::Relaxed);

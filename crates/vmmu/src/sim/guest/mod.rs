@@ -138,6 +138,12 @@ impl MmState {
         self.leaf(format, va).map(|(base, l)| ((l.gfn << 12) + (va - base), l))
     }
 
+    /// The first page numbers of the leaves that start in `[start, end)`,
+    /// in order.
+    fn leaf_pages(&self, start: u64, end: u64) -> Vec<u64> {
+        self.leaves.range(start >> 12..end >> 12).map(|(vpn, _)| *vpn).collect()
+    }
+
     /// Every leaf, by first page number.
     pub fn leaves(&self) -> impl Iterator<Item = (u64, &Leaf)> {
         self.leaves.iter().map(|(vpn, l)| (*vpn, l))
@@ -264,8 +270,6 @@ pub struct GuestCpu {
     stamp: u64,
     /// Accesses made (kernel and user).
     pub accesses: u64,
-    /// Accesses the host refused for a moment and that were retried.
-    pub efaults: u64,
 }
 
 /// Host refusals retried before an access gives up (the host churn
@@ -757,13 +761,7 @@ impl Os {
         let mut st = mm.state.write();
         let mut flush = Flush::default();
         self.split_partial(cpu, ck, &mut st, start, end, &mut flush)?;
-        let mut vpns: Vec<u64> = st
-            .leaves
-            .keys()
-            .copied()
-            .filter(|&p| (start >> 12..end >> 12).contains(&p))
-            .collect();
-        vpns.sort_unstable();
+        let vpns = st.leaf_pages(start, end);
         let mut freed_tables = Vec::new();
         let mut frames = Vec::new();
         for vpn in vpns {
@@ -809,13 +807,7 @@ impl Os {
         let mut st = mm.state.write();
         let mut flush = Flush::default();
         self.split_partial(cpu, ck, &mut st, start, end, &mut flush)?;
-        let mut vpns: Vec<u64> = st
-            .leaves
-            .keys()
-            .copied()
-            .filter(|&p| (start >> 12..end >> 12).contains(&p))
-            .collect();
-        vpns.sort_unstable();
+        let vpns = st.leaf_pages(start, end);
         for vpn in vpns {
             let l = st.leaves[&vpn];
             let w = writable && !l.cow;
@@ -964,8 +956,7 @@ impl Os {
         let mut ps = parent.state.write();
         let mut cs = child.state.write();
         let mut flush = Flush::default();
-        let mut vpns: Vec<u64> = ps.leaves.keys().copied().collect();
-        vpns.sort_unstable();
+        let vpns = ps.leaf_pages(0, u64::MAX);
         for v in ps.vmas.values().filter(|v| !v.huge) {
             cs.vmas.insert(v.start, *v);
         }
@@ -1085,7 +1076,6 @@ impl GuestCpu {
             clock: 0,
             stamp: (id as u64 + 1) << 48,
             accesses: 0,
-            efaults: 0,
         }
     }
 
@@ -1100,33 +1090,26 @@ impl GuestCpu {
         size: usize,
         value: u64,
     ) -> Result<AccessResult, VcpuError> {
-        let mut tries = 0;
-        loop {
-            match self.vcpu.access(va, kind, cpl, false, size, value) {
-                Err(e) if is_efault(&e) && tries < EFAULT_RETRIES => {
-                    tries += 1;
-                    self.efaults += 1;
-                    std::thread::yield_now();
-                }
-                r => return r,
-            }
-        }
+        self.retrying_efault(|v| v.access(va, kind, cpl, false, size, value))
     }
 
     /// `rep stosq` of zeros over `count` quadwords, retried as
     /// [`GuestCpu::access`].
     pub fn rep_stos(&mut self, va: u64, count: u64) -> Result<AccessResult, VcpuError> {
-        let mut tries = 0;
-        loop {
-            match self.vcpu.rep_stos(va, count, 0) {
-                Err(e) if is_efault(&e) && tries < EFAULT_RETRIES => {
-                    tries += 1;
-                    self.efaults += 1;
-                    std::thread::yield_now();
-                }
+        self.retrying_efault(|v| v.rep_stos(va, count, 0))
+    }
+
+    fn retrying_efault(
+        &mut self,
+        mut op: impl FnMut(&mut Vcpu) -> Result<AccessResult, VcpuError>,
+    ) -> Result<AccessResult, VcpuError> {
+        for _ in 0..EFAULT_RETRIES {
+            match op(&mut self.vcpu) {
+                Err(e) if is_efault(&e) => std::thread::yield_now(),
                 r => return r,
             }
         }
+        op(&mut self.vcpu)
     }
 
     /// The mm running here.
