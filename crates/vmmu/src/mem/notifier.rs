@@ -477,6 +477,15 @@ impl InvalidateState {
         start == INVALID_HVA || (start <= hva.raw() && hva.raw() < self.range_end.load(Ordering::Acquire))
     }
 
+    /// Whether exactly one invalidation is in progress and it covers `hva`:
+    /// then the in-progress range is exactly the range its start zapped, so
+    /// an SPTE there is one installed since (what an audit may flag). With
+    /// several in progress the range is their union, which also covers
+    /// SPTEs between them that no start zapped and that stand rightly.
+    pub fn sole_invalidation_covers(&self, hva: Hva) -> bool {
+        self.in_progress.load(Ordering::Acquire) == 1 && self.in_progress_covers(hva)
+    }
+
     /// `mmu_invalidate_retry_hva`: whether a fault that sampled `mmu_seq`
     /// must retry for `hva`, because an invalidation covering it is in
     /// progress or one ended since the sample. Needs `mmu_lock`.

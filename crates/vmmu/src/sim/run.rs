@@ -391,15 +391,7 @@ pub fn run(cfg: &RunConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunO
                     total.bytes_compared += r.bytes_compared;
                     total.mismatched_pages += r.mismatched_pages;
                 }
-                // The shadow MMU's audit reports SPTEs in a range whose
-                // invalidation has started but not yet zapped when it runs
-                // concurrently with the host (under investigation): during
-                // the run only the TDP MMU is audited; both are audited at
-                // the end, quiescent.
-                if cfg.check != CheckLevel::Off
-                    && cfg.mmu == MmuKind::Tdp
-                    && last_audit.elapsed() >= Duration::from_millis(100)
-                {
+                if cfg.check != CheckLevel::Off && last_audit.elapsed() >= Duration::from_millis(100) {
                     sh.audit("during the run");
                     last_audit = Instant::now();
                 }

@@ -189,7 +189,7 @@ impl ShadowMmu {
                 continue;
             };
             let Some(hva) = slot.gfn_to_hva(gfn) else { continue };
-            if self.invalidate.in_progress_covers(hva) {
+            if self.invalidate.sole_invalidation_covers(hva) {
                 out.push(ShadowAuditViolation::Frame(AuditViolation::InInvalidatedRange {
                     gfn,
                     hva,

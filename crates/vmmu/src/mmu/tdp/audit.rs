@@ -105,7 +105,7 @@ impl TdpMmu {
                         break;
                     };
                     let Some(hva) = slot.gfn_to_hva(g) else { continue };
-                    if self.invalidate.in_progress_covers(hva) {
+                    if self.invalidate.sole_invalidation_covers(hva) {
                         out.push(AuditViolation::InInvalidatedRange { gfn: g, hva });
                         break;
                     }
