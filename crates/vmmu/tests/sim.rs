@@ -145,7 +145,7 @@ mod injected {
     }
 
     fn migrating(mmu: MmuKind) -> RunConfig {
-        let mut cfg = small(mmu, "dirty", "4-level", 400);
+        let mut cfg = small(mmu, "dirty", "4-level", 3000);
         cfg.migrate = true;
         cfg
     }
@@ -153,20 +153,20 @@ mod injected {
     /// The remote TLB flush after write-protecting the slot for dirty
     /// logging is skipped (once, on the VMM thread): a vCPU keeps writing
     /// through a writable translation and the write is not logged. The
-    /// checker's dirty-log check sees the first such write.
+    /// checker's dirty-log check sees the first such write. (On the shadow
+    /// MMU the vCPUs' own faults flush every TLB within microseconds in
+    /// this workload, which hides the skipped flush; the TDP MMU's faults
+    /// do not flush.)
     #[test]
-    #[ignore = "not yet caught reliably under the TDP MMU: the stale window closes at the next harvest's flush"]
     fn a_skipped_tlb_flush_is_caught() {
-        for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
-            let n = caught(
-                migrating(mmu),
-                Injection {
-                    vmm: vec![Bug::SkipRemoteFlush],
-                    ..Injection::default()
-                },
-            );
-            assert!(n > 0, "{mmu:?}: a skipped flush went unnoticed");
-        }
+        let n = caught(
+            migrating(MmuKind::Tdp),
+            Injection {
+                vmm: vec![Bug::SkipRemoteFlush],
+                ..Injection::default()
+            },
+        );
+        assert!(n > 0, "a skipped flush went unnoticed");
     }
 
     /// One page's dirty bit is dropped: the destination keeps a stale copy.
@@ -188,11 +188,11 @@ mod injected {
     /// "go on": an SPTE maps the frame the host just moved or freed. The
     /// audit (or the data check) finds it.
     #[test]
-    #[ignore = "caught in some runs only, and sometimes by a host-model assertion instead of the checker"]
+    #[ignore = "probabilistic (the bug fires only when a fault races an invalidation): run with --include-ignored"]
     fn a_skipped_notifier_retry_is_caught() {
         let mut total = 0;
-        for seed in 1..=6 {
-            let mut cfg = small(MmuKind::Tdp, "populate", "4-level", 600);
+        for seed in 1..=20 {
+            let mut cfg = small(MmuKind::Tdp, "populate", "4-level", 2000);
             cfg.seed = seed;
             cfg.host_churn = true;
             total += caught(
@@ -206,6 +206,6 @@ mod injected {
                 break;
             }
         }
-        assert!(total > 0, "a skipped notifier retry went unnoticed in 6 runs");
+        assert!(total > 0, "a skipped notifier retry went unnoticed in 20 runs");
     }
 }

@@ -346,10 +346,10 @@ pub fn run(cfg: &RunConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunO
                 })
             })
             .collect();
-        if cfg.churn() {
+        let host = cfg.churn().then(|| {
             let sh = &sh;
-            s.spawn(move || crate::sync::with_bugs(&sh.cfg.inject.host, || host_thread(sh)));
-        }
+            s.spawn(move || crate::sync::with_bugs(&sh.cfg.inject.host, || host_thread(sh)))
+        });
         // The VMM: timeline, audits, zap-all, live migration.
         crate::sync::with_bugs(&cfg.inject.vmm, || {
             let mut last_audit = Instant::now();
@@ -404,22 +404,28 @@ pub fn run(cfg: &RunConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunO
             }
             sh.stop.store(true, Ordering::Relaxed);
         });
-        handles
+        let cpus = handles
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|p| {
-                    let what = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
                     Err(RunError::Vcpu {
                         vcpu: usize::MAX,
-                        error: format!("panicked: {what}"),
+                        error: format!("panicked: {}", panic_message(&*p)),
                     })
                 })
             })
-            .collect()
+            .collect();
+        // The host model checks its own invariants (a frame freed twice, a
+        // table it cannot walk): one broken by the MMU (a guest write through
+        // a stale SPTE into a frame the host reused) is a violation.
+        if let Some(Err(p)) = host.map(|h| h.join()) {
+            ck.record(format!(
+                "{} MMU: the host model failed ({}): host memory corrupted, e.g. through a stale SPTE",
+                cfg.mmu.name(),
+                panic_message(&*p)
+            ));
+        }
+        cpus
     });
     let cpus = results.into_iter().collect::<Result<Vec<Cpu>, RunError>>()?;
     let seconds = start.elapsed().as_secs_f64();
@@ -906,6 +912,13 @@ fn check_logged(sh: &Shared, vcpu: usize, va: u64, gpa: u64, epoch: u64) {
             "a write the dirty log did not record",
         );
     }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 fn exits(g: &GuestCpu) -> u64 {
