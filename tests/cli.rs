@@ -384,3 +384,149 @@ fn bench_access_tracking_json_both_ad_modes_against_the_reference() {
     assert_eq!(exits("A/D on"), 0.0, "the walker sets A without exits");
     assert_eq!(exits("A/D off"), 1.0, "one fast-path fix per access-tracked SPTE");
 }
+
+#[test]
+fn run_with_no_flags_runs_both_mmus_and_ends_with_the_check_line() {
+    // The default run, as a newcomer types it (the debug build takes a
+    // few tens of seconds).
+    let o = vmmu(&["run"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert_eq!(out.lines().last(), Some("check: 0 violations"), "{out}");
+    let header = out.lines().nth(1).unwrap_or_default();
+    assert!(header.contains("shadow") && header.contains("tdp"), "{out}");
+    for row in [
+        "pf_taken",
+        "mmu_unsync",
+        "prev_roots hit rate",
+        "migration rounds",
+        "notifier events",
+    ] {
+        assert!(out.contains(row), "no {row} row: {out}");
+    }
+}
+
+#[test]
+fn run_json_has_the_contract_fields_per_mmu() {
+    let o = vmmu(&["run", "--ops", "300", "--memory", "32M", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON value");
+    let runs = v.as_array().expect("an array with --mmu both");
+    assert_eq!(runs.len(), 2);
+    for (r, mmu) in runs.iter().zip(["shadow", "tdp"]) {
+        assert_eq!(r["mmu"], mmu);
+        assert_eq!(r["vcpus"], 4);
+        assert_eq!(r["violations"], 0);
+        assert!(r["accesses"].as_u64().unwrap() > 0);
+        assert!(r["stats"]["pf_taken"].as_i64().unwrap() > 0);
+    }
+    let o = vmmu(&["run", "--mmu", "tdp", "--ops", "100", "--memory", "32M", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["mmu"], "tdp", "one object with one MMU");
+}
+
+#[test]
+fn run_records_a_trace_that_replays_under_either_mmu_and_writes_a_report_dir() {
+    let trace = temp_file("run.trace", "");
+    let dir = std::env::temp_dir().join(format!("vmmu-cli-report-{}", std::process::id()));
+    let o = vmmu(&[
+        "run",
+        "--mmu",
+        "shadow",
+        "--vcpus",
+        "2",
+        "--ops",
+        "200",
+        "--memory",
+        "32M",
+        "--workload",
+        "fork-storm",
+        "--record",
+        trace.to_str().unwrap(),
+        "--report",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for f in [
+        "report.txt",
+        "report.json",
+        "fault-rate.svg",
+        "mmu-memory.svg",
+        "fault-latency.svg",
+    ] {
+        assert!(dir.join(f).exists(), "no {f}");
+    }
+    let o = vmmu(&["replay", trace.to_str().unwrap()]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert_eq!(out.lines().last(), Some("check: 0 violations"));
+}
+
+#[test]
+fn run_and_replay_bad_input_exits_2_naming_the_problem() {
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--workload".into(), "no-such-workload".into()],
+            "not a named workload",
+        ),
+        (vec!["--paging".into(), "64-bit".into()], "not a paging mode"),
+        (vec!["--vcpus".into(), "0".into()], "--vcpus"),
+        (vec!["--memory".into(), "3M".into()], "--memory"),
+        (vec!["--memory".into(), "lots".into()], "not a size"),
+        (
+            vec!["--paging".into(), "32-bit".into(), "--memory".into(), "2G".into()],
+            "32-bit",
+        ),
+        (vec!["--seconds=-1".into()], "--seconds"),
+        (vec!["--seconds".into(), "nan".into()], "--seconds"),
+        (vec!["--ops".into(), "0".into()], "--ops"),
+        (
+            vec!["--ops".into(), "5".into(), "--seconds".into(), "1".into()],
+            "cannot be used with",
+        ),
+        (vec!["--check".into(), "some".into()], "--check"),
+        (vec!["--mmu".into(), "ept".into()], "--mmu"),
+    ];
+    for (args, want) in cases {
+        let mut a = vec!["run".to_string()];
+        a.extend(args.iter().cloned());
+        let o = vmmu(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    for (name, text, want) in [
+        ("empty-mix.toml", "[mix]\ntouch = 0\n", "empty-mix.toml:1: mix"),
+        ("bad-type.toml", "name = \"x\"\nops = \"many\"\n", "bad-type.toml:2:"),
+        ("unknown.toml", "opz = 3\n", "unknown.toml:1:"),
+        ("range.toml", "huge = 7\n", "range.toml:1: huge"),
+    ] {
+        let f = temp_file(name, text);
+        let o = vmmu(&["run", "--workload", f.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(2), "{name}");
+        assert!(stderr(&o).contains(want), "{name}: {}", stderr(&o));
+    }
+    for (name, text, want) in [
+        ("empty.trace", "", "empty.trace:1: not a vmmu trace"),
+        ("truncated.trace", "# vmmu trace v1\npaging = \"pae\"\n", "truncated"),
+        (
+            "badop.trace",
+            "# vmmu trace v1\npaging = \"pae\"\nvcpus = 1\nmemory = 33554432\nseed = 1\nhost_churn = false\nmigrate = false\n\n[workload]\n--- ops\n0 v0 jump 1\n",
+            "badop.trace:11: unknown operation `jump`",
+        ),
+        (
+            "badmode.trace",
+            "# vmmu trace v1\npaging = \"flat\"\nvcpus = 1\nmemory = 33554432\nseed = 1\nhost_churn = false\nmigrate = false\n\n[workload]\n--- ops\n",
+            "unknown paging mode `flat`",
+        ),
+    ] {
+        let f = temp_file(name, text);
+        let o = vmmu(&["replay", f.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(2), "{name}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{name}: {}", stderr(&o));
+    }
+    let o = vmmu(&["replay", "/nonexistent/x.trace"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cannot read /nonexistent/x.trace"));
+}
