@@ -896,14 +896,9 @@ impl Vcpu {
             }
             self.reload_root_if_obsolete()?;
             self.enter_guest();
-            let attempt = {
-                // Pinned for the whole attempt: tables the MMU unlinks
-                // meanwhile are not freed under the walk.
-                let _epoch = crossbeam_epoch::pin();
-                match self.backend {
-                    Backend::Tdp(_) => self.attempt(gva, access, size, value),
-                    Backend::Shadow(_) => self.attempt_shadow(gva, access, size, value),
-                }
+            let attempt = match self.backend {
+                Backend::Tdp(_) => self.attempt(gva, access, size, value),
+                Backend::Shadow(_) => self.attempt_shadow(gva, access, size, value),
             };
             self.exit_guest();
             match attempt {
@@ -937,9 +932,15 @@ impl Vcpu {
     fn attempt(&mut self, gva: u64, access: Access, size: usize, value: u64) -> Attempt {
         let tag = self.tag();
         let write = access.is_write();
+        // A TLB hit reads the data frame without an epoch: no frame a
+        // translation in this TLB points at is freed before the flush that
+        // removes it, and that flush waits for this vCPU to leave guest mode.
         if let Some(done) = self.tlb_hit(gva, tag, access, size, value) {
             return Attempt::Done(done);
         }
+        // Pinned for the rest of the attempt: tables the MMU unlinks
+        // meanwhile are not freed under the walk.
+        let _epoch = crossbeam_epoch::pin();
         let root = self.paging.root(self.cr3, self.pdptes);
         let walk = {
             let mem = self.guest_memory(EptStage::GuestPagingStructure);
@@ -1105,9 +1106,11 @@ impl Vcpu {
         let gva = self.linear(gva);
         let tag = self.tag();
         let write = access.is_write();
+        // Without an epoch on a hit, as in `attempt`.
         if let Some(done) = self.tlb_hit(gva, tag, access, size, value) {
             return Attempt::Done(done);
         }
+        let _epoch = crossbeam_epoch::pin();
         let Backend::Shadow(s) = &self.backend else {
             unreachable!("a shadow attempt on a TDP vCPU")
         };

@@ -164,7 +164,7 @@ const BOUNDS: [u64; 12] = [
     250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 1_000_000,
 ];
 /// One user access in this many is timed for the latency histogram.
-const TIME_EVERY: u64 = 8;
+const TIME_EVERY: u64 = 64;
 
 /// What the threads share.
 struct Shared<'a> {
@@ -727,7 +727,7 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
     let stripes = mm.nthreads.clamp(1, 64) as u64;
     let lines = 64 / stripes;
     let mut cursor = task.cursor;
-    for i in 0..u64::from(w.touches) {
+    'touches: for i in 0..u64::from(w.touches) {
         let page = match w.pattern {
             Pattern::Sequential => (cursor + i) % pages,
             Pattern::Uniform => rng.random_range(0..pages),
@@ -764,7 +764,9 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
             }
             c.g.accesses += 1;
             let checked = ck.checks(n);
-            let expect = st.translate(&os.format, va);
+            // The OS's record, read only when something needs it.
+            let needs = checked || (write && ck.level != CheckLevel::Off) || !matches!(r, AccessResult::Done { .. });
+            let expect = if needs { st.translate(&os.format, va) } else { None };
             match r {
                 AccessResult::Done { gpa, value, mmio } => {
                     if checked {
@@ -859,7 +861,7 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                     c.g.process_mailbox(os)?;
                     match fix {
                         Ok(FaultFix::Fixed | FaultFix::Spurious) => {}
-                        Ok(FaultFix::Segv) | Err(OsError::Oom) | Err(OsError::Kernel) => break,
+                        Ok(FaultFix::Segv) | Err(OsError::Oom) | Err(OsError::Kernel) => break 'touches,
                         Err(e) => return Err(e),
                     }
                     // The mapping may have changed while the lock was free.
@@ -871,7 +873,7 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                                 break;
                             }
                         }
-                        None => break,
+                        None => break 'touches,
                     }
                 }
                 other => {
@@ -879,9 +881,6 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                     break;
                 }
             }
-        }
-        if st.vma(vma.id).is_none() {
-            break;
         }
     }
     cursor += u64::from(w.touches);
