@@ -386,6 +386,9 @@ pub struct InvalidateState {
     in_progress: AtomicU64,
     range_start: AtomicU64,
     range_end: AtomicU64,
+    /// Starts since `in_progress` last left 0: the range is the union of
+    /// their ranges until it returns to 0.
+    episode_begins: AtomicU64,
 }
 
 impl Default for InvalidateState {
@@ -402,6 +405,7 @@ impl InvalidateState {
             in_progress: AtomicU64::new(0),
             range_start: AtomicU64::new(INVALID_HVA),
             range_end: AtomicU64::new(INVALID_HVA),
+            episode_begins: AtomicU64::new(0),
         }
     }
 
@@ -411,6 +415,9 @@ impl InvalidateState {
         if self.in_progress.fetch_add(1, Ordering::AcqRel) == 0 {
             self.range_start.store(INVALID_HVA, Ordering::Relaxed);
             self.range_end.store(INVALID_HVA, Ordering::Relaxed);
+            self.episode_begins.store(1, Ordering::Relaxed);
+        } else {
+            self.episode_begins.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -477,13 +484,17 @@ impl InvalidateState {
         start == INVALID_HVA || (start <= hva.raw() && hva.raw() < self.range_end.load(Ordering::Acquire))
     }
 
-    /// Whether exactly one invalidation is in progress and it covers `hva`:
-    /// then the in-progress range is exactly the range its start zapped, so
-    /// an SPTE there is one installed since (what an audit may flag). With
-    /// several in progress the range is their union, which also covers
-    /// SPTEs between them that no start zapped and that stand rightly.
+    /// Whether the in-progress range covers `hva` and is exactly the range
+    /// one start zapped: one invalidation began since none was in progress
+    /// (and it has not ended). An SPTE there was installed since: what an
+    /// audit may flag. After several starts (a KSM merge's two pages, or
+    /// overlapping invalidations) the range is their union until every one
+    /// has ended, and covers SPTEs between them that stand rightly. Exact
+    /// under `mmu_lock` (starts and ends take it for writing).
     pub fn sole_invalidation_covers(&self, hva: Hva) -> bool {
-        self.in_progress.load(Ordering::Acquire) == 1 && self.in_progress_covers(hva)
+        self.in_progress.load(Ordering::Acquire) == 1
+            && self.episode_begins.load(Ordering::Relaxed) == 1
+            && self.in_progress_covers(hva)
     }
 
     /// `mmu_invalidate_retry_hva`: whether a fault that sampled `mmu_seq`
