@@ -751,4 +751,37 @@ mod tests {
         assert!(st.retry_hva(&r, seq, Hva::new(0x50_0000)), "seq moved");
         assert!(!st.retry_hva(&r.held(), seq + 1, hva));
     }
+
+    /// Regression: the audit flagged SPTEs between the two pages of a KSM
+    /// merge (two starts, one union range) as standing in an invalidated
+    /// range, also after the first of the two ended.
+    #[test]
+    fn only_a_single_start_s_range_is_what_it_zapped() {
+        let lock = MmuLock::new(());
+        let st = InvalidateState::new();
+        let (a, b, between) = (Hva::new(0x20_0000), Hva::new(0x80_0000), Hva::new(0x40_0000));
+        let w = lock.write();
+        st.begin(&w);
+        st.range_add(&w, HvaRange::new(a, 0x1000));
+        assert!(st.sole_invalidation_covers(a));
+        assert!(!st.sole_invalidation_covers(between));
+        st.begin(&w);
+        st.range_add(&w, HvaRange::new(b, 0x1000));
+        assert!(
+            st.in_progress_covers(between),
+            "the union covers what neither start zapped"
+        );
+        assert!(!st.sole_invalidation_covers(between));
+        st.end(&w.held_write());
+        assert_eq!(st.in_progress(), 1);
+        assert!(
+            !st.sole_invalidation_covers(between),
+            "the union outlives the first end"
+        );
+        st.end(&w.held_write());
+        st.begin(&w);
+        st.range_add(&w, HvaRange::new(b, 0x1000));
+        assert!(st.sole_invalidation_covers(b) && !st.sole_invalidation_covers(between));
+        st.end(&w.held_write());
+    }
 }
