@@ -158,7 +158,10 @@ impl ShadowMmu {
                 Err(_) => 0,
             };
             let recorded = p.gpte(index).unwrap_or(0);
-            if !gpte_still_valid(recorded, now) {
+            // Checked after the read: an emulated write in flight has stored
+            // the new entry and waits for the lock (held here) to zap the
+            // SPTE built from the old one, and counts until it has.
+            if !gpte_still_valid(recorded, now) && self.emulating.load(std::sync::atomic::Ordering::Acquire) == 0 {
                 out.push(ShadowAuditViolation::StaleSyncSpte {
                     gfn: p.gfn,
                     index,

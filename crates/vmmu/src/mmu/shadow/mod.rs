@@ -184,6 +184,10 @@ pub struct ShadowMmu {
     /// Unsync pages, readable without the lock: a sync finding none skips
     /// the lock (see [`sync`]).
     unsync_pages: AtomicU64,
+    /// Emulated writes between their store to guest memory and their zap
+    /// under the lock: while one is, a guest entry may differ from the SPTE
+    /// built from it, and the audit does not compare them.
+    emulating: AtomicU64,
     /// The page limit (KVM's `n_max_mmu_pages`).
     max_pages: AtomicU64,
     stats: MmuStats,
@@ -215,6 +219,7 @@ impl ShadowMmu {
             root_generation: AtomicU64::new(0),
             indirect_shadow_pages: AtomicU64::new(0),
             unsync_pages: AtomicU64::new(0),
+            emulating: AtomicU64::new(0),
             max_pages: AtomicU64::new(default_max_pages(&slots)),
             stats: MmuStats::default(),
         });
@@ -683,12 +688,14 @@ impl ShadowMmu {
         // before `kvm_mmu_track_write` takes `mmu_lock`). A fault racing in
         // between builds its SPTE from the new entry or is zapped below. A
         // write to memory with no memslot (or a read-only one) is dropped.
+        self.emulating.fetch_add(1, Ordering::AcqRel);
         let _ = self.memory.write_value(gpa, size, value);
         let guard = self.lock.write();
         let mut pages = guard.lock();
         let flush = self.track_write(&mut pages, gpa, size);
         drop(pages);
         self.discharge(flush);
+        self.emulating.fetch_sub(1, Ordering::AcqRel);
         Ok(())
     }
 

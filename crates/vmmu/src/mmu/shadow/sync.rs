@@ -194,10 +194,13 @@ impl ShadowMmu {
             return false;
         }
         let table = GuestTable::of(page);
-        let now = self
-            .memory
-            .read_value(table.gpa(index), table.entry_size())
-            .unwrap_or(0);
+        // Read without faulting (the lock is held): an entry not resident
+        // reads as not present, and the SPTE is dropped.
+        let mut b = [0u8; 8];
+        let now = match self.memory.read_atomic(table.gpa(index), &mut b[..table.entry_size()]) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => 0,
+        };
         let recorded = page.gpte(index).unwrap_or(0);
         if gpte_still_valid(recorded, now) {
             return false;
