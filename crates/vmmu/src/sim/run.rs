@@ -340,9 +340,10 @@ pub fn run(cfg: &RunConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunO
             .map(|c| {
                 let sh = &sh;
                 s.spawn(move || {
-                    let r = crate::sync::with_bugs(&sh.cfg.inject.vcpu, || vcpu_thread(sh, c));
-                    sh.running.fetch_sub(1, Ordering::AcqRel);
-                    r
+                    // Counted out on every exit, a panic's unwinding too:
+                    // the VMM loop and a migration's pause wait for it.
+                    let _out = Running(&sh.running);
+                    crate::sync::with_bugs(&sh.cfg.inject.vcpu, || vcpu_thread(sh, c))
                 })
             })
             .collect();
@@ -910,6 +911,15 @@ fn check_logged(sh: &Shared, vcpu: usize, va: u64, gpa: u64, epoch: u64) {
             "the page's bit in the dirty log (the write completed while logging was on)",
             "a write the dirty log did not record",
         );
+    }
+}
+
+/// A running vCPU thread, counted out when dropped.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
