@@ -114,6 +114,13 @@ pub enum Bug {
     /// One-shot: one page's dirty bit is dropped (the first page marked
     /// dirty while the bug is armed).
     DropDirtyBit = 1 << 7,
+    /// The shadow MMU's guest context (and so its pages' roles) ignores
+    /// CR0.WP, CR4.SMEP and EFER.NXE: pages built under one setting are
+    /// reused under another.
+    RoleIgnoresControls = 1 << 8,
+    /// A vCPU acknowledges the request to drop obsolete roots (it sees the
+    /// new root generation) but keeps its root.
+    KeepObsoleteRoot = 1 << 9,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**

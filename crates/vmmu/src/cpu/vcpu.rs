@@ -84,6 +84,13 @@ pub struct VcpuStats {
     pub remote_flushes: u64,
     /// Roots dropped after a fast zap and reloaded.
     pub root_reloads: u64,
+    /// Isolation: accesses that reached a frame the host had freed (a
+    /// translation that outlived its frame). Always 0 on a correct MMU.
+    pub freed_frame_accesses: u64,
+    /// Isolation: walks of a root invalidated by a zap the vCPU had
+    /// already acknowledged (it saw the request and kept the root). Always
+    /// 0 on a correct MMU.
+    pub invalid_root_uses: u64,
 }
 
 /// How one try of an access ended.
@@ -405,6 +412,21 @@ impl Vcpu {
         self.regs
     }
 
+    /// CR3.
+    pub fn cr3(&self) -> u64 {
+        self.cr3
+    }
+
+    /// PKRU.
+    pub fn pkru(&self) -> u32 {
+        self.pkru
+    }
+
+    /// The processor's paging features.
+    pub fn features(&self) -> CpuFeatures {
+        self.features
+    }
+
     /// Sets CR0, CR4 and EFER together (as at VM entry), and CR3 and PKRU,
     /// flushing everything (KVM's `kvm_mmu_reset_context`).
     pub fn set_state(&mut self, regs: ControlRegs, cr3: u64, pkru: u32) -> Result<(), VcpuError> {
@@ -658,7 +680,7 @@ impl Vcpu {
                 let generation = t.mmu.root_generation();
                 if generation != t.seen_root_gen {
                     t.seen_root_gen = generation;
-                    if !t.root.root().is_valid() {
+                    if !t.root.root().is_valid() && !crate::sync::bug(crate::sync::Bug::KeepObsoleteRoot) {
                         let old = t.root.root().pfn().raw();
                         t.root = t.mmu.get_root(t.root.root().as_id())?;
                         self.tlb.flush(Flush::Eptp(old));
@@ -680,7 +702,9 @@ impl Vcpu {
                     // Some root was zapped: drop every obsolete one, the
                     // current roots and the cached ones alike.
                     s.seen_root_gen = generation;
-                    if s.roots().is_some_and(|r| s.mmu.roots_obsolete(r)) {
+                    if s.roots().is_some_and(|r| s.mmu.roots_obsolete(r))
+                        && !crate::sync::bug(crate::sync::Bug::KeepObsoleteRoot)
+                    {
                         let (_, r) = s.current.take().expect("checked");
                         s.mmu.release_roots(r);
                         self.tlb.flush(Flush::Vpid(self.vpid));
@@ -941,6 +965,13 @@ impl Vcpu {
         // Pinned for the rest of the attempt: tables the MMU unlinks
         // meanwhile are not freed under the walk.
         let _epoch = crossbeam_epoch::pin();
+        {
+            let t = self.tdp();
+            let r = t.root.root();
+            if !r.is_valid() && r.invalidated_at() <= t.seen_root_gen {
+                self.stats.invalid_root_uses += 1;
+            }
+        }
         let root = self.paging.root(self.cr3, self.pdptes);
         let walk = {
             let mem = self.guest_memory(EptStage::GuestPagingStructure);
@@ -1046,12 +1077,15 @@ impl Vcpu {
     }
 
     /// Reads or writes host memory at `hpa`.
-    fn touch(&self, hpa: Hpa, gpa: Gpa, write: bool, size: usize, value: u64) -> AccessResult {
+    fn touch(&mut self, hpa: Hpa, gpa: Gpa, write: bool, size: usize, value: u64) -> AccessResult {
         let arena = match &self.backend {
             Backend::Tdp(t) => t.mmu.arena(),
             Backend::Shadow(s) => s.mmu.arena(),
         };
         let pfn = Pfn::new(hpa.raw() >> 12);
+        if arena.is_freed(pfn) {
+            self.stats.freed_frame_accesses += 1;
+        }
         let offset = hpa.page_offset() as usize;
         let mut buf = [0u8; 8];
         let value = if write {
@@ -1117,6 +1151,9 @@ impl Vcpu {
         let Some(roots) = s.roots() else {
             return Attempt::ShadowExit;
         };
+        if s.mmu.roots_obsolete_by_acknowledged_zap(roots, s.seen_root_gen) {
+            self.stats.invalid_root_uses += 1;
+        }
         let root = Root::Table(Gpa::new(roots.hw_root().raw() << 12));
         let walk = match s
             .hw

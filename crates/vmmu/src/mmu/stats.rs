@@ -21,11 +21,17 @@ macro_rules! stats {
         #[derive(Debug)]
         pub struct $name {
             shards: Box<[CachePadded<$shard>]>,
+            /// Page-table pages now and at most, exact (one shared line,
+            /// updated only when a table is allocated or freed).
+            tables: CachePadded<(AtomicI64, AtomicI64)>,
         }
 
         impl Default for $name {
             fn default() -> Self {
-                Self { shards: (0..SHARDS).map(|_| CachePadded::new($shard::default())).collect() }
+                Self {
+                    shards: (0..SHARDS).map(|_| CachePadded::new($shard::default())).collect(),
+                    tables: CachePadded::new((AtomicI64::new(0), AtomicI64::new(0))),
+                }
             }
         }
 
@@ -146,6 +152,22 @@ impl MmuStats {
             _ => &shard.pages_1g,
         };
         counter.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Counts page-table pages allocated (`delta` > 0) or freed: the
+    /// `mmu_pages` counter and the exact high-water mark.
+    #[inline]
+    pub fn account_tables(&self, delta: i64) {
+        self.local().mmu_pages.fetch_add(delta, Ordering::Relaxed);
+        let now = self.tables.0.fetch_add(delta, Ordering::Relaxed) + delta;
+        if delta > 0 {
+            self.tables.1.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    /// The most page-table pages live at once so far.
+    pub fn mmu_pages_peak(&self) -> i64 {
+        self.tables.1.load(Ordering::Relaxed)
     }
 
     /// Increments a counter.

@@ -59,6 +59,17 @@ pub enum ShadowAuditViolation {
     },
     /// A leaf SPTE is wrong against its memslot or the host.
     Frame(AuditViolation),
+    /// More shadow pages than the limit (KVM's `n_max_mmu_pages`) allows:
+    /// only pages reclaim cannot take (roots in use, invalid roots not yet
+    /// released) may pass it.
+    OverLimit {
+        /// Pages live.
+        pages: u64,
+        /// The limit.
+        max: u64,
+        /// Pages reclaim cannot take.
+        pinned: u64,
+    },
 }
 
 impl fmt::Display for ShadowAuditViolation {
@@ -96,6 +107,14 @@ impl ShadowMmu {
             } else if pages.leaf(id).is_some() && !p.is_unsync() {
                 self.audit_sync_page(&pages, id, &mut out);
             }
+        }
+        let (live, max, pinned) = (pages.len() as u64, self.max_pages(), pages.pinned() as u64);
+        if live > max + pinned {
+            out.push(ShadowAuditViolation::OverLimit {
+                pages: live,
+                max,
+                pinned,
+            });
         }
         let counted = self.unsync_page_count();
         if counted != unsync {

@@ -177,6 +177,10 @@ pub struct ShadowMmu {
     /// Bumped by a fast zap of everything: roots of older generations are
     /// obsolete.
     valid_gen: AtomicU64,
+    /// The last completed [`ShadowMmu::zap_all`]: the valid generation it
+    /// made (high 32 bits) and the root generation that announced it (low
+    /// 32 bits).
+    zap_all_done: AtomicU64,
     /// Bumped whenever a root page is invalidated: vCPUs recheck theirs.
     root_generation: AtomicU64,
     /// Indirect shadow pages, readable without the lock (seed 002).
@@ -216,6 +220,7 @@ impl ShadowMmu {
             invalidate: InvalidateState::default(),
             remote_tlb: RemoteTlb::default(),
             valid_gen: AtomicU64::new(0),
+            zap_all_done: AtomicU64::new(0),
             root_generation: AtomicU64::new(0),
             indirect_shadow_pages: AtomicU64::new(0),
             unsync_pages: AtomicU64::new(0),
@@ -262,6 +267,11 @@ impl ShadowMmu {
     /// Shadow pages live now.
     pub fn page_count(&self) -> usize {
         self.lock.read().lock().len()
+    }
+
+    /// The most shadow pages live at once so far.
+    pub fn peak_page_count(&self) -> usize {
+        self.lock.read().lock().peak()
     }
 
     /// The page limit (KVM's `n_max_mmu_pages`).
@@ -538,14 +548,14 @@ impl ShadowMmu {
             // write-protected, so its unsync 4K pages go (KVM's
             // `kvm_mmu_find_shadow_page`; only 4K pages may be unsync).
             for id in pages.indirect_of(gfn).to_vec() {
-                if pages.page(id).is_unsync() {
+                if pages.is_live(id) && pages.page(id).is_unsync() {
                     self.zap_page(pages, id);
                     flush = true;
                 }
             }
         }
         let id = pages.create(&self.arena, &self.translations, gfn, role)?;
-        self.stats.local().mmu_pages.fetch_add(1, Ordering::Relaxed);
+        self.stats.account_tables(1);
         tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level(), direct = role.is_direct(), created = true);
         if !role.is_direct() {
             self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
@@ -654,7 +664,7 @@ impl ShadowMmu {
 
     fn free_page(&self, pages: &mut Pages, id: PageId) {
         let pfn = pages.remove(id, &self.translations);
-        self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
+        self.stats.account_tables(-1);
         self.defer_free(vec![pfn]);
     }
 
@@ -719,7 +729,11 @@ impl ShadowMmu {
         let mut pages = guard.lock();
         let ids = pages.indirect_of(gpa.frame()).to_vec();
         for &id in &ids {
-            self.zap_page(&mut pages, id);
+            // An earlier zap may have taken this page with it (a table
+            // that links itself is its own child).
+            if pages.is_live(id) {
+                self.zap_page(&mut pages, id);
+            }
         }
         drop(pages);
         self.discharge(!ids.is_empty());
@@ -739,6 +753,13 @@ impl ShadowMmu {
         let gfn = gpa.frame();
         let mut flush = false;
         for id in pages.indirect_of(gfn).to_vec() {
+            // A zap below can take later pages of this list with it: a
+            // guest table that links itself has pages of the same gfn as
+            // its own children (KVM keeps zapped pages on an invalid list
+            // until the loop ends; here they are gone at once).
+            if !pages.is_live(id) {
+                continue;
+            }
             let role = pages.page(id).role;
             let misaligned = detect_write_misaligned(&role, gpa, size);
             let flooded = role.level() > 1 && {
@@ -774,7 +795,11 @@ impl ShadowMmu {
         let mut pages = guard.lock();
         self.valid_gen.fetch_add(1, Ordering::AcqRel);
         self.zap_everything(&mut pages);
-        self.root_generation.fetch_add(1, Ordering::AcqRel);
+        let announced = self.root_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let valid = self.valid_gen.load(Ordering::Acquire);
+        // One word, so a reader sees a zap's two numbers together.
+        self.zap_all_done
+            .store(valid << 32 | (announced & 0xffff_ffff), Ordering::Release);
         drop(pages);
         self.discharge(true);
     }

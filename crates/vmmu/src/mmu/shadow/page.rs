@@ -141,6 +141,8 @@ pub struct Pages {
     slab: Vec<Option<ShadowPage>>,
     created: u64,
     free_ids: Vec<usize>,
+    /// The most pages live at once.
+    peak: usize,
     hash: HashMap<(Gfn, Role), PageId>,
     by_pfn: HashMap<Pfn, PageId>,
     /// Indirect pages per guest table gfn: the gfn write tracking.
@@ -203,6 +205,21 @@ impl Pages {
     /// Live pages (including invalid roots).
     pub fn len(&self) -> usize {
         self.slab.len() - self.free_ids.len()
+    }
+
+    /// The most pages live at once so far.
+    pub fn peak(&self) -> usize {
+        self.peak
+    }
+
+    /// Pages that reclaim cannot take: roots in use and invalid roots
+    /// waiting for their last user.
+    pub fn pinned(&self) -> usize {
+        self.slab
+            .iter()
+            .flatten()
+            .filter(|p| p.invalid || p.root_count > 0)
+            .count()
     }
 
     /// Whether there are no pages.
@@ -281,6 +298,7 @@ impl Pages {
                 PageId(self.slab.len() - 1)
             }
         };
+        self.peak = self.peak.max(self.len());
         self.hash.insert((gfn, role), id);
         self.by_pfn.insert(pfn, id);
         if role.level() == 1 {

@@ -51,6 +51,16 @@ pub struct GuestContext {
 impl GuestContext {
     /// The context of a vCPU with `regs`, in SMM or not.
     pub fn new(regs: &ControlRegs, smm: bool) -> GuestContext {
+        if crate::sync::bug(crate::sync::Bug::RoleIgnoresControls) {
+            return GuestContext {
+                mode: regs.mode(),
+                cr0_wp: true,
+                smep: false,
+                smap: regs.cr4.contains(Cr4::SMAP),
+                efer_nx: true,
+                smm,
+            };
+        }
         GuestContext {
             mode: regs.mode(),
             cr0_wp: regs.cr0.contains(Cr0::WP),

@@ -197,6 +197,18 @@ impl ShadowMmu {
         }
     }
 
+    /// Whether `roots` were made obsolete by a zap-all whose announcement
+    /// a vCPU that has seen root generation `seen` has acknowledged
+    /// (lockless; an isolation check of the hardware model: such a vCPU
+    /// must have dropped them). Sound, not complete: only the last
+    /// zap-all's announcement is kept.
+    pub fn roots_obsolete_by_acknowledged_zap(&self, roots: &ShadowRoots, seen: u64) -> bool {
+        let done = self.zap_all_done.load(Ordering::Acquire);
+        let (valid, announced) = (done >> 32, done & 0xffff_ffff);
+        // Past 2^32 generations the packed numbers wrap: no verdict.
+        seen < 1 << 32 && roots.generation() < valid && seen >= announced
+    }
+
     /// Whether `roots` must be reloaded (zapped, or a zap-all happened).
     pub fn roots_obsolete(&self, roots: &ShadowRoots) -> bool {
         let guard = self.lock.read();

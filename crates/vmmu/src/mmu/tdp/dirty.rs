@@ -380,7 +380,7 @@ impl TdpMmu {
                         );
                         if it.try_set(Spte(FROZEN_SPTE)) {
                             self.zap_subtree_leaves(spte.pfn(), 1);
-                            self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
+                            self.stats.account_tables(-1);
                             defer_free_tree(&self.arena, self.config.geometry, spte.pfn(), 1);
                             it.sptep().store(leaf.0, Ordering::Release);
                             it.refresh();

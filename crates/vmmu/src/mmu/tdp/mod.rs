@@ -83,6 +83,9 @@ pub struct TdpRoot {
     as_id: u16,
     refs: AtomicU32,
     valid: AtomicBool,
+    /// The root generation that announced its invalidation (`u64::MAX`
+    /// while valid).
+    invalidated_at: AtomicU64,
 }
 
 impl TdpRoot {
@@ -97,6 +100,12 @@ impl TdpRoot {
     /// Whether the root is still valid (not invalidated by a zap-all).
     pub fn is_valid(&self) -> bool {
         self.valid.load(Ordering::Acquire)
+    }
+    /// The root generation whose change asked vCPUs to drop this root
+    /// (`u64::MAX` while it is valid): a vCPU that has seen that
+    /// generation must not walk it any more.
+    pub fn invalidated_at(&self) -> u64 {
+        self.invalidated_at.load(Ordering::Acquire)
     }
 }
 
@@ -184,7 +193,7 @@ fn put_root(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry, st
         // Nothing links into an invalid, unreferenced tree any more: its
         // tables can be counted now and freed after the grace period.
         let tables = count_tables(arena, geometry, root.pfn, geometry.levels);
-        stats.local().mmu_pages.fetch_sub(tables as i64, Ordering::Relaxed);
+        stats.account_tables(-(tables as i64));
         defer_free_tree(arena, geometry, root.pfn, geometry.levels);
     }
 }
@@ -408,13 +417,14 @@ impl TdpMmu {
             }
         }
         let pfn = self.arena.alloc_4k()?;
-        self.stats.local().mmu_pages.fetch_add(1, Ordering::Relaxed);
+        self.stats.account_tables(1);
         let root = Arc::new(TdpRoot {
             pfn,
             as_id,
             // The list's own reference.
             refs: AtomicU32::new(1),
             valid: AtomicBool::new(true),
+            invalidated_at: AtomicU64::new(u64::MAX),
         });
         roots.valid.push(root.clone());
         Ok(RootRef::try_get(&root, &self.arena, self.config.geometry, &self.stats).expect("a new root is valid"))
@@ -440,7 +450,9 @@ impl TdpMmu {
         sync::sched_point();
         let mut roots = self.roots.lock();
         let valid = std::mem::take(&mut roots.valid);
+        let announced = self.root_generation.load(Ordering::Acquire) + 1;
         for r in &valid {
+            r.invalidated_at.store(announced, Ordering::Release);
             r.valid.store(false, Ordering::Release);
         }
         roots.invalidated.extend(valid);
@@ -713,7 +725,7 @@ impl TdpMmu {
             }
             self.zap_subtree_leaves(old.pfn(), level - 1);
             self.flush_remote_tlbs();
-            self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
+            self.stats.account_tables(-1);
             defer_free_tree(&self.arena, self.config.geometry, old.pfn(), level - 1);
             it.sptep().store(leaf.0, Ordering::Release);
         } else if !it.try_set(leaf) {
@@ -739,12 +751,12 @@ impl TdpMmu {
 
     fn alloc_table(&self) -> Result<Pfn, TdpError> {
         let pfn = self.arena.alloc_4k()?;
-        self.stats.local().mmu_pages.fetch_add(1, Ordering::Relaxed);
+        self.stats.account_tables(1);
         Ok(pfn)
     }
 
     fn free_table_now(&self, pfn: Pfn) {
-        self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
+        self.stats.account_tables(-1);
         self.arena
             .free(pfn, PageSize::Size4K)
             .expect("a table this fault allocated and never published is live");
@@ -769,7 +781,7 @@ impl TdpMmu {
                 MmuStats::inc(&self.stats.local().mmu_zapped);
             } else {
                 self.zap_subtree_leaves(spte.pfn(), level - 1);
-                self.stats.local().mmu_pages.fetch_sub(1, Ordering::Relaxed);
+                self.stats.account_tables(-1);
                 defer_free_tree(&self.arena, self.config.geometry, spte.pfn(), level - 1);
             }
         }
