@@ -93,6 +93,55 @@ fn fork_storm_with_pcid_switches_on_one_vcpu_keeps_the_shadow_mmu_in_sync() {
     }
 }
 
+/// The adversarial guests, each long enough to do its trick many times,
+/// under both MMUs: 0 violations, the MMU's page-table memory within its
+/// limit.
+#[test]
+fn adversarial_guests_find_no_violation_and_stay_within_the_mmu_memory_limit() {
+    for (name, ops) in [
+        ("many-mm", 3000),
+        ("self-map", 300),
+        ("recursive-map", 300),
+        ("pt-flood", 400),
+        ("cr-toggle", 300),
+        ("dirty-storm", 40),
+    ] {
+        for mmu in [MmuKind::Shadow, MmuKind::Tdp] {
+            let mut cfg = small(mmu, name, "4-level", ops);
+            cfg.migrate = name == "dirty-storm";
+            let r = go(&cfg).report;
+            assert!(
+                r.mmu_memory_peak_bytes <= r.mmu_memory_limit_bytes,
+                "{name} {mmu:?}: peak {} > limit {}",
+                r.mmu_memory_peak_bytes,
+                r.mmu_memory_limit_bytes
+            );
+            match name {
+                "many-mm" => assert!(r.processes > 1000, "{name} {mmu:?}: {} processes", r.processes),
+                "self-map" | "recursive-map" | "cr-toggle" => assert!(r.adversarial_ops > 20, "{r:#?}"),
+                _ => {}
+            }
+            if name == "many-mm" && mmu == MmuKind::Shadow {
+                assert!(r.stats.mmu_recycled > 0, "the page limit was never reached: {r:#?}");
+            }
+        }
+    }
+}
+
+/// Regression: a guest table whose entries point at itself is shadowed at
+/// every level, each page of it a child of the one above; a flooding write
+/// to it zapped the top page, which took the others with it, and the
+/// write-tracking loop then looked up a page it had just freed (a panic a
+/// guest could cause at will).
+#[test]
+fn writes_to_a_table_that_maps_itself_do_not_crash_the_shadow_mmu() {
+    for seed in 1..=3 {
+        let mut cfg = small(MmuKind::Shadow, "self-map", "4-level", 300);
+        cfg.seed = seed;
+        go(&cfg);
+    }
+}
+
 #[test]
 fn a_replay_is_deterministic_and_a_one_vcpu_replay_is_the_run() {
     let mut cfg = small(MmuKind::Shadow, "default", "4-level", 300);
@@ -174,6 +223,43 @@ mod injected {
             },
         );
         assert!(n > 0, "a skipped flush went unnoticed");
+    }
+
+    /// The shadow MMU's roles ignore CR0.WP, CR4.SMEP and EFER.NXE: pages
+    /// built with NX on serve the guest after it turned NX off, where the
+    /// XD bits of its entries are reserved and x86 faults with RSVD. The
+    /// adversarial guest's checked accesses see it.
+    #[test]
+    fn a_role_that_ignores_control_bits_is_caught() {
+        let n = caught(
+            small(MmuKind::Shadow, "cr-toggle", "4-level", 600),
+            Injection {
+                vcpu: vec![Bug::RoleIgnoresControls],
+                ..Injection::default()
+            },
+        );
+        assert!(n > 0, "a role ignoring CR0.WP/SMEP/NXE went unnoticed");
+    }
+
+    /// vCPUs see the request to drop obsolete roots after a zap-all and
+    /// keep theirs: the hardware model counts each walk of such a root,
+    /// and the checker reports it.
+    #[test]
+    fn a_vcpu_that_keeps_an_obsolete_root_is_caught() {
+        for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
+            let mut cfg = small(mmu, "default", "4-level", 100_000);
+            cfg.ops = None;
+            cfg.seconds = Some(1.5);
+            cfg.inject.vcpu = vec![Bug::KeepObsoleteRoot];
+            let details = match run(&cfg, &|_| {}) {
+                Ok(o) => o.report.violation_details.join("\n"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                details.contains("invalid root"),
+                "{mmu:?}: a kept obsolete root went unnoticed: {details}"
+            );
+        }
     }
 
     /// One page's dirty bit is dropped: the destination keeps a stale copy.

@@ -26,7 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use crate::addr::Gpa;
+use crate::arch::control::CpuFeatures;
 use crate::arch::perm::{Access, AccessKind};
+use crate::arch::pfec::PfErrorCode;
 use crate::mem::GuestMemory;
 use crate::walker::{ControlRegs, GuestPaging, Root};
 
@@ -171,7 +173,32 @@ impl Checker {
         va: u64,
         expected: Option<u64>,
     ) -> Result<(), String> {
-        let paging = GuestPaging::new(regs, &crate::arch::control::CpuFeatures::default());
+        let access = Access::new(AccessKind::Read, 3, false);
+        let got = reference(memory, regs, &CpuFeatures::default(), root, va, access).ok();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "the guest's page tables in memory translate {va:#x} to {got:x?}, the OS wrote {expected:x?}"
+            ))
+        }
+    }
+}
+
+/// What x86 does for `access` at `va` with the tables in `memory` under
+/// `root` (CR3's table) and `regs`: the gpa, or the #PF error code (`None`
+/// for a #GP or an unreadable table). By the foundation walker, as a peek
+/// (no A/D bits set); PAE PDPTEs are read from memory as a CR3 load would.
+pub fn reference(
+    memory: &GuestMemory,
+    regs: &ControlRegs,
+    features: &CpuFeatures,
+    root: u64,
+    va: u64,
+    access: Access,
+) -> Result<u64, Option<PfErrorCode>> {
+    {
+        let paging = GuestPaging::new(regs, features);
         let root = match paging.mode() {
             crate::arch::control::PagingMode::Pae => {
                 let mut pdptes = [0u64; 4];
@@ -185,16 +212,9 @@ impl Checker {
             }
             _ => Root::Table(Gpa::new(root)),
         };
-        let got = paging
-            .peek(memory, &root, va, Access::new(AccessKind::Read, 3, false), 0)
-            .ok()
-            .map(|w| w.gpa.raw());
-        if got == expected {
-            Ok(())
-        } else {
-            Err(format!(
-                "the guest's page tables in memory translate {va:#x} to {got:x?}, the OS wrote {expected:x?}"
-            ))
-        }
+        paging
+            .peek(memory, &root, va, access, 0)
+            .map(|w| w.gpa.raw())
+            .map_err(|e| e.error_code())
     }
 }

@@ -124,6 +124,55 @@ impl Machine {
         }
     }
 
+    /// The most page-table memory the MMU held at once, in bytes (exact:
+    /// a high-water mark kept at every allocation).
+    pub fn mmu_peak_bytes(&self) -> u64 {
+        match &self.backend {
+            Backend::Tdp(m) => m.stats().mmu_pages_peak().max(0) as u64 * 4096,
+            Backend::Shadow(m) => m.peak_page_count() as u64 * 4096,
+        }
+    }
+
+    /// Sets the shadow MMU's page limit (KVM's `KVM_SET_NR_MMU_PAGES`);
+    /// returns the limit set. The TDP MMU has no such limit.
+    pub fn set_mmu_pages(&self, pages: u64) -> Option<u64> {
+        match &self.backend {
+            Backend::Tdp(_) => None,
+            Backend::Shadow(m) => Some(m.set_max_pages(pages)),
+        }
+    }
+
+    /// The page-table memory the MMU may hold, in bytes, with `vcpus`
+    /// vCPUs.
+    ///
+    /// - Shadow MMU: its page limit (`n_max_mmu_pages`), plus the roots
+    ///   in use, which reclaim cannot take: at most the current root and
+    ///   `prev_roots` of each vCPU, 4 PAE roots and their PDPT page each
+    ///   (the audit checks the exact form: pages <= limit + pinned).
+    /// - TDP MMU: it has no configured limit (nor has KVM's); its memory is
+    ///   bounded by the guest's memslots: one full tree over them per root
+    ///   a vCPU can hold, plus the valid one.
+    pub fn mmu_limit_bytes(&self, vcpus: u64) -> u64 {
+        match &self.backend {
+            Backend::Shadow(m) => {
+                let roots = vcpus * (1 + crate::cpu::vcpu::PREV_ROOTS as u64) * 5;
+                (m.max_pages() + roots) * 4096
+            }
+            Backend::Tdp(m) => {
+                let g = m.config().geometry;
+                let mut tree = 1u64;
+                for s in self.slots.load(0).iter() {
+                    let (a, b) = (s.base_gfn().raw(), s.base_gfn().raw() + s.npages());
+                    for level in 1..g.levels {
+                        let span = g.pages(level + 1);
+                        tree += (b - 1) / span - a / span + 1;
+                    }
+                }
+                tree * (vcpus + 1) * 4096
+            }
+        }
+    }
+
     /// Shadow pages and unsync shadow pages now (0 on the TDP MMU).
     pub fn shadow_pages(&self) -> (u64, u64) {
         match &self.backend {

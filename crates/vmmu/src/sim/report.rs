@@ -88,6 +88,12 @@ pub struct MmuRunReport {
     pub mmu_memory_bytes: u64,
     /// The most MMU page-table memory seen, in bytes.
     pub mmu_memory_peak_bytes: u64,
+    /// The page-table memory the MMU may hold ([`Machine::mmu_limit_bytes`](
+    /// crate::sim::machine::Machine::mmu_limit_bytes)); a peak above it is
+    /// a violation.
+    pub mmu_memory_limit_bytes: u64,
+    /// Adversarial guest operations done.
+    pub adversarial_ops: u64,
     /// MMU-notifier invalidations the host delivered.
     pub notifier_events: u64,
     /// Host churn operations attempted.

@@ -16,7 +16,7 @@ use crate::addr::{Gpa, Hva};
 use crate::arch::perm::AccessKind;
 use crate::arch::pfec::PfErrorCode;
 use crate::cpu::vcpu::{AccessResult, GuestFault};
-use crate::mem::MemslotFlags;
+use crate::mem::{GuestMemory, MemslotFlags};
 use crate::sim::checker::{CheckLevel, Checker};
 use crate::sim::guest::{FaultFix, GuestCpu, Mm, Os, OsError, PagingFormat, Vma};
 use crate::sim::machine::{Machine, MmuKind, RAM_HVA};
@@ -157,6 +157,8 @@ struct Cpu {
     cur: usize,
     hist: [u64; BOUNDS.len() + 1],
     ops: u64,
+    /// The vCPU's isolation counters at the last check.
+    isolation: (u64, u64),
 }
 
 /// Fault-latency bucket bounds (ns).
@@ -188,6 +190,8 @@ struct Shared<'a> {
     /// value while logging is on must find its page's bit set.
     dirty_epoch: AtomicU64,
     logging: AtomicBool,
+    /// The VMM's access to guest memory.
+    memory: GuestMemory,
 }
 
 impl<'a> Shared<'a> {
@@ -210,6 +214,7 @@ impl<'a> Shared<'a> {
             audits: AtomicU64::new(0),
             dirty_epoch: AtomicU64::new(0),
             logging: AtomicBool::new(false),
+            memory: m.memory(),
         }
     }
 
@@ -269,6 +274,9 @@ fn boot(cfg: &RunConfig) -> Result<(Machine, Os, Checker, Vec<Cpu>), RunError> {
     validate(cfg)?;
     let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
     let m = Machine::new(cfg.mmu, cfg.memory).map_err(|e| setup(&e))?;
+    if cfg.workload.mmu_pages > 0 {
+        m.set_mmu_pages(cfg.workload.mmu_pages);
+    }
     let os = Os::boot(cfg.paging, &m.memory(), cfg.memory, cfg.vcpus).map_err(|e| setup(&e))?;
     let ck = Checker::new(cfg.check, cfg.mmu.name(), cfg.memory);
     let mut cpus = Vec::new();
@@ -282,14 +290,24 @@ fn boot(cfg: &RunConfig) -> Result<(Machine, Os, Checker, Vec<Cpu>), RunError> {
             cur: 0,
             hist: [0; BOUNDS.len() + 1],
             ops: 0,
+            isolation: (0, 0),
         });
     }
     let w = &cfg.workload;
     let threads = (w.threads as usize).min(cfg.vcpus) as u32;
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
-    let fail = |id: usize, e: OsError| RunError::Vcpu {
-        vcpu: id,
-        error: format!("booting processes: {e}"),
+    let fail = |id: usize, e: OsError| match e {
+        // Not a failure of the MMU: the configuration does not fit.
+        OsError::Oom => RunError::Config(format!(
+            "--memory {} MiB is too small for the workload's boot processes on {} vCPUs \
+             (vCPU {id} ran out of guest memory booting them)",
+            cfg.memory >> 20,
+            cfg.vcpus
+        )),
+        e => RunError::Vcpu {
+            vcpu: id,
+            error: format!("booting processes: {e}"),
+        },
     };
     for id in 0..cfg.vcpus {
         for _ in 0..w.processes {
@@ -407,10 +425,11 @@ pub fn run(cfg: &RunConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunO
         });
         let cpus = handles
             .into_iter()
-            .map(|h| {
+            .enumerate()
+            .map(|(vcpu, h)| {
                 h.join().unwrap_or_else(|p| {
                     Err(RunError::Vcpu {
-                        vcpu: usize::MAX,
+                        vcpu,
                         error: format!("panicked: {}", panic_message(&*p)),
                     })
                 })
@@ -484,6 +503,16 @@ fn finish(
         }
     }
     let bytes = m.mmu_bytes();
+    let (peak, limit) = (
+        peak.max(bytes).max(m.mmu_peak_bytes()),
+        m.mmu_limit_bytes(cfg.vcpus as u64),
+    );
+    if peak > limit {
+        ck.record(format!(
+            "{} MMU: page-table memory peaked at {peak} bytes, above its limit of {limit}",
+            m.kind().name()
+        ));
+    }
     timeline.push(Sample {
         t: seconds,
         accesses,
@@ -516,7 +545,9 @@ fn finish(
             0.0
         },
         mmu_memory_bytes: bytes,
-        mmu_memory_peak_bytes: peak.max(bytes),
+        mmu_memory_peak_bytes: peak,
+        mmu_memory_limit_bytes: limit,
+        adversarial_ops: os.stats.adversarial.load(Ordering::Relaxed),
         notifier_events: host.invalidations,
         host_operations: sh.host_ops.load(Ordering::Relaxed),
         audits: sh.audits.load(Ordering::Relaxed),
@@ -576,16 +607,25 @@ fn vcpu_thread(sh: &Shared, mut c: Cpu) -> Result<Cpu, RunError> {
             .map_or(OpKind::Touch, |(k, _)| *k);
         let seed = rng.random();
         sh.log(Actor::Vcpu(c.g.id as u32), kind, seed);
-        guest_op(sh, &mut c, kind, seed).map_err(|e| RunError::Vcpu {
-            vcpu: c.g.id,
-            error: e.to_string(),
-        })?;
+        if let Err(e) = guest_op(sh, &mut c, kind, seed) {
+            // What the checker saw explains a vCPU that failed (e.g. a
+            // walk of an invalid root makes no progress).
+            check_isolation(sh, &mut c, kind);
+            let mut error = e.to_string();
+            if let Some(first) = sh.ck.details().first() {
+                error.push_str(&format!(
+                    " (the checker found {} violation(s), first: {first})",
+                    sh.ck.violations()
+                ));
+            }
+            return Err(RunError::Vcpu { vcpu: c.g.id, error });
+        }
         sh.accesses[c.g.id].store(c.g.accesses, Ordering::Relaxed);
     }
     Ok(c)
 }
 
-fn weights(w: &Workload) -> [(OpKind, u64); 8] {
+fn weights(w: &Workload) -> [(OpKind, u64); 12] {
     let m = w.mix;
     [
         (OpKind::Touch, m.touch),
@@ -596,6 +636,10 @@ fn weights(w: &Workload) -> [(OpKind, u64); 8] {
         (OpKind::Exit, m.exit),
         (OpKind::Switch, m.switch),
         (OpKind::Remap, m.remap),
+        (OpKind::Spawn, m.spawn),
+        (OpKind::SelfMap, m.self_map),
+        (OpKind::RecursiveMap, m.recursive_map),
+        (OpKind::CrToggle, m.cr_toggle),
     ]
     .map(|(k, w)| (k, u64::from(w)))
 }
@@ -677,6 +721,10 @@ fn guest_op(sh: &Shared, c: &mut Cpu, kind: OpKind, seed: u64) -> Result<(), OsE
             }
             Ok(())
         }
+        OpKind::Spawn => spawn(sh, c, &mut rng),
+        OpKind::SelfMap => os.self_map(&mut c.g, ck, &sh.memory, &mm, &mut rng, w.touches.min(4096)),
+        OpKind::RecursiveMap => os.recursive_map(&mut c.g, ck, &sh.memory, &mm, &mut rng, w.touches.min(4096)),
+        OpKind::CrToggle => os.toggle_controls(&mut c.g, ck, &sh.memory, &mm, &mut rng, w.touches.min(4096)),
         _ => Ok(()),
     };
     match r {
@@ -685,6 +733,65 @@ fn guest_op(sh: &Shared, c: &mut Cpu, kind: OpKind, seed: u64) -> Result<(), OsE
     }
     if ck.level == CheckLevel::Full {
         check_tables(sh, &c.tasks[c.cur].mm, &mut rng);
+    }
+    check_isolation(sh, c, kind);
+    Ok(())
+}
+
+/// The hardware model's isolation counters: an access that reached a
+/// frame the host had freed, or a walk of a root the vCPU had been told
+/// to drop, is a violation.
+fn check_isolation(sh: &Shared, c: &mut Cpu, kind: OpKind) {
+    let s = c.g.vcpu.stats();
+    let now = (s.freed_frame_accesses, s.invalid_root_uses);
+    if now.0 > c.isolation.0 {
+        sh.ck.record(format!(
+            "vCPU {}, {} MMU: {} access(es) during a {} reached a frame the host had freed",
+            c.g.id,
+            sh.m.kind().name(),
+            now.0 - c.isolation.0,
+            kind.name()
+        ));
+    }
+    if now.1 > c.isolation.1 {
+        sh.ck.record(format!(
+            "vCPU {}, {} MMU: {} walk(s) during a {} used an invalid root after the vCPU had acknowledged \
+             the request to drop it",
+            c.g.id,
+            sh.m.kind().name(),
+            now.1 - c.isolation.1,
+            kind.name()
+        ));
+    }
+    c.isolation = now;
+}
+
+/// A fresh single-threaded process with one mapping, run here at once;
+/// past this vCPU's share of `max_processes`, its oldest other process
+/// ends (a shell running short commands).
+fn spawn(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
+    let (os, ck, w) = (sh.os, sh.ck, &sh.cfg.workload);
+    let share = (w.max_processes as usize / sh.cfg.vcpus).max(2);
+    if c.tasks.len() >= share {
+        // Make room: the oldest single-threaded process not running ends.
+        if let Some(i) = (0..c.tasks.len()).find(|&i| i != c.cur && c.tasks[i].mm.nthreads == 1) {
+            let gone = c.tasks.remove(i);
+            if i < c.cur {
+                c.cur -= 1;
+            }
+            os.exit(&gone.mm);
+        }
+    }
+    if os.live_processes() < w.max_processes && os.free_frames() > 4096 {
+        let mm = os.create_mm(&mut c.g, ck, 1)?;
+        os.mmap(&mm, w.mapping_pages, true, false, w.spread, rng.random());
+        c.tasks.push(Task {
+            mm: mm.clone(),
+            thread: 0,
+            cursor: 0,
+        });
+        c.cur = c.tasks.len() - 1;
+        c.g.switch_to(os, Some(&mm))?;
     }
     Ok(())
 }

@@ -42,6 +42,18 @@ pub struct Mix {
     /// (the guest migrating its own pages: page-table writes to live
     /// tables).
     pub remap: u32,
+    /// Start a fresh process with one mapping and switch to it, ending
+    /// this vCPU's oldest process past its share of `max_processes`
+    /// (address spaces by the ten thousand).
+    pub spawn: u32,
+    /// Adversarial: link a table whose every entry points at itself and
+    /// access through it.
+    pub self_map: u32,
+    /// Adversarial: point an entry of the top table at the table itself
+    /// (the same table at every level) and read through it.
+    pub recursive_map: u32,
+    /// Adversarial: flip CR0.WP, CR4.SMEP and EFER.NXE, access, restore.
+    pub cr_toggle: u32,
 }
 
 /// A workload.
@@ -86,6 +98,9 @@ pub struct Workload {
     pub host_churn: bool,
     /// Run live migrations (dirty logging) during the run.
     pub migrate: bool,
+    /// The shadow MMU's page limit (KVM's `KVM_SET_NR_MMU_PAGES`); 0
+    /// keeps KVM's default, 2% of guest memory. The TDP MMU has none.
+    pub mmu_pages: u64,
     /// Operation weights.
     pub mix: Mix,
 }
@@ -110,6 +125,7 @@ impl Default for Workload {
             max_processes: 64,
             host_churn: false,
             migrate: false,
+            mmu_pages: 0,
             mix: Mix {
                 touch: 1,
                 ..Mix::default()
@@ -119,7 +135,7 @@ impl Default for Workload {
 }
 
 /// The named workloads, as embedded TOML.
-pub const NAMED: [(&str, &str); 8] = [
+pub const NAMED: [(&str, &str); 14] = [
     ("default", include_str!("workloads/default.toml")),
     ("populate", include_str!("workloads/populate.toml")),
     ("fork-storm", include_str!("workloads/fork-storm.toml")),
@@ -128,6 +144,12 @@ pub const NAMED: [(&str, &str); 8] = [
     ("thp", include_str!("workloads/thp.toml")),
     ("dirty", include_str!("workloads/dirty.toml")),
     ("pt-flood", include_str!("workloads/pt-flood.toml")),
+    ("many-mm", include_str!("workloads/many-mm.toml")),
+    ("self-map", include_str!("workloads/self-map.toml")),
+    ("recursive-map", include_str!("workloads/recursive-map.toml")),
+    ("cr-toggle", include_str!("workloads/cr-toggle.toml")),
+    ("dirty-storm", include_str!("workloads/dirty-storm.toml")),
+    ("mixed", include_str!("workloads/mixed.toml")),
 ];
 
 /// Why a workload could not be loaded.
@@ -211,10 +233,26 @@ impl Workload {
             return Err(("zipf_theta", format!("must be in (0, 10], not {}", self.zipf_theta)));
         }
         let m = self.mix;
-        let total = [m.touch, m.mmap, m.munmap, m.mprotect, m.fork, m.exit, m.switch, m.remap]
-            .iter()
-            .map(|&w| u64::from(w))
-            .sum::<u64>();
+        if self.mmu_pages != 0 {
+            range("mmu_pages", self.mmu_pages, crate::mmu::shadow::MIN_MMU_PAGES, 1 << 24)?;
+        }
+        let total = [
+            m.touch,
+            m.mmap,
+            m.munmap,
+            m.mprotect,
+            m.fork,
+            m.exit,
+            m.switch,
+            m.remap,
+            m.spawn,
+            m.self_map,
+            m.recursive_map,
+            m.cr_toggle,
+        ]
+        .iter()
+        .map(|&w| u64::from(w))
+        .sum::<u64>();
         if total == 0 {
             return Err(("mix", "every weight is 0: the guest would do nothing".into()));
         }

@@ -167,13 +167,33 @@ impl PagingFormat {
         if self.has_pcid() { 3 } else { 2 }
     }
 
-    /// The user address window `[start, end)` mappings are placed in.
+    /// The user address window `[start, end)` mappings are placed in. It
+    /// ends where the trap region begins.
     pub fn user_window(&self) -> (u64, u64) {
-        match self.mode {
-            PagingMode::Bits32 | PagingMode::Pae => (USER_BASE, 0xc000_0000),
-            PagingMode::Level5 => (USER_BASE, 0x00ff_ffff_ff00_0000),
-            _ => (USER_BASE, 0x0000_7fff_ff00_0000),
-        }
+        (USER_BASE, self.trap_region().0)
+    }
+
+    /// The level of the entry that links the trap region: the top level,
+    /// or the page directory in PAE paging (whose PDPTEs have no rights
+    /// bits and live in registers).
+    pub fn trap_level(&self) -> u8 {
+        if self.mode == PagingMode::Pae { 2 } else { self.levels() }
+    }
+
+    /// The trap region `[start, end)`: the last entry at [`trap_level`]
+    /// below the kernel half, kept out of the user window for the
+    /// adversarial guest's tricks (a table mapping itself, a recursive
+    /// map of the root).
+    ///
+    /// [`trap_level`]: PagingFormat::trap_level
+    pub fn trap_region(&self) -> (u64, u64) {
+        let size = 1u64 << self.shift(self.trap_level());
+        let end = match self.mode {
+            PagingMode::Bits32 | PagingMode::Pae => 0xc000_0000,
+            PagingMode::Level5 => 1 << 56,
+            _ => 1 << 47,
+        };
+        (end - size, end)
     }
 
     /// The frame an entry points at (a table or a leaf's page, 4K-aligned

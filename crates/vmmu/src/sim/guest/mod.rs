@@ -30,6 +30,7 @@
 //! side, before its next user access: the model of an IPI delivered at
 //! the next instruction boundary, with the initiator waiting for it.
 
+mod adversary;
 pub mod alloc;
 pub mod format;
 
@@ -209,6 +210,9 @@ pub struct OsStats {
     pub huge_splits: AtomicU64,
     /// Allocations that failed (guest out of memory).
     pub oom: AtomicU64,
+    /// Adversarial operations done (self maps, recursive maps, control
+    /// bit toggles).
+    pub adversarial: AtomicU64,
 }
 
 /// The OS: memory, the kernel map, the address spaces' shared services.
