@@ -4,6 +4,7 @@
 //! Exit codes, for every command: 0 success; 1 the run worked but found a
 //! failure; 2 bad usage or bad input.
 
+mod input;
 mod report;
 mod run;
 
@@ -43,17 +44,17 @@ enum Command {
 
 #[derive(clap::Args)]
 struct StressArgs {
-    /// How long to run, in seconds.
-    #[arg(long, default_value_t = 10.0)]
+    /// How long to run, in seconds (at most a week).
+    #[arg(long, default_value = "10", allow_hyphen_values = true, value_parser = parse_stress_seconds)]
     seconds: f64,
     /// vCPU threads.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..=64))]
     vcpus: u64,
     /// Guest memory (a multiple of 2M, at most 4G), e.g. 64M.
-    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    #[arg(long, default_value = "16M", allow_negative_numbers = true, value_parser = parse_size)]
     memory: u64,
     /// Seed of the pseudo-random choices.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     seed: u64,
     /// Print one JSON object instead of the report.
     #[arg(long)]
@@ -96,7 +97,13 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("{s:?} is not a size (examples: 4096, 4K, 2M, 1G)"))?;
-    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large (more than 2^64 bytes)"))
+}
+
+/// `vmmu stress --seconds`: positive, at most a week.
+fn parse_stress_seconds(s: &str) -> Result<f64, String> {
+    input::parse_seconds(s, 7.0 * 86_400.0)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -119,7 +126,7 @@ struct ConformArgs {
     #[arg(long)]
     json: bool,
     /// Failing cases to print.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     max_failures: usize,
     /// Case files (JSON lines, single-access or multi-step).
     #[arg(required = true)]
@@ -178,21 +185,26 @@ struct BenchArgs {
     /// Which benchmark.
     #[arg(value_enum)]
     name: BenchName,
-    /// vCPU threads (populate, dirty-log, access-tracking).
-    #[arg(short = 'v', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    vcpus: u32,
-    /// Guest memory each vCPU touches (populate, dirty-log, access-tracking), e.g. 64M, 1G.
-    #[arg(short = 'b', long, default_value = "64M", value_parser = parse_size)]
-    bytes_per_vcpu: u64,
-    /// walk: walks per measured round (default 2000000); populate, zap-all:
-    /// rounds, the best reported (default 3; zap-all with huge pages 10);
-    /// dirty-log: dirty + get iterations (default 2); access-tracking:
-    /// access + age + re-access iterations, the best reported (default 3).
-    #[arg(short = 'i', long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    /// vCPU threads (populate, dirty-log, access-tracking) [default: 1].
+    #[arg(short = 'v', long, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=64))]
+    vcpus: Option<u32>,
+    /// Guest memory each vCPU touches (populate, dirty-log, access-tracking),
+    /// e.g. 64M, 1G [default: 64M].
+    #[arg(short = 'b', long, allow_negative_numbers = true, value_parser = parse_size)]
+    bytes_per_vcpu: Option<u64>,
+    /// walk: walks per measured round (default 2000000, at most
+    /// 100000000); cr3-switch, wp-emulate: switches or stores (default
+    /// 200000, at most 20000000); populate, zap-all: rounds, the best
+    /// reported (default 3; zap-all with huge pages 10); dirty-log: dirty +
+    /// get iterations (default 2); access-tracking: access + age +
+    /// re-access iterations, the best reported (default 3); rounds and
+    /// iterations at most 100.
+    #[arg(short = 'i', long, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     iterations: Option<u64>,
-    /// Host memory backing guest memory.
-    #[arg(short = 's', long, value_enum, default_value = "anon")]
-    backing: BackingArg,
+    /// Host memory backing guest memory (populate, dirty-log, zap-all,
+    /// access-tracking) [default: anon].
+    #[arg(short = 's', long, value_enum)]
+    backing: Option<BackingArg>,
     /// The MMU measured (default: the one the benchmark measures: shadow
     /// for cr3-switch, TDP for the others).
     #[arg(long = "mmu", value_enum)]
@@ -202,7 +214,40 @@ struct BenchArgs {
     json: bool,
 }
 
+/// Replaces Rust's panic message, which is for programmers, with one for
+/// users: a panic is a bug of vmmu (every bad input has its own message
+/// and exit code 2), reported as such, with the place to look. A closed
+/// stdout (`vmmu ... | head`) is not a bug: the reader has what it wanted,
+/// and vmmu exits quietly, as Unix tools do.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        if msg.starts_with("failed printing to stdout") {
+            if msg.contains("Broken pipe") {
+                std::process::exit(0);
+            }
+            eprintln!("vmmu: cannot write the output: {msg}");
+            std::process::exit(1);
+        }
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        eprintln!(
+            "vmmu: internal error (a bug in vmmu, please report it) in thread {}{place}: {msg}",
+            thread.name().unwrap_or("unnamed")
+        );
+    }));
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -227,13 +272,7 @@ fn main() -> ExitCode {
 fn run_stress(args: StressArgs) -> ExitCode {
     use std::io::{IsTerminal, Write};
     use vmmu::sim::stress::{StressConfig, StressError, run};
-    if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 7.0 * 86400.0) {
-        eprintln!(
-            "vmmu stress: --seconds {} must be a positive number of seconds (at most a week)",
-            args.seconds
-        );
-        return ExitCode::from(2);
-    }
+    // --seconds is positive, finite and at most a week: parse_stress_seconds.
     let config = StressConfig {
         duration: std::time::Duration::from_secs_f64(args.seconds),
         vcpus: args.vcpus,
@@ -312,7 +351,7 @@ fn run_conform(args: ConformArgs) -> ExitCode {
     // input (exit 2), never a partial result.
     let mut files = Vec::new();
     for path in &args.files {
-        match conform::read_cases(path) {
+        match input::read_cases(path) {
             Ok(cases) => files.push((path.display().to_string(), cases)),
             Err(e) => {
                 eprintln!("vmmu conform: {e}");
@@ -399,11 +438,14 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             args.name
         ));
     }
+    if let Err(msg) = check_bench_flags(&args) {
+        return usage(msg);
+    }
     let cfg = TdpBenchConfig {
-        vcpus: args.vcpus,
-        bytes_per_vcpu: args.bytes_per_vcpu,
+        vcpus: args.vcpus.unwrap_or(1),
+        bytes_per_vcpu: args.bytes_per_vcpu.unwrap_or(64 << 20),
         iterations: args.iterations,
-        backing: match args.backing {
+        backing: match args.backing.unwrap_or(BackingArg::Anon) {
             BackingArg::Anon => Backing::Anon,
             BackingArg::Thp => Backing::Thp,
             BackingArg::Hugetlb2m => Backing::Hugetlb2M,
@@ -429,10 +471,12 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         ],
         (_, _) => std::slice::from_ref(&args.name),
     };
-    // Check every size before running anything.
-    if names
-        .iter()
-        .any(|n| matches!(n, BenchName::Populate | BenchName::DirtyLog | BenchName::AccessTracking))
+    // Check every size before running anything (a size given for `all`
+    // is checked even if only some of the benchmarks use it).
+    if (args.bytes_per_vcpu.is_some()
+        || names
+            .iter()
+            .any(|n| matches!(n, BenchName::Populate | BenchName::DirtyLog | BenchName::AccessTracking)))
         && let Err(e) = cfg.validate()
     {
         return usage(e.to_string());
@@ -460,7 +504,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             BenchName::AccessTracking => tdp::access_tracking(&cfg, &progress),
             BenchName::Cr3Switch => vmmu::bench::shadow::cr3_switch(args.iterations),
             BenchName::WpEmulate => vmmu::bench::shadow::wp_emulate(args.iterations),
-            BenchName::All => unreachable!("expanded above"),
+            BenchName::All => unreachable!("`names` never holds All: it is expanded to the benchmarks above"),
         };
         let r = match result {
             Ok(r) => r,
@@ -484,6 +528,60 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The most `--iterations` a benchmark takes: beyond, a run would take
+/// hours, so a larger value is taken for a mistake.
+fn max_iterations(name: BenchName) -> u64 {
+    match name {
+        BenchName::Walk => 100_000_000,
+        BenchName::Cr3Switch | BenchName::WpEmulate => 20_000_000,
+        BenchName::Populate | BenchName::DirtyLog | BenchName::ZapAll | BenchName::AccessTracking | BenchName::All => {
+            100
+        }
+    }
+}
+
+/// Rejects flags the chosen benchmark does not use (a typo or a
+/// misunderstanding: the figure would not be what was asked for) and
+/// iterations beyond [`max_iterations`].
+fn check_bench_flags(args: &BenchArgs) -> Result<(), String> {
+    let name = args.name;
+    let label = BenchName::to_possible_value(&name).map_or_else(|| format!("{name:?}"), |v| v.get_name().to_string());
+    let sized = matches!(
+        name,
+        BenchName::Populate | BenchName::DirtyLog | BenchName::AccessTracking | BenchName::All
+    );
+    let backed = sized || name == BenchName::ZapAll;
+    let unused = [
+        (
+            "-v/--vcpus",
+            args.vcpus.is_some() && !sized,
+            "populate, dirty-log and access-tracking",
+        ),
+        (
+            "-b/--bytes-per-vcpu",
+            args.bytes_per_vcpu.is_some() && !sized,
+            "populate, dirty-log and access-tracking",
+        ),
+        (
+            "-s/--backing",
+            args.backing.is_some() && !backed,
+            "populate, dirty-log, zap-all and access-tracking",
+        ),
+    ];
+    if let Some((flag, _, users)) = unused.iter().find(|u| u.1) {
+        return Err(format!("{flag} has no effect on {label}: only {users} use it"));
+    }
+    if let Some(i) = args.iterations
+        && i > max_iterations(name)
+    {
+        return Err(format!(
+            "-i/--iterations {i}: {label} takes at most {}",
+            max_iterations(name)
+        ));
+    }
+    Ok(())
 }
 
 /// The human table: one row per phase, then the other figures and notes.

@@ -76,11 +76,12 @@ pub fn table(reports: &[MmuRunReport]) -> String {
         ("pages_4k", |r| inum(r.stats.pages_4k)),
         ("pages_2m", |r| inum(r.stats.pages_2m)),
         ("pages_1g", |r| inum(r.stats.pages_1g)),
-        ("MMU memory (final / peak)", |r| {
+        ("MMU memory (final / peak / limit)", |r| {
             format!(
-                "{} / {}",
+                "{} / {} / {}",
                 human_bytes(r.mmu_memory_bytes),
-                human_bytes(r.mmu_memory_peak_bytes)
+                human_bytes(r.mmu_memory_peak_bytes),
+                human_bytes(r.mmu_memory_limit_bytes)
             )
         }),
         ("notifier events", |r| num(r.notifier_events)),
@@ -96,6 +97,7 @@ pub fn table(reports: &[MmuRunReport]) -> String {
     ];
     let tail: &[(&str, Cell)] = &[
         ("processes", |r| num(r.processes)),
+        ("adversarial operations", |r| num(r.adversarial_ops)),
         ("violations", |r| num(r.violations)),
     ];
     let any_migration = reports.iter().any(|r| r.migration.is_some());
@@ -662,6 +664,7 @@ mod tests {
             accesses_per_sec: 2_000_000.0,
             mmu_memory_bytes: 3 << 19,
             mmu_memory_peak_bytes: 2 << 20,
+            mmu_memory_limit_bytes: 4 << 20,
             timeline: (0..5)
                 .map(|k| Sample {
                     t: k as f64 * 0.05,

@@ -13,7 +13,7 @@ use vmmu::sim::machine::MmuKind;
 use vmmu::sim::report::MmuRunReport;
 use vmmu::sim::run::{Progress, RunConfig, RunError, RunOutcome};
 use vmmu::sim::trace::Trace;
-use vmmu::sim::workload::Workload;
+use vmmu::sim::workload::{NAMED, Workload};
 
 use crate::report;
 
@@ -59,6 +59,19 @@ impl From<Check> for CheckLevel {
     }
 }
 
+/// The most `--ops`: a workload file's own limit.
+const MAX_OPS: u64 = 1 << 40;
+
+/// The most regions the guest maps at boot (vCPUs × processes ×
+/// mappings): booting takes tens of microseconds a region, so beyond this
+/// a run would spend minutes before its first operation.
+const MAX_BOOT_MAPPINGS: u64 = 1 << 16;
+
+/// `vmmu run --seconds`: positive, at most a day.
+fn parse_run_seconds(s: &str) -> Result<f64, String> {
+    crate::input::parse_seconds(s, 86_400.0)
+}
+
 fn parse_paging(s: &str) -> Result<PagingFormat, String> {
     PagingFormat::parse(s).ok_or_else(|| format!("{s:?} is not a paging mode (32-bit, pae, 4-level, 5-level)"))
 }
@@ -70,23 +83,23 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "both")]
     mmu: RunMmu,
     /// vCPU threads.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    #[arg(long, default_value_t = 4, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..=64))]
     vcpus: u64,
     /// Guest RAM (a multiple of 2M, 16M..16G; at most 1G in 32-bit and PAE paging).
-    #[arg(long, default_value = "128M", value_parser = crate::parse_size)]
+    #[arg(long, default_value = "128M", allow_negative_numbers = true, value_parser = crate::parse_size)]
     memory: u64,
     /// A named workload (default, populate, fork-storm, context-switch,
     /// mmap-churn, thp, dirty, pt-flood) or a workload TOML file.
     #[arg(long, default_value = "default")]
     workload: String,
-    /// Guest operations over all vCPUs (default: the workload's).
-    #[arg(long, conflicts_with = "seconds", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Guest operations over all vCPUs, 1..=2^40 (default: the workload's).
+    #[arg(long, conflicts_with = "seconds", allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..=MAX_OPS))]
     ops: Option<u64>,
-    /// Run for this many seconds instead.
-    #[arg(long)]
+    /// Run for this many seconds instead (at most 86400).
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_run_seconds)]
     seconds: Option<f64>,
     /// Seed of every choice.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     seed: u64,
     /// The guest's paging mode: 32-bit, pae, 4-level, 5-level.
     #[arg(long, default_value = "4-level", value_parser = parse_paging)]
@@ -137,7 +150,7 @@ fn bar(label: &str) -> Option<ProgressBar> {
     let b = ProgressBar::new(1000);
     b.set_style(
         ProgressStyle::with_template("{prefix:>7} [{bar:40}] {percent:>3}% {msg}")
-            .expect("a valid template")
+            .expect("the progress template is a constant that indicatif accepts")
             .progress_chars("=> "),
     );
     b.set_prefix(label.to_string());
@@ -151,20 +164,85 @@ fn exit_for(e: &RunError) -> ExitCode {
     }
 }
 
+/// Prints a failed run's error; its exit code.
+fn report_error(what: &str, kind: MmuKind, e: &RunError) -> ExitCode {
+    eprintln!("vmmu {what} ({} MMU): {e}", kind.name());
+    exit_for(e)
+}
+
+/// The workload `name`: a named one, or a workload file (which must not be
+/// empty: an empty file is more likely a mistake than a wish for the
+/// defaults).
+fn load_workload(name: &str) -> Result<Workload, String> {
+    if NAMED.iter().any(|(n, _)| *n == name) {
+        return Workload::load(name).map_err(|e| e.to_string());
+    }
+    if name.is_empty() {
+        return Err(format!(
+            "--workload \"\": give a named workload ({}) or a workload file",
+            NAMED.map(|n| n.0).join(", ")
+        ));
+    }
+    let path = Path::new(name);
+    if !path.exists() {
+        return Err(format!(
+            "--workload {name}: not a named workload ({}) and no such file",
+            NAMED.map(|n| n.0).join(", ")
+        ));
+    }
+    let text = crate::input::read_text(path)?;
+    if text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#')
+    }) {
+        return Err(format!(
+            "{name}:1: the workload file is empty: it sets no key (see docs/SIMULATOR.md)"
+        ));
+    }
+    Workload::parse(&text, name).map_err(|e| e.to_string())
+}
+
+/// What the CLI checks of a run before starting it, beyond the library's
+/// own checks: the size of the boot.
+fn check_boot(workload: &Workload, vcpus: u64, source: &str) -> Result<(), String> {
+    let boot = vcpus
+        .saturating_mul(workload.processes.into())
+        .saturating_mul(workload.mappings.into());
+    if boot > MAX_BOOT_MAPPINGS {
+        return Err(format!(
+            "{source}: {vcpus} vCPUs x {} processes x {} mappings = {boot} regions mapped at boot, \
+             more than the {MAX_BOOT_MAPPINGS} the simulator boots in reasonable time; \
+             lower processes or mappings, or use fewer vCPUs",
+            workload.processes, workload.mappings
+        ));
+    }
+    Ok(())
+}
+
 /// `vmmu run`.
 pub fn run(args: RunArgs) -> ExitCode {
-    let workload = match Workload::load(&args.workload) {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("vmmu run: {e}");
-            return ExitCode::from(2);
-        }
+    let usage = |msg: String| {
+        eprintln!("vmmu run: {msg}");
+        ExitCode::from(2)
     };
-    if let Some(s) = args.seconds
-        && !(s.is_finite() && s > 0.0 && s <= 86_400.0)
+    let workload = match load_workload(&args.workload) {
+        Ok(w) => w,
+        Err(e) => return usage(e),
+    };
+    if let Err(e) = check_boot(&workload, args.vcpus, &format!("workload {}", args.workload)) {
+        return usage(e);
+    }
+    // Where the results go must be writable before the run starts, not
+    // found out after it.
+    if let Some(path) = &args.record
+        && let Err(e) = crate::input::check_writable_file(path, "--record")
     {
-        eprintln!("vmmu run: --seconds {s} must be a positive number of seconds, at most 86400");
-        return ExitCode::from(2);
+        return usage(e);
+    }
+    if let Some(dir) = &args.report
+        && let Err(e) = crate::input::check_writable_dir(dir, "--report")
+    {
+        return usage(e);
     }
     let mut outcomes = Vec::new();
     for kind in args.mmu.kinds() {
@@ -195,10 +273,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
         match r {
             Ok(o) => outcomes.push(o),
-            Err(e) => {
-                eprintln!("vmmu run ({} MMU): {e}", kind.name());
-                return exit_for(&e);
-            }
+            Err(e) => return report_error("run", kind, &e),
         }
     }
     if let (Some(path), Some(t)) = (&args.record, outcomes.first().and_then(|o| o.trace.as_ref())) {
@@ -218,30 +293,83 @@ pub fn run(args: RunArgs) -> ExitCode {
     finish(outcomes, args.json, args.report.as_deref())
 }
 
+/// Checks a trace's header the way `vmmu run` checks its flags, naming
+/// the trace's line: the replay would otherwise report a bad value as a
+/// flag that was never given.
+fn check_trace_header(trace: &Trace, text: &str, file: &str) -> Result<(), String> {
+    let h = &trace.header;
+    let at = |key: &str, msg: String| format!("{file}:{}: {key}: {msg}", crate::input::key_line(text, key));
+    let Some(paging) = PagingFormat::parse(&h.paging) else {
+        return Err(at(
+            "paging",
+            format!("unknown paging mode `{}` (32-bit, pae, 4-level, 5-level)", h.paging),
+        ));
+    };
+    if h.memory < (16 << 20) || !h.memory.is_multiple_of(2 << 20) || h.memory > (16 << 30) {
+        return Err(at(
+            "memory",
+            format!(
+                "must be a multiple of 2 MiB from 16 MiB to 16 GiB, not {} bytes",
+                h.memory
+            ),
+        ));
+    }
+    if h.memory > paging.max_ram() {
+        return Err(at(
+            "memory",
+            format!(
+                "{} MiB is more than {} paging's kernel map covers ({} MiB)",
+                h.memory >> 20,
+                paging.name(),
+                paging.max_ram() >> 20
+            ),
+        ));
+    }
+    check_boot(&h.workload, h.vcpus as u64, file)
+}
+
 /// `vmmu replay`.
 pub fn replay(args: ReplayArgs) -> ExitCode {
-    let text = match std::fs::read_to_string(&args.file) {
+    let usage = |msg: String| {
+        eprintln!("vmmu replay: {msg}");
+        ExitCode::from(2)
+    };
+    let file = args.file.display().to_string();
+    let text = match crate::input::read_text(&args.file) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("vmmu replay: cannot read {}: {e}", args.file.display());
-            return ExitCode::from(2);
+        Err(e) => return usage(e),
+    };
+    let trace = match Trace::parse(&text, &file) {
+        Ok(t) => t,
+        Err(mut e) => {
+            // The library names line 1 for a bad header value: name the
+            // line that sets it.
+            let key = e
+                .message
+                .strip_prefix("workload: ")
+                .unwrap_or(&e.message)
+                .split([' ', ':'])
+                .next()
+                .unwrap_or_default();
+            if e.line == 1 && !key.is_empty() && key != "not" {
+                e.line = crate::input::key_line(&text, key);
+            }
+            return usage(e.to_string());
         }
     };
-    let trace = match Trace::parse(&text, &args.file.display().to_string()) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("vmmu replay: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    if let Err(e) = check_trace_header(&trace, &text, &file) {
+        return usage(e);
+    }
+    if let Some(dir) = &args.report
+        && let Err(e) = crate::input::check_writable_dir(dir, "--report")
+    {
+        return usage(e);
+    }
     let mut outcomes = Vec::new();
     for kind in args.mmu.kinds() {
         match vmmu::sim::run::replay(&trace, kind, args.check.into()) {
             Ok(o) => outcomes.push(o),
-            Err(e) => {
-                eprintln!("vmmu replay ({} MMU): {e}", kind.name());
-                return exit_for(&e);
-            }
+            Err(e) => return report_error("replay", kind, &e),
         }
     }
     finish(outcomes, args.json, args.report.as_deref())
