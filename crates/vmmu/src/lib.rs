@@ -21,6 +21,7 @@ pub mod arch;
 pub mod bench;
 pub mod conform;
 pub mod cpu;
+pub mod fuzz;
 pub mod mem;
 pub mod mmu;
 pub mod percpu;

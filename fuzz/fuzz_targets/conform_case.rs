@@ -1,0 +1,8 @@
+//! The conformance-case parser, one case per line (`vmmu::fuzz::parse`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    vmmu::fuzz::parse::conform_case(data);
+});

@@ -1,0 +1,8 @@
+//! The trace file parser and writer (`vmmu::fuzz::parse`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    vmmu::fuzz::parse::trace(data);
+});
