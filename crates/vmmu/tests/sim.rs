@@ -128,6 +128,26 @@ fn adversarial_guests_find_no_violation_and_stay_within_the_mmu_memory_limit() {
     }
 }
 
+/// The soak's short version: every workload's operations at once (the
+/// `mixed` workload, adversarial ones included) for 15 s under each MMU,
+/// with host churn, zap-all and live migrations.
+#[test]
+fn a_short_soak_of_every_workload_mixed_finds_no_violation() {
+    for mmu in [MmuKind::Shadow, MmuKind::Tdp] {
+        let mut cfg = RunConfig::new(mmu, Workload::load("mixed").expect("named"));
+        cfg.seconds = Some(15.0);
+        cfg.host_churn = true;
+        cfg.migrate = true;
+        let r = go(&cfg).report;
+        let m = r.migration.as_ref().expect("a migration ran");
+        assert!(
+            r.operations > 100 && r.host_operations > 0 && r.adversarial_ops > 0 && m.mismatched_pages == 0,
+            "{r:#?}"
+        );
+        assert!(r.mmu_memory_peak_bytes <= r.mmu_memory_limit_bytes, "{r:#?}");
+    }
+}
+
 /// Regression: a guest table whose entries point at itself is shadowed at
 /// every level, each page of it a child of the one above; a flooding write
 /// to it zapped the top page, which took the others with it, and the
