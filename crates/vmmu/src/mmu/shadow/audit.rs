@@ -59,6 +59,17 @@ pub enum ShadowAuditViolation {
     },
     /// A leaf SPTE is wrong against its memslot or the host.
     Frame(AuditViolation),
+    /// A writable SPTE maps a page of a slot with dirty logging on whose
+    /// bit is clear: the page was harvested (or never logged) and a guest
+    /// write through the SPTE would be lost to the next harvest. (The
+    /// shadow MMU makes SPTEs writable and logs the page under the lock, so
+    /// this holds at every audit; the TDP MMU's lockless fast path logs
+    /// just after its compare-exchange, as KVM's does, so there the
+    /// simulator checks every write instead.)
+    WritableNotLogged {
+        /// The page.
+        gfn: Gfn,
+    },
     /// More shadow pages than the limit (KVM's `n_max_mmu_pages`) allows:
     /// only pages reclaim cannot take (roots in use, invalid roots not yet
     /// released) may pass it.
@@ -231,6 +242,12 @@ impl ShadowMmu {
                             gfn,
                             spte,
                         }));
+                    }
+                    if writable
+                        && let Some(bitmap) = slot.dirty_bitmap()
+                        && !bitmap.is_dirty(gfn.raw() - slot.base_gfn().raw())
+                    {
+                        out.push(ShadowAuditViolation::WritableNotLogged { gfn });
                     }
                 }
                 _ => out.push(ShadowAuditViolation::Frame(AuditViolation::StaleFrame {
