@@ -238,6 +238,89 @@ fn a_misaligned_write_zaps_the_shadow_page() {
     assert_eq!(read(&mut v, 0).0, 0x100 << 12, "rebuilt");
 }
 
+/// An access crossing into the next page is split; the piece that lands
+/// in a guest page table has whatever size fits in that page (here 3
+/// bytes), and the emulation of that write takes any size of 1..=8 bytes
+/// (it used to assert 1, 2, 4 or 8 and panic on the guest's write).
+#[test]
+fn a_page_crossing_write_into_a_page_table_is_emulated_at_any_size() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    let pt = cr3 + 0x3000;
+    // va 0x3000: the PD (an upper-level table: never unsync, so a write to
+    // it is emulated); va 0x4000: a data page right after it.
+    mem.write_u64(Gpa::new(pt + 24), (cr3 + 0x2000) | P | W).unwrap();
+    mem.write_u64(Gpa::new(pt + 32), (0x110 << 12) | P | W).unwrap();
+    v.set_state(regs(true, false), cr3, 0).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0x100 << 12, "the PD is shadowed");
+    let emulated = vm.mmu.stats().snapshot().pf_emulate;
+    let r = v
+        .access(0x3ffd, AccessKind::Write, 0, false, 8, 0x1122_3344_5566_7788)
+        .unwrap();
+    assert!(matches!(r, AccessResult::Done { mmio: false, .. }), "{r:?}");
+    assert!(
+        vm.mmu.stats().snapshot().pf_emulate > emulated,
+        "the 3-byte piece was emulated"
+    );
+    // Bytes 88 77 66 went to the top of PDE 511, 55 44 33 22 11 to the data page.
+    assert_eq!(mem.read_u64(Gpa::new(cr3 + 0x2ff8)).unwrap(), 0x66_7788 << 40);
+    assert_eq!(mem.read_u64(Gpa::new(0x110 << 12)).unwrap(), 0x11_2233_4455);
+    assert_eq!(read(&mut v, 0).0, 0x100 << 12, "translations still right");
+}
+
+/// In IA-32e paging a canonical access may straddle the top of the linear
+/// address space: its second piece is at linear address 0 (the address
+/// wraps at 2^64; computing it used to overflow and panic).
+#[test]
+fn an_access_straddling_the_top_of_the_address_space_wraps_to_zero() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    let (pdpt, pd, pt) = (cr3 + 0x1000, cr3 + 0x2000, cr3 + 0x3000);
+    // Entry 511 of every level: va 0xffff_ffff_ffff_f000 maps frame 0x120.
+    for (table, next) in [(cr3, pdpt), (pdpt, pd), (pd, pt)] {
+        mem.write_u64(Gpa::new(table + 511 * 8), next | TABLE).unwrap();
+    }
+    mem.write_u64(Gpa::new(pt + 511 * 8), (0x120 << 12) | P | W | U)
+        .unwrap();
+    v.set_state(regs(true, false), cr3, 0).unwrap();
+    let r = v
+        .access(
+            0xffff_ffff_ffff_fffc,
+            AccessKind::Write,
+            0,
+            false,
+            8,
+            0x1122_3344_5566_7788,
+        )
+        .unwrap();
+    assert!(matches!(r, AccessResult::Done { mmio: false, .. }), "{r:?}");
+    assert_eq!(mem.read_u32(Gpa::new((0x120 << 12) + 0xffc)).unwrap(), 0x5566_7788);
+    assert_eq!(
+        mem.read_u32(Gpa::new(0x100 << 12)).unwrap(),
+        0x1122_3344,
+        "va 0 maps frame 0x100"
+    );
+    let (_, value) = read(&mut v, 0xffff_ffff_ffff_fffc);
+    assert_eq!(value, 0x1122_3344_5566_7788);
+}
+
+/// An access size the model does not make is an error, not a panic.
+#[test]
+fn an_access_of_more_than_eight_bytes_is_an_error() {
+    let (vm, mut v) = vm();
+    let cr3 = space(&vm.memory(), 0);
+    v.set_state(regs(true, false), cr3, 0).unwrap();
+    for size in [0, 9, 16] {
+        let r = v.access(0, AccessKind::Write, 0, false, size, 0);
+        assert!(
+            matches!(r, Err(vmmu::cpu::vcpu::VcpuError::InvalidAccessSize { gva: 0, size: s }) if s == size),
+            "{r:?}"
+        );
+    }
+}
+
 /// A page table used as data: the guest reads and writes its own PTEs
 /// through the self-mapping, and each write takes effect on translation.
 #[test]

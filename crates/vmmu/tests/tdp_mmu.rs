@@ -650,3 +650,57 @@ fn mmu_pages_counts_live_tables_across_fast_zap() {
         );
     }
 }
+
+/// A guest with MAXPHYADDR 52 on 4-level EPT (which KVM never configures)
+/// can name gpas above the 48 bits the tree translates. Such a gpa is an
+/// error of the MMU, not an alias of the gpa with bits 51:48 cleared (the
+/// EPT walk used to index with the low bits and read that page's data).
+#[test]
+fn a_gpa_beyond_4_level_ept_is_an_error_not_an_alias() {
+    use vmmu::arch::control::{Cr0, Cr4, Efer};
+    use vmmu::cpu::vcpu::VcpuError;
+    use vmmu::mmu::tdp::TdpError;
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+    let features = CpuFeatures::default().with_maxphyaddr(52);
+    let mut v = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), features, 1).unwrap();
+    v.set_state(ControlRegs::default(), 0, 0).unwrap();
+    // With paging off: 4-level tables at 0x1000..0x4fff, data at 0x5000.
+    write(&mut v, 0x5000, 0xdead_beef);
+    write(&mut v, 0x1000, 0x2000 | 7);
+    write(&mut v, 0x2000, 0x3000 | 7);
+    write(&mut v, 0x3000, 0x4000 | 7);
+    write(&mut v, 0x4000, 0x5000 | 7); // va 0 → gpa 0x5000
+    let beyond = (1u64 << 48) | 0x5000;
+    write(&mut v, 0x4008, beyond | 7); // va 0x1000 → gpa 2^48 + 0x5000
+    let long = ControlRegs {
+        cr0: Cr0::PE | Cr0::PG | Cr0::WP,
+        cr4: Cr4::PAE,
+        efer: Efer::LME | Efer::LMA,
+    };
+    v.set_state(long, 0x1000, 0).unwrap();
+    assert_eq!(read(&mut v, 0).0, 0xdead_beef);
+    let r = v.access(0x1000, AccessKind::Read, 0, false, 8, 0);
+    assert!(
+        matches!(r, Err(VcpuError::Mmu(TdpError::GpaBeyondTree { gpa, levels: 4 })) if gpa == Gpa::new(beyond)),
+        "{r:?}"
+    );
+    assert_eq!(read(&mut v, 0).0, 0xdead_beef, "gpa 0x5000's mapping is intact");
+}
+
+/// A configuration the fault path cannot honour is a typed error.
+#[test]
+fn an_invalid_max_level_is_an_error_not_a_panic() {
+    use vmmu::cpu::vcpu::VcpuError;
+    use vmmu::mmu::tdp::TdpError;
+    let config = TdpConfig {
+        max_level: 0,
+        ..TdpConfig::default()
+    };
+    let vm = Vm::new(4 * MB, Hva::new(0x4000_0000), VmaFlags::WRITE, config).unwrap();
+    let mut v = vcpu(&vm, 1);
+    let r = v.access(0x1000, AccessKind::Read, 0, false, 8, 0);
+    assert!(
+        matches!(r, Err(VcpuError::Mmu(TdpError::InvalidMaxLevel { max_level: 0 }))),
+        "{r:?}"
+    );
+}

@@ -198,8 +198,10 @@ impl Permissions {
 /// CR4.PKE = 1, for data accesses to user-mode addresses.
 #[inline]
 pub fn pkru_denies(pkru: u32, pkey: u8, write: bool, user: bool, cr0_wp: bool) -> bool {
-    let ad = (pkru >> (2 * pkey as u32)) & 1 != 0;
-    let wd = (pkru >> (2 * pkey as u32 + 1)) & 1 != 0;
+    // Keys are 4 bits: masked, so no caller's value can shift past bit 31.
+    let shift = 2 * u32::from(pkey & 0xf);
+    let ad = (pkru >> shift) & 1 != 0;
+    let wd = (pkru >> (shift + 1)) & 1 != 0;
     ad || (wd && write && (user || cr0_wp))
 }
 

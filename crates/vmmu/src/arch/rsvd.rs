@@ -28,7 +28,9 @@ impl RsvdBits {
                 // tables. A 4 MiB PDE: bit 21, and PSE-36 address bits at
                 // or above MAXPHYADDR (all of bits 20:13 without PSE-36).
                 if pse {
-                    let addr_bits = if features.pse36 { maxphy.min(40) } else { 32 };
+                    // Clamped: a MAXPHYADDR below 32 (outside the
+                    // documented 32..=52) must not underflow below.
+                    let addr_bits = if features.pse36 { maxphy.clamp(32, 40) } else { 32 };
                     m[1][1] = bits(21, 21) | bits(13 + (addr_bits - 32), 20);
                 }
             }

@@ -345,14 +345,14 @@ pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report,
                         other => {
                             failed
                                 .lock()
-                                .expect("not poisoned")
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
                                 .get_or_insert(format!("store at {va:#x}: {other:?}"));
                         }
                     }
                 }
                 Ok(())
             })?;
-            if let Some(e) = failed.into_inner().expect("not poisoned") {
+            if let Some(e) = failed.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
                 return Err(BenchError::Run(e));
             }
             let mapped = vm.mmu.stats().snapshot().pages_4k as u64;

@@ -142,7 +142,22 @@ impl<'a> EptTranslator<'a> {
             privilege: Privilege::User,
             rflags_ac: false,
         };
-        match self.paging.walk(&HostPhys(self.arena), &self.root, gpa, access, 0) {
+        // A gpa above what the EPT levels translate (bits 63:48 with
+        // 4-level EPT) has no translation: the walk would otherwise index
+        // with its low bits and alias another gpa.
+        let reach = 12 + 9 * u32::from(self.paging.root_level());
+        let walk = if reach < 64 && gpa >> reach != 0 {
+            Err(WalkError::PageFault(crate::walker::PageFault {
+                error_code: PfErrorCode::empty(),
+                level: self.paging.root_level(),
+                pte: 0,
+                pte_gpa: Gpa::new(0),
+                rights: AccessRights::empty(),
+            }))
+        } else {
+            self.paging.walk(&HostPhys(self.arena), &self.root, gpa, access, 0)
+        };
+        match walk {
             Ok(w) => Ok(w),
             Err(WalkError::PageFault(pf)) if pf.error_code.contains(PfErrorCode::RSVD) => {
                 Err(EptExit::Misconfig { gpa: Gpa::new(gpa) })

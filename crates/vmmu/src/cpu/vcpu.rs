@@ -122,6 +122,15 @@ pub enum VcpuError {
     /// The shadow MMU failed.
     #[error(transparent)]
     Shadow(#[from] ShadowError),
+    /// An access of a size other than 1..=8 bytes (no x86 data access
+    /// the model makes is wider than a quadword).
+    #[error("access of {size} bytes at {gva:#x}: the size must be 1..=8")]
+    InvalidAccessSize {
+        /// The linear address.
+        gva: u64,
+        /// The size asked for.
+        size: usize,
+    },
     /// The MMU kept answering "retry".
     #[error("no progress on {gva:#x} after {MAX_RETRIES} retries (last exit {last:?})")]
     NoProgress {
@@ -320,8 +329,13 @@ impl std::fmt::Debug for Vcpu {
 impl Vcpu {
     /// A vCPU with paging off, on address space 0 of `mmu`.
     pub fn new(mmu: Arc<TdpMmu>, slots: Arc<MemslotTable>, features: CpuFeatures, vpid: u16) -> Result<Vcpu, TdpError> {
+        let geometry = mmu.config().geometry;
+        if geometry.bits_per_level != 9 || !matches!(geometry.levels, 4 | 5) {
+            // The hardware model walks the tree as EPT.
+            return Err(TdpError::NotEptGeometry { geometry });
+        }
         let root = mmu.get_root(0)?;
-        let ept_paging = Paging::ept(mmu.config().geometry.levels, mmu.config().ad, &CpuFeatures::default());
+        let ept_paging = Paging::ept(geometry.levels, mmu.config().ad, &CpuFeatures::default());
         let mode = mmu.remote_tlb().register();
         let seen_flush_gen = mmu.remote_tlb().generation();
         let backend = Backend::Tdp(TdpState {
@@ -705,7 +719,10 @@ impl Vcpu {
                     if s.roots().is_some_and(|r| s.mmu.roots_obsolete(r))
                         && !crate::sync::bug(crate::sync::Bug::KeepObsoleteRoot)
                     {
-                        let (_, r) = s.current.take().expect("checked");
+                        let (_, r) = s
+                            .current
+                            .take()
+                            .expect("`s.roots().is_some_and(..)` just saw current roots");
                         s.mmu.release_roots(r);
                         self.tlb.flush(Flush::Vpid(self.vpid));
                         self.stats.root_reloads += 1;
@@ -760,7 +777,10 @@ impl Vcpu {
                         }
                     };
                     while s.prev.len() > PREV_ROOTS {
-                        let (_, r) = s.prev.pop_back().expect("longer than PREV_ROOTS");
+                        let (_, r) = s
+                            .prev
+                            .pop_back()
+                            .expect("the loop runs only while prev holds more than PREV_ROOTS roots");
                         s.mmu.release_roots(r);
                     }
                     s.hw = hw_paging(&self.regs, &self.features, next.1.levels());
@@ -841,6 +861,9 @@ impl Vcpu {
         size: usize,
         value: u64,
     ) -> Result<AccessResult, VcpuError> {
+        if !(1..=8).contains(&size) {
+            return Err(VcpuError::InvalidAccessSize { gva, size });
+        }
         if self.dirty_ring().is_some_and(|r| r.soft_full()) {
             return Ok(AccessResult::DirtyRingFull);
         }
@@ -864,7 +887,14 @@ impl Vcpu {
             mmio: false,
         });
         for i in 0..count {
-            result = self.access(gva.wrapping_add(8 * i), AccessKind::Write, 0, false, 8, value);
+            result = self.access(
+                gva.wrapping_add(i.wrapping_mul(8)),
+                AccessKind::Write,
+                0,
+                false,
+                8,
+                value,
+            );
             if !matches!(result, Ok(AccessResult::Done { .. })) {
                 break;
             }
@@ -884,7 +914,7 @@ impl Vcpu {
         size: usize,
         value: u64,
     ) -> Result<AccessResult, VcpuError> {
-        debug_assert!((1..=8).contains(&size));
+        debug_assert!((1..=8).contains(&size), "`access` checked the size");
         let in_page = (0x1000 - (gva & 0xfff)) as usize;
         if size > in_page {
             let low = self.access_split(gva, kind, cpl, ac, in_page, value)?;
@@ -894,8 +924,12 @@ impl Vcpu {
             else {
                 return Ok(low);
             };
+            // The second page: in IA-32e paging the linear address wraps
+            // at 2^64 (a canonical access may straddle the top of the
+            // address space); in legacy modes `linear`/the walker keep 32
+            // bits, so it wraps at 4 GiB.
             let high = self.access_split(
-                gva + in_page as u64,
+                gva.wrapping_add(in_page as u64),
                 kind,
                 cpl,
                 ac,

@@ -333,6 +333,14 @@ pub enum GuestMemoryError {
         /// The length.
         len: usize,
     },
+    /// A value access of a size other than 1..=8 bytes.
+    #[error("{size}-byte value access at {gpa:?}: the size must be 1..=8")]
+    InvalidSize {
+        /// The gpa.
+        gpa: Gpa,
+        /// The size asked for.
+        size: usize,
+    },
     /// A compare-exchange or atomic access that is not naturally aligned.
     #[error("{size}-byte atomic access at {gpa:?} is not naturally aligned")]
     Misaligned {

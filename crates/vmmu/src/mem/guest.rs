@@ -193,25 +193,26 @@ impl GuestMemory {
         })
     }
 
-    /// Reads a little-endian value of `size` bytes (1, 2, 4, 8); single-copy
-    /// atomic when it does not cross an 8-byte boundary.
-    ///
-    /// # Panics
-    /// On another size.
+    /// Reads a little-endian value of `size` bytes (1..=8: the pieces of a
+    /// split access may have any size); single-copy atomic when it does not
+    /// cross an 8-byte boundary. Another size is
+    /// [`GuestMemoryError::InvalidSize`].
     pub fn read_value(&self, gpa: Gpa, size: usize) -> Result<u64, GuestMemoryError> {
-        assert!(matches!(size, 1 | 2 | 4 | 8), "value size {size}");
+        if !(1..=8).contains(&size) {
+            return Err(GuestMemoryError::InvalidSize { gpa, size });
+        }
         let mut b = [0u8; 8];
         self.read(gpa, &mut b[..size])?;
         Ok(u64::from_le_bytes(b))
     }
 
-    /// Writes the low `size` bytes (1, 2, 4, 8) of `val`; single-copy atomic
-    /// when it does not cross an 8-byte boundary.
-    ///
-    /// # Panics
-    /// On another size.
+    /// Writes the low `size` bytes (1..=8) of `val`; single-copy atomic when
+    /// it does not cross an 8-byte boundary. Another size is
+    /// [`GuestMemoryError::InvalidSize`].
     pub fn write_value(&self, gpa: Gpa, size: usize, val: u64) -> Result<(), GuestMemoryError> {
-        assert!(matches!(size, 1 | 2 | 4 | 8), "value size {size}");
+        if !(1..=8).contains(&size) {
+            return Err(GuestMemoryError::InvalidSize { gpa, size });
+        }
         self.write(gpa, &val.to_le_bytes()[..size])
     }
 
@@ -303,7 +304,9 @@ impl From<GuestMemoryError> for VmError {
                 VmError::InvalidGuestAddress(gpa.into())
             }
             GuestMemoryError::Overflow { .. } => VmError::GuestAddressOverflow,
-            GuestMemoryError::Misaligned { .. } => VmError::InvalidBackendAddress,
+            GuestMemoryError::Misaligned { .. } | GuestMemoryError::InvalidSize { .. } => {
+                VmError::InvalidBackendAddress
+            }
             GuestMemoryError::Host { .. } | GuestMemoryError::NotResident { .. } => VmError::HostAddressNotAvailable,
         }
     }

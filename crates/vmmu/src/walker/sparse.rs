@@ -90,7 +90,7 @@ impl PtMemory for SparseMemory {
         let mut pages = self.pages();
         let mut cur = [0u8; 8];
         for (i, b) in cur[..n].iter_mut().enumerate() {
-            let a = gpa.raw() + i as u64;
+            let a = gpa.raw().wrapping_add(i as u64);
             *b = pages.get(&(a / PAGE_SIZE)).map_or(0, |p| p[(a % PAGE_SIZE) as usize]);
         }
         let cur = u64::from_le_bytes(cur);
@@ -98,7 +98,7 @@ impl PtMemory for SparseMemory {
             return Ok(Err(cur));
         }
         for (i, b) in new.to_le_bytes()[..n].iter().enumerate() {
-            let a = gpa.raw() + i as u64;
+            let a = gpa.raw().wrapping_add(i as u64);
             pages
                 .entry(a / PAGE_SIZE)
                 .or_insert_with(|| Box::new([0; PAGE_SIZE as usize]))[(a % PAGE_SIZE) as usize] = *b;

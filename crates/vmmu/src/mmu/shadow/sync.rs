@@ -322,8 +322,10 @@ impl GuestTable {
     fn entry(&self, page: &[u8], index: usize) -> u64 {
         let o = self.offset(index);
         match self.1 {
-            Some(_) => u64::from(u32::from_le_bytes(page[o..o + 4].try_into().expect("4 bytes"))),
-            None => u64::from_le_bytes(page[o..o + 8].try_into().expect("8 bytes")),
+            Some(_) => u64::from(u32::from_le_bytes(
+                page[o..o + 4].try_into().expect("a 4-byte range converts to [u8; 4]"),
+            )),
+            None => u64::from_le_bytes(page[o..o + 8].try_into().expect("an 8-byte range converts to [u8; 8]")),
         }
     }
 }

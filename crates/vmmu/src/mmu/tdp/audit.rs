@@ -113,17 +113,16 @@ impl TdpMmu {
                         out.push(AuditViolation::FreedFrame { gfn: g, pfn });
                         break;
                     }
-                    let host = self.host.lookup(hva);
-                    if host.map(|h| h.pfn) != Some(pfn) {
+                    let found = self.host.lookup(hva);
+                    let Some(host) = found.filter(|h| h.pfn == pfn) else {
                         out.push(AuditViolation::StaleFrame {
                             gfn: g,
                             hva,
                             spte_pfn: pfn,
-                            host_pfn: host.map(|h| h.pfn),
+                            host_pfn: found.map(|h| h.pfn),
                         });
                         break;
-                    }
-                    let host = host.expect("compared equal to Some above");
+                    };
                     if (level as usize) > host.level.get() as usize {
                         out.push(AuditViolation::TooLarge {
                             gfn: g,

@@ -262,6 +262,29 @@ pub enum TdpError {
     /// No frame for a page table.
     #[error("out of frames for MMU page tables: {0}")]
     OutOfFrames(#[from] FrameError),
+    /// `TdpConfig::max_level` is not a leaf level (1, 2 or 3).
+    #[error("TDP max_level {max_level} is not 1 (4K), 2 (2M) or 3 (1G)")]
+    InvalidMaxLevel {
+        /// The configured value.
+        max_level: u8,
+    },
+    /// The tree's geometry cannot be walked as EPT by a vCPU (EPT is 4 or
+    /// 5 levels of 512-entry tables).
+    #[error("a vCPU needs 4- or 5-level EPT with 512-entry tables, not {geometry:?}")]
+    NotEptGeometry {
+        /// The configured geometry.
+        geometry: Geometry,
+    },
+    /// A fault at a guest-physical address the tree cannot map: above the
+    /// reach of its levels (e.g. MAXPHYADDR 52 with 4-level EPT, which
+    /// KVM never configures: it caps the guest's MAXPHYADDR at 48).
+    #[error("{gpa} is beyond the {levels}-level TDP tree")]
+    GpaBeyondTree {
+        /// The guest-physical address.
+        gpa: Gpa,
+        /// Levels of the tree.
+        levels: u8,
+    },
     /// The dirty ring is enabled but the fault came without the vCPU's ring.
     #[error("the dirty ring is enabled: a fault must bring the faulting vCPU's ring")]
     DirtyRingRequired,
@@ -534,6 +557,14 @@ impl TdpMmu {
         let _epoch = crossbeam_epoch::pin();
         tracing::trace!(target: "kvm_page_fault", gpa = fault.gpa.raw(), write = fault.write, exec = fault.exec);
         let gfn = fault.gpa.frame();
+        if gfn.raw() >= self.config.geometry.span() {
+            // Installing it would alias the gfn modulo the tree's span and
+            // overwrite another gfn's SPTE.
+            return Err(TdpError::GpaBeyondTree {
+                gpa: fault.gpa,
+                levels: self.config.geometry.levels,
+            });
+        }
         // The snapshot stays held for the whole fault, as KVM holds
         // `kvm->srcu`: a memslot update waits for it, and no reference
         // count on the slot is touched (a shared cache line per fault).
@@ -575,7 +606,11 @@ impl TdpMmu {
         let max = if logging {
             Level::L1
         } else {
-            Level::new(self.config.max_level).expect("max_level is 1..=3")
+            Level::new(self.config.max_level)
+                .filter(|&l| l <= Level::L3)
+                .ok_or(TdpError::InvalidMaxLevel {
+                    max_level: self.config.max_level,
+                })?
         };
         let mut level = valid.mapping_level(slot.max_mapping_level(gfn, max));
         let mut exec = true;
