@@ -23,7 +23,7 @@ use rand::Rng;
 use rand::rngs::SmallRng;
 
 use super::format::{A, D};
-use super::{Flush, GuestCpu, Mm, Os, OsError};
+use super::{Flush, GuestCpu, Mm, MmState, Os, OsError};
 use crate::arch::control::{Cr0, Cr4, Efer, PagingMode};
 use crate::arch::perm::{Access, AccessKind};
 use crate::cpu::vcpu::{AccessResult, GuestFault};
@@ -39,7 +39,50 @@ fn seen(r: &AccessResult) -> Result<u64, Option<crate::arch::pfec::PfErrorCode>>
     }
 }
 
+/// The trap slot of one address space, linked for one adversarial op.
+struct Trap {
+    /// The table holding the slot: the top table, or the PAE PD (pinned
+    /// for the process's life either way).
+    parent: u64,
+    /// The level of that table's entries.
+    level: u8,
+    /// The slot's gpa.
+    slot: u64,
+    /// The linear range the slot maps.
+    start: u64,
+    end: u64,
+}
+
 impl Os {
+    /// The trap slot of the address space whose state `st` is (locked for
+    /// writing), after `cpu` took its pending shootdowns.
+    fn trap(&self, cpu: &mut GuestCpu, ck: &Checker, st: &mut MmState) -> Result<Trap, OsError> {
+        cpu.process_mailbox(self)?;
+        let (start, end) = self.format.trap_region();
+        let level = self.format.trap_level();
+        let parent = self.table(cpu, ck, st, start, level)?;
+        Ok(Trap {
+            parent,
+            level,
+            slot: parent + self.format.index(start, level) * self.format.entry_size(),
+            start,
+            end,
+        })
+    }
+
+    /// Clears the trap slot and flushes the address space everywhere.
+    fn untrap(&self, cpu: &mut GuestCpu, ck: &Checker, mm: &Mm, st: &MmState, trap: &Trap) -> Result<(), OsError> {
+        self.store(cpu, ck, trap.slot, 0)?;
+        self.flush(
+            cpu,
+            mm,
+            st,
+            Flush {
+                pages: Vec::new(),
+                full: true,
+            },
+        )
+    }
     /// Checks one access by `cpu` at `va` against the walker on the tables
     /// under `root`; returns the access's result when it agrees.
     #[allow(clippy::too_many_arguments)]
@@ -89,12 +132,8 @@ impl Os {
         accesses: u32,
     ) -> Result<(), OsError> {
         let mut st = mm.state.write();
-        cpu.process_mailbox(self)?;
-        let (start, end) = self.format.trap_region();
-        let level = self.format.trap_level();
-        // The top table, or the PAE PD: pinned for the process's life.
-        let parent = self.table(cpu, ck, &mut st, start, level)?;
-        let slot = parent + self.format.index(start, level) * self.format.entry_size();
+        let trap = self.trap(cpu, ck, &mut st)?;
+        let (start, end) = (trap.start, trap.end);
         let t = self.alloc_frame()? << 12;
         self.zero(cpu, ck, t, 1)?;
         let es = self.format.entry_size();
@@ -102,7 +141,7 @@ impl Os {
         for i in 0..self.format.entries() {
             self.store(cpu, ck, t + i * es, entry)?;
         }
-        self.store(cpu, ck, slot, self.format.table_entry(t, level))?;
+        self.store(cpu, ck, trap.slot, self.format.table_entry(t, trap.level))?;
         self.stats
             .adversarial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -134,16 +173,7 @@ impl Os {
                 }
             }
         }
-        self.store(cpu, ck, slot, 0)?;
-        self.flush(
-            cpu,
-            mm,
-            &st,
-            Flush {
-                pages: Vec::new(),
-                full: true,
-            },
-        )?;
+        self.untrap(cpu, ck, mm, &st, &trap)?;
         drop(st);
         self.alloc.lock().put(t >> 12);
         Ok(())
@@ -163,12 +193,9 @@ impl Os {
         accesses: u32,
     ) -> Result<(), OsError> {
         let mut st = mm.state.write();
-        cpu.process_mailbox(self)?;
-        let (start, end) = self.format.trap_region();
-        let level = self.format.trap_level();
-        let parent = self.table(cpu, ck, &mut st, start, level)?;
-        let slot = parent + self.format.index(start, level) * self.format.entry_size();
-        self.store(cpu, ck, slot, self.format.table_entry(parent, level))?;
+        let trap = self.trap(cpu, ck, &mut st)?;
+        let (start, end) = (trap.start, trap.end);
+        self.store(cpu, ck, trap.slot, self.format.table_entry(trap.parent, trap.level))?;
         self.stats
             .adversarial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -181,16 +208,7 @@ impl Os {
                 break;
             }
         }
-        self.store(cpu, ck, slot, 0)?;
-        self.flush(
-            cpu,
-            mm,
-            &st,
-            Flush {
-                pages: Vec::new(),
-                full: true,
-            },
-        )?;
+        self.untrap(cpu, ck, mm, &st, &trap)?;
         Ok(())
     }
 
