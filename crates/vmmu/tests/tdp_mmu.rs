@@ -392,6 +392,30 @@ fn logs_exactly(mode: DirtyLogMode) {
     assert_eq!(read(&mut v, 600 << 12).0, 600);
 }
 
+/// D-bit mode (KVM with PML) logs a write when hardware sets the EPT Dirty
+/// bit: a zap of the dirty SPTE before the harvest (zap-all, an MMU-notifier
+/// invalidation) must not lose it. Found by the `vm` fuzz target
+/// (`tests/fuzz.rs`): write while logging, zap-all, harvest.
+#[test]
+fn dirty_bit_mode_keeps_writes_across_zaps() {
+    let vm = vm_with_mode(DirtyLogMode::DirtyBit, VmaFlags::WRITE | VmaFlags::THP);
+    let mut v = vcpu(&vm, 1);
+    read(&mut v, 0x1000);
+    set_logging(&vm, true);
+    write(&mut v, 0x15000, 1);
+    vm.mmu.zap_all_fast();
+    vm.mmu.zap_invalidated_roots();
+    assert_eq!(dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()), [0x15], "zap-all");
+
+    write(&mut v, 0x16000, 2);
+    vm.host.migrate(Hva::new(0x4000_0000 + 0x16000)).unwrap();
+    assert_eq!(
+        dirty_pages(&vm.mmu.get_dirty_log(0, 0).unwrap()),
+        [0x16],
+        "host migration"
+    );
+}
+
 /// KVM's dirty_log_test method: a vCPU writes the current iteration number
 /// into random pages while the VMM harvests. A write of value `v` starts
 /// after iteration `v` began, so a page whose final value is `v` must be in

@@ -460,6 +460,12 @@ impl ShadowMmu {
                 return Ok(ShadowOutcome::EmulateWrite(walk.gpa));
             }
         };
+        if slot.is_readonly() {
+            // Never writable, even on a read of a dirty guest entry: a
+            // write must exit to the VMM (KVM's `make_spte` with
+            // `host_writable` false).
+            rights.remove(AccessRights::WRITE);
+        }
         let tracked = pages.is_write_tracked(gfn);
         let mut mmu_writable = !tracked;
         if tracked && rights.contains(AccessRights::WRITE) {
@@ -486,8 +492,8 @@ impl ShadowMmu {
                 exec: rights.contains(AccessRights::EXEC),
                 user: rights.contains(AccessRights::USER),
             },
-            valid.writable(),
-            mmu_writable,
+            valid.writable() && !slot.is_readonly(),
+            mmu_writable && !slot.is_readonly(),
             false,
         );
         leaf = Spte(leaf.0 | u64::from(walk.pkey & 0xf) << 59);

@@ -303,6 +303,25 @@ impl TdpMmu {
         Ok(PendingFlush::new(cleaned))
     }
 
+    /// D-bit mode: a dirty leaf being zapped logs its pages. PML logged
+    /// the write when hardware set D; here the harvest reads D, so a zap
+    /// before the harvest (zap-all, an MMU-notifier invalidation, a memslot
+    /// flush) would lose it.
+    pub(super) fn log_dirty_leaf(&self, as_id: u16, gfn: u64, level: u8, old: Spte) {
+        if !self.dirty_bit_logging() || !old.is_dirty(self.fmt) {
+            return;
+        }
+        let (start, end) = (gfn, gfn + self.config.geometry.pages(level));
+        let slots = self.slots.load(as_id);
+        for slot in slots.iter().filter(|s| s.logs_dirty_pages()) {
+            let from = start.max(slot.base_gfn().raw());
+            let to = end.min(slot.base_gfn().raw() + slot.npages());
+            for g in from..to {
+                slot.mark_page_dirty(Gfn::new(g));
+            }
+        }
+    }
+
     pub(super) fn protect_bitmap(
         &self,
         guard: &impl MmuLockHeld,

@@ -521,7 +521,9 @@ impl TdpMmu {
             let spte = it.old_spte();
             let level = it.level();
             if spte.is_mmu_present() && spte.is_leaf(level) {
-                if Spte(it.sptep().swap(0, Ordering::AcqRel)).is_mmu_present() {
+                let old = Spte(it.sptep().swap(0, Ordering::AcqRel));
+                if old.is_mmu_present() {
+                    self.log_dirty_leaf(root.as_id, it.gfn(), level, old);
                     self.stats.account_leaf(level, -1);
                     MmuStats::inc(&self.stats.local().mmu_zapped);
                     zapped += 1;
@@ -840,6 +842,7 @@ impl TdpMmu {
                     let old = Spte(it.sptep().swap(0, Ordering::AcqRel));
                     tracing::trace!(target: "kvm_tdp_mmu_spte_changed", as_id, gfn = it.gfn(), level, old = old.0, new = 0u64);
                     if old.is_mmu_present() {
+                        self.log_dirty_leaf(as_id, it.gfn(), level, old);
                         self.stats.account_leaf(level, -1);
                         MmuStats::inc(&self.stats.local().mmu_zapped);
                         zapped = true;
