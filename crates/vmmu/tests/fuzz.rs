@@ -9,9 +9,12 @@
 //!   (bit flips, byte changes, insertions of format tokens, deletions,
 //!   duplications, splices), through the parser entry points.
 //!
+//! - `vm`: random bytes into a `VmProgram` (guest and host/VMM operations
+//!   on either MMU), run by `vmmu::fuzz::vm::run` with its checker on.
+//!
 //! Also: the reference walker itself against every single-access
 //! conformance case, and negative controls showing that the walk
-//! comparison does catch a difference.
+//! comparison, and the whole-VM checker, do catch a difference.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +26,7 @@ use rand::{Rng, SeedableRng};
 use vmmu::conform::case::{Case, CaseMode};
 use vmmu::fuzz::parse;
 use vmmu::fuzz::reference::{self, Deviation, RefAccess, RefCpu, RefKind, RefOutcome};
+use vmmu::fuzz::vm::{self, VmProgram, VmSummary};
 use vmmu::fuzz::walk::{Scenario, WalkInput, WalkSummary, check_scenario, walk_one};
 
 /// Iterations of each random driver (the walk driver runs `WALK_ITERS`).
@@ -457,4 +461,245 @@ fn write_walk_seeds() {
         }
     }
     assert!(seen.len() > 10, "{seen:?}");
+}
+
+// ---- the whole VM -----------------------------------------------------------
+
+/// Programs of the seeded `vm` driver (`VMMU_VM_ITERS` overrides it, and
+/// `VMMU_VM_SEED` the seed, for longer runs).
+const VM_ITERS: usize = 600;
+
+/// A random `VmProgram` from `rng`: `len` random bytes through
+/// `arbitrary_take_rest`, as libFuzzer's `fuzz_target!` builds its input
+/// (about 5 bytes an op).
+fn vm_program(rng: &mut SmallRng, len: usize) -> Option<VmProgram> {
+    let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+    VmProgram::arbitrary_take_rest(Unstructured::new(&bytes)).ok()
+}
+
+#[test]
+fn vm_random_programs_pass_the_checker() {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let iters = env("VMMU_VM_ITERS").map_or(VM_ITERS, |n| n as usize);
+    let mut rng = SmallRng::seed_from_u64(env("VMMU_VM_SEED").unwrap_or(0x0005_1a7e));
+    let mut total = VmSummary::default();
+    let start = Instant::now();
+    let mut runs = 0;
+    for _ in 0..iters {
+        let len = rng.random_range(64..1200);
+        let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        let Ok(program) = VmProgram::arbitrary_take_rest(Unstructured::new(&bytes)) else {
+            continue;
+        };
+        let s = match std::panic::catch_unwind(|| vm::run(&program)) {
+            Ok(s) => s,
+            Err(e) => {
+                let file = std::env::temp_dir().join("vm-fail.bin");
+                std::fs::write(&file, &bytes).expect("writing the failing input");
+                std::panic::resume_unwind(e);
+            }
+        };
+        runs += 1;
+        total.ops += s.ops;
+        total.done += s.done;
+        total.mmio += s.mmio;
+        total.page_faults += s.page_faults;
+        total.general_protection += s.general_protection;
+        total.stale += s.stale;
+        total.dirty_checked += s.dirty_checked;
+        total.slot_changes += s.slot_changes;
+        total.host_changes += s.host_changes;
+    }
+    eprintln!("vm: {runs} programs in {:.2?}: {total:?}", start.elapsed());
+    // The generator reaches every kind of outcome.
+    assert!(total.done > 0 && total.mmio > 0 && total.page_faults > 0, "{total:?}");
+    assert!(total.general_protection > 0, "{total:?}");
+    assert!(total.stale > 0, "no stale translation was ever seen: {total:?}");
+    assert!(total.dirty_checked > 0, "no harvest was checked: {total:?}");
+    assert!(total.slot_changes > 0 && total.host_changes > 0, "{total:?}");
+}
+
+#[test]
+fn vm_corpus_replays() {
+    for (path, bytes) in corpus("vm") {
+        let program = VmProgram::arbitrary_take_rest(Unstructured::new(&bytes))
+            .unwrap_or_else(|e| panic!("{}: not a vm program: {e}", path.display()));
+        vm::run(&program);
+    }
+}
+
+/// Negative control: with an injected MMU bug, random programs make the
+/// checker panic within a bounded number of programs, for each bug.
+#[cfg(feature = "shuttle")]
+#[test]
+fn vm_checker_catches_injected_mmu_bugs() {
+    use vmmu::sync::{Bug, with_bugs};
+    for (bug, budget) in [
+        (Bug::SkipUnsyncSync, 400),
+        (Bug::RoleIgnoresControls, 400),
+        (Bug::KeepObsoleteRoot, 400),
+        (Bug::DropDirtyBit, 400),
+    ] {
+        let mut rng = SmallRng::seed_from_u64(0xbad_0000 + bug as u64);
+        let mut caught = None;
+        for i in 0..budget {
+            let len = rng.random_range(256..1200);
+            let Some(program) = vm_program(&mut rng, len) else {
+                continue;
+            };
+            // The program passes without the bug.
+            vm::run(&program);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| with_bugs(&[bug], || vm::run(&program))));
+            if let Err(e) = r {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                caught = Some((i, msg));
+                break;
+            }
+        }
+        let (i, msg) = caught.unwrap_or_else(|| panic!("{budget} random programs never caught {bug:?}"));
+        eprintln!("{bug:?}: caught by program {i}: {msg}");
+    }
+}
+
+/// The sequence that shows an unsync page's stale SPTE (as in
+/// `tests/guest_model.rs`): a translation is made, the guest edits its PTE
+/// through the self-map (the leaf table goes unsync), flushes the page and
+/// reads it again.
+fn vm_edit_then_flush(mmu: vm::MmuChoice, mode: vm::VmMode) -> VmProgram {
+    let read = |page| vm::VmOp::Access {
+        page,
+        offset: 0,
+        size: 8,
+        kind: vm::Kind::Read,
+        user: false,
+        ac: false,
+        value: 0,
+    };
+    VmProgram {
+        mmu,
+        mode,
+        pcide: false,
+        pge: false,
+        wp: true,
+        smep: false,
+        smap: false,
+        nxe: true,
+        tdp: vm::TdpKnobs {
+            ad: true,
+            dirty_bit: false,
+            nx_huge_pages: false,
+            max_level: 2,
+        },
+        manual_protect: false,
+        slot1: false,
+        log0: false,
+        ops: vm::VmOps(vec![
+            read(5),
+            vm::VmOp::WriteEntry {
+                table: 5,
+                index: 5,
+                value: 0x11000 | 0x7,
+            },
+            vm::VmOp::Invlpg { page: 5 },
+            read(5),
+        ]),
+    }
+}
+
+#[test]
+fn vm_edit_then_flush_passes() {
+    for mmu in [vm::MmuChoice::Shadow, vm::MmuChoice::Tdp] {
+        for mode in [vm::VmMode::Level4, vm::VmMode::Level5, vm::VmMode::Bits32] {
+            let s = vm::run(&vm_edit_then_flush(mmu, mode));
+            assert_eq!(s.ops, 4);
+        }
+    }
+}
+
+/// Negative control on a known program: the shadow MMU with syncs
+/// switched off shows the stale translation after the flush.
+#[cfg(feature = "shuttle")]
+#[test]
+fn vm_checker_catches_a_skipped_sync() {
+    use vmmu::sync::{Bug, with_bugs};
+    for mode in [vm::VmMode::Level4, vm::VmMode::Level5, vm::VmMode::Bits32] {
+        let p = vm_edit_then_flush(vm::MmuChoice::Shadow, mode);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            with_bugs(&[Bug::SkipUnsyncSync], || vm::run(&p))
+        }));
+        let e = r.expect_err("a stale translation after INVLPG went unnoticed");
+        let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            msg.contains("op 3") && msg.contains("expected Gpa(11000)"),
+            "{mode:?}: {msg}"
+        );
+    }
+}
+
+/// Writes seed inputs for `fuzz/corpus/vm/` into the directory named by
+/// `VMMU_VM_SEEDS`: for each MMU and paging mode, the first random program
+/// that sees a stale translation and checks a dirty harvest.
+/// `VMMU_VM_SEEDS=fuzz/corpus/vm cargo test -p vmmu --test fuzz --
+/// --ignored write_vm_seeds`.
+#[test]
+#[ignore = "writes the vm seed corpus"]
+fn write_vm_seeds() {
+    let dir = PathBuf::from(std::env::var("VMMU_VM_SEEDS").expect("VMMU_VM_SEEDS=<dir>"));
+    let mut rng = SmallRng::seed_from_u64(0x5eed_0002);
+    let mut written = std::collections::BTreeSet::new();
+    for _ in 0..20_000 {
+        let len = rng.random_range(200..700);
+        let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        let Ok(p) = VmProgram::arbitrary_take_rest(Unstructured::new(&bytes)) else {
+            continue;
+        };
+        let name = format!("{:?}-{:?}", p.mmu, p.mode).to_lowercase();
+        if written.contains(&name) {
+            continue;
+        }
+        let s = match std::panic::catch_unwind(|| vm::run(&p)) {
+            Ok(s) => s,
+            Err(_) => {
+                let file = std::env::temp_dir().join("vm-fail.bin");
+                std::fs::write(&file, &bytes).expect("writing the failing input");
+                panic!("a failing program: {}", file.display());
+            }
+        };
+        if s.stale > 0 && s.dirty_checked > 0 && s.slot_changes > 0 {
+            std::fs::write(dir.join(format!("{name}.bin")), &bytes).expect("writing a seed");
+            written.insert(name);
+        }
+    }
+    assert_eq!(written.len(), 6, "{written:?}");
+}
+
+/// Minimises the program in the file named by `VMMU_VM_INPUT` (a failing
+/// input) by removing ops while it still fails, and prints it.
+#[test]
+#[ignore = "minimises a failing vm input"]
+fn minimize_vm_input() {
+    let path = std::env::var("VMMU_VM_INPUT").expect("VMMU_VM_INPUT=<file>");
+    let bytes = std::fs::read(&path).expect("reading the input");
+    let mut p = VmProgram::arbitrary_take_rest(Unstructured::new(&bytes)).expect("a vm program");
+    let fails = |p: &VmProgram| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm::run(p))).is_err();
+    std::panic::set_hook(Box::new(|_| {}));
+    assert!(fails(&p), "the input passes");
+    p.ops.0.truncate(vm::MAX_OPS);
+    let mut i = p.ops.0.len();
+    while i > 0 {
+        i -= 1;
+        let mut q = p.clone();
+        q.ops.0.remove(i);
+        if fails(&q) {
+            p = q;
+        }
+    }
+    let _ = std::panic::take_hook();
+    eprintln!("{p:#?}");
+    let msg = std::panic::catch_unwind(|| vm::run(&p)).expect_err("still fails");
+    eprintln!("{}", msg.downcast_ref::<String>().cloned().unwrap_or_default());
 }
