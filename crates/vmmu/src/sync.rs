@@ -121,6 +121,9 @@ pub enum Bug {
     /// A vCPU acknowledges the request to drop obsolete roots (it sees the
     /// new root generation) but keeps its root.
     KeepObsoleteRoot = 1 << 9,
+    /// A vCPU in a guest-mode session acknowledges a remote flush without
+    /// flushing its TLB.
+    AckWithoutFlush = 1 << 10,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**

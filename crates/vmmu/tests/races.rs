@@ -34,12 +34,16 @@ mod model {
     use shuttle::scheduler::{PctScheduler, RandomScheduler};
     use shuttle::thread;
     use vmmu::addr::{Gfn, Gpa, Hva, Pfn};
+    use vmmu::arch::control::CpuFeatures;
+    use vmmu::arch::perm::AccessKind;
+    use vmmu::cpu::vcpu::{AccessResult, Vcpu};
     use vmmu::mem::{HvaRange, SlotCache, VmaFlags};
     use vmmu::mmu::iter::{Geometry, SpteIter};
     use vmmu::mmu::tdp::{FaultOutcome, RootRef, TdpConfig, TdpFault, TdpMmu};
     use vmmu::sim::vm::Vm;
     use vmmu::sync::model::{Exploration, check_pct, check_random, explore};
     use vmmu::sync::{Bug, sched_point};
+    use vmmu::walker::ControlRegs;
 
     /// Where the guest's memory is mapped in the host.
     const BASE: u64 = 0x4000_0000;
@@ -435,6 +439,57 @@ mod model {
             root_references_against_zap_all_fast,
         );
         assert_found("unchecked root reference", run);
+    }
+
+    // ---- 5. A vCPU session against a migration -----------------------------
+
+    /// A vCPU writes a page three times in one guest-mode session (no exit
+    /// between TLB hits) while the host migrates the page. The migration's
+    /// MMU-notifier flush must wait for the session's next access, which
+    /// must drop the old translation: no write may reach the old frame (the
+    /// host freed it), and the last write must be in memory.
+    fn a_session_against_a_migration() {
+        let vm = Vm::new(PAGES << 12, Hva::new(BASE), VmaFlags::WRITE, TdpConfig::default()).expect("a VM");
+        vm.host.fault_in(hva(1), true).expect("a host page");
+        let mut v = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1).expect("a vCPU");
+        v.set_state(ControlRegs::default(), 0, 0).expect("paging off");
+        let vcpu = thread::spawn(move || {
+            let mut session = v.session();
+            for n in 1..=3u64 {
+                let r = session.access(1 << 12, AccessKind::Write, 0, false, 8, n);
+                assert!(matches!(r, Ok(AccessResult::Done { mmio: false, .. })), "{r:?}");
+                sched_point();
+            }
+            drop(session);
+            v.stats()
+        });
+        let host = vm.host.clone();
+        let migrate = thread::spawn(move || host.migrate(hva(1)).expect("a migration"));
+        let stats = vcpu.join().expect("the vCPU thread");
+        migrate.join().expect("the host thread");
+        assert_eq!(stats.freed_frame_accesses, 0, "a write reached the migrated-away frame");
+        assert_eq!(
+            vm.memory().read_u64(Gpa::new(1 << 12)).expect("guest memory"),
+            3,
+            "the last write is in memory"
+        );
+    }
+
+    #[test]
+    fn a_guest_mode_session_against_a_migration() {
+        check_random(11, ITERATIONS / 10, a_session_against_a_migration);
+        check_pct(12, ITERATIONS / 10, 3, a_session_against_a_migration);
+    }
+
+    #[test]
+    fn a_session_acknowledging_a_flush_without_flushing_is_caught() {
+        let run = explore(
+            PctScheduler::new_from_seed(21, 3, BUG_LIMIT),
+            &[Bug::AckWithoutFlush],
+            false,
+            a_session_against_a_migration,
+        );
+        assert_found("acknowledge without flush", run);
     }
 
     // ---- How fast each injected bug is found ------------------------------

@@ -10,12 +10,24 @@
 //! caller, and a hit that would fault, or a write through an entry cached
 //! from a clean leaf, is dropped and walked again (as processors do).
 //!
+//! Like a processor's, the TLB has two levels. The second level above is
+//! the architectural one: set-associative, one array per page size, with
+//! the invalidation rules. In front of it sits a small direct-mapped first
+//! level ([`Tlb::lookup_l1`]) that holds 4 KiB pieces of second-level
+//! entries together with the *decisions* for each access class under the
+//! control registers and PKRU of the time they were filled. It is
+//! inclusive and conservative: every change of the second level (insert,
+//! remove, any flush) empties it in O(1), and so does the vCPU on every
+//! change of the state the decisions depend on ([`Tlb::clear_l1`]). A
+//! first-level hit is therefore always a hit the second level would give,
+//! with the same outcome; it only skips the set scan and the rights check.
+//!
 //! Paging-structure caches are not modelled: every miss walks from the
 //! root. That is a legal implementation (the SDM never requires caching),
 //! and every flush below removes at least what the SDM requires.
 
 use crate::addr::{Hpa, PageSize};
-use crate::arch::perm::AccessRights;
+use crate::arch::perm::{Access, AccessKind, AccessRights, Privilege};
 
 /// Page sizes a TLB entry can have, each with its own array.
 const SIZES: [PageSize; 4] = [PageSize::Size4K, PageSize::Size2M, PageSize::Size4M, PageSize::Size1G];
@@ -115,12 +127,65 @@ pub struct TlbStats {
     pub flushes: u64,
 }
 
-/// A set-associative TLB, one array per page size, round-robin replacement.
+/// Entries of the first level (direct-mapped by the 4 KiB page number).
+const L1_ENTRIES: usize = 64;
+
+/// One first-level entry: a 4 KiB page of a second-level entry, with the
+/// decision for each access class (bit [`access_class`]) made when filled.
+#[derive(Clone, Copy, Debug, Default)]
+struct L1Entry {
+    /// The 4 KiB linear page number.
+    vpn: u64,
+    /// The tag of the lookup that filled it.
+    tag: TlbTag,
+    /// The TLB generation it was filled in: stale once the TLB changed.
+    generation: u64,
+    /// Host-physical address of the 4 KiB page.
+    hpa: u64,
+    /// Guest-physical address of the 4 KiB page.
+    gpa: u64,
+    /// Access classes allowed, one bit each.
+    allowed: u16,
+}
+
+/// A first-level hit: where the access goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L1Hit {
+    /// Host-physical address of the byte accessed.
+    pub hpa: Hpa,
+    /// Guest-physical address of the byte accessed.
+    pub gpa: u64,
+}
+
+/// The class of an explicit access, as the first level keys its decisions:
+/// kind × user/supervisor × RFLAGS.AC (12 classes). Implicit supervisor
+/// accesses have none: they always take the second level.
+#[inline]
+pub fn access_class(access: Access) -> Option<u32> {
+    let kind = match access.kind {
+        AccessKind::Read => 0,
+        AccessKind::Write => 1,
+        AccessKind::Fetch => 2,
+    };
+    let user = match access.privilege {
+        Privilege::User => 1,
+        Privilege::Supervisor => 0,
+        Privilege::ImplicitSupervisor => return None,
+    };
+    Some(kind * 4 + user * 2 + u32::from(access.rflags_ac))
+}
+
+/// A set-associative TLB, one array per page size, round-robin replacement,
+/// with a direct-mapped first level in front.
 #[derive(Clone, Debug)]
 pub struct Tlb {
     config: TlbConfig,
     arrays: [Vec<Option<TlbEntry>>; 4],
     next_victim: [Vec<u8>; 4],
+    l1: Box<[L1Entry; L1_ENTRIES]>,
+    /// Bumped by every change: first-level entries of an older
+    /// generation are empty.
+    generation: u64,
     stats: TlbStats,
 }
 
@@ -185,8 +250,56 @@ impl Tlb {
             config,
             arrays: std::array::from_fn(|_| vec![None; n]),
             next_victim: std::array::from_fn(|_| vec![0; config.sets]),
+            l1: Box::new([L1Entry::default(); L1_ENTRIES]),
+            generation: 1,
             stats: TlbStats::default(),
         }
+    }
+
+    /// The first level's translation of `va` under `tag`, if it holds one
+    /// that allows access class `class` (see [`access_class`]).
+    #[inline]
+    pub fn lookup_l1(&mut self, va: u64, tag: TlbTag, class: u32) -> Option<L1Hit> {
+        let vpn = va >> 12;
+        let e = &self.l1[vpn as usize % L1_ENTRIES];
+        if e.generation == self.generation && e.vpn == vpn && e.tag == tag && e.allowed & (1 << class) != 0 {
+            self.stats.hits += 1;
+            return Some(L1Hit {
+                hpa: Hpa::new(e.hpa | (va & 0xfff)),
+                gpa: e.gpa | (va & 0xfff),
+            });
+        }
+        None
+    }
+
+    /// Records in the first level that `entry`, which the second level just
+    /// returned for `va` under `tag`, allows access class `class` (the
+    /// caller checked it against the current state).
+    #[inline]
+    pub fn fill_l1(&mut self, va: u64, tag: TlbTag, entry: &TlbEntry, class: u32) {
+        let vpn = va >> 12;
+        let generation = self.generation;
+        let e = &mut self.l1[vpn as usize % L1_ENTRIES];
+        if e.generation == generation && e.vpn == vpn && e.tag == tag {
+            e.allowed |= 1 << class;
+            return;
+        }
+        *e = L1Entry {
+            vpn,
+            tag,
+            generation,
+            hpa: entry.hpa(va).raw() & !0xfff,
+            gpa: entry.gpa(va) & !0xfff,
+            allowed: 1 << class,
+        };
+    }
+
+    /// Empties the first level: the state its decisions were made under
+    /// (CR0.WP, CR4.SMEP/SMAP, EFER.NXE, PKRU, the paging mode) changed.
+    /// The second level keeps its entries: it caches rights, not decisions.
+    #[inline]
+    pub fn clear_l1(&mut self) {
+        self.generation += 1;
     }
 
     /// The geometry.
@@ -224,6 +337,7 @@ impl Tlb {
 
     /// Caches a translation, replacing any entry for the same page and tag.
     pub fn insert(&mut self, entry: TlbEntry) {
+        self.generation += 1;
         let i = size_index(entry.size);
         let range = self.set_range(entry.size, entry.va_base);
         let set = range.start / self.config.ways;
@@ -246,6 +360,7 @@ impl Tlb {
     /// Removes one entry that was found stale by its user (a hit whose
     /// rights fault, or a write through a clean entry).
     pub fn remove(&mut self, va: u64, tag: TlbTag) {
+        self.generation += 1;
         for (i, size) in SIZES.iter().enumerate() {
             let range = self.set_range(*size, va);
             for e in &mut self.arrays[i][range] {
@@ -259,6 +374,7 @@ impl Tlb {
     /// Performs an invalidation.
     pub fn flush(&mut self, flush: Flush) {
         self.stats.flushes += 1;
+        self.generation += 1;
         let same_space = |e: &TlbEntry, t: &TlbTag| e.tag.vpid == t.vpid && e.tag.eptp == t.eptp;
         let in_page = |e: &TlbEntry, va: u64| e.va_base == va & !(e.size.bytes() - 1);
         let removes = |e: &TlbEntry| match &flush {
@@ -312,6 +428,7 @@ impl Tlb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::perm::{Access, AccessKind};
 
     fn tag(pcid: u16) -> TlbTag {
         TlbTag { vpid: 1, eptp: 0, pcid }
@@ -473,5 +590,74 @@ mod tests {
         // Re-inserting the same page replaces, never duplicates.
         t.insert(entry(0x3000, PageSize::Size4K, 1, false));
         assert_eq!(t.len(), 2);
+    }
+
+    fn class(kind: AccessKind, cpl: u8, ac: bool) -> u32 {
+        access_class(Access::new(kind, cpl, ac)).expect("an explicit access")
+    }
+
+    /// The first level holds the classes it was told are allowed, for the
+    /// 4 KiB page and tag it was filled for, with the second level's
+    /// addresses.
+    #[test]
+    fn the_first_level_serves_only_what_it_was_filled_with() {
+        let mut t = Tlb::new(TlbConfig::default());
+        let e = entry(0x20_0000, PageSize::Size2M, 1, false);
+        t.insert(e);
+        let read = class(AccessKind::Read, 3, false);
+        let write = class(AccessKind::Write, 3, false);
+        assert_eq!(t.lookup_l1(0x20_3008, tag(1), read), None, "empty until filled");
+        t.fill_l1(0x20_3008, tag(1), &e, read);
+        let hit = t.lookup_l1(0x20_3010, tag(1), read).expect("the filled page and class");
+        assert_eq!(hit.hpa, e.hpa(0x20_3010));
+        assert_eq!(hit.gpa, e.gpa(0x20_3010));
+        assert_eq!(t.lookup_l1(0x20_3010, tag(1), write), None, "another class");
+        assert_eq!(
+            t.lookup_l1(0x20_4010, tag(1), read),
+            None,
+            "another 4 KiB page of the entry"
+        );
+        assert_eq!(t.lookup_l1(0x20_3010, tag(2), read), None, "another PCID");
+        // A second class of the same page is added, the first kept.
+        t.fill_l1(0x20_3008, tag(1), &e, write);
+        assert!(t.lookup_l1(0x20_3010, tag(1), read).is_some());
+        assert!(t.lookup_l1(0x20_3010, tag(1), write).is_some());
+        // Classes are distinct for every kind, privilege and AC.
+        let all: std::collections::BTreeSet<u32> = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch]
+            .into_iter()
+            .flat_map(|k| [(0, false), (0, true), (3, false), (3, true)].map(|(cpl, ac)| class(k, cpl, ac)))
+            .collect();
+        assert_eq!(all.len(), 12);
+        assert!(all.iter().all(|&c| c < 16));
+    }
+
+    /// Every change of the second level, and `clear_l1`, empties the first.
+    #[test]
+    fn every_change_empties_the_first_level() {
+        let read = class(AccessKind::Read, 0, false);
+        type Change = (&'static str, fn(&mut Tlb));
+        let changes: [Change; 5] = [
+            ("insert elsewhere", |t| {
+                t.insert(entry(0x9000, PageSize::Size4K, 1, false))
+            }),
+            ("remove", |t| t.remove(0x1000, tag(1))),
+            ("flush of another page", |t| {
+                t.flush(Flush::Page {
+                    va: 0x7000,
+                    tag: tag(1),
+                })
+            }),
+            ("flush of another PCID", |t| t.flush(Flush::Pcid(tag(5)))),
+            ("clear_l1", Tlb::clear_l1),
+        ];
+        for (what, change) in changes {
+            let mut t = Tlb::new(TlbConfig::default());
+            let e = entry(0x1000, PageSize::Size4K, 1, false);
+            t.insert(e);
+            t.fill_l1(0x1000, tag(1), &e, read);
+            assert!(t.lookup_l1(0x1000, tag(1), read).is_some());
+            change(&mut t);
+            assert_eq!(t.lookup_l1(0x1000, tag(1), read), None, "{what}");
+        }
     }
 }

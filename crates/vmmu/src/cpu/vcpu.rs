@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use super::hw::{EptExit, EptGuestMemory, EptStage, EptTranslator};
-use super::tlb::{Flush, Tlb, TlbConfig, TlbEntry, TlbTag};
+use super::tlb::{Flush, Tlb, TlbConfig, TlbEntry, TlbTag, access_class};
 use crate::addr::{Gpa, Hpa, Pfn};
 use crate::arch::control::is_canonical;
 use crate::arch::control::{CR3_NOFLUSH, CR3_PAE_PDPT_MASK, CR3_PCID_MASK, CpuFeatures, Cr0, Cr4, Efer, PagingMode};
@@ -21,7 +21,7 @@ use crate::arch::pfec::PfErrorCode;
 use crate::arch::pte::PT_GLOBAL;
 use crate::arch::pte::Pte64;
 use crate::arch::pte::PteEpt;
-use crate::mem::{DirtyRing, MemslotTable, SlotCache};
+use crate::mem::{DirtyRing, FrameArena, MemslotTable, SlotCache};
 use crate::mmu::flush::VcpuMode;
 use crate::mmu::shadow::page::SptePtr;
 use crate::mmu::shadow::role::GuestContext;
@@ -288,6 +288,56 @@ impl ShadowState {
     }
 }
 
+/// A run of accesses during which the vCPU stays in guest mode, as a
+/// processor stays in VMX non-root operation from one instruction to the
+/// next. Outside a session every [`Vcpu::access`] enters guest mode and
+/// leaves it again, which costs the entry's full barrier each time; in a
+/// session only the first access enters, and the mode is left at an exit
+/// (an EPT violation, a shadow #PF, a root reload) or when the session
+/// ends.
+///
+/// A remote TLB flush waits for every vCPU in guest mode to acknowledge
+/// it, and a vCPU in a session acknowledges at its next access. So **a
+/// session must not be held across a wait for another thread** (a lock, a
+/// channel, a sleep): the thread waited for may be a flusher waiting for
+/// this vCPU. Only accesses can be made through a session (it borrows the
+/// vCPU), which keeps every other vCPU operation, and everything that takes
+/// `mmu_lock`, outside guest mode. An access the guest faults on leaves
+/// the vCPU in guest mode (a #PF is delivered inside the guest); end the
+/// session before the guest's fault handler waits for anything.
+#[must_use = "a session leaves guest mode when dropped"]
+pub struct GuestSession<'a> {
+    vcpu: &'a mut Vcpu,
+}
+
+impl GuestSession<'_> {
+    /// [`Vcpu::access`], staying in guest mode after it completes.
+    #[inline]
+    pub fn access(
+        &mut self,
+        gva: u64,
+        kind: AccessKind,
+        cpl: u8,
+        ac: bool,
+        size: usize,
+        value: u64,
+    ) -> Result<AccessResult, VcpuError> {
+        self.vcpu.access(gva, kind, cpl, ac, size, value)
+    }
+
+    /// The vCPU, to read (its counters, registers, TLB).
+    pub fn vcpu(&self) -> &Vcpu {
+        self.vcpu
+    }
+}
+
+impl Drop for GuestSession<'_> {
+    fn drop(&mut self) {
+        self.vcpu.session = false;
+        self.vcpu.exit_guest();
+    }
+}
+
 /// A vCPU on the TDP or the shadow MMU.
 pub struct Vcpu {
     backend: Backend,
@@ -301,12 +351,26 @@ pub struct Vcpu {
     tlb: Tlb,
     vpid: u16,
     mode: Arc<VcpuMode>,
+    /// The host memory the MMU maps (the MMU's arena).
+    arena: Arc<FrameArena>,
     seen_flush_gen: u64,
+    /// In guest mode now (between the entry and the exit of an access, or
+    /// between accesses of a [`GuestSession`]).
+    in_guest: bool,
+    /// A [`GuestSession`] is open: accesses stay in guest mode.
+    session: bool,
+    /// The roots match the registers and no sync is pending: until the
+    /// MMU's root generation moves, an access needs no reload.
+    settled: bool,
+    /// The TLB tag while settled (it names the root and the PCID, which
+    /// only change while unsettled).
+    settled_tag: TlbTag,
     stats: VcpuStats,
 }
 
 impl Drop for Vcpu {
     fn drop(&mut self) {
+        self.exit_guest();
         match &mut self.backend {
             Backend::Tdp(t) => t.mmu.remote_tlb().unregister(&self.mode),
             Backend::Shadow(s) => {
@@ -377,10 +441,19 @@ impl Vcpu {
         vpid: u16,
     ) -> Vcpu {
         let regs = ControlRegs::default();
+        let arena = match &backend {
+            Backend::Tdp(t) => t.mmu.arena().clone(),
+            Backend::Shadow(s) => s.mmu.arena().clone(),
+        };
         Vcpu {
+            arena,
             backend,
             mode,
             seen_flush_gen,
+            in_guest: false,
+            session: false,
+            settled: false,
+            settled_tag: TlbTag::default(),
             slots,
             features,
             regs,
@@ -448,6 +521,7 @@ impl Vcpu {
         self.pkru = pkru;
         self.paging = GuestPaging::new(&regs, &self.features);
         self.tlb.flush(Flush::Everything);
+        self.settled = false;
         self.mov_cr3(cr3)
     }
 
@@ -456,6 +530,14 @@ impl Vcpu {
     pub fn set_cr0_wp(&mut self, wp: bool) {
         self.regs.cr0.set(Cr0::WP, wp);
         self.paging = GuestPaging::new(&self.regs, &self.features);
+        self.unsettle();
+    }
+
+    /// The registers changed: the first-level TLB's decisions go, and the
+    /// next access checks the roots (and on the shadow MMU, its syncs).
+    fn unsettle(&mut self) {
+        self.settled = false;
+        self.tlb.clear_l1();
     }
 
     /// MOV to CR4 of SMEP/SMAP/PGE. A change of PGE flushes everything,
@@ -474,6 +556,7 @@ impl Vcpu {
             }
         }
         self.paging = GuestPaging::new(&self.regs, &self.features);
+        self.unsettle();
     }
 
     fn pcid(&self) -> u16 {
@@ -514,6 +597,7 @@ impl Vcpu {
         let pcide = self.regs.cr4.contains(Cr4::PCIDE);
         let noflush = pcide && value & CR3_NOFLUSH != 0;
         self.cr3 = if pcide { value & !CR3_NOFLUSH } else { value };
+        self.settled = false;
         if !noflush {
             self.tlb.flush(Flush::Pcid(self.tag()));
             if let Backend::Shadow(s) = &mut self.backend {
@@ -600,9 +684,11 @@ impl Vcpu {
                 }
             }
         }
+        self.settled = false;
     }
 
     fn request_addr_sync(&mut self, va: u64, pcid: Option<u16>) {
+        self.settled = false;
         if let Backend::Shadow(s) = &mut self.backend {
             let r = &mut s.requests;
             if r.addrs.len() < MAX_PENDING_ADDRS {
@@ -784,6 +870,7 @@ impl Vcpu {
                         s.mmu.release_roots(r);
                     }
                     s.hw = hw_paging(&self.regs, &self.features, next.1.levels());
+                    self.tlb.clear_l1();
                     s.current = Some(next);
                 }
                 s.process_sync_requests();
@@ -794,13 +881,30 @@ impl Vcpu {
 
     /// Enters guest mode, first flushing the translations made through this
     /// MMU if it asked for a remote flush since the last entry (KVM's
-    /// `KVM_REQ_TLB_FLUSH` processed at VM entry).
+    /// `KVM_REQ_TLB_FLUSH` processed at VM entry). Already in guest mode
+    /// (a [`GuestSession`] between accesses), it answers a flush asked for
+    /// since its last access instead, as a processor answers the flush IPI
+    /// between two instructions.
+    #[inline]
     fn enter_guest(&mut self) {
         let (remote, flush) = match &self.backend {
             Backend::Tdp(t) => (t.mmu.remote_tlb(), Flush::Eptp(t.root.root().pfn().raw())),
             Backend::Shadow(s) => (s.mmu.remote_tlb(), Flush::Vpid(self.vpid)),
         };
+        if self.in_guest {
+            let generation = remote.requested();
+            if generation != self.seen_flush_gen {
+                self.seen_flush_gen = generation;
+                if !crate::sync::bug(crate::sync::Bug::AckWithoutFlush) {
+                    self.tlb.flush(flush);
+                }
+                self.stats.remote_flushes += 1;
+                self.mode.acknowledge(generation);
+            }
+            return;
+        }
         let generation = self.mode.enter(remote);
+        self.in_guest = true;
         if generation != self.seen_flush_gen {
             self.seen_flush_gen = generation;
             self.tlb.flush(flush);
@@ -808,10 +912,29 @@ impl Vcpu {
         }
     }
 
-    /// Leaves guest mode (a VM exit): from here the vCPU may wait for
-    /// `mmu_lock`, and flushes need not wait for it.
-    fn exit_guest(&self) {
-        self.mode.exit();
+    /// Leaves guest mode (a VM exit) if in it: from here the vCPU may wait
+    /// for `mmu_lock`, and flushes need not wait for it.
+    #[inline]
+    fn exit_guest(&mut self) {
+        if self.in_guest {
+            self.in_guest = false;
+            self.mode.exit();
+        }
+    }
+
+    /// Whether the MMU dropped roots since this vCPU last looked.
+    #[inline]
+    fn roots_changed(&self) -> bool {
+        match &self.backend {
+            Backend::Tdp(t) => t.mmu.root_generation() != t.seen_root_gen,
+            Backend::Shadow(s) => s.mmu.root_generation() != s.seen_root_gen,
+        }
+    }
+
+    /// Opens a run of accesses in guest mode (see [`GuestSession`]).
+    pub fn session(&mut self) -> GuestSession<'_> {
+        self.session = true;
+        GuestSession { vcpu: self }
     }
 
     /// Hands an exit to the MMU (outside guest mode).
@@ -852,7 +975,56 @@ impl Vcpu {
     /// With the dirty ring enabled, a vCPU whose ring reached its soft
     /// limit does not run: the access returns
     /// [`AccessResult::DirtyRingFull`] without touching anything.
+    #[inline]
     pub fn access(
+        &mut self,
+        gva: u64,
+        kind: AccessKind,
+        cpl: u8,
+        ac: bool,
+        size: usize,
+        value: u64,
+    ) -> Result<AccessResult, VcpuError> {
+        if self.in_guest
+            && (1..=8).contains(&size)
+            && (gva & 0xfff) as usize + size <= 0x1000
+            && let Some(done) = self.fast_access(gva, Access::new(kind, cpl, ac), size, value)
+        {
+            return Ok(done);
+        }
+        self.access_slow(gva, kind, cpl, ac, size, value)
+    }
+
+    /// The access of a vCPU already in guest mode (in a [`GuestSession`])
+    /// that the first-level TLB serves, with nothing to process first: no
+    /// register change, no root the MMU dropped, a full dirty ring or a
+    /// remote flush in the way (a flush is acknowledged here, which empties
+    /// the TLB and leaves the access to the slow path).
+    #[inline]
+    fn fast_access(&mut self, gva: u64, access: Access, size: usize, value: u64) -> Option<AccessResult> {
+        let (remote, roots_moved, va) = match &self.backend {
+            Backend::Tdp(t) => (
+                t.mmu.remote_tlb(),
+                t.mmu.root_generation() != t.seen_root_gen || t.dirty_ring.as_ref().is_some_and(|r| r.soft_full()),
+                gva,
+            ),
+            Backend::Shadow(s) => (
+                s.mmu.remote_tlb(),
+                s.mmu.root_generation() != s.seen_root_gen,
+                self.linear(gva),
+            ),
+        };
+        if !self.settled || roots_moved || remote.requested() != self.seen_flush_gen {
+            return None;
+        }
+        let hit = self.tlb.lookup_l1(va, self.settled_tag, access_class(access)?)?;
+        self.stats.accesses += 1;
+        self.stats.tlb_hits += 1;
+        Some(self.touch(hit.hpa, Gpa::new(hit.gpa), access.is_write(), size, value))
+    }
+
+    #[inline(never)]
+    fn access_slow(
         &mut self,
         gva: u64,
         kind: AccessKind,
@@ -865,6 +1037,8 @@ impl Vcpu {
             return Err(VcpuError::InvalidAccessSize { gva, size });
         }
         if self.dirty_ring().is_some_and(|r| r.soft_full()) {
+            // An exit to the VMM.
+            self.exit_guest();
             return Ok(AccessResult::DirtyRingFull);
         }
         self.access_split(gva, kind, cpl, ac, size, value)
@@ -950,15 +1124,26 @@ impl Vcpu {
         let mut last = None;
         for retry in 0..MAX_RETRIES {
             if retry >= YIELD_AFTER {
-                std::thread::yield_now();
+                self.exit_guest();
+                crate::sync::yield_now();
             }
-            self.reload_root_if_obsolete()?;
+            if !self.settled || self.roots_changed() {
+                // A request to process first: outside guest mode (it may
+                // take `mmu_lock`, which a flusher waiting for this vCPU
+                // may hold).
+                self.exit_guest();
+                self.reload_root_if_obsolete()?;
+                self.settled = true;
+                self.settled_tag = self.tag();
+            }
             self.enter_guest();
             let attempt = match self.backend {
                 Backend::Tdp(_) => self.attempt(gva, access, size, value),
                 Backend::Shadow(_) => self.attempt_shadow(gva, access, size, value),
             };
-            self.exit_guest();
+            if !matches!(attempt, Attempt::Done(_)) || !self.session {
+                self.exit_guest();
+            }
             match attempt {
                 Attempt::Done(result) => return Ok(result),
                 Attempt::ShadowExit => {
@@ -1083,9 +1268,20 @@ impl Vcpu {
     /// The access served by a cached translation, if one serves it now.
     /// Rights are cached, not decisions: a hit that would fault, or a write
     /// through a clean entry, drops the entry and walks again.
+    #[inline]
     fn tlb_hit(&mut self, gva: u64, tag: TlbTag, access: Access, size: usize, value: u64) -> Option<AccessResult> {
+        let class = access_class(access);
+        if let Some(class) = class
+            && let Some(hit) = self.tlb.lookup_l1(gva, tag, class)
+        {
+            self.stats.tlb_hits += 1;
+            return Some(self.touch(hit.hpa, Gpa::new(hit.gpa), access.is_write(), size, value));
+        }
         let e = self.tlb.lookup(gva, tag)?;
         if self.check(access, &e) {
+            if let Some(class) = class {
+                self.tlb.fill_l1(gva, tag, &e, class);
+            }
             self.stats.tlb_hits += 1;
             return Some(self.touch(e.hpa(gva), Gpa::new(e.gpa(gva)), access.is_write(), size, value));
         }
@@ -1111,24 +1307,18 @@ impl Vcpu {
     }
 
     /// Reads or writes host memory at `hpa`.
+    #[inline]
     fn touch(&mut self, hpa: Hpa, gpa: Gpa, write: bool, size: usize, value: u64) -> AccessResult {
-        let arena = match &self.backend {
-            Backend::Tdp(t) => t.mmu.arena(),
-            Backend::Shadow(s) => s.mmu.arena(),
-        };
-        let pfn = Pfn::new(hpa.raw() >> 12);
-        if arena.is_freed(pfn) {
+        let (value, freed) = self.arena.data_access(
+            Pfn::new(hpa.raw() >> 12),
+            hpa.page_offset() as usize,
+            size,
+            write,
+            value,
+        );
+        if freed {
             self.stats.freed_frame_accesses += 1;
         }
-        let offset = hpa.page_offset() as usize;
-        let mut buf = [0u8; 8];
-        let value = if write {
-            arena.write(pfn, offset, &value.to_le_bytes()[..size]);
-            0
-        } else {
-            arena.read(pfn, offset, &mut buf[..size]);
-            u64::from_le_bytes(buf)
-        };
         AccessResult::Done {
             gpa,
             value,

@@ -517,6 +517,39 @@ impl FrameArena {
         }
     }
 
+    /// A processor's data access of `size` (1..=8) bytes at byte `offset`
+    /// of frame `pfn`: a read returns the bytes, zero-extended; a write
+    /// stores the low `size` bytes of `value` and returns 0. Also returns
+    /// whether the frame is freed now ([`FrameArena::is_freed`]), the
+    /// hardware model's check that no translation outlives its frame. An
+    /// aligned quadword is one atomic load or store.
+    ///
+    /// # Panics
+    /// If `pfn` is outside the arena or the range leaves the frame.
+    #[inline]
+    pub fn data_access(&self, pfn: Pfn, offset: usize, size: usize, write: bool, value: u64) -> (u64, bool) {
+        let Ok(i) = self.index(pfn) else {
+            panic!("{pfn:?} is not a frame of this arena")
+        };
+        let s = self.state_word(i).load(Ordering::Acquire);
+        let freed = s & STATE_ALLOCATED == 0 && s >> 1 != 0;
+        if size == 8 && offset.is_multiple_of(8) {
+            let word = &self.table_at(i)[offset / 8];
+            if write {
+                word.store(value, Ordering::Release);
+                return (0, freed);
+            }
+            return (word.load(Ordering::Acquire), freed);
+        }
+        if write {
+            self.write(pfn, offset, &value.to_le_bytes()[..size]);
+            return (0, freed);
+        }
+        let mut b = [0u8; 8];
+        self.read(pfn, offset, &mut b[..size]);
+        (u64::from_le_bytes(b), freed)
+    }
+
     /// Reads a little-endian value of `size` bytes (1, 2, 4 or 8) at
     /// `offset`; atomic when the value does not cross an 8-byte boundary.
     pub fn read_value(&self, pfn: Pfn, offset: usize, size: usize) -> u64 {

@@ -55,6 +55,15 @@ impl RemoteTlb {
         self.generation.load(Ordering::SeqCst)
     }
 
+    /// The generation flushers asked for, as a vCPU already in guest mode
+    /// reads it before each access ([`VcpuMode::acknowledge`]). Acquire:
+    /// seeing a flusher's generation, the vCPU sees the SPTE changes made
+    /// before that flush, so its walks after the TLB flush find them.
+    #[inline]
+    pub fn requested(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Flushes translations on every vCPU: returns once no vCPU can still
     /// use a translation made before the call.
     pub fn flush(&self) {
@@ -105,6 +114,16 @@ impl VcpuMode {
                 return g;
             }
         }
+    }
+
+    /// Acknowledges flush generation `generation` without leaving guest
+    /// mode: the vCPU flushed its TLB after reading it with
+    /// [`RemoteTlb::requested`]. A release store: the flusher that reads it
+    /// sees every access the vCPU made through the old translations as
+    /// done.
+    #[inline]
+    pub fn acknowledge(&self, generation: u64) {
+        self.state.store(generation << 1 | 1, Ordering::Release);
     }
 
     /// Leaves guest mode (an exit). A release store is enough: a flusher
