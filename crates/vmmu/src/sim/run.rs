@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 
 use crate::addr::{Gpa, Hva};
@@ -834,43 +834,53 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
     let zipf = Zipf::new(pages as f64, w.zipf_theta).ok();
     let stripes = mm.nthreads.clamp(1, 64) as u64;
     let lines = 64 / stripes;
+    // This thread's lane of each page: the lines it alone writes.
+    let lane = u64::from(task.thread) % stripes;
+    // One 64-bit draw per access: bits 0..32 pick the page (uniform),
+    // 32..48 the line, 48..64 whether it writes.
+    let write_below = (w.write_ratio * 65536.0) as u64;
     let mut cursor = task.cursor;
+    let id = c.g.id;
+    // Guest mode is held from one access to the next; the run ends before
+    // the guest's fault handler, which takes locks.
+    let mut run = c.g.user_run();
     'touches: for i in 0..u64::from(w.touches) {
+        let r = rng.next_u64();
         let page = match w.pattern {
             Pattern::Sequential => (cursor + i) % pages,
-            Pattern::Uniform => rng.random_range(0..pages),
+            Pattern::Uniform => ((r & 0xffff_ffff) * pages) >> 32,
             Pattern::Zipfian => zipf.as_ref().map_or(0, |z| z.sample(rng) as u64 - 1).min(pages - 1),
             Pattern::Strided => (cursor + i * w.stride_pages) % pages,
         };
         let line = if w.pattern == Pattern::Sequential {
-            (((cursor + i) / pages) % lines) * stripes + u64::from(task.thread) % stripes
+            (((cursor + i) / pages) % lines) * stripes + lane
         } else {
-            rng.random_range(0..lines) * stripes + u64::from(task.thread) % stripes
+            ((((r >> 32) & 0xffff) * lines) >> 16) * stripes + lane
         };
         let va = vma.start + (page << 12) + line * 64;
-        let write = vma.writable && rng.random_bool(w.write_ratio);
-        let stamp = if write { c.g.next_stamp() } else { 0 };
+        let write = vma.writable && (r >> 48) < write_below;
+        let stamp = if write { run.next_stamp() } else { 0 };
         let kind = if write { AccessKind::Write } else { AccessKind::Read };
         let mut faults = 0;
         loop {
-            let n = c.g.accesses;
+            let n = *run.accesses();
             let timed = n.is_multiple_of(TIME_EVERY);
-            let exits_before = if timed { exits(&c.g) } else { 0 };
+            let exits_before = if timed { exits(run.vcpu()) } else { 0 };
             let t0 = timed.then(Instant::now);
             let epoch = if write {
                 sh.dirty_epoch.load(Ordering::SeqCst)
             } else {
                 1
             };
-            let r = c.g.access(va, kind, 3, 8, stamp)?;
+            let r = run.access(va, kind, 3, 8, stamp)?;
             if let Some(t0) = t0
-                && exits(&c.g) != exits_before
+                && exits(run.vcpu()) != exits_before
             {
                 let ns = t0.elapsed().as_nanos() as u64;
                 let b = BOUNDS.iter().position(|&b| ns < b).unwrap_or(BOUNDS.len());
                 c.hist[b] += 1;
             }
-            c.g.accesses += 1;
+            *run.accesses() += 1;
             let checked = ck.checks(n);
             // The OS's record, read only when something needs it.
             let needs = checked || (write && ck.level != CheckLevel::Off) || !matches!(r, AccessResult::Done { .. });
@@ -880,7 +890,7 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                     if checked {
                         match expect {
                             None => ck.violation(
-                                c.g.id,
+                                id,
                                 va,
                                 gpa.raw(),
                                 "#PF (not mapped)",
@@ -889,25 +899,19 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                             Some((e, l)) => {
                                 if e != gpa.raw() || mmio {
                                     ck.violation(
-                                        c.g.id,
+                                        id,
                                         va,
                                         gpa.raw(),
                                         &format!("gpa {e:#x}"),
                                         &format!("gpa {:#x} (mmio {mmio})", gpa.raw()),
                                     );
                                 } else if write && !l.writable {
-                                    ck.violation(
-                                        c.g.id,
-                                        va,
-                                        e,
-                                        "#PF (write to a read-only page)",
-                                        "the write completed",
-                                    );
+                                    ck.violation(id, va, e, "#PF (write to a read-only page)", "the write completed");
                                 } else if !write {
                                     let want = ck.oracle().get(e);
                                     if value != want {
                                         ck.violation(
-                                            c.g.id,
+                                            id,
                                             va,
                                             e,
                                             &format!("{want:#x} (the last value written)"),
@@ -923,7 +927,7 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                         && let Some((e, _)) = expect
                     {
                         ck.oracle().set(e, stamp);
-                        check_logged(sh, c.g.id, va, gpa.raw(), epoch);
+                        check_logged(sh, id, va, gpa.raw(), epoch);
                     }
                     break;
                 }
@@ -944,7 +948,7 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                     };
                     if want != Some(error_code) {
                         ck.violation(
-                            c.g.id,
+                            id,
                             va,
                             expect.map_or(0, |e| e.0),
                             &format!("{want:?}"),
@@ -955,7 +959,7 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                     faults += 1;
                     if faults > 4 {
                         ck.violation(
-                            c.g.id,
+                            id,
                             va,
                             0,
                             "progress after the guest's fault handler",
@@ -963,10 +967,12 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                         );
                         break;
                     }
+                    drop(run);
                     drop(st);
                     let fix = os.page_fault(&mut c.g, ck, mm, va, write);
                     st = mm.state.read();
                     c.g.process_mailbox(os)?;
+                    run = c.g.user_run();
                     match fix {
                         Ok(FaultFix::Fixed | FaultFix::Spurious) => {}
                         Ok(FaultFix::Segv) | Err(OsError::Oom) | Err(OsError::Kernel) => break 'touches,
@@ -985,12 +991,13 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                     }
                 }
                 other => {
-                    ck.violation(c.g.id, va, 0, "a completed access or a #PF", &format!("{other:?}"));
+                    ck.violation(id, va, 0, "a completed access or a #PF", &format!("{other:?}"));
                     break;
                 }
             }
         }
     }
+    drop(run);
     cursor += u64::from(w.touches);
     drop(st);
     c.tasks[c.cur].cursor = cursor;
@@ -1037,8 +1044,8 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_default()
 }
 
-fn exits(g: &GuestCpu) -> u64 {
-    let s = g.vcpu.stats();
+fn exits(v: &crate::cpu::vcpu::Vcpu) -> u64 {
+    let s = v.stats();
     s.ept_violations + s.ept_misconfigs + s.shadow_exits
 }
 

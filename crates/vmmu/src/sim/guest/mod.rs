@@ -43,7 +43,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::addr::Gpa;
 use crate::arch::control::{CR3_NOFLUSH, Cr4};
 use crate::arch::perm::AccessKind;
-use crate::cpu::vcpu::{AccessResult, Vcpu, VcpuError};
+use crate::cpu::vcpu::{AccessResult, GuestSession, Vcpu, VcpuError};
 use crate::mem::GuestMemory;
 use crate::sim::checker::Checker;
 pub use alloc::FrameAllocator;
@@ -274,6 +274,60 @@ pub struct GuestCpu {
     stamp: u64,
     /// Accesses made (kernel and user).
     pub accesses: u64,
+}
+
+/// Accesses made in guest mode back to back (see [`GuestCpu::user_run`]).
+pub struct UserRun<'a> {
+    session: GuestSession<'a>,
+    stamp: &'a mut u64,
+    accesses: &'a mut u64,
+}
+
+impl UserRun<'_> {
+    /// [`GuestCpu::access`] in the run.
+    #[inline]
+    pub fn access(
+        &mut self,
+        va: u64,
+        kind: AccessKind,
+        cpl: u8,
+        size: usize,
+        value: u64,
+    ) -> Result<AccessResult, VcpuError> {
+        let session = &mut self.session;
+        retrying_efault(|| session.access(va, kind, cpl, false, size, value))
+    }
+
+    /// [`GuestCpu::next_stamp`].
+    #[inline]
+    pub fn next_stamp(&mut self) -> u64 {
+        *self.stamp += 1;
+        *self.stamp
+    }
+
+    /// The CPU's access count ([`GuestCpu::accesses`]).
+    #[inline]
+    pub fn accesses(&mut self) -> &mut u64 {
+        self.accesses
+    }
+
+    /// The vCPU, to read.
+    pub fn vcpu(&self) -> &Vcpu {
+        self.session.vcpu()
+    }
+}
+
+/// Runs `op` again while the host refuses it (EFAULT: a page the host
+/// churn thread made inaccessible for a moment), yielding in between.
+#[inline]
+fn retrying_efault(mut op: impl FnMut() -> Result<AccessResult, VcpuError>) -> Result<AccessResult, VcpuError> {
+    for _ in 0..EFAULT_RETRIES {
+        match op() {
+            Err(e) if is_efault(&e) => std::thread::yield_now(),
+            r => return r,
+        }
+    }
+    op()
 }
 
 /// Host refusals retried before an access gives up (the host churn
@@ -1107,13 +1161,19 @@ impl GuestCpu {
         &mut self,
         mut op: impl FnMut(&mut Vcpu) -> Result<AccessResult, VcpuError>,
     ) -> Result<AccessResult, VcpuError> {
-        for _ in 0..EFAULT_RETRIES {
-            match op(&mut self.vcpu) {
-                Err(e) if is_efault(&e) => std::thread::yield_now(),
-                r => return r,
-            }
+        retrying_efault(|| op(&mut self.vcpu))
+    }
+
+    /// Opens a run of accesses that stays in guest mode between them (a
+    /// [`GuestSession`]): the fast path of a loop of user accesses. It
+    /// borrows the CPU: end it before anything that may wait for another
+    /// thread (the guest's fault handler, the mailbox, an mm lock).
+    pub fn user_run(&mut self) -> UserRun<'_> {
+        UserRun {
+            session: self.vcpu.session(),
+            stamp: &mut self.stamp,
+            accesses: &mut self.accesses,
         }
-        op(&mut self.vcpu)
     }
 
     /// The mm running here.
