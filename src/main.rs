@@ -154,7 +154,10 @@ enum BenchName {
     AccessTracking,
     /// 4-level guest walks against four dependent loads.
     Walk,
-    /// Every benchmark: walk, populate, dirty-log, zap-all, access-tracking, cr3-switch, wp-emulate.
+    /// Guest accesses served by the vCPU's TLB, per second per vCPU thread, on both MMUs, against the bare memory access.
+    #[value(name = "tlb-hit")]
+    TlbHit,
+    /// Every benchmark: walk, tlb-hit, populate, dirty-log, zap-all, access-tracking, cr3-switch, wp-emulate.
     All,
 }
 
@@ -431,6 +434,9 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             args.name
         ));
     }
+    if args.name == BenchName::TlbHit && args.mmu_given.is_some() {
+        return usage("--mmu has no effect on tlb-hit: it measures both MMUs, each phase named by its MMU".into());
+    }
     let both = matches!(args.name, BenchName::Populate);
     if !shadow_only && !both && args.name != BenchName::All && args.mmu_given == Some(BenchMmu::Shadow) {
         return usage(format!(
@@ -462,6 +468,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         ],
         (BenchName::All, None) => &[
             BenchName::Walk,
+            BenchName::TlbHit,
             BenchName::Populate,
             BenchName::DirtyLog,
             BenchName::ZapAll,
@@ -495,6 +502,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     for name in names {
         let result: Result<Report, BenchError> = match name {
             BenchName::Walk => Ok(vmmu::bench::walk::run(args.iterations.unwrap_or(2_000_000)).into()),
+            BenchName::TlbHit => vmmu::bench::tlb::run(args.iterations),
             BenchName::Populate if args.mmu_given == Some(BenchMmu::Shadow) => {
                 vmmu::bench::shadow::populate(&cfg, &progress)
             }
@@ -534,7 +542,7 @@ fn run_bench(args: BenchArgs) -> ExitCode {
 /// hours, so a larger value is taken for a mistake.
 fn max_iterations(name: BenchName) -> u64 {
     match name {
-        BenchName::Walk => 100_000_000,
+        BenchName::Walk | BenchName::TlbHit => 100_000_000,
         BenchName::Cr3Switch | BenchName::WpEmulate => 20_000_000,
         BenchName::Populate | BenchName::DirtyLog | BenchName::ZapAll | BenchName::AccessTracking | BenchName::All => {
             100

@@ -4,6 +4,7 @@
 
 pub mod shadow;
 pub mod tdp;
+pub mod tlb;
 pub mod walk;
 
 use serde::Serialize;
