@@ -18,7 +18,7 @@ use crate::arch::pfec::PfErrorCode;
 use crate::cpu::vcpu::{AccessResult, GuestFault};
 use crate::mem::{GuestMemory, MemslotFlags};
 use crate::sim::checker::{CheckLevel, Checker};
-use crate::sim::guest::{FaultFix, GuestCpu, Mm, Os, OsError, PagingFormat, Vma};
+use crate::sim::guest::{FaultFix, GuestCpu, Leaf, Mm, MmState, Os, OsError, PagingFormat, Vma};
 use crate::sim::machine::{Machine, MmuKind, RAM_HVA};
 use crate::sim::report::{LatencyHistogram, MigrationReport, MmuRunReport, Sample};
 use crate::sim::trace::{Actor, Op, OpKind, Trace, TraceHeader};
@@ -816,6 +816,38 @@ fn check_tables(sh: &Shared, mm: &Mm, rng: &mut SmallRng) {
     }
 }
 
+/// The OS's record of recently touched pages, for the checker: valid while
+/// the process's mm lock is held without a break (the record only changes
+/// under the lock held for writing), so `touch` empties it whenever it
+/// lets the lock go.
+struct RecordCache {
+    /// By 4 KiB page number: (page number, gpa of the page, leaf).
+    pages: [Option<(u64, u64, Leaf)>; 64],
+}
+
+impl Default for RecordCache {
+    fn default() -> RecordCache {
+        RecordCache { pages: [None; 64] }
+    }
+}
+
+impl RecordCache {
+    /// [`MmState::translate`], remembered per 4 KiB page.
+    #[inline]
+    fn translate(&mut self, st: &MmState, format: &PagingFormat, va: u64) -> Option<(u64, Leaf)> {
+        let vpn = va >> 12;
+        let slot = &mut self.pages[vpn as usize % 64];
+        if let Some((v, gpa, leaf)) = *slot
+            && v == vpn
+        {
+            return Some((gpa | (va & 0xfff), leaf));
+        }
+        let (gpa, leaf) = st.translate(format, va)?;
+        *slot = Some((vpn, gpa & !0xfff, leaf));
+        Some((gpa, leaf))
+    }
+}
+
 /// User accesses to one mapping of the current process.
 fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
     let (os, ck, w) = (sh.os, sh.ck, &sh.cfg.workload);
@@ -844,6 +876,7 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
     // Guest mode is held from one access to the next; the run ends before
     // the guest's fault handler, which takes locks.
     let mut run = c.g.user_run();
+    let mut records = RecordCache::default();
     'touches: for i in 0..u64::from(w.touches) {
         let r = rng.next_u64();
         let page = match w.pattern {
@@ -884,7 +917,11 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
             let checked = ck.checks(n);
             // The OS's record, read only when something needs it.
             let needs = checked || (write && ck.level != CheckLevel::Off) || !matches!(r, AccessResult::Done { .. });
-            let expect = if needs { st.translate(&os.format, va) } else { None };
+            let expect = if needs {
+                records.translate(&st, &os.format, va)
+            } else {
+                None
+            };
             match r {
                 AccessResult::Done { gpa, value, mmio } => {
                     if checked {
@@ -971,6 +1008,8 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                     drop(st);
                     let fix = os.page_fault(&mut c.g, ck, mm, va, write);
                     st = mm.state.read();
+                    // The record may have changed while the lock was free.
+                    records = RecordCache::default();
                     c.g.process_mailbox(os)?;
                     run = c.g.user_run();
                     match fix {
