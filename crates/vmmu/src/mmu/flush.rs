@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
+/// How long a remote flush waits for one vCPU before it warns (once).
+const STUCK_FLUSH_WARNING: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The flush generation and the vCPUs it must wait for.
 #[derive(Debug, Default)]
 pub struct RemoteTlb {
@@ -74,7 +77,9 @@ impl RemoteTlb {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         let vcpus: Vec<Arc<VcpuMode>> = self.vcpus.lock().clone();
         for v in vcpus {
-            let mut spins = 0u32;
+            let mut spins = 0u64;
+            let mut waiting_since = None;
+            let mut warned = false;
             loop {
                 let s = v.state.load(Ordering::SeqCst);
                 if s & 1 == 0 || (s >> 1) >= target {
@@ -87,6 +92,21 @@ impl RemoteTlb {
                     // Shuttle's yield inside a model test (the vCPU being
                     // waited for runs on the same OS thread).
                     crate::sync::yield_now();
+                }
+                if !warned && spins.is_multiple_of(1 << 16) && !crate::sync::in_model() {
+                    let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= STUCK_FLUSH_WARNING {
+                        warned = true;
+                        // Once per wait: a vCPU held in guest mode without
+                        // accessing (a `GuestSession` kept across a wait
+                        // for another thread) stalls every flusher.
+                        tracing::warn!(
+                            target: "kvm_mmu",
+                            generation = target,
+                            "a remote TLB flush has waited {} s for a vCPU in guest mode that makes no access: is a GuestSession held across a wait for another thread?",
+                            STUCK_FLUSH_WARNING.as_secs()
+                        );
+                    }
                 }
             }
         }
