@@ -404,6 +404,7 @@ fn bench_flags() {
         case(&["bench", "all", "-b", "6K"], &["--bytes-per-vcpu 6K"]),
         // Iterations past what each benchmark takes.
         case(&["bench", "walk", "-i", "100000001"], &["--iterations", "walk"]),
+        case(&["bench", "tlb-hit", "-i", "100000001"], &["--iterations", "tlb-hit"]),
         case(
             &["bench", "cr3-switch", "-i", "20000001"],
             &["--iterations", "cr3-switch"],
@@ -419,6 +420,8 @@ fn bench_flags() {
         case(&["bench", "walk", "-b", "4K"], &["--bytes-per-vcpu", "walk"]),
         case(&["bench", "walk", "-b", "1"], &["--bytes-per-vcpu", "walk"]),
         case(&["bench", "walk", "-v", "2"], &["--vcpus", "walk"]),
+        case(&["bench", "tlb-hit", "-v", "2"], &["--vcpus", "tlb-hit"]),
+        case(&["bench", "tlb-hit", "-s", "thp"], &["--backing", "tlb-hit"]),
         case(&["bench", "cr3-switch", "-s", "thp"], &["--backing", "cr3-switch"]),
         case(&["bench", "wp-emulate", "-v", "2"], &["--vcpus", "wp-emulate"]),
         case(&["bench", "zap-all", "-b", "1G"], &["--bytes-per-vcpu", "zap-all"]),
@@ -427,6 +430,7 @@ fn bench_flags() {
         case(&["bench", "wp-emulate", "--mmu", "tdp"], &["shadow MMU"]),
         case(&["bench", "dirty-log", "--mmu", "shadow"], &["--mmu shadow"]),
         case(&["bench", "walk", "--mmu", "shadow"], &["--mmu shadow"]),
+        case(&["bench", "tlb-hit", "--mmu", "tdp"], &["--mmu", "both MMUs"]),
         case(
             &["bench", "populate", "--mmu", "shadow", "-s", "thp"],
             &["4K pages only"],

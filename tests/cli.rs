@@ -305,6 +305,29 @@ fn bench_populate_shadow_json() {
 }
 
 #[test]
+fn bench_tlb_hit_json_measures_both_mmus() {
+    let v = bench_json(&["bench", "tlb-hit", "-i", "2000", "--json"]);
+    assert_eq!(v["bench"], "tlb-hit");
+    assert_eq!(v["mmu"], "both");
+    let phases: Vec<&str> = v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "tdp session",
+            "tdp entry per access",
+            "shadow session",
+            "shadow entry per access"
+        ]
+    );
+    assert!(v["ratio"].as_f64().is_some_and(|r| r.is_finite() && r > 0.0), "{v}");
+}
+
+#[test]
 fn bench_wp_emulate_json() {
     let v = bench_json(&["bench", "wp-emulate", "-i", "500", "--json"]);
     assert_eq!(v["bench"], "wp-emulate");
