@@ -848,7 +848,9 @@ impl RecordCache {
     }
 }
 
-/// User accesses to one mapping of the current process.
+/// User accesses to one mapping of the current process (kept out of line:
+/// its loop is the simulator's hot path, and compiles better alone).
+#[inline(never)]
 fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
     let (os, ck, w) = (sh.os, sh.ck, &sh.cfg.workload);
     let task = c.tasks[c.cur].clone();
