@@ -288,3 +288,30 @@ fn first_level_decisions_do_not_outlive_control_register_changes() {
         assert_eq!(done(v.access(0x1000, AccessKind::Read, 0, false, 8, 0).unwrap()), 0);
     }
 }
+
+/// `rep stos` holds guest mode from one store to the next (it is one
+/// instruction) and leaves it when it ends: a flush asked for afterwards
+/// does not wait for another access.
+#[test]
+fn rep_stos_leaves_guest_mode_when_it_ends() {
+    for shadow in [false, true] {
+        let m = std::sync::Arc::new(Machine::new(shadow));
+        let mut v = m.vcpu(1, true);
+        done(v.rep_stos(0x1000, 64, 0x5a).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Not scoped: on failure the test must not wait for the flusher.
+        let flusher = m.clone();
+        std::thread::spawn(move || {
+            flusher.remote_tlb().flush();
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "shadow {shadow}: the flush waited for a vCPU that finished its rep stos"
+        );
+        assert_eq!(
+            done(v.access(0x1000 + 8 * 63, AccessKind::Read, 3, false, 8, 0).unwrap()),
+            0x5a
+        );
+    }
+}

@@ -181,6 +181,9 @@ pub fn access_class(access: Access) -> Option<u32> {
 pub struct Tlb {
     config: TlbConfig,
     arrays: [Vec<Option<TlbEntry>>; 4],
+    /// Valid entries per array: a flush skips the empty ones (most
+    /// guests leave the huge-page arrays empty).
+    used: [usize; 4],
     next_victim: [Vec<u8>; 4],
     l1: Box<[L1Entry; L1_ENTRIES]>,
     /// Bumped by every change: first-level entries of an older
@@ -249,6 +252,7 @@ impl Tlb {
         Tlb {
             config,
             arrays: std::array::from_fn(|_| vec![None; n]),
+            used: [0; 4],
             next_victim: std::array::from_fn(|_| vec![0; config.sets]),
             l1: Box::new([L1Entry::default(); L1_ENTRIES]),
             generation: 1,
@@ -347,7 +351,11 @@ impl Tlb {
             .position(|e| e.is_some_and(|e| e.va_base == entry.va_base && e.tag == entry.tag))
             .or_else(|| ways.iter().position(Option::is_none));
         match slot {
-            Some(s) => ways[s] = Some(entry),
+            Some(s) => {
+                if ways[s].replace(entry).is_none() {
+                    self.used[i] += 1;
+                }
+            }
             None => {
                 let v = &mut self.next_victim[i][set];
                 ways[*v as usize] = Some(entry);
@@ -366,6 +374,7 @@ impl Tlb {
             for e in &mut self.arrays[i][range] {
                 if e.is_some_and(|x| x.matches(va, tag)) {
                     *e = None;
+                    self.used[i] -= 1;
                 }
             }
         }
@@ -389,29 +398,36 @@ impl Tlb {
             Flush::Eptp(eptp) => e.tag.eptp == *eptp,
             Flush::Everything => true,
         };
-        let drop_matching = |slots: &mut [Option<TlbEntry>]| {
+        let drop_matching = |slots: &mut [Option<TlbEntry>], used: &mut usize| {
             for slot in slots {
                 if slot.as_ref().is_some_and(removes) {
                     *slot = None;
+                    *used -= 1;
                 }
             }
         };
-        if let Flush::Page { va, .. } | Flush::PcidPage { va, .. } | Flush::VpidPage { va, .. } = flush {
+        let page = match flush {
+            Flush::Page { va, .. } | Flush::PcidPage { va, .. } | Flush::VpidPage { va, .. } => Some(va),
+            _ => None,
+        };
+        for (i, size) in SIZES.iter().enumerate() {
+            if self.used[i] == 0 {
+                continue;
+            }
             // A page flush only needs the sets that can hold the page.
-            for (i, size) in SIZES.iter().enumerate() {
-                let range = self.set_range(*size, va);
-                drop_matching(&mut self.arrays[i][range]);
-            }
-        } else {
-            for array in &mut self.arrays {
-                drop_matching(array);
-            }
+            let range = page.map_or(0..self.arrays[i].len(), |va| self.set_range(*size, va));
+            drop_matching(&mut self.arrays[i][range], &mut self.used[i]);
         }
     }
 
     /// Number of valid entries.
     pub fn len(&self) -> usize {
-        self.arrays.iter().map(|a| a.iter().flatten().count()).sum()
+        debug_assert_eq!(
+            self.used.iter().sum::<usize>(),
+            self.arrays.iter().map(|a| a.iter().flatten().count()).sum::<usize>(),
+            "the per-array counts match the entries"
+        );
+        self.used.iter().sum()
     }
 
     /// Whether no entry is valid.

@@ -986,6 +986,7 @@ impl Vcpu {
         value: u64,
     ) -> Result<AccessResult, VcpuError> {
         if self.in_guest
+            && self.session
             && (1..=8).contains(&size)
             && (gva & 0xfff) as usize + size <= 0x1000
             && let Some(done) = self.fast_access(gva, Access::new(kind, cpl, ac), size, value)
@@ -1055,6 +1056,9 @@ impl Vcpu {
         if let Backend::Shadow(s) = &mut self.backend {
             s.string_op = true;
         }
+        // One instruction: the vCPU stays in guest mode from one store to
+        // the next (a store that exits leaves it, as any exit does).
+        let in_session = std::mem::replace(&mut self.session, true);
         let mut result = Ok(AccessResult::Done {
             gpa: Gpa::new(0),
             value: 0,
@@ -1072,6 +1076,10 @@ impl Vcpu {
             if !matches!(result, Ok(AccessResult::Done { .. })) {
                 break;
             }
+        }
+        self.session = in_session;
+        if !in_session {
+            self.exit_guest();
         }
         if let Backend::Shadow(s) = &mut self.backend {
             s.string_op = false;
