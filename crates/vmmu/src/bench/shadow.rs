@@ -35,7 +35,8 @@ fn space(mem: &GuestMemory, i: u64, pages: u64) -> Result<u64, BenchError> {
     Ok(pml4)
 }
 
-fn regs() -> ControlRegs {
+/// A 4-level guest kernel's registers (CR0.WP, NX, no SMEP/SMAP).
+pub(super) fn regs() -> ControlRegs {
     ControlRegs {
         cr0: Cr0::PE | Cr0::PG | Cr0::WP,
         cr4: Cr4::PAE,

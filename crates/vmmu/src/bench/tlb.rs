@@ -17,16 +17,16 @@
 
 use std::hint::black_box;
 
+use super::shadow::regs;
 use super::tdp::BenchError;
 use super::{BenchResult, Figure, Phase, Report, best_ns_per_iter};
 use crate::addr::{Gpa, Hva, Pfn};
-use crate::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
+use crate::arch::control::CpuFeatures;
 use crate::arch::perm::AccessKind;
-use crate::cpu::vcpu::{AccessResult, Vcpu};
+use crate::cpu::vcpu::{AccessResult, Vcpu, VcpuError};
 use crate::mem::{FrameArena, GuestMemory, HostAddressSpace, VmaFlags};
 use crate::mmu::tdp::TdpConfig;
 use crate::sim::vm::{ShadowVm, Vm};
-use crate::walker::ControlRegs;
 
 /// Where guest memory is mapped in the host.
 const HVA: u64 = 0x4000_0000;
@@ -57,14 +57,6 @@ fn tables(mem: &GuestMemory) -> Result<u64, BenchError> {
     Ok(pml4)
 }
 
-fn regs() -> ControlRegs {
-    ControlRegs {
-        cr0: Cr0::PE | Cr0::PG | Cr0::WP,
-        cr4: Cr4::PAE,
-        efer: Efer::LME | Efer::LMA | Efer::NXE,
-    }
-}
-
 /// The addresses: 8-byte aligned, pseudo-random over the pages.
 fn addresses() -> Vec<u64> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -78,10 +70,14 @@ fn addresses() -> Vec<u64> {
         .collect()
 }
 
-/// `n` accesses in one guest-mode session: odd ones write, even ones read.
-#[inline(never)]
-fn session_loop(v: &mut Vcpu, vas: &[u64], n: u64) -> Result<u64, String> {
-    let mut session = v.session();
+/// `n` user accesses of 8 bytes through `access` (address, kind, value
+/// written): odd ones write, even ones read.
+#[inline(always)]
+fn access_loop(
+    vas: &[u64],
+    n: u64,
+    mut access: impl FnMut(u64, AccessKind, u64) -> Result<AccessResult, VcpuError>,
+) -> Result<u64, String> {
     let mut sink = 0u64;
     for i in 0..n {
         let va = vas[i as usize & (ADDRESSES - 1)];
@@ -90,7 +86,7 @@ fn session_loop(v: &mut Vcpu, vas: &[u64], n: u64) -> Result<u64, String> {
         } else {
             AccessKind::Read
         };
-        match session.access(black_box(va), kind, 3, false, 8, i) {
+        match access(black_box(va), kind, i) {
             Ok(AccessResult::Done { value, mmio: false, .. }) => sink = sink.wrapping_add(value),
             other => return Err(format!("access at {va:#x}: {other:?}")),
         }
@@ -98,23 +94,17 @@ fn session_loop(v: &mut Vcpu, vas: &[u64], n: u64) -> Result<u64, String> {
     Ok(sink)
 }
 
+/// The accesses in one guest-mode session.
+#[inline(never)]
+fn session_loop(v: &mut Vcpu, vas: &[u64], n: u64) -> Result<u64, String> {
+    let mut session = v.session();
+    access_loop(vas, n, |va, kind, i| session.access(va, kind, 3, false, 8, i))
+}
+
 /// The same accesses, each entering and leaving guest mode.
 #[inline(never)]
 fn entry_loop(v: &mut Vcpu, vas: &[u64], n: u64) -> Result<u64, String> {
-    let mut sink = 0u64;
-    for i in 0..n {
-        let va = vas[i as usize & (ADDRESSES - 1)];
-        let kind = if i & 1 == 1 {
-            AccessKind::Write
-        } else {
-            AccessKind::Read
-        };
-        match v.access(black_box(va), kind, 3, false, 8, i) {
-            Ok(AccessResult::Done { value, mmio: false, .. }) => sink = sink.wrapping_add(value),
-            other => return Err(format!("access at {va:#x}: {other:?}")),
-        }
-    }
-    Ok(sink)
+    access_loop(vas, n, |va, kind, i| v.access(va, kind, 3, false, 8, i))
 }
 
 /// The reference: the same accesses straight to the frames.
