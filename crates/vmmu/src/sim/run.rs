@@ -159,6 +159,47 @@ struct Cpu {
     ops: u64,
     /// The vCPU's isolation counters at the last check.
     isolation: (u64, u64),
+    /// Zipf tables by mapping size (the `zipfian` pattern).
+    zipf: ZipfTables,
+}
+
+/// Zipf-distributed page numbers, `P(k) ∝ (k + 1)^-theta` for `k` in
+/// `0..pages`: the cumulative distribution of each mapping size, built once
+/// per vCPU thread, sampled with one uniform draw and a binary search
+/// (a rejection sampler costs a few `pow`s per access). Sizes past
+/// [`ZipfTables::MAX_TABLE`] pages use `rand_distr::Zipf`.
+#[derive(Default)]
+struct ZipfTables {
+    /// By (pages, theta's bits).
+    tables: std::collections::HashMap<(u64, u64), Vec<f64>>,
+}
+
+impl ZipfTables {
+    /// The largest mapping with a table (512 KiB of `f64`).
+    const MAX_TABLE: u64 = 1 << 16;
+
+    fn sample(&mut self, pages: u64, theta: f64, rng: &mut SmallRng) -> u64 {
+        if pages > Self::MAX_TABLE {
+            return Zipf::new(pages as f64, theta)
+                .map_or(0, |z| z.sample(rng) as u64 - 1)
+                .min(pages - 1);
+        }
+        let cdf = self.tables.entry((pages, theta.to_bits())).or_insert_with(|| {
+            let mut sum = 0.0;
+            let mut cdf: Vec<f64> = (1..=pages)
+                .map(|k| {
+                    sum += (k as f64).powf(-theta);
+                    sum
+                })
+                .collect();
+            for c in &mut cdf {
+                *c /= sum;
+            }
+            cdf
+        });
+        let u: f64 = rng.random();
+        (cdf.partition_point(|&c| c <= u) as u64).min(pages - 1)
+    }
 }
 
 /// Fault-latency bucket bounds (ns).
@@ -291,6 +332,7 @@ fn boot(cfg: &RunConfig) -> Result<(Machine, Os, Checker, Vec<Cpu>), RunError> {
             hist: [0; BOUNDS.len() + 1],
             ops: 0,
             isolation: (0, 0),
+            zipf: ZipfTables::default(),
         });
     }
     let w = &cfg.workload;
@@ -865,7 +907,6 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
     }
     let mut vma = *st.vmas().nth(rng.random_range(0..n)).expect("n > 0");
     let pages = vma.pages();
-    let zipf = Zipf::new(pages as f64, w.zipf_theta).ok();
     let stripes = mm.nthreads.clamp(1, 64) as u64;
     let lines = 64 / stripes;
     // This thread's lane of each page: the lines it alone writes.
@@ -884,7 +925,7 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
         let page = match w.pattern {
             Pattern::Sequential => (cursor + i) % pages,
             Pattern::Uniform => ((r & 0xffff_ffff) * pages) >> 32,
-            Pattern::Zipfian => zipf.as_ref().map_or(0, |z| z.sample(rng) as u64 - 1).min(pages - 1),
+            Pattern::Zipfian => c.zipf.sample(pages, w.zipf_theta, rng),
             Pattern::Strided => (cursor + i * w.stride_pages) % pages,
         };
         let line = if w.pattern == Pattern::Sequential {
@@ -1293,4 +1334,33 @@ pub fn replay(trace: &Trace, mmu: MmuKind, check: CheckLevel) -> Result<RunOutco
     }
     let seconds = start.elapsed().as_secs_f64();
     finish(&sh, cpus, seconds, Vec::new(), 0, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table sampler draws page `k` with probability ∝ (k + 1)^-theta,
+    /// over the whole mapping and nothing outside it.
+    #[test]
+    fn zipf_tables_sample_the_zipf_law() {
+        let mut z = ZipfTables::default();
+        let mut rng = SmallRng::seed_from_u64(7);
+        for (pages, theta) in [(16u64, 0.99), (64, 0.5), (1, 0.99)] {
+            let n = 200_000;
+            let mut counts = vec![0u64; pages as usize];
+            for _ in 0..n {
+                counts[z.sample(pages, theta, &mut rng) as usize] += 1;
+            }
+            let norm: f64 = (1..=pages).map(|k| (k as f64).powf(-theta)).sum();
+            for (k, &c) in counts.iter().enumerate() {
+                let want = ((k + 1) as f64).powf(-theta) / norm;
+                let got = c as f64 / n as f64;
+                assert!(
+                    (got - want).abs() < 0.01,
+                    "pages {pages}, theta {theta}: page {k} drawn {got:.4} of the time, the law gives {want:.4}"
+                );
+            }
+        }
+    }
 }
