@@ -65,7 +65,16 @@ pub struct Eptp(pub u64);
 impl Eptp {
     /// An EPTP for a root at `root` with `levels` (4 or 5), write-back
     /// paging-structure memory type, and A/D flags as `ad`.
+    ///
+    /// # Panics
+    /// If `levels` is not 4 or 5, the only page-walk lengths EPT has (a
+    /// VMM bug: the EPTP's 3-bit field would hold a length the processor
+    /// rejects at VM entry).
     pub fn new(root: u64, levels: u8, ad: bool) -> Eptp {
+        assert!(
+            matches!(levels, 4 | 5),
+            "an EPT page walk has 4 or 5 levels, not {levels}"
+        );
         Eptp(
             (root & super::pte::PT64_ADDR_MASK)
                 | ((levels as u64 - 1) << 3)
@@ -110,5 +119,25 @@ bitflags! {
         /// With GLA_VALID: 1 = the access was to the final translation of the
         /// linear address, 0 = to a guest paging-structure entry.
         const GLA_TRANSLATION = 1 << 8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_eptp_holds_its_root_walk_length_and_ad_flag() {
+        for (levels, ad) in [(4, false), (4, true), (5, false), (5, true)] {
+            let e = Eptp::new(0x12_3000, levels, ad);
+            assert_eq!((e.root(), e.levels(), e.ad_enabled()), (0x12_3000, levels, ad));
+            assert_eq!(e.0 & 7, MemType::Wb as u64);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "4 or 5 levels, not 0")]
+    fn an_eptp_of_no_levels_is_refused() {
+        let _ = Eptp::new(0x1000, 0, false);
     }
 }
