@@ -233,7 +233,15 @@ impl Paging<Pte64> {
 
 impl Paging<PteEpt> {
     /// EPT with `levels` (4 or 5) levels and A/D flags as `ad` (EPTP bit 6).
+    ///
+    /// # Panics
+    /// If `levels` is not 4 or 5 (the page-walk lengths EPT has; the caller
+    /// chose it, the guest cannot).
     pub fn ept(levels: u8, ad: bool, features: &CpuFeatures) -> Self {
+        assert!(
+            matches!(levels, 4 | 5),
+            "an EPT page walk has 4 or 5 levels, not {levels}"
+        );
         Paging {
             root_level: levels,
             rsvd: RsvdBits::ept(features),

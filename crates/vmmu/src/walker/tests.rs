@@ -714,3 +714,9 @@ proptest! {
         prop_assert_eq!(p.peek(&mem, &root, path.va, path.access, path.pkru).map(|w| w.gpa), Ok(before.gpa));
     }
 }
+
+#[test]
+#[should_panic(expected = "4 or 5 levels, not 3")]
+fn ept_paging_of_three_levels_is_refused() {
+    let _ = Paging::ept(3, false, &CpuFeatures::default());
+}
