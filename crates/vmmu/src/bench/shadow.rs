@@ -18,7 +18,7 @@ const PT_VA: u64 = 0x1f_f000;
 
 /// Address space `i` (4-level): its tables at `(1 + 4i)` pages, mapping
 /// `pages` data pages from va 0, and its PT at [`PT_VA`] (supervisor RW).
-fn space(mem: &GuestMemory, i: u64, pages: u64) -> Result<u64, BenchError> {
+pub(super) fn space(mem: &GuestMemory, i: u64, pages: u64) -> Result<u64, BenchError> {
     let base = (1 + 4 * i) * 0x1000;
     let (pml4, pdpt, pd, pt) = (base, base + 0x1000, base + 0x2000, base + 0x3000);
     let w = |gpa: u64, v: u64| {

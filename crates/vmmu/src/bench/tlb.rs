@@ -17,14 +17,14 @@
 
 use std::hint::black_box;
 
-use super::shadow::regs;
+use super::shadow::{regs, space};
 use super::tdp::BenchError;
 use super::{BenchResult, Figure, Phase, Report, best_ns_per_iter};
-use crate::addr::{Gpa, Hva, Pfn};
+use crate::addr::{Hva, Pfn};
 use crate::arch::control::CpuFeatures;
 use crate::arch::perm::AccessKind;
 use crate::cpu::vcpu::{AccessResult, Vcpu, VcpuError};
-use crate::mem::{FrameArena, GuestMemory, HostAddressSpace, VmaFlags};
+use crate::mem::{FrameArena, HostAddressSpace, VmaFlags};
 use crate::mmu::tdp::TdpConfig;
 use crate::sim::vm::{ShadowVm, Vm};
 
@@ -32,30 +32,12 @@ use crate::sim::vm::{ShadowVm, Vm};
 const HVA: u64 = 0x4000_0000;
 /// User pages mapped (and touched).
 const PAGES: u64 = 16;
-/// Their first gfn.
-const DATA_GFN: u64 = 0x100;
+/// Their first gfn (address space 0 of [`space`]).
+const DATA_GFN: u64 = 0x400;
 /// Addresses cycled through (a power of two).
 const ADDRESSES: usize = 4096;
 /// The goal per vCPU thread: "tens of millions" of TLB-hit accesses/s.
 const GOAL_PER_SEC: f64 = 20e6;
-
-/// 4-level tables at gpa 0x1000..0x5000 mapping [`PAGES`] user pages
-/// (read-write, accessed and dirty) from va 0.
-fn tables(mem: &GuestMemory) -> Result<u64, BenchError> {
-    const TABLE: u64 = 0x7;
-    let (pml4, pdpt, pd, pt) = (0x1000, 0x2000, 0x3000, 0x4000);
-    let w = |gpa: u64, v: u64| {
-        mem.write_u64(Gpa::new(gpa), v)
-            .map_err(|e| BenchError::Run(format!("building the guest tables: {e}")))
-    };
-    w(pml4, pdpt | TABLE)?;
-    w(pdpt, pd | TABLE)?;
-    w(pd, pt | TABLE)?;
-    for p in 0..PAGES {
-        w(pt + 8 * p, ((DATA_GFN + p) << 12) | TABLE | 0x60)?;
-    }
-    Ok(pml4)
-}
 
 /// The addresses: 8-byte aligned, pseudo-random over the pages.
 fn addresses() -> Vec<u64> {
@@ -185,13 +167,13 @@ pub fn run(iterations: Option<u64>) -> Result<Report, BenchError> {
         return Err(BenchError::Config("tlb-hit: --iterations must be at least 1".into()));
     }
     let err = |e: &dyn std::fmt::Display| BenchError::Run(e.to_string());
-    let ram = 4 << 20;
+    let ram = 8 << 20;
     let tdp = Vm::new(ram, Hva::new(HVA), VmaFlags::WRITE, TdpConfig::default()).map_err(|e| err(&e))?;
-    let cr3 = tables(&tdp.memory())?;
+    let cr3 = space(&tdp.memory(), 0, PAGES)?;
     let v = tdp.vcpu(CpuFeatures::default(), 1, regs(), cr3).map_err(|e| err(&e))?;
     let (t_session, t_entry, t_ref, secs) = measure("tdp", iters, v, tdp.host.arena(), &tdp.host)?;
     let shadow = ShadowVm::new(ram, Hva::new(HVA), VmaFlags::WRITE).map_err(|e| err(&e))?;
-    let cr3 = tables(&shadow.memory())?;
+    let cr3 = space(&shadow.memory(), 0, PAGES)?;
     let v = shadow
         .vcpu(CpuFeatures::default(), 1, regs(), cr3)
         .map_err(|e| err(&e))?;
