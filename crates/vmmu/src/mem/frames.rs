@@ -196,6 +196,11 @@ pub struct FrameArena {
     first_pfn: u64,
     alloc: Mutex<Allocator>,
     allocated: AtomicU64,
+    /// Allocations made so far (runs of any size).
+    allocations: AtomicU64,
+    /// Fault injection (Linux's `fail-nth`): when not 0, the allocation
+    /// that brings it to 0 fails.
+    fail_nth: AtomicU64,
 }
 
 impl std::fmt::Debug for FrameArena {
@@ -240,6 +245,8 @@ impl FrameArena {
             first_pfn,
             alloc: Mutex::new(Allocator::default()),
             allocated: AtomicU64::new(0),
+            allocations: AtomicU64::new(0),
+            fail_nth: AtomicU64::new(0),
         })
     }
 
@@ -344,6 +351,19 @@ impl FrameArena {
     /// generation; each can later be freed on its own (4K) or as the run.
     pub fn alloc(&self, size: PageSize) -> Result<Pfn, FrameError> {
         let order = order_of(size)?;
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        let injected = self.fail_nth.load(Ordering::Relaxed) != 0
+            && self
+                .fail_nth
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok_and(|n| n == 1);
+        if injected {
+            return Err(FrameError::OutOfFrames {
+                size,
+                capacity_frames: self.nr_frames,
+                allocated_frames: self.allocated_frames(),
+            });
+        }
         let run = self
             .alloc
             .lock()
@@ -372,6 +392,29 @@ impl FrameArena {
     /// Allocates one zeroed 4 KiB frame.
     pub fn alloc_4k(&self) -> Result<Pfn, FrameError> {
         self.alloc(PageSize::Size4K)
+    }
+
+    /// Allocations made so far (each [`FrameArena::alloc`] call, failed
+    /// ones included).
+    pub fn allocations(&self) -> u64 {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    /// Fault injection, as Linux's `fail-nth`: the `n`-th allocation from
+    /// now fails with [`FrameError::OutOfFrames`] (once), whatever is free;
+    /// 0 cancels. For testing that every caller survives running out of
+    /// memory at every allocation point, and works again when memory
+    /// returns.
+    pub fn fail_nth(&self, n: u64) {
+        self.fail_nth.store(n, Ordering::Release);
+    }
+
+    /// Zeroes an allocated frame (a page table taken for use and given
+    /// back unpublished, before it is reused).
+    pub fn zero(&self, pfn: Pfn) {
+        for w in self.table(pfn) {
+            w.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Frees a run previously allocated (or a 4K frame of one), poisoning

@@ -292,17 +292,18 @@ impl<T> MmuLock<T> {
     /// Takes the lock for writing: every shard, in index order (the one
     /// lock order, so two writers never deadlock).
     pub fn write(&self) -> MmuLockWriteGuard<'_, T> {
+        MmuLockWriteGuard {
+            hold: Some(self.write_hold()),
+            lock: self,
+        }
+    }
+
+    fn write_hold(&self) -> WriteHold<'_> {
         #[cfg(feature = "shuttle")]
         if let Some(model) = &self.model {
-            return MmuLockWriteGuard {
-                _hold: WriteHold::Model(model.write().expect("a model thread panicked holding mmu_lock")),
-                data: &self.data,
-            };
+            return WriteHold::Model(model.write().expect("a model thread panicked holding mmu_lock"));
         }
-        MmuLockWriteGuard {
-            _hold: WriteHold::Shards(std::array::from_fn(|i| self.shards[i].write())),
-            data: &self.data,
-        }
+        WriteHold::Shards(std::array::from_fn(|i| self.shards[i].write()))
     }
 
     /// The protected data, consuming the lock.
@@ -321,8 +322,9 @@ pub struct MmuLockReadGuard<'a, T> {
 /// `mmu_lock` held for writing.
 #[derive(Debug)]
 pub struct MmuLockWriteGuard<'a, T> {
-    _hold: WriteHold<'a>,
-    data: &'a T,
+    /// Always `Some` but inside [`MmuLockWriteGuard::unlocked`].
+    hold: Option<WriteHold<'a>>,
+    lock: &'a MmuLock<T>,
 }
 
 impl<T> Deref for MmuLockReadGuard<'_, T> {
@@ -335,7 +337,7 @@ impl<T> Deref for MmuLockReadGuard<'_, T> {
 impl<T> Deref for MmuLockWriteGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        self.data
+        &self.lock.data
     }
 }
 
@@ -364,6 +366,19 @@ impl<T> MmuLockWriteGuard<'_, T> {
     /// The write-hold token.
     pub fn held_write(&self) -> HeldMmuWriteLock<'_> {
         HeldMmuWriteLock { _guard: PhantomData }
+    }
+
+    /// Releases the lock, runs `f`, and takes the lock again (KVM drops
+    /// `mmu_lock` this way to allocate, or to yield in a long walk). Taking
+    /// `&mut self` ends every borrow of the guard first: nothing obtained
+    /// under the lock (a token, a validated host mapping) survives into `f`
+    /// or past it. The caller must treat what it read under the lock as
+    /// stale afterwards (a cursor restarts from the root).
+    pub fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        drop(self.hold.take());
+        let r = f();
+        self.hold = Some(self.lock.write_hold());
+        r
     }
 }
 

@@ -1,8 +1,10 @@
 //! The MMUs and what they share: the SPTE format ([`spte`]), the walk
 //! cursor over SPTE tables in host frames ([`iter`]), remote TLB flushes
-//! and flush obligations ([`flush`]), KVM-named counters ([`stats`]), the
-//! TDP MMU ([`tdp`]) and the shadow MMU ([`shadow`], being built).
+//! and flush obligations ([`flush`]), frames set aside for page tables
+//! before `mmu_lock` ([`cache`]), KVM-named counters ([`stats`]), the TDP
+//! MMU ([`tdp`]) and the shadow MMU ([`shadow`]).
 
+pub mod cache;
 pub mod flush;
 pub mod iter;
 pub mod shadow;
