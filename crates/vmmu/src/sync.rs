@@ -124,6 +124,10 @@ pub enum Bug {
     /// A vCPU in a guest-mode session acknowledges a remote flush without
     /// flushing its TLB.
     AckWithoutFlush = 1 << 10,
+    /// The shadow MMU ignores PKRU's write-disable when it builds a leaf
+    /// for a supervisor write with CR0.WP = 0: the SPTE it builds faults
+    /// again in the hardware (CR0.WP forced on), forever.
+    IgnorePkruWriteDisable = 1 << 11,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**

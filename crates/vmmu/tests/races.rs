@@ -37,7 +37,7 @@ mod model {
     use vmmu::arch::control::CpuFeatures;
     use vmmu::arch::perm::AccessKind;
     use vmmu::cpu::vcpu::{AccessResult, Vcpu};
-    use vmmu::mem::{HvaRange, SlotCache, VmaFlags};
+    use vmmu::mem::{HvaRange, VmaFlags};
     use vmmu::mmu::iter::{Geometry, SpteIter};
     use vmmu::mmu::tdp::{FaultOutcome, RootRef, TdpConfig, TdpFault, TdpMmu};
     use vmmu::sim::vm::Vm;
@@ -94,7 +94,7 @@ mod model {
     /// few times: each retry means another thread made progress). Returns
     /// the last outcome.
     fn fault_in(mmu: &TdpMmu, root: &RootRef, gfn: u64, write: bool) -> FaultOutcome {
-        let mut cache = SlotCache::default();
+        let mut cache = mmu.vcpu_caches();
         for _ in 0..4 {
             let outcome = mmu
                 .page_fault(root, fault(gfn, write), &mut cache, None)

@@ -639,3 +639,87 @@ fn a_no_flush_return_to_a_flushed_pcid_sees_edits_made_under_another_pcid() {
     v.mov_cr3(cr3 | 1 << 63).unwrap();
     assert_eq!(read(&mut v, 0).0, 0x200 << 12, "PCID 0 cached nothing since the flush");
 }
+
+/// Class 6 of the configuration matrix: with CR0.WP = 0, PKRU's
+/// write-disable does not apply to supervisor writes (SDM 4.6.2), while
+/// the hardware walking the shadow tables runs with CR0.WP = 1. A
+/// supervisor write to a writable user page whose key is write-disabled
+/// must complete; it used to exit to the MMU forever (in 4-level and
+/// 5-level paging, wherever protection keys apply).
+#[test]
+fn a_supervisor_write_with_wp_off_ignores_pkru_write_disable() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    // va 0: the user data page, writable, protection key 1.
+    let pt = cr3 + 0x3000;
+    mem.write_u64(Gpa::new(pt), (0x100 << 12) | P | W | U | 1 << 59)
+        .unwrap();
+    let mut r = regs(false, false);
+    r.cr4 |= Cr4::PKE;
+    let wd1 = 1 << 3;
+    v.set_state(r, cr3, wd1).unwrap();
+    assert!(
+        matches!(access(&mut v, 0, AccessKind::Write, 0, 5), AccessResult::Done { .. }),
+        "x86 lets the supervisor write through"
+    );
+    assert_eq!(read(&mut v, 0).1, 5);
+    // The user's write is still write-disabled by its key.
+    assert_eq!(pf(access(&mut v, 0, AccessKind::Write, 3, 6)), 0x27);
+}
+
+/// The other half of the rule: PKRU's access-disable applies to every
+/// supervisor data access to a user page, whatever CR0.WP says. The CR0.WP
+/// = 0 emulation may not serve a supervisor write to a read-only user page
+/// with a supervisor SPTE under protection keys: such an SPTE outlives a
+/// later WRPKRU that access-disables the key (WRPKRU does not exit).
+#[test]
+fn the_wp_off_emulation_does_not_bypass_pkru_access_disable() {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    let pt = cr3 + 0x3000;
+    // va 0: a read-only user page with key 1.
+    mem.write_u64(Gpa::new(pt), (0x100 << 12) | P | U | 1 << 59).unwrap();
+    let mut r = regs(false, false);
+    r.cr4 |= Cr4::PKE;
+    v.set_state(r, cr3, 0).unwrap();
+    assert!(matches!(
+        access(&mut v, 0, AccessKind::Write, 0, 5),
+        AccessResult::Done { .. }
+    ));
+    // WRPKRU: key 1 access-disabled. A supervisor read of the user page
+    // now faults with PK (and P, as the page is present).
+    let ad1 = 1 << 2;
+    v.set_pkru(ad1);
+    assert_eq!(pf(access(&mut v, 0, AccessKind::Read, 0, 0)), 0x21);
+}
+
+/// No access may loop: with the PKRU rule above broken (an injected bug),
+/// the vCPU stops after a bounded number of identical exits with a typed
+/// error naming the state that caused it, instead of spinning.
+#[cfg(feature = "shuttle")]
+#[test]
+fn a_livelocked_access_is_a_typed_error_with_its_state() {
+    use vmmu::cpu::vcpu::{LIVELOCK_EXITS, VcpuError};
+    use vmmu::sync::{Bug, with_bugs};
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    mem.write_u64(Gpa::new(cr3 + 0x3000), (0x100 << 12) | P | W | U | 1 << 59)
+        .unwrap();
+    let mut r = regs(false, false);
+    r.cr4 |= Cr4::PKE;
+    v.set_state(r, cr3, 1 << 3).unwrap();
+    let e = with_bugs(&[Bug::IgnorePkruWriteDisable], || {
+        v.access(0, AccessKind::Write, 0, false, 8, 5)
+    })
+    .unwrap_err();
+    match e {
+        VcpuError::Livelock { gva, exits, state, .. } => {
+            assert_eq!((gva, exits), (0, LIVELOCK_EXITS));
+            assert!(state.contains("PKRU 0x8") && state.contains("PKE"), "{state}");
+        }
+        other => panic!("expected a livelock error, got {other}"),
+    }
+}

@@ -10,7 +10,7 @@ use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::control::CpuFeatures;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
-use vmmu::mem::{DirtyRing, GuestMemory, MemslotError, MemslotFlags, SlotCache, VmaFlags};
+use vmmu::mem::{DirtyRing, GuestMemory, MemslotError, MemslotFlags, VmaFlags};
 use vmmu::mmu::tdp::{DirtyLogMode, DirtyRingError, TdpConfig, TdpError, TdpFault};
 use vmmu::sim::vm::Vm;
 use vmmu::walker::ControlRegs;
@@ -111,7 +111,7 @@ fn enabling_follows_kvm_rules() {
         present: false,
     };
     assert!(matches!(
-        vm.mmu.page_fault(&root, fault, &mut SlotCache::default(), None),
+        vm.mmu.page_fault(&root, fault, &mut vm.mmu.vcpu_caches(), None),
         Err(TdpError::DirtyRingRequired)
     ));
     assert_eq!(vcpu(&vm, 2).dirty_ring().unwrap().size(), RING);

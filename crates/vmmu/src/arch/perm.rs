@@ -205,6 +205,12 @@ pub fn pkru_denies(pkru: u32, pkey: u8, write: bool, user: bool, cr0_wp: bool) -
     ad || (wd && write && (user || cr0_wp))
 }
 
+/// Whether PKRU's write-disable bit is set for key `pkey`.
+#[inline]
+pub fn pkru_write_disabled(pkru: u32, pkey: u8) -> bool {
+    (pkru >> (2 * u32::from(pkey & 0xf) + 1)) & 1 != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

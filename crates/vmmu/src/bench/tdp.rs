@@ -25,8 +25,7 @@ use crate::arch::control::CpuFeatures;
 use crate::arch::perm::AccessKind;
 use crate::cpu::vcpu::{AccessResult, Vcpu};
 use crate::mem::{
-    FrameArena, HostAddressSpace, HvaRange, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, SlotCache,
-    VmaFlags,
+    FrameArena, HostAddressSpace, HvaRange, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags,
 };
 use crate::mmu::iter::{Geometry, SpteIter};
 use crate::mmu::spte::{Spte, SpteAccess, SpteFormat};
@@ -429,7 +428,7 @@ fn fault_range(vm: &Vm, gfns: u64, leaf_pages: u64, threads: usize) -> Result<(D
     let per = leaves.div_ceil(threads as u64);
     let d = parallel(threads, |t| {
         let root = vm.mmu.get_root(0).map_err(|e| run_err("root", e))?;
-        let mut cache = SlotCache::default();
+        let mut cache = vm.mmu.vcpu_caches();
         let mut n = 0;
         for leaf in (t as u64 * per)..((t as u64 + 1) * per).min(leaves) {
             let gpa = Gpa::new(leaf * leaf_pages * PAGE);
@@ -758,7 +757,7 @@ pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report,
         let threads = vcpus as usize;
         let d = parallel(threads, |t| {
             let root = vm.mmu.get_root(0).map_err(|e| run_err("root", e))?;
-            let mut cache = SlotCache::default();
+            let mut cache = vm.mmu.vcpu_caches();
             let start = t as u64 * per;
             for gfn in (start..start + per).step_by(leaf_pages as usize) {
                 let fault = TdpFault {

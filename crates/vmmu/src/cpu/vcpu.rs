@@ -21,7 +21,8 @@ use crate::arch::pfec::PfErrorCode;
 use crate::arch::pte::PT_GLOBAL;
 use crate::arch::pte::Pte64;
 use crate::arch::pte::PteEpt;
-use crate::mem::{DirtyRing, FrameArena, MemslotTable, SlotCache};
+use crate::mem::{DirtyRing, FrameArena, MemslotTable};
+use crate::mmu::cache::{MmuCaches, MmuMemoryCache};
 use crate::mmu::flush::VcpuMode;
 use crate::mmu::shadow::page::SptePtr;
 use crate::mmu::shadow::role::GuestContext;
@@ -93,6 +94,16 @@ pub struct VcpuStats {
     pub invalid_root_uses: u64,
 }
 
+/// What the shadow MMU made of a #PF of the shadow walk.
+enum ShadowAnswer {
+    /// The access ends.
+    Done(AccessResult),
+    /// An SPTE was installed: retry the access.
+    Fixed,
+    /// A race, or a write-protected table unprotected: retry the access.
+    Retry,
+}
+
 /// How one try of an access ended.
 enum Attempt {
     /// The access completed or the guest takes a fault.
@@ -112,6 +123,12 @@ enum Attempt {
 const MAX_RETRIES: u32 = 100_000;
 /// Retries after which a vCPU yields its core between attempts.
 const YIELD_AFTER: u32 = 8;
+/// Exits in a row that the MMU answered "fixed" (or "already right") and
+/// that the hardware then took again, the same exit: a livelock, the MMU
+/// and the hardware disagreeing about what the SPTE allows. A race (a
+/// notifier zap between the fix and the retry) repeats this a few times
+/// at most; a correct MMU never comes near the bound.
+pub const LIVELOCK_EXITS: u32 = 1000;
 
 /// Why an access could not complete.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +155,20 @@ pub enum VcpuError {
         gva: u64,
         /// The last exit.
         last: Option<EptExit>,
+    },
+    /// The MMU answered the same exit as fixed [`LIVELOCK_EXITS`] times in
+    /// a row and the hardware took it again every time: an access that can
+    /// never complete (an MMU bug; never the guest's doing).
+    #[error("livelock: {exits} identical exits on a {access:?} at {gva:#x}, each answered as fixed ({state})")]
+    Livelock {
+        /// The linear address.
+        gva: u64,
+        /// The access.
+        access: Access,
+        /// The exits taken.
+        exits: u32,
+        /// The vCPU state that caused it: registers, PKRU, the last exit.
+        state: String,
     },
 }
 
@@ -197,7 +228,8 @@ struct TdpState {
     /// the MMU's configuration).
     ept_paging: Paging<PteEpt>,
     seen_root_gen: u64,
-    slot_cache: SlotCache,
+    /// Its memslot cache and the frames its faults link as tables.
+    caches: MmuCaches,
     dirty_ring: Option<Arc<DirtyRing>>,
 }
 
@@ -253,6 +285,9 @@ struct ShadowState {
     last_retry: Option<u64>,
     /// The hardware's paging configuration for walking the shadow tables.
     hw: Paging<Pte64>,
+    /// Frames for the shadow pages its faults and root loads create,
+    /// topped up before `mmu_lock`.
+    tables: MmuMemoryCache,
 }
 
 impl ShadowState {
@@ -407,7 +442,7 @@ impl Vcpu {
             seen_root_gen: mmu.root_generation(),
             root,
             ept_paging,
-            slot_cache: SlotCache::default(),
+            caches: mmu.vcpu_caches(),
             mmu,
         });
         Ok(Vcpu::with_backend(backend, mode, seen_flush_gen, slots, features, vpid))
@@ -416,6 +451,7 @@ impl Vcpu {
     /// A vCPU with paging off on the shadow MMU `mmu`, address space 0.
     /// Its roots are loaded at the first access.
     pub fn new_shadow(mmu: Arc<ShadowMmu>, slots: Arc<MemslotTable>, features: CpuFeatures, vpid: u16) -> Vcpu {
+        let arena = mmu.arena().clone();
         let mode = mmu.remote_tlb().register();
         let seen_flush_gen = mmu.remote_tlb().generation();
         let regs = ControlRegs::default();
@@ -428,6 +464,7 @@ impl Vcpu {
             string_op: false,
             last_retry: None,
             hw: hw_paging(&regs, &features, 4),
+            tables: MmuMemoryCache::new(arena),
         });
         Vcpu::with_backend(backend, mode, seen_flush_gen, slots, features, vpid)
     }
@@ -538,6 +575,15 @@ impl Vcpu {
     fn unsettle(&mut self) {
         self.settled = false;
         self.tlb.clear_l1();
+    }
+
+    /// WRPKRU: the protection-key rights register. Nothing is invalidated
+    /// (the TLB caches rights and keys, and every access is checked
+    /// against the current PKRU; SDM 4.10.2.2), and nothing exits: the MMU
+    /// never learns of it.
+    pub fn set_pkru(&mut self, pkru: u32) {
+        self.pkru = pkru;
+        self.unsettle();
     }
 
     /// MOV to CR4 of SMEP/SMAP/PGE. A change of PGE flushes everything,
@@ -859,7 +905,7 @@ impl Vcpu {
                             // A root load syncs what it links (KVM's
                             // `kvm_mmu_load`).
                             s.requests.current = true;
-                            (key, s.mmu.load_roots(&ctx, 0, key.pgd, self.pdptes)?)
+                            (key, s.mmu.load_roots(&ctx, 0, key.pgd, self.pdptes, &mut s.tables)?)
                         }
                     };
                     while s.prev.len() > PREV_ROOTS {
@@ -965,7 +1011,7 @@ impl Vcpu {
             unreachable!("an EPT exit on a shadow vCPU")
         };
         Ok(t.mmu
-            .page_fault(&t.root, fault, &mut t.slot_cache, t.dirty_ring.as_deref())?)
+            .page_fault(&t.root, fault, &mut t.caches, t.dirty_ring.as_deref())?)
     }
 
     /// One access of `size` (1..=8) bytes at `gva`, as the instruction at
@@ -1130,6 +1176,9 @@ impl Vcpu {
         self.stats.accesses += 1;
         let access = Access::new(kind, cpl, ac);
         let mut last = None;
+        // Consecutive exits the MMU answered as fixed, the same exit again.
+        let mut stuck = 0u32;
+        let mut fixed: Option<Option<EptExit>> = None;
         for retry in 0..MAX_RETRIES {
             if retry >= YIELD_AFTER {
                 self.exit_guest();
@@ -1152,12 +1201,27 @@ impl Vcpu {
             if !matches!(attempt, Attempt::Done(_)) || !self.session {
                 self.exit_guest();
             }
-            match attempt {
+            let exit = match attempt {
                 Attempt::Done(result) => return Ok(result),
+                Attempt::ShadowExit => None,
+                Attempt::Exit { exit, .. } => Some(exit),
+            };
+            if fixed == Some(exit) {
+                stuck += 1;
+                if stuck >= LIVELOCK_EXITS {
+                    return Err(self.livelock(gva, access, stuck, exit));
+                }
+            } else {
+                stuck = 0;
+            }
+            let answered_fixed = match attempt {
+                Attempt::Done(_) => unreachable!("returned above"),
                 Attempt::ShadowExit => {
                     self.stats.shadow_exits += 1;
-                    if let Some(result) = self.handle_shadow_fault(gva, access, size, value)? {
-                        return Ok(result);
+                    match self.handle_shadow_fault(gva, access, size, value)? {
+                        ShadowAnswer::Done(result) => return Ok(result),
+                        ShadowAnswer::Fixed => true,
+                        ShadowAnswer::Retry => false,
                     }
                 }
                 Attempt::Exit { exit, final_gpa } => {
@@ -1172,10 +1236,39 @@ impl Vcpu {
                             mmio: true,
                         });
                     }
+                    matches!(outcome, FaultOutcome::Fixed | FaultOutcome::Spurious)
                 }
-            }
+            };
+            fixed = answered_fixed.then_some(exit);
         }
         Err(VcpuError::NoProgress { gva, last })
+    }
+
+    /// The error of an access the MMU keeps answering as fixed while the
+    /// hardware keeps exiting, with the state that caused it.
+    #[cold]
+    fn livelock(&self, gva: u64, access: Access, exits: u32, exit: Option<EptExit>) -> VcpuError {
+        let state = format!(
+            "CR0 {:?}, CR4 {:?}, EFER {:?}, CR3 {:#x}, PKRU {:#x}, paging {:?}, {} MMU, last exit {}",
+            self.regs.cr0,
+            self.regs.cr4,
+            self.regs.efer,
+            self.cr3,
+            self.pkru,
+            self.paging.mode(),
+            match self.backend {
+                Backend::Tdp(_) => "TDP",
+                Backend::Shadow(_) => "shadow",
+            },
+            exit.map_or_else(|| "a #PF of the shadow walk".to_string(), |e| format!("{e:?}"))
+        );
+        tracing::error!(target: "kvm_mmu", gva, ?access, exits, %state, "livelock");
+        VcpuError::Livelock {
+            gva,
+            access,
+            exits,
+            state,
+        }
     }
 
     /// One try of a one-page access in guest mode: TLB, else the
@@ -1432,38 +1525,49 @@ impl Vcpu {
     }
 
     /// A #PF of the shadow walk, handed to the shadow MMU (outside guest
-    /// mode). `Some` ends the access: a fault for the guest, MMIO, or an
-    /// emulated write; `None` retries it.
+    /// mode): the access ends (a fault for the guest, MMIO, or an emulated
+    /// write), or is retried after a fix or a race.
     fn handle_shadow_fault(
         &mut self,
         gva: u64,
         access: Access,
         size: usize,
         value: u64,
-    ) -> Result<Option<AccessResult>, VcpuError> {
+    ) -> Result<ShadowAnswer, VcpuError> {
+        let groot = self.paging.root(self.cr3, self.pdptes);
+        let linear = self.linear(gva);
+        let outcome = {
+            let Backend::Shadow(state) = &mut self.backend else {
+                unreachable!("a shadow fault on a TDP vCPU")
+            };
+            let ShadowState {
+                mmu, current, tables, ..
+            } = state;
+            let Some((_, roots)) = current.as_ref() else {
+                return Ok(ShadowAnswer::Retry);
+            };
+            mmu.page_fault(roots, &self.paging, &groot, gva, access, self.pkru, tables)?
+        };
         let Backend::Shadow(s) = &self.backend else {
             unreachable!("a shadow fault on a TDP vCPU")
         };
-        let Some(roots) = s.roots() else {
-            return Ok(None);
-        };
-        let groot = self.paging.root(self.cr3, self.pdptes);
-        let outcome = s.mmu.page_fault(roots, &self.paging, &groot, gva, access, self.pkru)?;
+        let roots = s.roots().expect("the roots the fault was handled for are still loaded");
         Ok(match outcome {
-            ShadowOutcome::Fixed | ShadowOutcome::Retry => None,
+            ShadowOutcome::Fixed => ShadowAnswer::Fixed,
+            ShadowOutcome::Retry => ShadowAnswer::Retry,
             ShadowOutcome::GuestPageFault(error_code) => {
                 // A #PF invalidates the address's translations (SDM
                 // 4.10.4.1): a stale SPTE of an unsync page goes too
                 // (KVM's `kvm_inject_emulated_page_fault`).
-                s.mmu.sync_addr(roots, self.linear(gva));
+                s.mmu.sync_addr(roots, linear);
                 self.stats.guest_faults += 1;
-                Some(AccessResult::Fault(GuestFault::PageFault { error_code, gva }))
+                ShadowAnswer::Done(AccessResult::Fault(GuestFault::PageFault { error_code, gva }))
             }
             ShadowOutcome::GuestGeneralProtection => {
                 self.stats.guest_faults += 1;
-                Some(AccessResult::Fault(GuestFault::GeneralProtection))
+                ShadowAnswer::Done(AccessResult::Fault(GuestFault::GeneralProtection))
             }
-            ShadowOutcome::Mmio(gpa) | ShadowOutcome::ReadOnlySlot(gpa) => Some(AccessResult::Done {
+            ShadowOutcome::Mmio(gpa) | ShadowOutcome::ReadOnlySlot(gpa) => ShadowAnswer::Done(AccessResult::Done {
                 gpa,
                 value: 0,
                 mmio: true,
@@ -1474,11 +1578,11 @@ impl Vcpu {
                 if let Backend::Shadow(s) = &mut self.backend {
                     s.last_retry = Some(gva);
                 }
-                None
+                ShadowAnswer::Retry
             }
             ShadowOutcome::EmulateWrite(gpa) => {
                 s.mmu.emulate_write(gpa, size, value)?;
-                Some(AccessResult::Done {
+                ShadowAnswer::Done(AccessResult::Done {
                     gpa,
                     value: 0,
                     mmio: false,

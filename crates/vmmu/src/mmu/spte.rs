@@ -388,6 +388,48 @@ impl Spte {
         Spte(self.0 | fmt.writable_mask() | fmt.dirty_mask() | fmt.accessed_mask())
     }
 
+    /// The SPTE with its hardware Dirty bit cleared (nothing where the
+    /// format keeps none).
+    #[inline(always)]
+    pub fn clear_dirty(self, fmt: SpteFormat) -> Spte {
+        Spte(self.0 & !fmt.dirty_mask())
+    }
+
+    /// The SPTE made executable (KVM's `make_spte_executable`); for an
+    /// access-tracked EPT SPTE, its saved X bit is set instead.
+    pub fn make_executable(self, fmt: SpteFormat) -> Spte {
+        match fmt {
+            SpteFormat::Ept { .. } if self.is_access_tracked(fmt) => Spte(self.0 | SPTE_SAVED_X),
+            SpteFormat::Ept { .. } => Spte(self.0 | EPT_EXEC),
+            SpteFormat::Legacy => Spte(self.0 & !PT64_NX),
+        }
+    }
+
+    /// The SPTE made non-executable (KVM's `make_spte_nonexecutable`), the
+    /// saved X bit of an access-tracked EPT SPTE included.
+    pub fn make_nonexecutable(self, fmt: SpteFormat) -> Spte {
+        match fmt {
+            SpteFormat::Ept { .. } => Spte(self.0 & !(EPT_EXEC | SPTE_SAVED_X)),
+            SpteFormat::Legacy => Spte(self.0 | PT64_NX),
+        }
+    }
+
+    /// Child `index` of this huge leaf at `level` split into a table of
+    /// leaves one level down, each covering `child_pages` frames (KVM's
+    /// `make_small_spte`): every bit is inherited (W, D, A, MMU- and
+    /// host-writable, access tracking, memory type), the frame advances,
+    /// and a 4K child loses the large bit. So a split changes no
+    /// translation and no right: it needs no TLB flush and loses no D bit.
+    pub fn split_child(self, level: u8, index: u64, child_pages: u64) -> Spte {
+        debug_assert!(level > 1 && self.is_large(level));
+        let pfn = self.pfn().raw() + index * child_pages;
+        let mut v = (self.0 & !SPTE_ADDR_MASK) | ((pfn << 12) & SPTE_ADDR_MASK);
+        if level - 1 == 1 {
+            v &= !PT_PAGE_SIZE;
+        }
+        Spte(v)
+    }
+
     /// Asserts the legal combinations of writable bits of a **leaf**:
     /// hardware-writable ⇒ MMU-writable ⇒ host-writable. (Non-leaf SPTEs
     /// grant everything and leave permissions to the leaves.) A violation is

@@ -101,8 +101,9 @@ stats!(
         huge_pages_split: AtomicU64,
         /// Huge SPTEs recovered in place after dirty logging.
         huge_pages_recovered: AtomicU64,
-        /// Huge regions mapped 4K because of an instruction fetch (NX huge pages).
-        nx_lpage_splits: AtomicU64,
+        /// Huge regions mapped 4K because of an instruction fetch (NX huge
+        /// pages), now: the regions the recovery worker may make huge again.
+        nx_lpage_splits: AtomicI64,
         /// Remote TLB flushes requested.
         remote_tlb_flush: AtomicU64,
         /// Page-table pages allocated for SPTEs, now.
@@ -152,6 +153,13 @@ impl MmuStats {
             _ => &shard.pages_1g,
         };
         counter.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Counts huge regions the NX huge page mitigation split (`delta` > 0)
+    /// or stopped tracking (recovered, zapped, or in a logging memslot).
+    #[inline]
+    pub fn account_nx_lpage_splits(&self, delta: i64) {
+        self.local().nx_lpage_splits.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// Counts page-table pages allocated (`delta` > 0) or freed: the

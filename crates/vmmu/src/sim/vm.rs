@@ -30,12 +30,31 @@ pub struct Vm {
 #[error("building the VM: {0}")]
 pub struct VmError(String);
 
+impl VmError {
+    /// An error with this message.
+    pub fn new(message: String) -> VmError {
+        VmError(message)
+    }
+}
+
 impl Vm {
     /// A VM whose guest-physical `0..ram` is memslot 0, backed by an
     /// anonymous host mapping at `hva` with `flags`, and a TDP MMU with
     /// `config`. The frame arena reserves room for twice the RAM.
     pub fn new(ram: u64, hva: Hva, flags: VmaFlags, config: TdpConfig) -> Result<Vm, VmError> {
-        let (host, slots) = memory(ram, hva, flags)?;
+        Vm::with_memslots(ram, hva, flags, config, MemslotConfig::default())
+    }
+
+    /// As [`Vm::new`], with VM-wide memslot settings (manual dirty-log
+    /// protection, an initially-set dirty bitmap).
+    pub fn with_memslots(
+        ram: u64,
+        hva: Hva,
+        flags: VmaFlags,
+        config: TdpConfig,
+        memslots: MemslotConfig,
+    ) -> Result<Vm, VmError> {
+        let (host, slots) = memory(ram, hva, flags, memslots)?;
         let mmu = TdpMmu::new(host.clone(), slots.clone(), config);
         Ok(Vm { host, slots, mmu })
     }
@@ -64,12 +83,17 @@ impl Vm {
 /// The host memory and memslots of a VM: guest-physical `0..ram` is
 /// memslot 0, backed by an anonymous host mapping at `hva` with `flags`.
 /// The frame arena reserves room for twice the RAM plus the MMU's tables.
-fn memory(ram: u64, hva: Hva, flags: VmaFlags) -> Result<(Arc<HostAddressSpace>, Arc<MemslotTable>), VmError> {
+fn memory(
+    ram: u64,
+    hva: Hva,
+    flags: VmaFlags,
+    memslots: MemslotConfig,
+) -> Result<(Arc<HostAddressSpace>, Arc<MemslotTable>), VmError> {
     let err = |e: &dyn std::fmt::Display| VmError(e.to_string());
     let arena = Arc::new(FrameArena::with_reserve(2 * ram + (64 << 20)).map_err(|e| err(&e))?);
     let host = Arc::new(HostAddressSpace::new(arena).map_err(|e| err(&e))?);
     host.mmap(hva, ram, flags).map_err(|e| err(&e))?;
-    let slots = Arc::new(MemslotTable::new(MemslotConfig::default()));
+    let slots = Arc::new(MemslotTable::new(memslots));
     slots
         .create(MemoryRegion {
             as_id: 0,
@@ -97,7 +121,12 @@ pub struct ShadowVm {
 impl ShadowVm {
     /// As [`Vm::new`], with the shadow MMU.
     pub fn new(ram: u64, hva: Hva, flags: VmaFlags) -> Result<ShadowVm, VmError> {
-        let (host, slots) = memory(ram, hva, flags)?;
+        ShadowVm::with_memslots(ram, hva, flags, MemslotConfig::default())
+    }
+
+    /// As [`ShadowVm::new`], with VM-wide memslot settings.
+    pub fn with_memslots(ram: u64, hva: Hva, flags: VmaFlags, memslots: MemslotConfig) -> Result<ShadowVm, VmError> {
+        let (host, slots) = memory(ram, hva, flags, memslots)?;
         let mmu = ShadowMmu::new(host.clone(), slots.clone());
         Ok(ShadowVm { host, slots, mmu })
     }

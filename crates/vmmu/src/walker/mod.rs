@@ -524,6 +524,14 @@ impl GuestPaging {
         }
     }
 
+    /// Whether protection keys apply (CR4.PKE in IA-32e paging).
+    pub fn pkeys(&self) -> bool {
+        match self {
+            GuestPaging::Pae64(p, _) => p.pkeys,
+            _ => false,
+        }
+    }
+
     /// The root for `cr3`: the table it names, or for PAE the PDPT and the
     /// PDPTE registers `pdptes` (see [`load_pdptes`]).
     pub fn root(&self, cr3: u64, pdptes: [u64; 4]) -> Root {

@@ -49,7 +49,8 @@ impl ShadowMmu {
     }
 
     /// Write-protects the pages whose bits are set in `bits` (bit 0 is page
-    /// `first_page` of the slot). Returns whether a flush is owed.
+    /// `first_page` of the slot). Returns whether a flush is owed: always
+    /// when a bit is set.
     fn protect_bitmap(
         &self,
         pages: &Pages,
@@ -64,7 +65,10 @@ impl ShadowMmu {
             .ok_or(MemslotError::UnknownSlot { as_id, id: slot_id })?;
         let base = slot.base_gfn().raw() + first_page;
         drop(slots);
-        let mut flush = false;
+        // A flush whenever a bit was taken, whether or not an SPTE changed
+        // (KVM's `kvm_get_dirty_log_protect`): the MMU's write protection
+        // is the SPTEs', the vCPUs' translations must follow it.
+        let mut flush = bits.iter().any(|&w| w != 0);
         for (w, &word) in bits.iter().enumerate() {
             let mut word = word;
             while word != 0 {

@@ -55,6 +55,7 @@ use crate::mem::{
     FaultinError, FrameArena, FrameError, GuestMemory, HostAddressSpace, InvalidateState, Memslot, MemslotChange,
     MemslotObserver, MemslotTable, MmuLock, MmuNotifier, NotifierRange, faultin_gfn,
 };
+use crate::mmu::cache::MmuMemoryCache;
 use crate::mmu::flush::RemoteTlb;
 use crate::mmu::spte::{Spte, SpteAccess, SpteFormat};
 use crate::mmu::stats::MmuStats;
@@ -325,6 +326,11 @@ impl ShadowMmu {
 
     /// Handles a fault of the hardware walk of `roots` at `gva` for
     /// `access` (KVM's `FNAME(page_fault)`).
+    ///
+    /// `tables` is the faulting vCPU's cache of table frames, topped up
+    /// here before `mmu_lock` (nothing allocates under it): frames running
+    /// out is [`ShadowError::OutOfFrames`] with nothing changed.
+    #[allow(clippy::too_many_arguments)]
     pub fn page_fault(
         &self,
         roots: &ShadowRoots,
@@ -333,6 +339,7 @@ impl ShadowMmu {
         gva: u64,
         access: Access,
         pkru: u32,
+        tables: &mut MmuMemoryCache,
     ) -> Result<ShadowOutcome, ShadowError> {
         MmuStats::inc(&self.stats.local().pf_taken);
         tracing::trace!(target: "kvm_page_fault", gva, write = access.is_write(), fetch = access.is_fetch());
@@ -356,6 +363,8 @@ impl ShadowMmu {
         if access.is_write() && slot.is_readonly() {
             return Ok(ShadowOutcome::ReadOnlySlot(walk.gpa));
         }
+        // A page for every level below the root, set aside before the lock.
+        tables.topup(usize::from(roots.levels()))?;
         let mapping = faultin_gfn(&self.host, &self.invalidate, slot, gfn, access.is_write())
             .map_err(|source| ShadowError::Host { gpa: walk.gpa, source })?;
         let guard = self.lock.write();
@@ -430,7 +439,7 @@ impl ShadowMmu {
                     if spte.is_mmu_present() {
                         flush |= self.drop_spte(&mut pages, ptr, level);
                     }
-                    let (c, wp) = self.get_page(&mut pages, child_gfn, child_role)?;
+                    let (c, wp) = self.get_page(&mut pages, child_gfn, child_role, tables);
                     flush |= wp;
                     // A new path to a page must not expose stale SPTEs:
                     // an unsync child is synced before it is linked.
@@ -452,7 +461,12 @@ impl ShadowMmu {
             index: ((gva >> 12) & 511) as u16,
         };
         let role = page.role;
-        let mut rights = match leaf_rights(&role, walk.rights, walk.dirty, access) {
+        // PKRU write-disables the translation's key now: the hardware
+        // (CR0.WP forced on) applies it to supervisor writes.
+        let pkru_wd = paging.pkeys()
+            && crate::arch::perm::pkru_write_disabled(pkru, walk.pkey)
+            && !crate::sync::bug(crate::sync::Bug::IgnorePkruWriteDisable);
+        let mut rights = match leaf_rights(&role, walk.rights, walk.dirty, access, pkru_wd) {
             Leaf::Map(r) => r,
             Leaf::Emulate => {
                 self.discharge(flush);
@@ -529,7 +543,7 @@ impl ShadowMmu {
 
     /// Finds or creates the page for (gfn, role); returns it and whether a
     /// flush is owed (creating an indirect page write-protected its gfn).
-    fn get_page(&self, pages: &mut Pages, gfn: Gfn, role: Role) -> Result<(PageId, bool), ShadowError> {
+    fn get_page(&self, pages: &mut Pages, gfn: Gfn, role: Role, tables: &mut MmuMemoryCache) -> (PageId, bool) {
         // The hash is exact on (gfn, role); what KVM counts as hash
         // collisions is here the other roles of the same guest table.
         if !role.is_direct() {
@@ -545,7 +559,7 @@ impl ShadowMmu {
         }
         if let Some(id) = pages.find(gfn, role) {
             tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level(), direct = role.is_direct(), created = false);
-            return Ok((id, false));
+            return (id, false);
         }
         MmuStats::inc(&self.stats.local().mmu_cache_miss);
         let mut flush = false;
@@ -560,7 +574,10 @@ impl ShadowMmu {
                 }
             }
         }
-        let id = pages.create(&self.arena, &self.translations, gfn, role)?;
+        let pfn = tables
+            .pop()
+            .expect("the cache was topped up with a page for every level a fault or a root load may create");
+        let id = pages.create(&self.translations, pfn, gfn, role);
         self.stats.account_tables(1);
         tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level(), direct = role.is_direct(), created = true);
         if !role.is_direct() {
@@ -570,7 +587,7 @@ impl ShadowMmu {
             // writable).
             flush |= self.write_protect_gfn(pages, gfn);
         }
-        Ok((id, flush))
+        (id, flush)
     }
 
     /// Write-protects every leaf SPTE mapping `gfn`. Returns whether one

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::role::Role;
 use crate::addr::{Gfn, Pfn};
-use crate::mem::{FrameArena, FrameError};
+use crate::mem::FrameArena;
 use crate::mmu::spte::Spte;
 
 /// Entries per shadow table.
@@ -263,16 +263,10 @@ impl Pages {
         self.indirect.contains_key(&gfn)
     }
 
-    /// Creates a page for (gfn, role) with a zeroed table.
-    pub fn create(
-        &mut self,
-        arena: &FrameArena,
-        translations: &Translations,
-        gfn: Gfn,
-        role: Role,
-    ) -> Result<PageId, FrameError> {
+    /// Creates a page for (gfn, role) over the zeroed table frame `pfn`
+    /// (from a cache topped up before `mmu_lock`).
+    pub fn create(&mut self, translations: &Translations, pfn: Pfn, gfn: Gfn, role: Role) -> PageId {
         debug_assert!(role.is_normalised());
-        let pfn = arena.alloc_4k()?;
         let page = ShadowPage {
             pfn,
             gfn,
@@ -307,7 +301,7 @@ impl Pages {
         if !role.is_direct() {
             self.indirect.entry(gfn).or_default().push(id);
         }
-        Ok(id)
+        id
     }
 
     /// Takes the page out of the hash and the write tracking (it is being

@@ -77,7 +77,8 @@ impl ShadowMmu {
             if e.pte & GPTE_A == 0 {
                 continue; // never used by the guest: leave it to a fault
             }
-            let Leaf::Map(mut rights) = leaf_rights(&role, walk.rights, walk.dirty, read) else {
+            // A read: no protection key changes what it may build.
+            let Leaf::Map(mut rights) = leaf_rights(&role, walk.rights, walk.dirty, read, false) else {
                 continue;
             };
             let gfn = walk.gfn();

@@ -22,8 +22,9 @@
 //!   page covers;
 //! - the `access` inherited from the guest entries above (user, write, exec);
 //! - CR0.WP (with WP = 0 supervisor writes to read-only pages are emulated by
-//!   writable, user-inaccessible SPTEs), and SMEP/SMAP only when WP = 0 (they
-//!   change how that emulation must restrict the SPTE);
+//!   writable, user-inaccessible SPTEs), and SMEP/SMAP/PKE only when WP = 0
+//!   (they change how that emulation must restrict the SPTE; PKE only in
+//!   IA-32e paging, the only paging with protection keys);
 //! - EFER.NX, only for guest tables with 8-byte entries (4-byte entries have
 //!   no XD bit);
 //! - the address space (SMM) and guest mode (nested), and `invalid` (a zapped
@@ -45,6 +46,8 @@ pub struct GuestContext {
     smep: bool,
     smap: bool,
     efer_nx: bool,
+    /// CR4.PKE in IA-32e paging (protection keys apply).
+    pke: bool,
     smm: bool,
 }
 
@@ -58,6 +61,7 @@ impl GuestContext {
                 smep: false,
                 smap: regs.cr4.contains(Cr4::SMAP),
                 efer_nx: true,
+                pke: false,
                 smm,
             };
         }
@@ -67,6 +71,7 @@ impl GuestContext {
             smep: regs.cr4.contains(Cr4::SMEP),
             smap: regs.cr4.contains(Cr4::SMAP),
             efer_nx: regs.efer.contains(Efer::NXE),
+            pke: regs.mode().is_long() && regs.cr4.contains(Cr4::PKE),
             smm,
         }
     }
@@ -105,6 +110,7 @@ pub struct Role {
     cr0_wp: bool,
     smep_andnot_wp: bool,
     smap_andnot_wp: bool,
+    pke_andnot_wp: bool,
     efer_nx: bool,
     smm: bool,
     guest_mode: bool,
@@ -148,6 +154,7 @@ impl Role {
             cr0_wp: ctx.cr0_wp,
             smep_andnot_wp: ctx.smep && !ctx.cr0_wp,
             smap_andnot_wp: ctx.smap && !ctx.cr0_wp,
+            pke_andnot_wp: ctx.pke && !ctx.cr0_wp,
             efer_nx: ctx.efer_nx,
             smm: ctx.smm,
             guest_mode: false,
@@ -182,6 +189,14 @@ impl Role {
             self.quadrant = 0;
         }
         if self.cr0_wp {
+            self.smep_andnot_wp = false;
+            self.smap_andnot_wp = false;
+            self.pke_andnot_wp = false;
+        }
+        if self.pke_andnot_wp {
+            // Under protection keys no user page is served by a supervisor
+            // SPTE (those writes are emulated), and SMEP/SMAP only shape
+            // that conversion.
             self.smep_andnot_wp = false;
             self.smap_andnot_wp = false;
         }
@@ -229,6 +244,10 @@ impl Role {
     /// CR4.SMAP with CR0.WP = 0.
     pub fn smap_andnot_wp(&self) -> bool {
         self.smap_andnot_wp
+    }
+    /// CR4.PKE (IA-32e paging) with CR0.WP = 0.
+    pub fn pke_andnot_wp(&self) -> bool {
+        self.pke_andnot_wp
     }
     /// EFER.NX, for 8-byte guest entries.
     pub fn efer_nx(&self) -> bool {
@@ -328,7 +347,10 @@ mod tests {
                 "{r:?}"
             );
             assert!(r.has_4_byte_gpte() || r.quadrant() == 0, "{r:?}");
-            assert!(!r.cr0_wp() || (!r.smep_andnot_wp() && !r.smap_andnot_wp()), "{r:?}");
+            assert!(
+                !r.cr0_wp() || (!r.smep_andnot_wp() && !r.smap_andnot_wp() && !r.pke_andnot_wp()),
+                "{r:?}"
+            );
         }
     }
 
@@ -359,6 +381,33 @@ mod tests {
             r(with_wp(false, false)),
             r(no_wp(false, false)),
             "CR0.WP itself always matters"
+        );
+    }
+
+    #[test]
+    fn pke_matters_only_without_wp_in_ia32e_paging() {
+        let ctx = |mode, wp, pke| {
+            let mut r = regs(mode, wp, false, false, true);
+            r.cr4.set(Cr4::PKE, pke);
+            GuestContext::new(&r, false)
+        };
+        let r = |c: GuestContext| Role::root(&c, c.root_level().min(4), 0);
+        assert_eq!(
+            r(ctx(PagingMode::Level4, true, false)),
+            r(ctx(PagingMode::Level4, true, true))
+        );
+        assert_ne!(
+            r(ctx(PagingMode::Level4, false, false)),
+            r(ctx(PagingMode::Level4, false, true))
+        );
+        assert_ne!(
+            r(ctx(PagingMode::Level5, false, false)),
+            r(ctx(PagingMode::Level5, false, true))
+        );
+        assert_eq!(
+            r(ctx(PagingMode::Pae, false, false)),
+            r(ctx(PagingMode::Pae, false, true)),
+            "no protection keys in PAE paging"
         );
     }
 

@@ -21,6 +21,7 @@ use super::{FMT, ShadowError, ShadowMmu};
 use crate::addr::{Gfn, Pfn};
 use crate::arch::control::{CR3_32_ROOT_MASK, CR3_LM_ROOT_MASK, PagingMode};
 use crate::arch::pte::{PT_PRESENT, PT64_ADDR_MASK};
+use crate::mmu::cache::MmuMemoryCache;
 use crate::mmu::stats::MmuStats;
 
 /// What the vCPU's hardware root is.
@@ -97,24 +98,30 @@ impl ShadowRoots {
 impl ShadowMmu {
     /// Loads the roots for a vCPU in guest context `ctx` with `cr3` (and,
     /// in PAE paging, the PDPTE registers `pdptes`): KVM's `kvm_mmu_load`.
+    ///
+    /// `tables` is the vCPU's cache of table frames, topped up here before
+    /// `mmu_lock` with every frame the roots may need.
     pub fn load_roots(
         &self,
         ctx: &GuestContext,
         as_id: u16,
         cr3: u64,
         pdptes: [u64; 4],
+        tables: &mut MmuMemoryCache,
     ) -> Result<ShadowRoots, ShadowError> {
         MmuStats::inc(&self.stats.local().prev_roots_miss);
+        // Four PAE roots and the vCPU's PML4 and PDPT above them at most.
+        tables.topup(6)?;
         let guard = self.lock.write();
         let mut pages = guard.lock();
         let generation = self.valid_gen.load(Ordering::Acquire);
         // Room for up to four roots.
         let mut flush = self.reclaim(&mut pages, super::FREE_MMU_PAGES);
-        let mut get = |pages: &mut super::page::Pages, gfn: Gfn, role: Role| -> Result<PageId, ShadowError> {
-            let (id, wp) = self.get_page(pages, gfn, role)?;
+        let mut get = |pages: &mut super::page::Pages, gfn: Gfn, role: Role, tables: &mut MmuMemoryCache| {
+            let (id, wp) = self.get_page(pages, gfn, role, tables);
             flush |= wp;
             pages.page_mut(id).root_count += 1;
-            Ok(id)
+            id
         };
         let roots = match ctx.mode() {
             PagingMode::Level4 | PagingMode::Level5 => {
@@ -123,7 +130,8 @@ impl ShadowMmu {
                     &mut pages,
                     Gfn::new((cr3 & CR3_LM_ROOT_MASK) >> 12),
                     Role::root(ctx, level, 0),
-                )?;
+                    tables,
+                );
                 ShadowRoots {
                     as_id,
                     generation,
@@ -133,14 +141,12 @@ impl ShadowMmu {
                 }
             }
             mode => {
-                let pml4 = self.arena.alloc_4k()?;
-                let pae = match self.arena.alloc_4k() {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = self.arena.free(pml4, crate::addr::PageSize::Size4K);
-                        return Err(e.into());
-                    }
+                let mut frame = || {
+                    tables
+                        .pop()
+                        .expect("the cache was topped up with every frame the roots may need")
                 };
+                let (pml4, pae) = (frame(), frame());
                 self.arena.table(pml4)[0].store(FMT.make_nonleaf(pae).0, Ordering::Release);
                 let mut roots = [None; 4];
                 for (i, root) in roots.iter_mut().enumerate() {
@@ -153,7 +159,7 @@ impl ShadowMmu {
                         _ => Some((Gfn::new((i as u64) << 18), Role::root(ctx, 2, 0))),
                     };
                     if let Some((gfn, role)) = target {
-                        let id = get(&mut pages, gfn, role)?;
+                        let id = get(&mut pages, gfn, role, tables);
                         let ptr = SptePtr {
                             table: pae,
                             index: i as u16,

@@ -8,6 +8,7 @@
 //! Either way the SPTE keeps mapping its frame: aging never zaps.
 
 use super::TdpMmu;
+use super::change::DirtyBit;
 use crate::addr::Gfn;
 use crate::mem::{HvaRange, MmuLockHeld};
 use crate::mmu::flush::PendingFlush;
@@ -57,7 +58,7 @@ impl TdpMmu {
                     }
                     if aging == Aging::Clear {
                         let old = self.make_old(spte);
-                        if !it.try_set(old) {
+                        if !self.set_spte_atomic(&mut it, as_id, old, DirtyBit::Log) {
                             continue; // hardware changed it: look again
                         }
                         changed = true;

@@ -1,54 +1,87 @@
-//! Dirty logging in the TDP MMU (KVM's
-//! `kvm_mmu_slot_apply_flags`, `kvm_get_dirty_log_protect`,
-//! `fast_page_fault`, `kvm_mmu_recover_huge_pages`).
+//! Dirty logging in the TDP MMU (KVM's `kvm_mmu_slot_apply_flags`,
+//! `kvm_get_dirty_log_protect`, `kvm_clear_dirty_log_protect`,
+//! `kvm_arch_mmu_enable_log_dirty_pt_masked`, `fast_page_fault`,
+//! `kvm_mmu_recover_huge_pages`).
 //!
-//! - Enabling logging on a slot write-protects its SPTEs (hardware W
-//!   cleared, MMU-writable kept) and splits its huge SPTEs into 4K ones, so
-//!   the first write to each page faults.
+//! - **Starting** logging on a slot splits its huge SPTEs (eager page
+//!   splitting, when on) and write-protects its leaves (hardware W cleared,
+//!   MMU-writable kept), so the first write to each page faults. With
+//!   manual protect and an initially-set bitmap nothing happens: every page
+//!   counts as dirty until the VMM clears its bit.
 //! - Such a write is fixed on the lockless fast path: the SPTE gets W back
-//!   with one compare-exchange and the page is marked dirty.
-//! - Harvesting (`get_dirty_log`, or `clear_dirty_log` with manual
-//!   protect) takes the bits, write-protects their pages and flushes TLBs
-//!   before returning: a copy of a page made after the harvest includes
-//!   every write made before its protection, and every later write faults
-//!   and is logged.
-//! - Disabling logging recovers huge pages in place: a table of 4K SPTEs is
-//!   replaced by one huge SPTE where the memslot and the host mapping allow
-//!   it, reading the host level under `mmu_lock` with no invalidation in
-//!   progress (the second safe use of `host_pfn_mapping_level`, seed 004).
+//!   with one compare-exchange and the page is marked dirty. The fast path
+//!   never makes a **huge** SPTE writable in a logging slot (it could log
+//!   only one of its pages): that write takes the slow path, which maps 4K.
+//! - **Harvesting** (`get_dirty_log`, `clear_dirty_log` with manual
+//!   protect, a dirty-ring reset) protects the pages whose bits it takes:
+//!   huge leaves over them are split (eager splitting) or, where no frame
+//!   is left or splitting is off, write-protected whole; 4K leaves are
+//!   write-protected. TLBs are flushed before it returns whenever it took
+//!   any bit, whether or not an SPTE changed: an SPTE can lose W without a
+//!   flush (aging makes it access-tracked, `clear_young` does not flush),
+//!   and the vCPU's writable translation must not outlive the harvest.
+//! - **Stopping** logging recovers huge pages in place: a table is replaced
+//!   by one huge SPTE where the memslot and the host mapping allow it,
+//!   reading the host level under `mmu_lock` with no invalidation in
+//!   progress (the second safe use of `host_pfn_mapping_level`, seed 004);
+//!   under the NX huge page mitigation the huge SPTE is not executable.
 //!
 //! In D-bit mode ([`super::DirtyLogMode::DirtyBit`], KVM with PML) SPTEs
-//! stay writable and are made clean instead; a harvest moves the EPT Dirty
-//! bits into the bitmap and cleans them, flushing TLBs so the next write
-//! sets D again (the vCPU caches a translation as dirty only if the EPT
-//! leaf was).
+//! stay writable and are made clean instead, and a leaf's EPT Dirty bit is
+//! the record of the writes to its pages since the last harvest: a harvest
+//! logs and cleans the D bits (through the change handler, which also logs
+//! a dirty leaf that is zapped or replaced), and flushes so the next write
+//! sets D again (the vCPU caches a translation as dirty only if the EPT leaf
+//! was). A clear (`clear_dirty_log`) cleans the D bits of the pages it
+//! clears without logging them: the VMM copies those pages afterwards.
 
 use std::sync::atomic::Ordering;
 
-use super::{TdpMmu, defer_free_tree};
-use crate::addr::{Gfn, Level};
-use crate::mem::{DirtyRing, Memslot, MemslotChange, MemslotError, MemslotObserver, MmuLockHeld, stable_host_level};
+use super::TdpMmu;
+use super::change::DirtyBit;
+use crate::addr::{Gfn, Level, Pfn};
+use crate::mem::{
+    DirtyRing, Memslot, MemslotChange, MemslotError, MemslotObserver, MmuLockHeld, MmuLockWriteGuard, stable_host_level,
+};
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::iter::SpteIter;
-use crate::mmu::spte::{FROZEN_SPTE, Spte, SpteAccess};
+use crate::mmu::spte::{Spte, SpteAccess};
 use crate::mmu::stats::MmuStats;
 
+/// What to do with a huge leaf over pages that must log their next writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Huge {
+    /// Split it (eager page splitting), or write-protect it if no frame is
+    /// left for the table.
+    Split,
+    /// Write-protect it whole.
+    Protect,
+}
+
 impl TdpMmu {
-    /// Clears hardware W on every leaf in `start..end` of `as_id` (MMU-writable
-    /// kept), splitting huge leaves first when `split` (KVM's
-    /// `kvm_tdp_mmu_wrprot_slot` after eager splitting).
-    pub(super) fn write_protect_range(
+    /// Makes every write to gfns `start..end` of `as_id` log its page from
+    /// now on: huge leaves overlapping the range are split or
+    /// write-protected (per `huge`), then 4K leaves are write-protected
+    /// (write-protect logging) or made clean (D-bit logging, dropping the
+    /// record: the caller starts logging or clears the pages' bits). Splits
+    /// take tables from the MMU's split cache; when it is empty the lock
+    /// is given up to refill it, and a split that still finds no frame
+    /// write-protects instead (eager splitting is best effort, as KVM's).
+    fn protect_range(
         &self,
-        _guard: &impl MmuLockHeld,
+        guard: &mut MmuLockWriteGuard<'_, ()>,
         as_id: u16,
         start: Gfn,
         end: Gfn,
-        split: bool,
+        mut huge: Huge,
     ) -> PendingFlush {
+        // Tables unlinked meanwhile (an invalidated root's last reference
+        // dropped) are freed only after this guard.
+        let _epoch = crossbeam_epoch::pin();
         let mut protected = false;
+        let entries = self.config.geometry.entries();
         for root in self.roots_of(as_id) {
             let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 1, start.raw());
-            let entries = self.config.geometry.entries();
             while it.valid() && it.gfn() < end.raw() {
                 let level = it.level();
                 let spte = it.old_spte();
@@ -60,54 +93,93 @@ impl TdpMmu {
                     // A whole 4K table in range: one tight pass over its
                     // slots (the cursor's per-entry bookkeeping would cost
                     // as much as the compare-exchange), then past it.
-                    protected |= self.write_protect_table(it.table());
+                    protected |= self.write_protect_table(as_id, it.gfn(), it.table());
                     if !it.step_up() {
                         break;
                     }
                     it.skip_subtree();
                     continue;
                 }
-                if spte.is_mmu_present() && spte.is_leaf(level) {
-                    if level > 1 && split {
-                        if self.split_huge(&mut it) {
-                            protected = true;
-                            continue; // now a table: step into it
+                if !(spte.is_mmu_present() && spte.is_leaf(level)) {
+                    it.next();
+                    continue;
+                }
+                if level > 1 {
+                    if huge == Huge::Split {
+                        if self.split_for_logging(guard, &mut it, as_id) == Split::NoFrame {
+                            // Best effort: what cannot be split from here
+                            // on is write-protected.
+                            huge = Huge::Protect;
                         }
-                        continue; // lost a race: re-read
+                        // Split (step into the table), changed meanwhile,
+                        // or walked again from the root: look again.
+                        continue;
                     }
-                    if self.dirty_bit_logging() {
-                        // D-bit mode: clean the SPTE instead of protecting it.
-                        if spte.is_dirty(self.fmt) {
-                            if !it.try_set(Spte(spte.0 & !self.fmt.dirty_mask())) {
-                                continue;
-                            }
-                            protected = true;
-                        }
-                    } else if spte.is_writable(self.fmt) {
-                        if !it.try_set(spte.clear_writable(self.fmt)) {
-                            continue; // hardware set A/D meanwhile: retry this SPTE
+                    // The fast path never gives a huge leaf its W back in a
+                    // logging slot: the next write maps 4K on the slow path.
+                    // In D-bit mode too: cleaning it would drop the record of
+                    // its other pages.
+                    if spte.is_writable(self.fmt) {
+                        if !self.set_spte_atomic(&mut it, as_id, spte.clear_writable(self.fmt), DirtyBit::Log) {
+                            continue;
                         }
                         protected = true;
                     }
                     it.skip_subtree();
                     continue;
                 }
-                it.next();
+                let new = if self.dirty_bit_logging() {
+                    spte.clear_dirty(self.fmt)
+                } else {
+                    spte.clear_writable(self.fmt)
+                };
+                if new != spte {
+                    if !self.set_spte_atomic(&mut it, as_id, new, DirtyBit::Keep) {
+                        continue; // hardware set A/D meanwhile: retry this SPTE
+                    }
+                    protected = true;
+                }
+                it.skip_subtree();
             }
         }
         PendingFlush::new(protected)
     }
 
-    /// Clears hardware W on every present leaf of a 4K table, with
-    /// compare-exchange (hardware may set A/D meanwhile). Returns whether
-    /// any was writable.
-    fn write_protect_table(&self, table: crate::addr::Pfn) -> bool {
+    /// Splits the huge leaf at the cursor for logging (see
+    /// [`TdpMmu::protect_range`]). When the split cache is empty, the lock
+    /// is given up to refill it (KVM's `tdp_mmu_alloc_sp_for_split`), and
+    /// the cursor restarts from the root, as what it read is stale.
+    fn split_for_logging(&self, guard: &mut MmuLockWriteGuard<'_, ()>, it: &mut SpteIter<'_>, as_id: u16) -> Split {
+        let mut cache = self.split_cache.lock();
+        if cache.is_empty() {
+            drop(cache);
+            let topped = guard.unlocked(|| self.split_cache.lock().topup(1));
+            it.restart();
+            return if topped.is_ok() {
+                Split::Restarted
+            } else {
+                tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn(), errno = "ENOMEM");
+                Split::NoFrame
+            };
+        }
+        if self.split_huge_spte(&*guard, it, as_id, &mut cache) {
+            Split::Done
+        } else {
+            Split::Changed
+        }
+    }
+
+    /// Clears hardware W on every present leaf of a 4K table covering from
+    /// `gfn`, with compare-exchange (hardware may set A/D meanwhile), each
+    /// change handled. Returns whether any was writable.
+    fn write_protect_table(&self, as_id: u16, gfn: u64, table: Pfn) -> bool {
         let mut protected = false;
-        for slot in self
+        for (i, slot) in self
             .arena
             .table(table)
             .iter()
             .take(self.config.geometry.entries() as usize)
+            .enumerate()
         {
             let mut cur = slot.load(Ordering::Acquire);
             loop {
@@ -115,13 +187,10 @@ impl TdpMmu {
                 if !(spte.is_mmu_present() && spte.is_writable(self.fmt)) {
                     break;
                 }
-                match slot.compare_exchange(
-                    cur,
-                    spte.clear_writable(self.fmt).0,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
+                let new = spte.clear_writable(self.fmt);
+                match slot.compare_exchange(cur, new.0, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
+                        self.handle_changed_spte(as_id, gfn + i as u64, 1, spte, new, DirtyBit::Keep);
                         protected = true;
                         break;
                     }
@@ -132,54 +201,13 @@ impl TdpMmu {
         protected
     }
 
-    /// Replaces the huge leaf at the cursor with a table of next-level
-    /// leaves mapping the same frames, write-protected. Returns false if
-    /// the SPTE changed under us.
-    fn split_huge(&self, it: &mut SpteIter<'_>) -> bool {
-        let level = it.level();
-        let huge = it.old_spte();
-        let Ok(table) = self.alloc_table() else {
-            return false;
-        };
-        let entries = self.config.geometry.entries();
-        let child_pages = self.config.geometry.pages(level - 1);
-        let access = SpteAccess {
-            read: true,
-            write: huge.is_mmu_writable(),
-            exec: true,
-            user: true,
-        };
-        for i in 0..entries {
-            let pfn = huge.pfn().add(i * child_pages);
-            let leaf = self
-                .fmt
-                .make_leaf(level - 1, pfn, access, huge.is_host_writable(), true, false);
-            // Write-protected, or in D-bit mode writable and clean.
-            let leaf = if self.dirty_bit_logging() {
-                Spte(leaf.0 & !self.fmt.dirty_mask())
-            } else {
-                leaf.clear_writable(self.fmt)
-            };
-            self.arena.table(table)[i as usize].store(leaf.0, Ordering::Relaxed);
-        }
-        if !it.try_set(self.fmt.make_nonleaf(table)) {
-            self.free_table_now(table);
-            return false;
-        }
-        self.stats.account_leaf(level, -1);
-        self.stats.account_leaf(level - 1, entries as i64);
-        MmuStats::inc(&self.stats.local().huge_pages_split);
-        tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn(), level);
-        // The cursor now holds the table: the caller steps into it.
-        true
-    }
-
     /// The lockless fast path (KVM's `fast_page_fault`), for a present
     /// leaf whose fix needs no new mapping: an access-tracked SPTE gets its
     /// R/X back, and a write to an SPTE that is MMU-writable but not
     /// writable (write-protected for dirty logging) gets W back and logs
-    /// the page; each with one compare-exchange. `None` when the slow path
-    /// must handle the fault.
+    /// the page; each with one compare-exchange. Never for a huge SPTE in a
+    /// logging slot (KVM's check: it would log one page of many). `None`
+    /// when the slow path must handle the fault.
     pub(super) fn fast_page_fault(
         &self,
         root: &super::RootRef,
@@ -202,7 +230,7 @@ impl TdpMmu {
         }
         let made_writable = write && !new.is_writable(self.fmt);
         if made_writable {
-            if !new.is_mmu_writable() {
+            if !new.is_mmu_writable() || (it.level() > 1 && slot.logs_dirty_pages()) {
                 return None;
             }
             new = new.make_writable(self.fmt);
@@ -215,7 +243,7 @@ impl TdpMmu {
             MmuStats::inc(&self.stats.local().pf_spurious);
             return Some(super::FaultOutcome::Spurious);
         }
-        if !it.try_set(new) {
+        if !self.set_spte_atomic(&mut it, root.root().as_id(), new, DirtyBit::Log) {
             return None;
         }
         if made_writable {
@@ -228,13 +256,13 @@ impl TdpMmu {
     }
 
     /// `KVM_GET_DIRTY_LOG`: the slot's dirty bitmap; without manual
-    /// protect the bits are cleared and their pages write-protected, with
-    /// TLBs flushed before this returns.
+    /// protect the bits are cleared and their pages protected, with TLBs
+    /// flushed before this returns.
     pub fn get_dirty_log(&self, as_id: u16, slot_id: u16) -> Result<Vec<u64>, MemslotError> {
         if self.dirty_ring_size().is_some() {
             return Err(MemslotError::DirtyRingEnabled);
         }
-        let guard = self.lock.write();
+        let mut guard = self.lock.write();
         if self.dirty_bit_logging() {
             // Move the hardware's D bits into the bitmap and clean them;
             // the flush makes every later write set D again.
@@ -244,27 +272,27 @@ impl TdpMmu {
         }
         let bitmap = self.slots.get_dirty_log(as_id, slot_id)?;
         if !self.slots.config().manual_dirty_log_protect {
-            let flush = self.protect_bitmap(&guard, as_id, slot_id, 0, &bitmap)?;
+            let flush = self.protect_bitmap(&mut guard, as_id, slot_id, 0, &bitmap)?;
             self.discharge(flush);
         }
         Ok(bitmap)
     }
 
     /// `KVM_CLEAR_DIRTY_LOG` (manual protect): clears the bits of `mask`
-    /// from `first_page` and write-protects the pages that were dirty.
+    /// from `first_page` and protects the pages that were dirty.
     pub fn clear_dirty_log(&self, as_id: u16, slot_id: u16, first_page: u64, mask: &[u64]) -> Result<(), MemslotError> {
         if self.dirty_ring_size().is_some() {
             return Err(MemslotError::DirtyRingEnabled);
         }
-        let guard = self.lock.write();
+        let mut guard = self.lock.write();
         let cleared = self.slots.clear_dirty_log(as_id, slot_id, first_page, mask)?;
-        let flush = self.protect_bitmap(&guard, as_id, slot_id, first_page, &cleared)?;
+        let flush = self.protect_bitmap(&mut guard, as_id, slot_id, first_page, &cleared)?;
         self.discharge(flush);
         Ok(())
     }
 
-    /// D-bit mode: for every dirty leaf of the slot, logs its pages and
-    /// clears D.
+    /// D-bit mode: every dirty leaf of the slot made clean, its pages
+    /// logged by the change handler.
     fn harvest_dirty_bits(
         &self,
         _guard: &impl MmuLockHeld,
@@ -277,6 +305,7 @@ impl TdpMmu {
             .ok_or(MemslotError::UnknownSlot { as_id, id: slot_id })?
             .clone();
         drop(slots);
+        let _epoch = crossbeam_epoch::pin();
         let (start, end) = (slot.base_gfn(), slot.base_gfn().add(slot.npages()));
         let mut cleaned = false;
         for root in self.roots_of(as_id) {
@@ -286,11 +315,8 @@ impl TdpMmu {
                 let level = it.level();
                 if spte.is_mmu_present() && spte.is_leaf(level) {
                     if spte.is_dirty(self.fmt) {
-                        if !it.try_set(Spte(spte.0 & !self.fmt.dirty_mask())) {
+                        if !self.set_spte_atomic(&mut it, as_id, spte.clear_dirty(self.fmt), DirtyBit::Log) {
                             continue;
-                        }
-                        for i in 0..self.config.geometry.pages(level) {
-                            slot.mark_page_dirty(Gfn::new(it.gfn() + i));
                         }
                         cleaned = true;
                     }
@@ -303,28 +329,13 @@ impl TdpMmu {
         Ok(PendingFlush::new(cleaned))
     }
 
-    /// D-bit mode: a dirty leaf being zapped logs its pages. PML logged
-    /// the write when hardware set D; here the harvest reads D, so a zap
-    /// before the harvest (zap-all, an MMU-notifier invalidation, a memslot
-    /// flush) would lose it.
-    pub(super) fn log_dirty_leaf(&self, as_id: u16, gfn: u64, level: u8, old: Spte) {
-        if !self.dirty_bit_logging() || !old.is_dirty(self.fmt) {
-            return;
-        }
-        let (start, end) = (gfn, gfn + self.config.geometry.pages(level));
-        let slots = self.slots.load(as_id);
-        for slot in slots.iter().filter(|s| s.logs_dirty_pages()) {
-            let from = start.max(slot.base_gfn().raw());
-            let to = end.min(slot.base_gfn().raw() + slot.npages());
-            for g in from..to {
-                slot.mark_page_dirty(Gfn::new(g));
-            }
-        }
-    }
-
+    /// Protects the pages whose bits are set in `bits` (bit 0 is page
+    /// `first_page` of the slot), as a harvest that took those bits must
+    /// (see the module documentation): the flush is owed if any bit is
+    /// set, whatever the SPTEs were.
     pub(super) fn protect_bitmap(
         &self,
-        guard: &impl MmuLockHeld,
+        guard: &mut MmuLockWriteGuard<'_, ()>,
         as_id: u16,
         slot_id: u16,
         first_page: u64,
@@ -336,7 +347,14 @@ impl TdpMmu {
             .ok_or(MemslotError::UnknownSlot { as_id, id: slot_id })?;
         let base = slot.base_gfn().raw() + first_page;
         drop(slots);
-        let mut flush = PendingFlush::none();
+        let huge = if self.config.eager_page_split {
+            Huge::Split
+        } else {
+            Huge::Protect
+        };
+        // KVM flushes when it reaped any bit, not when an SPTE changed
+        // (`kvm_get_dirty_log_protect`, `kvm_clear_dirty_log_protect`).
+        let mut flush = PendingFlush::new(bits.iter().any(|&w| w != 0));
         // Runs of set bits become one range each, across word boundaries
         // (a fully dirty slot is one walk, not one per 64 pages).
         let mut run: Option<(u64, u64)> = None;
@@ -349,7 +367,7 @@ impl TdpMmu {
                 run = match run {
                     Some((s, e)) if e == start => Some((s, start + len)),
                     Some((s, e)) => {
-                        flush = flush.merge(self.write_protect_range(guard, as_id, Gfn::new(s), Gfn::new(e), false));
+                        flush = flush.merge(self.protect_range(guard, as_id, Gfn::new(s), Gfn::new(e), huge));
                         Some((start, start + len))
                     }
                     None => Some((start, start + len)),
@@ -358,56 +376,73 @@ impl TdpMmu {
             }
         }
         if let Some((s, e)) = run {
-            flush = flush.merge(self.write_protect_range(guard, as_id, Gfn::new(s), Gfn::new(e), false));
+            flush = flush.merge(self.protect_range(guard, as_id, Gfn::new(s), Gfn::new(e), huge));
         }
         Ok(flush)
     }
 
-    /// Logging was turned off: replace tables of 4K leaves by one huge leaf
-    /// where the memslot and the host mapping allow it (in place, no zap).
+    /// Logging starts on `slot` (KVM's `kvm_mmu_slot_apply_flags`): split
+    /// and protect it whole, unless every page counts as dirty already
+    /// (manual protect with an initially-set bitmap: huge pages are dealt
+    /// with at each clear instead).
+    fn start_dirty_logging(&self, slot: &Memslot) {
+        let cfg = self.slots.config();
+        if cfg.manual_dirty_log_protect && cfg.dirty_log_initially_set {
+            return;
+        }
+        let mut guard = self.lock.write();
+        let end = slot.base_gfn().add(slot.npages());
+        let huge = if self.config.eager_page_split {
+            Huge::Split
+        } else {
+            Huge::Protect
+        };
+        let flush = self.protect_range(&mut guard, slot.as_id(), slot.base_gfn(), end, huge);
+        self.discharge(flush);
+    }
+
+    /// Logging was turned off: replace tables by one huge leaf where the
+    /// memslot, the configured largest leaf and the host mapping allow it
+    /// (in place, largest first; KVM's `kvm_mmu_recover_huge_pages`).
     fn recover_huge_pages(&self, slot: &Memslot) {
         let guard = self.lock.write();
+        let _epoch = crossbeam_epoch::pin();
         let start = slot.base_gfn();
         let end = start.add(slot.npages());
-        let pages = self.config.geometry.pages(2);
+        let max = Level::new(self.config.max_level.clamp(1, 3)).expect("clamped to a leaf level");
         let mut flush = false;
         for root in self.roots_of(slot.as_id()) {
             let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 2, start.raw());
             while it.valid() && it.gfn() < end.raw() {
                 let spte = it.old_spte();
-                if it.level() == 2 && spte.is_mmu_present() && !spte.is_leaf(2) {
-                    let gfn = Gfn::new(it.gfn());
-                    if gfn.raw() >= start.raw()
-                        && gfn.raw() + pages <= end.raw()
-                        && slot.max_mapping_level(gfn, Level::L2) >= Level::L2
-                        && let Some(hva) = slot.gfn_to_hva(gfn)
-                        && matches!(stable_host_level(&self.host, &self.invalidate, &guard, hva), Ok(Some(l)) if l >= Level::L2)
-                        && let Some(host) = self.host.lookup(hva)
-                    {
-                        let leaf = self.fmt.make_leaf(
-                            2,
-                            host.pfn.align_down(pages),
-                            SpteAccess {
-                                read: true,
-                                write: !slot.is_readonly(),
-                                exec: true,
-                                user: true,
-                            },
-                            host.writable,
-                            true,
-                            false,
-                        );
-                        if it.try_set(Spte(FROZEN_SPTE)) {
-                            self.zap_subtree_leaves(spte.pfn(), 1);
-                            self.stats.account_tables(-1);
-                            defer_free_tree(&self.arena, self.config.geometry, spte.pfn(), 1);
-                            it.sptep().store(leaf.0, Ordering::Release);
-                            it.refresh();
-                            self.stats.account_leaf(2, 1);
-                            MmuStats::inc(&self.stats.local().huge_pages_recovered);
-                            flush = true;
-                        }
+                let level = it.level();
+                if level > 3 || !spte.is_mmu_present() || spte.is_leaf(level) {
+                    it.next();
+                    continue;
+                }
+                let pages = self.config.geometry.pages(level);
+                let gfn = Gfn::new(it.gfn());
+                let huge = Level::new(level).expect("2 or 3 here");
+                if gfn.raw() >= start.raw()
+                    && gfn.raw() + pages <= end.raw()
+                    && slot.max_mapping_level(gfn, max) >= huge
+                    && let Some(hva) = slot.gfn_to_hva(gfn)
+                    && matches!(stable_host_level(&self.host, &self.invalidate, &guard, hva), Ok(Some(l)) if l >= huge)
+                    && let Some(host) = self.host.lookup(hva)
+                {
+                    let access = SpteAccess {
+                        read: true,
+                        write: !slot.is_readonly(),
+                        exec: true,
+                        user: true,
+                    };
+                    let leaf = self.make_leaf(level, host.pfn.align_down(pages), access, host.writable);
+                    if self.set_spte_atomic(&mut it, slot.as_id(), leaf, DirtyBit::Log) {
+                        MmuStats::inc(&self.stats.local().huge_pages_recovered);
+                        flush = true;
+                        it.skip_subtree();
                     }
+                    continue;
                 }
                 it.next();
             }
@@ -415,6 +450,20 @@ impl TdpMmu {
         self.discharge(PendingFlush::new(flush));
         drop(guard);
     }
+}
+
+/// How an eager split of one huge leaf went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Split {
+    /// The leaf is a table now; the cursor holds it.
+    Done,
+    /// The SPTE changed meanwhile; the cursor holds the value found.
+    Changed,
+    /// The lock was given up to refill the split cache; the cursor walked
+    /// again from the root.
+    Restarted,
+    /// No frame is left for the table (the cursor walked again too).
+    NoFrame,
 }
 
 /// The MMU's subscription to memslot changes.
@@ -444,18 +493,7 @@ impl MemslotObserver for SlotObserver {
         }
         let (Some(old), Some(new)) = (old, new) else { return };
         match (old.logs_dirty_pages(), new.logs_dirty_pages()) {
-            (false, true) => {
-                // With manual protect and an initially-set bitmap every page
-                // counts as dirty already; protection comes with each clear.
-                let cfg = mmu.slots.config();
-                if cfg.manual_dirty_log_protect && cfg.dirty_log_initially_set {
-                    return;
-                }
-                let guard = mmu.lock.write();
-                let end = new.base_gfn().add(new.npages());
-                let flush = mmu.write_protect_range(&guard, new.as_id(), new.base_gfn(), end, true);
-                mmu.discharge(flush);
-            }
+            (false, true) => mmu.start_dirty_logging(new),
             (true, false) => mmu.recover_huge_pages(new),
             _ => {}
         }

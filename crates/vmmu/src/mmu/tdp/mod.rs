@@ -15,25 +15,31 @@
 
 mod age;
 mod audit;
+mod change;
 mod dirty;
+mod nx;
 mod ring;
 
 pub use audit::AuditViolation;
-pub use ring::DirtyRingError;
+pub use nx::{NX_HUGE_PAGES_RECOVERY_RATIO, NxRecoveryWorker};
+pub use ring::{DIRTY_RING_MAX_ENTRIES, DirtyRingError};
+
+use change::DirtyBit;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use super::cache::{MmuCaches, MmuMemoryCache};
 use super::flush::{PendingFlush, RemoteTlb};
 use super::iter::{Geometry, SpteIter};
-use super::spte::{FROZEN_SPTE, Spte, SpteAccess, SpteFormat};
+use super::spte::{Spte, SpteAccess, SpteFormat};
 use super::stats::MmuStats;
 use crate::addr::{Gfn, Gpa, Level, PageSize, Pfn};
 use crate::mem::{
     DirtyRing, FaultinError, FrameArena, FrameError, HostAddressSpace, HvaRange, InvalidateState, MemslotTable,
-    MmuLock, MmuLockReadGuard, MmuNotifier, MmuWriteLockHeld, NotifierRange, SlotCache, faultin_gfn,
+    MmuLock, MmuLockHeld, MmuLockReadGuard, MmuNotifier, MmuWriteLockHeld, NotifierRange, faultin_gfn,
 };
 use crate::sync;
 
@@ -49,8 +55,20 @@ pub struct TdpConfig {
     /// The NX huge page mitigation (KVM's `nx_huge_pages`): huge SPTEs are
     /// not executable; an instruction fetch maps the page at 4K.
     pub nx_huge_pages: bool,
+    /// KVM's `nx_huge_pages_recovery_ratio`: each run of the recovery
+    /// worker zaps 1/ratio of the regions split by instruction fetches, so
+    /// they fault back in huge; 0 turns the worker off.
+    pub nx_recovery_ratio: u32,
+    /// KVM's `nx_huge_pages_recovery_period_ms`: how often the worker runs;
+    /// 0 means an hour divided by the ratio (every 60 s at ratio 60).
+    pub nx_recovery_period_ms: u32,
     /// How dirty logging finds written pages.
     pub dirty_log: DirtyLogMode,
+    /// Eager page splitting (KVM's `eager_page_split`): huge SPTEs are
+    /// split when logging starts, or with manual protect and an
+    /// initially-set bitmap when their pages' bits are cleared, instead
+    /// of on the first write to each.
+    pub eager_page_split: bool,
 }
 
 /// How dirty logging finds written pages.
@@ -71,7 +89,10 @@ impl Default for TdpConfig {
             ad: true,
             max_level: 3,
             nx_huge_pages: false,
+            nx_recovery_ratio: NX_HUGE_PAGES_RECOVERY_RATIO,
+            nx_recovery_period_ms: 0,
             dirty_log: DirtyLogMode::WriteProtect,
+            eager_page_split: true,
         }
     }
 }
@@ -212,14 +233,6 @@ fn count_tables(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) -
     n
 }
 
-/// Regions split by instruction fetches (NX huge pages): the queue the
-/// recovery worker takes from, oldest first, and the set faults consult.
-#[derive(Debug, Default)]
-struct NxSplit {
-    queue: std::collections::VecDeque<(u16, Gfn, u8)>,
-    members: std::collections::HashSet<(u16, Gfn, u8)>,
-}
-
 /// The MMU's roots.
 #[derive(Debug, Default)]
 struct RootList {
@@ -329,9 +342,15 @@ pub struct TdpMmu {
     /// Huge regions split by an instruction fetch under the NX huge page
     /// mitigation, oldest first (KVM's `possible_nx_huge_pages`):
     /// (address space, first gfn of the region, its level).
-    nx_split: Mutex<NxSplit>,
+    nx_split: Mutex<nx::NxSplit>,
     /// The per-vCPU dirty ring size, once enabled (`KVM_CAP_DIRTY_LOG_RING`).
     dirty_ring: std::sync::OnceLock<u32>,
+    /// Tables for eager splitting, which runs under the write lock and
+    /// gives it up to refill this (KVM allocates its split tables with
+    /// `mmu_lock` dropped).
+    split_cache: Mutex<MmuMemoryCache>,
+    /// The NX recovery worker, when the mitigation and recovery are on.
+    nx_worker: Mutex<Option<NxRecoveryWorker>>,
     stats: Arc<MmuStats>,
 }
 
@@ -358,14 +377,24 @@ impl TdpMmu {
             roots: Mutex::new(RootList::default()),
             root_generation: AtomicU64::new(0),
             remote_tlb: RemoteTlb::default(),
-            nx_split: Mutex::new(NxSplit::default()),
+            nx_split: Mutex::new(nx::NxSplit::default()),
             dirty_ring: std::sync::OnceLock::new(),
+            split_cache: Mutex::new(MmuMemoryCache::new(host.arena().clone())),
+            nx_worker: Mutex::new(None),
             stats: Arc::new(MmuStats::default()),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
         mmu.slots
             .register_observer(Arc::new(dirty::SlotObserver(Arc::downgrade(&mmu))));
+        if config.nx_huge_pages && config.nx_recovery_ratio > 0 {
+            *mmu.nx_worker.lock() = Some(NxRecoveryWorker::start(&mmu));
+        }
         mmu
+    }
+
+    /// Caches for a vCPU of this MMU ([`TdpMmu::page_fault`] takes them).
+    pub fn vcpu_caches(&self) -> MmuCaches {
+        MmuCaches::new(self.arena.clone())
     }
 
     /// The SPTE format.
@@ -514,21 +543,20 @@ impl TdpMmu {
 
     /// Zaps every leaf of one root with atomic exchanges (the read lock
     /// allows concurrent faults, which fail on an invalid root).
-    fn zap_root_leaves(&self, _guard: &MmuLockReadGuard<'_, ()>, root: &TdpRoot) -> u64 {
+    fn zap_root_leaves(&self, guard: &MmuLockReadGuard<'_, ()>, root: &TdpRoot) -> u64 {
+        debug_assert!(
+            !root.is_valid(),
+            "only an invalidated root is zapped under the read lock"
+        );
         let mut zapped = 0;
         let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, 0);
         while it.valid() {
             let spte = it.old_spte();
             let level = it.level();
             if spte.is_mmu_present() && spte.is_leaf(level) {
-                let old = Spte(it.sptep().swap(0, Ordering::AcqRel));
-                if old.is_mmu_present() {
-                    self.log_dirty_leaf(root.as_id, it.gfn(), level, old);
-                    self.stats.account_leaf(level, -1);
-                    MmuStats::inc(&self.stats.local().mmu_zapped);
+                if self.zap_spte(guard, &mut it, root.as_id).is_mmu_present() {
                     zapped += 1;
                 }
-                it.refresh();
                 it.skip_subtree();
                 continue;
             }
@@ -541,6 +569,11 @@ impl TdpMmu {
     /// vCPU's root (KVM's `kvm_tdp_mmu_page_fault`): memslot → host page
     /// with the MMU-notifier retry protocol → install under the read lock.
     ///
+    /// `caches` are the faulting vCPU's: its memslot cache, and the frames
+    /// the install may link, topped up here before `mmu_lock` is taken (an
+    /// allocation failure is [`TdpError::OutOfFrames`], with nothing
+    /// changed; the access can be retried once memory returns).
+    ///
     /// `ring` is the faulting vCPU's dirty ring when the dirty ring is
     /// enabled ([`TdpMmu::enable_dirty_ring`]): pages it dirties go there
     /// instead of the memslot's bitmap.
@@ -548,7 +581,7 @@ impl TdpMmu {
         &self,
         root: &RootRef,
         fault: TdpFault,
-        cache: &mut SlotCache,
+        caches: &mut MmuCaches,
         ring: Option<&DirtyRing>,
     ) -> Result<FaultOutcome, TdpError> {
         MmuStats::inc(&self.stats.local().pf_taken);
@@ -571,10 +604,10 @@ impl TdpMmu {
         // `kvm->srcu`: a memslot update waits for it, and no reference
         // count on the slot is touched (a shared cache line per fault).
         let slots = self.slots.load(root.root.as_id);
-        let Some(slot) = slots.lookup_cached(gfn, cache) else {
+        let Some(slot) = slots.lookup_cached(gfn, &mut caches.slots) else {
             let generation = slots.generation();
             drop(slots);
-            return self.mmio_fault(root, gfn, generation);
+            return self.mmio_fault(root, gfn, generation, &mut caches.pages);
         };
         if slot.is_invalid() {
             // Being deleted or moved (KVM's `KVM_MEMSLOT_INVALID`): retry
@@ -595,6 +628,9 @@ impl TdpMmu {
         {
             return Ok(outcome);
         }
+        // Every table the install may link, set aside before the lock
+        // (KVM's `mmu_topup_memory_caches`): nothing allocates under it.
+        caches.pages.topup(self.tables_per_fault())?;
         let mapping = match faultin_gfn(&self.host, &self.invalidate, slot, gfn, fault.write) {
             Ok(m) => m,
             Err(source) => return Err(TdpError::Host { gpa: fault.gpa, source }),
@@ -615,63 +651,91 @@ impl TdpMmu {
                 })?
         };
         let mut level = valid.mapping_level(slot.max_mapping_level(gfn, max));
-        let mut exec = true;
         if self.config.nx_huge_pages && level > Level::L1 {
             let region = (root.root.as_id, gfn.align_down(level.pages()), level.get());
             let mut split = self.nx_split.lock();
             if fault.exec {
                 // Executable pages are mapped 4K: remember the huge region
                 // so the recovery worker can make it huge again later.
-                if split.members.insert(region) {
-                    split.queue.push_back(region);
-                    MmuStats::inc(&self.stats.local().nx_lpage_splits);
+                if split.track(region) {
+                    self.stats.account_nx_lpage_splits(1);
                 }
                 level = Level::L1;
-            } else if split.members.contains(&region) {
+            } else if split.contains(&region) {
                 // KVM's disallowed_hugepage_adjust: the region stays 4K
                 // until recovery, or every data access would undo the split.
                 level = Level::L1;
-            } else {
-                exec = false;
             }
         }
         let pfn = valid.pfn_at(level);
         let access = SpteAccess {
             read: true,
             write: !slot.is_readonly(),
-            exec,
+            exec: true,
             user: true,
         };
-        let mut leaf = self
-            .fmt
-            .make_leaf(level.get(), pfn, access, valid.writable(), true, false);
+        let mut leaf = self.make_leaf(level.get(), pfn, access, valid.writable());
         if logging && !fault.write {
             leaf = if self.dirty_bit_logging() {
                 // Writable and clean: the hardware's D bit logs the write.
-                Spte(leaf.0 & !self.fmt.dirty_mask())
+                leaf.clear_dirty(self.fmt)
             } else {
                 // Writable only on the first write, which logs the page.
                 leaf.clear_writable(self.fmt)
             };
         }
-        let outcome = self.install(&guard, root, gfn.align_down(level.pages()), level.get(), leaf)?;
-        if logging && leaf.is_writable(self.fmt) && outcome == FaultOutcome::Fixed {
-            // Still under the read lock: no harvest can run between the
-            // install and the mark.
+        let outcome = self.install(
+            &guard,
+            root,
+            gfn.align_down(level.pages()),
+            level.get(),
+            leaf,
+            &mut caches.pages,
+        );
+        // A leaf that lets hardware write without recording it: logged
+        // now, still under the read lock, so no harvest runs between the
+        // install and the mark (KVM's `make_spte`). A clean writable leaf
+        // in D-bit mode records its first write in its D bit.
+        if logging
+            && leaf.is_writable(self.fmt)
+            && (leaf.is_dirty(self.fmt) || !self.dirty_bit_logging())
+            && outcome == FaultOutcome::Fixed
+        {
             self.mark_dirty(slot, gfn, ring);
         }
         Ok(outcome)
     }
 
-    fn mmio_fault(&self, root: &RootRef, gfn: Gfn, generation: u64) -> Result<FaultOutcome, TdpError> {
+    /// Tables one fault may need: one per level below the root (a path
+    /// built from nothing, or huge leaves split down to 4K).
+    fn tables_per_fault(&self) -> usize {
+        usize::from(self.config.geometry.levels) - 1
+    }
+
+    /// A leaf SPTE of this MMU (KVM's `make_spte`): at a huge level under
+    /// the NX huge page mitigation, never executable.
+    pub(super) fn make_leaf(&self, level: u8, pfn: Pfn, access: SpteAccess, host_writable: bool) -> Spte {
+        let exec = access.exec && !(level > 1 && self.config.nx_huge_pages);
+        self.fmt
+            .make_leaf(level, pfn, SpteAccess { exec, ..access }, host_writable, true, false)
+    }
+
+    fn mmio_fault(
+        &self,
+        root: &RootRef,
+        gfn: Gfn,
+        generation: u64,
+        tables: &mut MmuMemoryCache,
+    ) -> Result<FaultOutcome, TdpError> {
         MmuStats::inc(&self.stats.local().pf_emulate);
         if generation & crate::mem::memslot::MEMSLOT_GEN_UPDATE_IN_PROGRESS != 0 {
             // Never cache "no memslot" while memslots are changing.
             return Ok(FaultOutcome::Mmio);
         }
+        tables.topup(self.tables_per_fault())?;
         let guard = self.lock.read();
         let mmio = self.fmt.make_mmio(gfn.raw(), generation);
-        match self.install(&guard, root, gfn, 1, mmio)? {
+        match self.install(&guard, root, gfn, 1, mmio, tables) {
             FaultOutcome::Fixed => {
                 tracing::trace!(target: "mark_mmio_spte", gfn = gfn.raw(), generation);
                 MmuStats::inc(&self.stats.local().pf_mmio_spte_created);
@@ -684,15 +748,17 @@ impl TdpMmu {
 
     /// Installs `leaf` for `gfn` at `level` (KVM's `kvm_tdp_mmu_map`):
     /// walks down from the root, linking new tables with compare-exchange
-    /// and splitting a huge leaf that is in the way, then sets the leaf.
+    /// and splitting in place a huge leaf that is in the way, then sets the
+    /// leaf. Tables come from `tables`, topped up before the lock.
     fn install(
         &self,
-        _guard: &MmuLockReadGuard<'_, ()>,
+        guard: &MmuLockReadGuard<'_, ()>,
         root: &RootRef,
         gfn: Gfn,
         level: u8,
         leaf: Spte,
-    ) -> Result<FaultOutcome, TdpError> {
+        tables: &mut MmuMemoryCache,
+    ) -> FaultOutcome {
         // Checked under the lock (KVM's `is_page_fault_stale`): roots are
         // invalidated only under the write lock, so a root valid here stays
         // valid until this fault is done, and the zapper of invalidated
@@ -701,38 +767,32 @@ impl TdpMmu {
         sync::sched_point();
         if !root.root.is_valid() && !sync::bug(sync::Bug::InstallIntoInvalidRoot) {
             MmuStats::inc(&self.stats.local().pf_retry);
-            return Ok(FaultOutcome::Retry);
+            return FaultOutcome::Retry;
         }
+        let as_id = root.root.as_id;
         let g = self.config.geometry;
         let mut it = SpteIter::new(&self.arena, g, root.root.pfn, level, gfn.raw());
         while it.level() > level {
             let spte = it.old_spte();
             if spte.is_frozen() {
                 MmuStats::inc(&self.stats.local().pf_retry);
-                return Ok(FaultOutcome::Retry);
+                return FaultOutcome::Retry;
             }
             if spte.is_mmu_present() && spte.is_leaf(it.level()) {
-                // A huge leaf above the level we need: replace it by an
-                // empty table (its 4K translations fault back in).
-                if !it.try_set(Spte(FROZEN_SPTE)) {
+                // A huge leaf above the level we need: split it in place
+                // (its other pages stay mapped).
+                if !self.split_huge_spte(guard, &mut it, as_id, tables) {
                     MmuStats::inc(&self.stats.local().pf_retry);
-                    return Ok(FaultOutcome::Retry);
+                    return FaultOutcome::Retry;
                 }
-                self.stats.account_leaf(it.level(), -1);
-                MmuStats::inc(&self.stats.local().huge_pages_split);
-                tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn(), level = it.level());
-                self.flush_remote_tlbs();
-                let table = self.alloc_table()?;
-                it.sptep().store(self.fmt.make_nonleaf(table).0, Ordering::Release);
-                it.refresh();
             } else if !spte.is_mmu_present() {
-                let table = self.alloc_table()?;
-                if !it.try_set(self.fmt.make_nonleaf(table)) {
+                let table = self.take_table(tables);
+                if !self.set_spte_atomic(&mut it, as_id, self.fmt.make_nonleaf(table), DirtyBit::Log) {
                     // Another fault linked a table first; ours was never
-                    // visible, so it can be freed at once.
-                    self.free_table_now(table);
+                    // visible, so it goes back to the cache.
+                    self.give_back_table(tables, table);
                     if it.old_spte().is_frozen() {
-                        return Ok(FaultOutcome::Retry);
+                        return FaultOutcome::Retry;
                     }
                     continue;
                 }
@@ -740,98 +800,100 @@ impl TdpMmu {
             if !it.step_down() {
                 // Zapped under us between the link and the step.
                 MmuStats::inc(&self.stats.local().pf_retry);
-                return Ok(FaultOutcome::Retry);
+                return FaultOutcome::Retry;
             }
         }
         let old = it.old_spte();
         if old.is_frozen() {
             MmuStats::inc(&self.stats.local().pf_retry);
-            return Ok(FaultOutcome::Retry);
+            return FaultOutcome::Retry;
         }
         // The same translation, whatever hardware did to A/D since.
         if (old.0 | self.ad_bits()) == (leaf.0 | self.ad_bits()) {
             MmuStats::inc(&self.stats.local().pf_spurious);
-            return Ok(FaultOutcome::Spurious);
+            return FaultOutcome::Spurious;
         }
-        let replaced_table = old.is_mmu_present() && !old.is_leaf(level);
-        if replaced_table {
-            // A table where a huge leaf now fits (e.g. after THP collapse):
-            // freeze the entry, then free the subtree after a grace period.
-            if !it.try_set(Spte(FROZEN_SPTE)) {
-                return Ok(FaultOutcome::Retry);
-            }
-            self.zap_subtree_leaves(old.pfn(), level - 1);
-            self.flush_remote_tlbs();
-            self.stats.account_tables(-1);
-            defer_free_tree(&self.arena, self.config.geometry, old.pfn(), level - 1);
-            it.sptep().store(leaf.0, Ordering::Release);
-        } else if !it.try_set(leaf) {
+        if !self.set_spte_atomic(&mut it, as_id, leaf, DirtyBit::Log) {
             MmuStats::inc(&self.stats.local().pf_retry);
-            return Ok(FaultOutcome::Retry);
+            return FaultOutcome::Retry;
         }
-        if old.is_mmu_present() && !replaced_table {
-            self.stats.account_leaf(level, -1);
+        if old.is_mmu_present() {
+            // A leaf replaced (rights or frame changed), or a table where a
+            // huge leaf now fits (e.g. after a THP collapse), whose subtree
+            // the change handler tore down: no vCPU may keep a translation
+            // made through the old entry.
             self.flush_remote_tlbs();
         }
         if leaf.is_mmu_present() {
-            self.stats.account_leaf(level, 1);
-            leaf.check_leaf_writable_invariants(self.fmt);
             tracing::trace!(target: "kvm_mmu_set_spte", gfn = gfn.raw(), level, spte = leaf.0, old = old.0);
         }
         MmuStats::inc(&self.stats.local().pf_fixed);
-        Ok(FaultOutcome::Fixed)
+        FaultOutcome::Fixed
     }
 
     fn ad_bits(&self) -> u64 {
         self.fmt.accessed_mask() | self.fmt.dirty_mask()
     }
 
-    fn alloc_table(&self) -> Result<Pfn, TdpError> {
-        let pfn = self.arena.alloc_4k()?;
+    /// A table for the tree, from a cache topped up before the lock.
+    fn take_table(&self, tables: &mut MmuMemoryCache) -> Pfn {
+        let pfn = tables
+            .pop()
+            .expect("the cache was topped up with a table for every level a fault or split may link");
         self.stats.account_tables(1);
-        Ok(pfn)
+        pfn
     }
 
-    fn free_table_now(&self, pfn: Pfn) {
+    /// A table taken with [`TdpMmu::take_table`] that was never published.
+    fn give_back_table(&self, tables: &mut MmuMemoryCache, pfn: Pfn) {
         self.stats.account_tables(-1);
-        self.arena
-            .free(pfn, PageSize::Size4K)
-            .expect("a table this fault allocated and never published is live");
+        tables.give_back(pfn);
     }
 
-    /// Zaps a subtree being dropped: counts its leaves, and unlinks, counts
-    /// and frees (after a grace period) every table below `table`; the
-    /// caller frees `table` itself.
-    fn zap_subtree_leaves(&self, table: Pfn, level: u8) {
-        for slot in self
-            .arena
-            .table(table)
-            .iter()
-            .take(self.config.geometry.entries() as usize)
-        {
-            let spte = Spte(slot.swap(0, Ordering::AcqRel));
-            if !spte.is_mmu_present() {
-                continue;
+    /// Splits the huge leaf at the cursor in place (KVM's
+    /// `tdp_mmu_split_huge_page`): a table of leaves one level down, each
+    /// inheriting the huge leaf's bits ([`Spte::split_child`]), replaces
+    /// it with one compare-exchange, so no translation or right changes
+    /// and no flush is owed. Under the NX huge page mitigation 4K children
+    /// are executable (the mitigation concerns huge pages only). Returns
+    /// false if the SPTE changed meanwhile (the cursor then holds the value
+    /// found); on success the cursor holds the new table.
+    pub(super) fn split_huge_spte(
+        &self,
+        _guard: &impl MmuLockHeld,
+        it: &mut SpteIter<'_>,
+        as_id: u16,
+        tables: &mut MmuMemoryCache,
+    ) -> bool {
+        let level = it.level();
+        let huge = it.old_spte();
+        debug_assert!(huge.is_large(level));
+        let table = self.take_table(tables);
+        let g = self.config.geometry;
+        for (i, slot) in self.arena.table(table).iter().take(g.entries() as usize).enumerate() {
+            let mut child = huge.split_child(level, i as u64, g.pages(level - 1));
+            if level - 1 == 1 && self.config.nx_huge_pages {
+                child = child.make_executable(self.fmt);
             }
-            if spte.is_leaf(level) {
-                self.stats.account_leaf(level, -1);
-                MmuStats::inc(&self.stats.local().mmu_zapped);
-            } else {
-                self.zap_subtree_leaves(spte.pfn(), level - 1);
-                self.stats.account_tables(-1);
-                defer_free_tree(&self.arena, self.config.geometry, spte.pfn(), level - 1);
-            }
+            slot.store(child.0, Ordering::Relaxed);
         }
+        if !self.set_spte_atomic(it, as_id, self.fmt.make_nonleaf(table), DirtyBit::Keep) {
+            self.give_back_table(tables, table);
+            return false;
+        }
+        self.stats.account_leaf(level - 1, g.entries() as i64);
+        MmuStats::inc(&self.stats.local().huge_pages_split);
+        tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn(), level);
+        true
     }
 
     /// Zaps every leaf SPTE mapping a gfn in `start..end` of address space
     /// `as_id`, in every root (KVM's `kvm_tdp_mmu_zap_leafs` under the write
-    /// lock). The caller owes the returned TLB flush before it releases the
-    /// lock.
-    pub fn zap_gfn_range(&self, _guard: &impl MmuWriteLockHeld, as_id: u16, start: Gfn, end: Gfn) -> PendingFlush {
-        let roots: Vec<Arc<TdpRoot>> = self.roots.lock().all().filter(|r| r.as_id == as_id).cloned().collect();
+    /// lock), and the MMIO SPTEs the range covers. The caller owes the
+    /// returned TLB flush before it releases the lock.
+    pub fn zap_gfn_range(&self, guard: &impl MmuWriteLockHeld, as_id: u16, start: Gfn, end: Gfn) -> PendingFlush {
         let mut zapped = false;
-        for root in roots {
+        for root in self.roots_of(as_id) {
             let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, start.raw());
             while it.valid() && it.gfn() < end.raw() {
                 let spte = it.old_spte();
@@ -839,20 +901,12 @@ impl TdpMmu {
                 let covered = it.gfn() >= start.raw() && it.gfn() + self.config.geometry.pages(level) <= end.raw();
                 if spte.is_mmu_present() && spte.is_leaf(level) {
                     // A huge leaf only partly in the range is zapped whole.
-                    let old = Spte(it.sptep().swap(0, Ordering::AcqRel));
-                    tracing::trace!(target: "kvm_tdp_mmu_spte_changed", as_id, gfn = it.gfn(), level, old = old.0, new = 0u64);
-                    if old.is_mmu_present() {
-                        self.log_dirty_leaf(as_id, it.gfn(), level, old);
-                        self.stats.account_leaf(level, -1);
-                        MmuStats::inc(&self.stats.local().mmu_zapped);
-                        zapped = true;
-                    }
-                    it.refresh();
+                    zapped |= self.zap_spte(guard, &mut it, as_id).is_mmu_present();
                     it.skip_subtree();
                     continue;
                 }
                 if spte.is_mmio(self.fmt) && covered {
-                    it.sptep().store(0, Ordering::Release);
+                    self.zap_spte(guard, &mut it, as_id);
                 }
                 it.next();
             }
@@ -862,41 +916,17 @@ impl TdpMmu {
 
     /// Zaps every MMIO SPTE of every root (a memslot was created, which may
     /// turn "no memslot" into memory).
-    pub fn zap_mmio(&self, _guard: &impl MmuWriteLockHeld) {
+    pub fn zap_mmio(&self, guard: &impl MmuWriteLockHeld) {
         let roots: Vec<Arc<TdpRoot>> = self.roots.lock().all().cloned().collect();
         for root in roots {
             let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, 0);
             while it.valid() {
                 if it.old_spte().is_mmio(self.fmt) {
-                    it.sptep().store(0, Ordering::Release);
+                    self.zap_spte(guard, &mut it, root.as_id);
                 }
                 it.next();
             }
         }
-    }
-
-    /// NX huge page recovery (KVM's `kvm_recover_nx_huge_pages`, run
-    /// periodically by a worker): zaps a `1/ratio` share (at least one) of
-    /// the regions split by instruction fetches, oldest first, so they fault
-    /// back in as huge, non-executable pages. Returns the regions zapped.
-    pub fn recover_nx_huge_pages(&self, ratio: u32) -> usize {
-        let guard = self.lock.write();
-        let batch: Vec<(u16, Gfn, u8)> = {
-            let mut split = self.nx_split.lock();
-            let n = split.queue.len().div_ceil(ratio.max(1) as usize);
-            let batch: Vec<_> = split.queue.drain(..n).collect();
-            for region in &batch {
-                split.members.remove(region);
-            }
-            batch
-        };
-        let mut owed = PendingFlush::none();
-        for &(as_id, gfn, level) in &batch {
-            let pages = self.config.geometry.pages(level);
-            owed = owed.merge(self.zap_gfn_range(&guard, as_id, gfn, gfn.add(pages)));
-        }
-        self.discharge(owed);
-        batch.len()
     }
 
     /// Whether dirty logging reads EPT Dirty bits.

@@ -21,7 +21,7 @@
 use super::{DirtyLogMode, TdpError, TdpMmu};
 use crate::addr::Gfn;
 use crate::mem::dirty::DIRTY_RING_RSVD_ENTRIES;
-use crate::mem::{DirtyRing, Memslot, MmuLockHeld, mark_page_dirty_in_slot};
+use crate::mem::{DirtyRing, Memslot, MmuLockWriteGuard, mark_page_dirty_in_slot};
 use crate::mmu::flush::PendingFlush;
 
 /// The largest ring (KVM caps it at 64K entries of 16 bytes).
@@ -93,7 +93,7 @@ impl TdpMmu {
     /// Returns the number of entries reset. Entries of deleted slots, or
     /// beyond their slot, are dropped (as KVM drops them).
     pub fn reset_dirty_rings<'a>(&self, rings: impl IntoIterator<Item = &'a DirtyRing>) -> u64 {
-        let guard = self.lock.write();
+        let mut guard = self.lock.write();
         let mut flush = PendingFlush::none();
         let mut reset = 0u64;
         for ring in rings {
@@ -111,22 +111,25 @@ impl TdpMmu {
                     continue;
                 }
                 if let Some((slot, base, mask)) = cur.take() {
-                    flush = flush.merge(self.reprotect(&guard, slot, base, mask));
+                    flush = flush.merge(self.reprotect(&mut guard, slot, base, mask));
                 }
                 cur = Some((e.slot, e.offset, 1));
             }
             if let Some((slot, base, mask)) = cur {
-                flush = flush.merge(self.reprotect(&guard, slot, base, mask));
+                flush = flush.merge(self.reprotect(&mut guard, slot, base, mask));
             }
         }
-        self.discharge(flush);
+        // As KVM's `kvm_vm_ioctl_reset_dirty_pages`: a flush whenever an
+        // entry was reset, whether or not an SPTE changed (an SPTE aged
+        // without a flush is not writable, but a vCPU's translation is).
+        self.discharge(flush.merge(PendingFlush::new(reset > 0)));
         tracing::trace!(target: "kvm_dirty_ring_reset", entries = reset);
         reset
     }
 
     /// Write-protects the pages of `mask` from `base` in the slot encoded
     /// as `as_id << 16 | id`.
-    fn reprotect(&self, guard: &impl MmuLockHeld, slot: u32, base: u64, mask: u64) -> PendingFlush {
+    fn reprotect(&self, guard: &mut MmuLockWriteGuard<'_, ()>, slot: u32, base: u64, mask: u64) -> PendingFlush {
         let (as_id, id) = ((slot >> 16) as u16, slot as u16);
         if as_id >= crate::mem::memslot::ADDRESS_SPACE_NUM {
             return PendingFlush::none();

@@ -1,0 +1,158 @@
+//! One place reacts to every SPTE change (KVM's `handle_changed_spte`).
+//!
+//! Every write of an SPTE in a TDP tree goes through
+//! [`TdpMmu::set_spte_atomic`] (compare-exchange through the cursor, under
+//! `mmu_lock` in either mode) or [`TdpMmu::zap_spte`] (an exchange, where
+//! nothing else installs: the write lock, or an invalid root), and both
+//! hand the old and the new value to [`TdpMmu::handle_changed_spte`], which
+//! does what every change implies:
+//!
+//! - counts leaves by level (`pages_4k/2m/1g`) and zapped leaves
+//!   (`mmu_zapped`), and checks a new leaf's writable bits;
+//! - in D-bit dirty logging, logs the pages of a dirty leaf whose D bit
+//!   goes away (zapped, replaced, or cleaned by a harvest), unless the
+//!   caller says the record is kept or discarded on purpose ([`DirtyBit`]);
+//! - tears down a table that was unlinked (KVM's `handle_removed_pt`): its
+//!   entries are frozen, so a fault still walking it fails its
+//!   compare-exchange there instead of installing into a table nobody
+//!   reaches, each of their changes is handled in turn, and the table is
+//!   freed after an epoch grace period;
+//! - emits the `kvm_tdp_mmu_spte_changed` tracepoint.
+//!
+//! TLB flushes stay with the callers, who know whether rights shrank (as in
+//! KVM); they return a [`crate::mmu::flush::PendingFlush`].
+
+use std::sync::atomic::Ordering;
+
+use super::TdpMmu;
+use crate::addr::{Gfn, PageSize, Pfn};
+use crate::mem::MmuLockHeld;
+use crate::mmu::iter::SpteIter;
+use crate::mmu::spte::{FROZEN_SPTE, Spte};
+use crate::mmu::stats::MmuStats;
+use crate::sync;
+
+/// What becomes of the record a dirty leaf's D bit holds when a change
+/// clears it. Only D-bit logging reads D bits; in write-protect logging
+/// this is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DirtyBit {
+    /// The D bit is the only record of the writes to the leaf's pages since
+    /// the last harvest: log them (a zap, a replacement, a harvest).
+    Log,
+    /// The record lives on or is dropped on purpose: a split's children
+    /// inherit the D bit; dirty logging starts (earlier writes do not
+    /// count); a `KVM_CLEAR_DIRTY_LOG` of the page (the VMM copies it
+    /// afterwards).
+    Keep,
+}
+
+impl TdpMmu {
+    /// Replaces the cursor's SPTE with `new` if it still holds the value
+    /// the cursor read (KVM's `tdp_mmu_set_spte_atomic`), and handles the
+    /// change. On failure the cursor holds the value found.
+    #[inline]
+    pub(super) fn set_spte_atomic(&self, it: &mut SpteIter<'_>, as_id: u16, new: Spte, dirty: DirtyBit) -> bool {
+        let old = it.old_spte();
+        if !it.try_set(new) {
+            return false;
+        }
+        self.handle_changed_spte(as_id, it.gfn(), it.level(), old, new, dirty);
+        true
+    }
+
+    /// Zaps the cursor's SPTE with an exchange (hardware A/D updates racing
+    /// with it are kept in the old value it returns) and handles the
+    /// change. Only where no fault can install concurrently: under the
+    /// write lock, or in an invalidated root (faults refuse those).
+    pub(super) fn zap_spte(&self, _guard: &impl MmuLockHeld, it: &mut SpteIter<'_>, as_id: u16) -> Spte {
+        let old = Spte(it.sptep().swap(0, Ordering::AcqRel));
+        self.handle_changed_spte(as_id, it.gfn(), it.level(), old, Spte::EMPTY, DirtyBit::Log);
+        it.refresh();
+        old
+    }
+
+    /// Reacts to the SPTE of `gfn` at `level` changing from `old` to `new`
+    /// (KVM's `handle_changed_spte`; see the module documentation).
+    pub(super) fn handle_changed_spte(&self, as_id: u16, gfn: u64, level: u8, old: Spte, new: Spte, dirty: DirtyBit) {
+        if old == new {
+            return;
+        }
+        let was_present = old.is_mmu_present();
+        let is_present = new.is_mmu_present();
+        if !was_present && !is_present {
+            // Empty, MMIO or frozen to one another: nothing is mapped.
+            return;
+        }
+        tracing::trace!(target: "kvm_tdp_mmu_spte_changed", as_id, gfn, level, old = old.0, new = new.0);
+        let was_leaf = was_present && old.is_leaf(level);
+        let is_leaf = is_present && new.is_leaf(level);
+        if is_leaf {
+            new.check_leaf_writable_invariants(self.fmt);
+        }
+        if was_leaf != is_leaf {
+            self.stats.account_leaf(level, if is_leaf { 1 } else { -1 });
+        }
+        if was_leaf && !is_present {
+            MmuStats::inc(&self.stats.local().mmu_zapped);
+        }
+        if was_leaf
+            && dirty == DirtyBit::Log
+            && self.dirty_bit_logging()
+            && old.is_dirty(self.fmt)
+            && !(is_leaf && new.is_dirty(self.fmt) && new.pfn() == old.pfn())
+        {
+            self.log_dirty_pages(as_id, gfn, self.config.geometry.pages(level));
+        }
+        if was_present && !was_leaf && (!is_present || is_leaf || new.pfn() != old.pfn()) {
+            self.handle_removed_table(as_id, gfn, level - 1, old.pfn());
+        }
+    }
+
+    /// A table at `level` covering from `gfn` was unlinked from its tree
+    /// (KVM's `handle_removed_pt`): every entry is frozen and its change
+    /// handled (leaves counted and logged, tables below torn down the same
+    /// way), then the table is freed once no walker can be inside it.
+    fn handle_removed_table(&self, as_id: u16, gfn: u64, level: u8, table: Pfn) {
+        let g = self.config.geometry;
+        for (i, slot) in self.arena.table(table).iter().take(g.entries() as usize).enumerate() {
+            // A fault that walked in before the unlink may still try to
+            // install here: the frozen value fails its compare-exchange.
+            sync::sched_point();
+            let old = Spte(slot.swap(FROZEN_SPTE, Ordering::AcqRel));
+            let child_gfn = gfn + i as u64 * g.pages(level);
+            self.handle_changed_spte(as_id, child_gfn, level, old, Spte(FROZEN_SPTE), DirtyBit::Log);
+        }
+        self.stats.account_tables(-1);
+        if self.config.nx_huge_pages {
+            self.nx_untrack_table(as_id, gfn, level);
+        }
+        defer_free_table(&self.arena, table);
+    }
+
+    /// D-bit logging: marks `pages` gfns from `gfn` dirty in every slot of
+    /// `as_id` that logs dirty pages (a huge leaf may span slots).
+    pub(super) fn log_dirty_pages(&self, as_id: u16, gfn: u64, pages: u64) {
+        let (start, end) = (gfn, gfn + pages);
+        let slots = self.slots.load(as_id);
+        for slot in slots.iter().filter(|s| s.logs_dirty_pages()) {
+            let from = start.max(slot.base_gfn().raw());
+            let to = end.min(slot.base_gfn().raw() + slot.npages());
+            for g in from..to {
+                slot.mark_page_dirty(Gfn::new(g));
+            }
+        }
+    }
+}
+
+/// Frees one table frame after an epoch grace period (the hardware model
+/// and lockless walkers pin an epoch while they walk).
+pub(super) fn defer_free_table(arena: &std::sync::Arc<crate::mem::FrameArena>, table: Pfn) {
+    let arena = arena.clone();
+    let guard = crossbeam_epoch::pin();
+    guard.defer(move || {
+        // A double free would be an MMU bug; the arena reports it and frees nothing.
+        let _ = arena.free(table, PageSize::Size4K);
+    });
+    guard.flush();
+}
