@@ -63,6 +63,22 @@ pub enum AuditViolation {
         /// The hva.
         hva: Hva,
     },
+    /// A writable huge SPTE in a memslot that logs dirty pages by write
+    /// protection, over a page whose dirty bit is clear: writes to that
+    /// page would go unlogged. (The fast path never makes a huge SPTE
+    /// writable in a logging slot; one survives from before logging only
+    /// while every page it maps counts as dirty, as with an initially-set
+    /// bitmap.)
+    WritableHugeNotLogged {
+        /// The first gfn the SPTE maps.
+        gfn: Gfn,
+        /// The page whose bit is clear.
+        page: Gfn,
+        /// The SPTE's level.
+        level: u8,
+        /// The SPTE.
+        spte: Spte,
+    },
 }
 
 impl fmt::Display for AuditViolation {
@@ -92,6 +108,18 @@ impl TdpMmu {
                 let gfn = Gfn::new(it.gfn());
                 let pages = self.config.geometry.pages(level);
                 it.skip_subtree();
+                if level > 1 && spte.is_writable(self.fmt) && !self.dirty_bit_logging() {
+                    let unlogged = (0..pages).map(|i| gfn.add(i)).find(|&g| {
+                        slots.lookup(g).is_some_and(|s| {
+                            s.dirty_bitmap().is_some_and(|b| {
+                                !b.is_dirty(g.raw() - s.base_gfn().raw()) || self.dirty_ring_size().is_some()
+                            })
+                        })
+                    });
+                    if let Some(page) = unlogged {
+                        out.push(AuditViolation::WritableHugeNotLogged { gfn, page, level, spte });
+                    }
+                }
                 // Every 4K page the SPTE maps is checked.
                 for i in 0..pages {
                     let g = gfn.add(i);

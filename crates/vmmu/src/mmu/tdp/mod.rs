@@ -929,6 +929,19 @@ impl TdpMmu {
         }
     }
 
+    /// The leaf mapping `gfn` of `as_id` in each root, with its level (for
+    /// diagnostics: what a checker reports beside a violation).
+    pub fn leaves_of(&self, as_id: u16, gfn: Gfn) -> Vec<(bool, u8, Spte)> {
+        let _epoch = crossbeam_epoch::pin();
+        let mut out = Vec::new();
+        for root in self.roots_of(as_id) {
+            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 1, gfn.raw());
+            while it.step_down() {}
+            out.push((root.is_valid(), it.level(), it.old_spte()));
+        }
+        out
+    }
+
     /// Whether dirty logging reads EPT Dirty bits.
     fn dirty_bit_logging(&self) -> bool {
         self.config.dirty_log == DirtyLogMode::DirtyBit && self.config.ad
