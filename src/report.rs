@@ -133,6 +133,10 @@ pub fn table(reports: &[MmuRunReport]) -> String {
         }
         let _ = writeln!(out, "{line}");
     }
+    let config = distinct(reports, |r| r.config.clone());
+    if config != "-" {
+        let _ = writeln!(out, "configuration: {config}");
+    }
     out
 }
 

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use vmmu::sim::checker::CheckLevel;
+use vmmu::sim::config::VmConfig;
 use vmmu::sim::guest::PagingFormat;
 use vmmu::sim::machine::MmuKind;
 use vmmu::sim::report::MmuRunReport;
@@ -101,9 +102,10 @@ pub struct RunArgs {
     /// Seed of every choice.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     seed: u64,
-    /// The guest's paging mode: 32-bit, pae, 4-level, 5-level.
-    #[arg(long, default_value = "4-level", value_parser = parse_paging)]
-    paging: PagingFormat,
+    /// The guest's paging mode: 32-bit, pae, 4-level, 5-level [default:
+    /// 4-level, or drawn with --config random].
+    #[arg(long, value_parser = parse_paging)]
+    paging: Option<PagingFormat>,
     /// Run the host churn thread (THP collapse/split, migration, swap, KSM, mprotect) and zap-all.
     #[arg(long)]
     host_churn: bool,
@@ -122,6 +124,132 @@ pub struct RunArgs {
     /// Write the run's operations to this trace file (with --mmu both, the first run's).
     #[arg(long)]
     record: Option<PathBuf>,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// A knob that is on or off.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+impl Switch {
+    fn on(self) -> bool {
+        self == Switch::On
+    }
+}
+
+/// `--config`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// The workload's `[vm]` table and the flags (the default).
+    Given,
+    /// Every knob drawn from --seed, then the flags given on top; printed
+    /// before the run.
+    Random,
+}
+
+/// The VM's configuration: every MMU, memslot and CPU knob (see
+/// docs/SIMULATOR.md). Each overrides the workload's `[vm]` table.
+#[derive(clap::Args, Clone, Debug)]
+#[command(next_help_heading = "VM configuration (each overrides the workload's [vm] table)")]
+pub struct VmArgs {
+    /// Where the configuration comes from: the workload and flags, or drawn from --seed.
+    #[arg(long, value_enum, default_value = "given")]
+    config: ConfigSource,
+    /// EPT accessed/dirty flags (kvm_intel.eptad) [default: on].
+    #[arg(long, value_enum)]
+    ept_ad: Option<Switch>,
+    /// Dirty logging by EPT dirty bits (kvm_intel.pml; needs --ept-ad on) [default: off].
+    #[arg(long, value_enum)]
+    pml: Option<Switch>,
+    /// Per-vCPU dirty rings of N entries, a power of two (KVM_CAP_DIRTY_LOG_RING; TDP MMU); 0 = the bitmap [default: 0].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    dirty_ring: Option<u32>,
+    /// KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: harvests are get, then clear [default: off].
+    #[arg(long, value_enum)]
+    manual_protect: Option<Switch>,
+    /// KVM_DIRTY_LOG_INITIALLY_SET (needs --manual-protect on) [default: off].
+    #[arg(long, value_enum)]
+    initially_set: Option<Switch>,
+    /// Eager page splitting (kvm.eager_page_split) [default: on].
+    #[arg(long, value_enum)]
+    eager_split: Option<Switch>,
+    /// The NX huge page mitigation (kvm.nx_huge_pages) [default: off].
+    #[arg(long, value_enum)]
+    nx_huge_pages: Option<Switch>,
+    /// NX recovery: 1/N of the split regions per run, 0 = no recovery (kvm.nx_huge_pages_recovery_ratio) [default: 60].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    nx_recovery_ratio: Option<u32>,
+    /// NX recovery period in ms, 0 = an hour / ratio (kvm.nx_huge_pages_recovery_period_ms) [default: 0].
+    #[arg(long, value_name = "MS", allow_negative_numbers = true)]
+    nx_recovery_period_ms: Option<u32>,
+    /// The largest TDP leaf: 4K, 2M or 1G [default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = vmmu::sim::config::parse_page_size)]
+    max_page_size: Option<u64>,
+    /// EPT levels: 4 or 5 [default: 4].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    ept_levels: Option<u8>,
+    /// The shadow MMU's page limit (KVM_SET_NR_MMU_PAGES), 0 = 2% of RAM [default: 0].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    mmu_pages: Option<u64>,
+    /// CPUID.PKU: the guest uses protection keys (IA-32e paging) [default: off].
+    #[arg(long, value_enum)]
+    pku: Option<Switch>,
+    /// CPUID.SMEP: the guest turns SMEP on [default: off].
+    #[arg(long, value_enum)]
+    smep: Option<Switch>,
+    /// CPUID.SMAP: the guest turns SMAP on [default: off].
+    #[arg(long, value_enum)]
+    smap: Option<Switch>,
+    /// CPUID.LA57: 5-level paging is allowed [default: on].
+    #[arg(long, value_enum)]
+    la57: Option<Switch>,
+}
+
+impl VmArgs {
+    /// The flags given, on top of `base`.
+    fn apply(&self, base: VmConfig) -> VmConfig {
+        let mut c = base;
+        let set = |v: &mut bool, s: Option<Switch>| {
+            if let Some(s) = s {
+                *v = s.on();
+            }
+        };
+        set(&mut c.ept_ad, self.ept_ad);
+        set(&mut c.pml, self.pml);
+        set(&mut c.manual_protect, self.manual_protect);
+        set(&mut c.initially_set, self.initially_set);
+        set(&mut c.eager_split, self.eager_split);
+        set(&mut c.nx_huge_pages, self.nx_huge_pages);
+        set(&mut c.pku, self.pku);
+        set(&mut c.smep, self.smep);
+        set(&mut c.smap, self.smap);
+        set(&mut c.la57, self.la57);
+        if let Some(v) = self.dirty_ring {
+            c.dirty_ring = v;
+        }
+        if let Some(v) = self.nx_recovery_ratio {
+            c.nx_recovery_ratio = v;
+        }
+        if let Some(v) = self.nx_recovery_period_ms {
+            c.nx_recovery_period_ms = v;
+        }
+        if let Some(v) = self.max_page_size {
+            c.max_page_size = v;
+        }
+        if let Some(v) = self.ept_levels {
+            c.ept_levels = v;
+        }
+        if let Some(v) = self.mmu_pages {
+            c.mmu_pages = v;
+        }
+        c
+    }
 }
 
 /// `vmmu replay`.
@@ -244,11 +372,45 @@ pub fn run(args: RunArgs) -> ExitCode {
     {
         return usage(e);
     }
+    // The configuration: the workload's, or drawn from the seed (valid
+    // for every MMU of the run), then the flags given.
+    let kinds = args.mmu.kinds();
+    let only = (kinds.len() == 1).then(|| kinds[0]);
+    let (base, drawn_paging) = match args.vm.config {
+        ConfigSource::Given => (workload.vm, None),
+        ConfigSource::Random => {
+            let (c, p) = VmConfig::from_seed(args.seed, only);
+            (c, Some(p))
+        }
+    };
+    let vm = args.vm.apply(base);
+    let paging = args
+        .paging
+        .or(drawn_paging)
+        .unwrap_or_else(|| PagingFormat::parse("4-level").expect("a known mode"));
+    for &kind in &kinds {
+        if let Err((knob, m)) = vm.validate(kind, paging) {
+            return usage(format!(
+                "--{knob}: {m}{}",
+                if kinds.len() > 1 {
+                    format!(" (with the {} MMU)", kind.name())
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    if args.vm.config == ConfigSource::Random {
+        // Before anything runs, so a failing run can be repeated without
+        // the draw.
+        eprintln!("configuration: --paging {} {}", paging.name(), vm.flags());
+    }
+    let workload = Workload { vm, ..workload };
     let mut outcomes = Vec::new();
-    for kind in args.mmu.kinds() {
+    for kind in kinds {
         let cfg = RunConfig {
             workload: workload.clone(),
-            paging: args.paging,
+            paging,
             vcpus: args.vcpus as usize,
             memory: args.memory,
             ops: args.ops,

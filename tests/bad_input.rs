@@ -222,6 +222,38 @@ fn run_flags() {
         "--paging",
     ));
     cases.extend(flag_cases(&r, "--check", &[EMPTY, "some", "FULL2"], "--check"));
+    // The VM configuration: switches, numbers and sizes.
+    for switch in [
+        "--ept-ad",
+        "--pml",
+        "--manual-protect",
+        "--initially-set",
+        "--eager-split",
+        "--nx-huge-pages",
+        "--pku",
+        "--smep",
+        "--smap",
+        "--la57",
+    ] {
+        cases.extend(flag_cases(&r, switch, &[EMPTY, "yes", "1", "true", "ON2"], switch));
+    }
+    for number in ["--dirty-ring", "--nx-recovery-ratio", "--nx-recovery-period-ms"] {
+        cases.extend(flag_cases(&r, number, &BAD_UINTS[..5], number));
+    }
+    cases.extend(flag_cases(
+        &r,
+        "--ept-levels",
+        &[EMPTY, "abc", "-1", "256"],
+        "--ept-levels",
+    ));
+    cases.extend(flag_cases(&r, "--mmu-pages", &BAD_UINTS, "--mmu-pages"));
+    cases.extend(flag_cases(
+        &r,
+        "--max-page-size",
+        &[EMPTY, "8K", "4M", "2G", "huge"],
+        "--max-page-size",
+    ));
+    cases.extend(flag_cases(&r, "--config", &[EMPTY, "randomly", "all"], "--config"));
     cases.extend([
         case(
             &["run", "--ops", "5", "--seconds", "1"],
@@ -242,6 +274,47 @@ fn run_flags() {
         case(&["run", "--paging", "pae", "--memory", "4G"], &["--memory", "pae"]),
     ]);
     check_all("run flags", &cases);
+}
+
+/// Configurations KVM refuses, or vmmu cannot run, each named by its flag
+/// before anything runs.
+#[test]
+fn run_impossible_vm_configurations() {
+    let cases = vec![
+        case(&["run", "--pml", "on", "--ept-ad", "off"], &["--pml", "--ept-ad on"]),
+        case(
+            &["run", "--initially-set", "on"],
+            &["--initially-set", "manual protect"],
+        ),
+        case(
+            &["run", "--mmu", "tdp", "--dirty-ring", "100"],
+            &["--dirty-ring", "power of two"],
+        ),
+        case(&["run", "--mmu", "tdp", "--dirty-ring", "64"], &["--dirty-ring"]),
+        case(&["run", "--mmu", "tdp", "--dirty-ring", "131072"], &["--dirty-ring"]),
+        case(
+            &["run", "--mmu", "shadow", "--dirty-ring", "4096"],
+            &["--dirty-ring", "shadow"],
+        ),
+        case(&["run", "--dirty-ring", "4096"], &["--dirty-ring", "shadow MMU"]),
+        case(
+            &["run", "--mmu", "tdp", "--dirty-ring", "4096", "--manual-protect", "on"],
+            &["--manual-protect", "ring"],
+        ),
+        case(
+            &["run", "--mmu", "tdp", "--dirty-ring", "4096", "--pml", "on"],
+            &["--pml", "ring"],
+        ),
+        case(&["run", "--ept-levels", "3"], &["--ept-levels", "4 or 5"]),
+        case(&["run", "--mmu-pages", "10"], &["--mmu-pages", "64"]),
+        case(&["run", "--paging", "5-level", "--la57", "off"], &["--la57", "5-level"]),
+        // A random configuration with an impossible flag on top.
+        case(
+            &["run", "--config", "random", "--pml", "on", "--ept-ad", "off"],
+            &["--pml"],
+        ),
+    ];
+    check_all("impossible VM configurations", &cases);
 }
 
 #[test]
@@ -744,6 +817,49 @@ fn workload_files() {
             b"name = \"x\"\nops = 10\nthreads = 0\n".to_vec(),
             ":3:",
             "threads",
+        ),
+        (
+            "vm-unknown.toml",
+            b"[vm]\ndirty_rings = 4\n".to_vec(),
+            ":2:",
+            "dirty_rings",
+        ),
+        ("vm-type.toml", b"[vm]\npml = \"on\"\n".to_vec(), ":2:", ""),
+        (
+            "vm-page-size.toml",
+            b"[vm]\nmax_page_size = \"3M\"\n".to_vec(),
+            ":2:",
+            "3M",
+        ),
+        (
+            "vm-pml.toml",
+            b"ops = 5\n[vm]\nept_ad = false\npml = true\n".to_vec(),
+            ":4:",
+            "vm.pml",
+        ),
+        (
+            "vm-ring.toml",
+            b"[vm]\ndirty_ring = 1000\n".to_vec(),
+            ":2:",
+            "vm.dirty_ring",
+        ),
+        (
+            "vm-init.toml",
+            b"[vm]\ninitially_set = true\n".to_vec(),
+            ":2:",
+            "vm.initially_set",
+        ),
+        (
+            "vm-pages.toml",
+            b"[vm]\nmmu_pages = 1\n".to_vec(),
+            ":2:",
+            "vm.mmu_pages",
+        ),
+        (
+            "legacy-mmu-pages.toml",
+            b"name = \"x\"\nmmu_pages = 256\n".to_vec(),
+            ":2:",
+            "mmu_pages",
         ),
     ];
     let mut cases = common_file_cases(&["run", "--workload"], "workload");

@@ -430,9 +430,50 @@ fn run_with_no_flags_runs_both_mmus_and_ends_with_the_check_line() {
 }
 
 #[test]
+fn run_config_random_prints_its_configuration_first_and_repeats_it() {
+    let args = [
+        "run", "--mmu", "tdp", "--ops", "300", "--memory", "32M", "--config", "random", "--seed", "5",
+    ];
+    let o = vmmu(&args);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("configuration: --paging "))
+        .unwrap_or_else(|| panic!("no configuration line: {err}"));
+    assert!(
+        line.contains("--dirty-ring ") && line.contains("--nx-huge-pages "),
+        "{line}"
+    );
+    assert_eq!(stdout(&o).lines().last(), Some("check: 0 violations"));
+    // The same seed draws the same configuration, and its flags run it.
+    assert!(stderr(&vmmu(&args)).contains(line), "not repeatable");
+    let mut again: Vec<&str> = vec!["run", "--mmu", "tdp", "--ops", "300", "--memory", "32M", "--seed", "5"];
+    again.extend(line.trim_start_matches("configuration: ").split(' '));
+    let o = vmmu(&again);
+    assert_eq!(o.status.code(), Some(0), "{:?}: {}", again, stderr(&o));
+    // Different seeds draw different configurations.
+    let others: std::collections::BTreeSet<String> = (1..=6)
+        .map(|seed| {
+            let seed = seed.to_string();
+            let o = vmmu(&[
+                "run", "--mmu", "shadow", "--ops", "50", "--memory", "32M", "--config", "random", "--seed", &seed,
+            ]);
+            assert_eq!(o.status.code(), Some(0), "seed {seed}: {}{}", stdout(&o), stderr(&o));
+            stderr(&o)
+                .lines()
+                .find(|l| l.starts_with("configuration:"))
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert!(others.len() > 3, "{others:?}");
+}
+
+#[test]
 fn run_json_has_the_contract_fields_per_mmu() {
     let o = vmmu(&["run", "--ops", "300", "--memory", "32M", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON value");
     let runs = v.as_array().expect("an array with --mmu both");
     assert_eq!(runs.len(), 2);

@@ -588,13 +588,11 @@ fn vm_edit_then_flush(mmu: vm::MmuChoice, mode: vm::VmMode) -> VmProgram {
         smep: false,
         smap: false,
         nxe: true,
-        tdp: vm::TdpKnobs {
-            ad: true,
-            dirty_bit: false,
-            nx_huge_pages: false,
-            max_level: 2,
+        pke: false,
+        config: vmmu::sim::config::VmConfig {
+            max_page_size: 2 << 20,
+            ..Default::default()
         },
-        manual_protect: false,
         slot1: false,
         log0: false,
         ops: vm::VmOps(vec![

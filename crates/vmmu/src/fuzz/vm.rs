@@ -52,11 +52,10 @@ use crate::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
 use crate::arch::perm::{Access, AccessKind};
 use crate::arch::pte::PT_GLOBAL;
 use crate::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
-use crate::mem::{
-    FrameArena, GuestMemory, HostAddressSpace, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags,
-};
+use crate::mem::{FrameArena, GuestMemory, HostAddressSpace, MemoryRegion, MemslotFlags, MemslotTable, VmaFlags};
 use crate::mmu::shadow::ShadowMmu;
-use crate::mmu::tdp::{DirtyLogMode, TdpConfig, TdpMmu};
+use crate::mmu::tdp::{TdpConfig, TdpMmu};
+use crate::sim::config::VmConfig;
 use crate::walker::{ControlRegs, EntrySize, GuestPaging, PtMemory, WalkError};
 
 /// The most ops of a program that run (the rest are ignored).
@@ -225,20 +224,6 @@ impl VmMode {
     }
 }
 
-/// The TDP MMU's configuration knobs.
-#[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TdpKnobs {
-    /// EPT accessed/dirty flags.
-    pub ad: bool,
-    /// Dirty logging by EPT dirty bits instead of write protection (needs
-    /// `ad`, forced on with it).
-    pub dirty_bit: bool,
-    /// The NX huge page mitigation.
-    pub nx_huge_pages: bool,
-    /// The largest leaf, folded into 1..=3.
-    pub max_level: u8,
-}
-
 /// A host operation on one page of guest memory (the host kernel's).
 #[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HostOp {
@@ -256,6 +241,8 @@ pub enum HostOp {
     Ksm,
     /// `mprotect` read-only, then writable again.
     Mprotect,
+    /// Page reclaim's aging of the page without a flush (`clear_young`).
+    Age,
 }
 
 /// A VMM operation on the memslots.
@@ -407,6 +394,13 @@ pub enum VmOp {
         /// The minimum.
         small: bool,
     },
+    /// WRPKRU.
+    Wrpkru(u32),
+    /// MOV to CR4 of PKE (the vCPU's state reloaded).
+    SetPke(bool),
+    /// One run of the NX huge page recovery worker (its ratio from the
+    /// configuration, at least 1).
+    NxRecover,
 }
 
 /// An entry value: mostly a valid-looking entry pointing at one of
@@ -453,7 +447,7 @@ impl<'a> Arbitrary<'a> for VmOp {
                 u.choose_index(N_PAGES)? as u8
             })
         };
-        let sel = u.int_in_range(0..=99u8)?;
+        let sel = u.int_in_range(0..=103u8)?;
         Ok(match sel {
             0..=23 => VmOp::WriteEntry {
                 // Mostly the leaf table and the directory above it, mostly
@@ -522,7 +516,15 @@ impl<'a> Arbitrary<'a> for VmOp {
                 mask: u.arbitrary()?,
             },
             95..=97 => VmOp::ZapAll,
-            _ => VmOp::MmuPages { small: u.arbitrary()? },
+            98..=99 => VmOp::MmuPages { small: u.arbitrary()? },
+            100..=101 => VmOp::Wrpkru(if u.ratio(1, 2)? {
+                // A few keys access- or write-disabled.
+                u.arbitrary::<u32>()? & u.arbitrary::<u32>()?
+            } else {
+                0
+            }),
+            102 => VmOp::SetPke(u.arbitrary()?),
+            _ => VmOp::NxRecover,
         })
     }
 }
@@ -563,10 +565,11 @@ pub struct VmProgram {
     pub smap: bool,
     /// EFER.NXE at start.
     pub nxe: bool,
-    /// The TDP MMU's configuration.
-    pub tdp: TdpKnobs,
-    /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`.
-    pub manual_protect: bool,
+    /// CR4.PKE at start (IA-32e paging only).
+    pub pke: bool,
+    /// The VM's configuration: every MMU and memslot knob (the TDP ones
+    /// ignored by the shadow MMU, which has no dirty ring).
+    pub config: VmConfig,
     /// Memslot 1 exists at start (at the first placement).
     pub slot1: bool,
     /// Memslot 0 logs dirty pages from the start.
@@ -694,6 +697,10 @@ struct Model {
     smap: bool,
     pge: bool,
     nxe: bool,
+    /// CR4.PKE (applies in IA-32e paging).
+    pke: bool,
+    /// PKRU.
+    pkru: u32,
     cr3: u64,
     pages: [u64; N_PAGES],
     /// A stale translation cached under any PCID is accepted (see [`run`]).
@@ -726,6 +733,7 @@ impl Model {
             VmMode::Bits32 => (Cr4::PSE, Efer::empty()),
         };
         cr4.set(Cr4::PGE, self.pge);
+        cr4.set(Cr4::PKE, self.pke && self.mode.long());
         cr4.set(Cr4::SMEP, self.smep);
         cr4.set(Cr4::SMAP, self.smap);
         cr4.set(Cr4::PCIDE, self.pcide);
@@ -750,7 +758,7 @@ impl Model {
             universe: &self.universe,
             entry: self.mode.entry(),
         };
-        match paging.peek(&mem, &paging.root(cr3, [0; 4]), va, access, 0) {
+        match paging.peek(&mem, &paging.root(cr3, [0; 4]), va, access, self.pkru) {
             Ok(w) => Seen::Gpa(w.gpa.raw()),
             Err(WalkError::PageFault(pf)) => Seen::Fault(pf.error_code.bits()),
             Err(WalkError::NonCanonical) => Seen::Gp,
@@ -832,7 +840,9 @@ struct Runner {
     vcpu: Vcpu,
     m: Model,
     default_max_pages: u64,
-    manual: bool,
+    config: VmConfig,
+    /// The VMM's cursor in the vCPU's dirty ring.
+    ring_fetch: u32,
     summary: VmSummary,
     name: &'static str,
 }
@@ -857,10 +867,12 @@ impl Runner {
         host.mmap(Hva::new(RAM_HVA), RAM, vma).expect("mmap of guest RAM");
         host.mmap(Hva::new(SLOT1_HVA), SLOT1_SIZE, vma)
             .expect("mmap of memslot 1");
-        let slots = Arc::new(MemslotTable::new(MemslotConfig {
-            manual_dirty_log_protect: p.manual_protect,
-            ..MemslotConfig::default()
-        }));
+        let mut config = p.config;
+        if p.mmu == MmuChoice::Shadow {
+            // The shadow MMU logs into the bitmap only.
+            config.dirty_ring = 0;
+        }
+        let slots = Arc::new(MemslotTable::new(config.memslots()));
         slots
             .create(region(0, 0, RAM, RAM_HVA, MemslotFlags::empty()))
             .expect("memslot 0");
@@ -874,25 +886,25 @@ impl Runner {
         let features = CpuFeatures::default();
         let (mmu, vcpu, name) = match p.mmu {
             MmuChoice::Tdp => {
-                let k = p.tdp;
-                let ad = k.ad || k.dirty_bit;
-                let config = TdpConfig {
-                    ad,
-                    max_level: 1 + k.max_level % 3,
-                    nx_huge_pages: k.nx_huge_pages,
-                    dirty_log: if k.dirty_bit {
-                        DirtyLogMode::DirtyBit
-                    } else {
-                        DirtyLogMode::WriteProtect
-                    },
-                    ..TdpConfig::default()
+                // The recovery worker would run at times of its own: the
+                // program runs recovery itself (`VmOp::NxRecover`).
+                let tdp = TdpConfig {
+                    nx_recovery_ratio: 0,
+                    ..config.tdp()
                 };
-                let mmu = TdpMmu::new(host.clone(), slots.clone(), config);
+                let mmu = TdpMmu::new(host.clone(), slots.clone(), tdp);
+                if config.dirty_ring != 0 {
+                    mmu.enable_dirty_ring(config.dirty_ring)
+                        .expect("a valid ring size, before any vCPU");
+                }
                 let v = Vcpu::new(mmu.clone(), slots.clone(), features, 1).expect("a TDP vCPU");
                 (Mmu::Tdp(mmu), v, "TDP")
             }
             MmuChoice::Shadow => {
                 let mmu = ShadowMmu::new(host.clone(), slots.clone());
+                if config.mmu_pages != 0 {
+                    mmu.set_max_pages(config.mmu_pages);
+                }
                 let v = Vcpu::new_shadow(mmu.clone(), slots.clone(), features, 1);
                 (Mmu::Shadow(mmu), v, "shadow")
             }
@@ -911,6 +923,8 @@ impl Runner {
             smap: p.smap,
             pge: p.pge,
             nxe: p.nxe,
+            pke: p.pke,
+            pkru: 0,
             cr3: ROOT_A,
             pages: mode.pages(),
             any_pcid: !strict && p.mmu == MmuChoice::Shadow,
@@ -934,7 +948,8 @@ impl Runner {
             vcpu,
             m,
             default_max_pages,
-            manual: p.manual_protect,
+            config,
+            ring_fetch: 0,
             summary: VmSummary::default(),
             name,
         };
@@ -1185,7 +1200,7 @@ impl Runner {
                 self.m.nxe = on;
                 self.m.flush_all();
                 let regs = self.m.regs();
-                if let Err(e) = self.vcpu.set_state(regs, self.m.cr3, 0) {
+                if let Err(e) = self.vcpu.set_state(regs, self.m.cr3, self.m.pkru) {
                     self.fail(step, op, format_args!("reloading the state failed: {e}"));
                 }
             }
@@ -1208,48 +1223,7 @@ impl Runner {
             }
             VmOp::Host { op: hop, page, other } => self.host_op(hop, page, other),
             VmOp::Slot(s) => self.slot_op(s),
-            VmOp::GetDirtyLog { slot } => {
-                let got = match &self.mmu {
-                    Mmu::Tdp(m) => m.get_dirty_log(0, slot),
-                    Mmu::Shadow(m) => m.get_dirty_log(0, slot),
-                };
-                let logging = if slot == 0 {
-                    self.m.slot0_log
-                } else {
-                    self.m.slot1.is_some() && self.m.slot1_log
-                };
-                match got {
-                    Ok(bitmap) => {
-                        if !logging {
-                            self.fail(step, op, format_args!("a harvest of a memslot that does not log"));
-                        }
-                        let pages: Vec<u64> = self.m.logged.range((slot, 0)..(slot + 1, 0)).map(|&(_, p)| p).collect();
-                        for p in pages {
-                            let set = bitmap.get((p / 64) as usize).is_some_and(|w| w >> (p % 64) & 1 != 0);
-                            if !set {
-                                self.fail(
-                                    step,
-                                    op,
-                                    format_args!(
-                                        "page {p:#x} of memslot {slot} was written while it logged dirty pages, \
-                                         and is not in the harvest (expected its bit set, got {bitmap:x?})"
-                                    ),
-                                );
-                            }
-                            self.summary.dirty_checked += 1;
-                            if !self.manual {
-                                self.m.logged.remove(&(slot, p));
-                            }
-                        }
-                    }
-                    Err(e) if logging => self.fail(
-                        step,
-                        op,
-                        format_args!("KVM_GET_DIRTY_LOG of a logging memslot failed: {e}"),
-                    ),
-                    Err(_) => {}
-                }
-            }
+            VmOp::GetDirtyLog { slot } => self.harvest(step, op, slot),
             VmOp::ClearDirtyLog { slot, mask } => {
                 let got = match &self.mmu {
                     Mmu::Tdp(m) => m.clear_dirty_log(0, slot, 0, &[mask]),
@@ -1271,6 +1245,23 @@ impl Runner {
             VmOp::MmuPages { small } => {
                 if let Mmu::Shadow(m) = &self.mmu {
                     m.set_max_pages(if small { 0 } else { self.default_max_pages });
+                }
+            }
+            VmOp::Wrpkru(pkru) => {
+                self.m.pkru = pkru;
+                self.vcpu.set_pkru(pkru);
+            }
+            VmOp::SetPke(on) => {
+                self.m.pke = on;
+                self.m.flush_all();
+                let regs = self.m.regs();
+                if let Err(e) = self.vcpu.set_state(regs, self.m.cr3, self.m.pkru) {
+                    self.fail(step, op, format_args!("reloading the state failed: {e}"));
+                }
+            }
+            VmOp::NxRecover => {
+                if let Mmu::Tdp(m) = &self.mmu {
+                    m.recover_nx_huge_pages(self.config.nx_recovery_ratio.max(1));
                 }
             }
         }
@@ -1312,10 +1303,17 @@ impl Runner {
         let cpl = if user { 3 } else { 0 };
         let access = Access::new(kind.access_kind(), cpl, ac);
         let fresh = self.m.reference(state, self.m.cr3, va, access);
-        let result = match self
+        let mut result = self
             .vcpu
-            .access(va, kind.access_kind(), cpl, ac, usize::from(size), value)
-        {
+            .access(va, kind.access_kind(), cpl, ac, usize::from(size), value);
+        if matches!(result, Ok(AccessResult::DirtyRingFull)) && self.config.dirty_ring != 0 {
+            // KVM_EXIT_DIRTY_RING_FULL: the VMM reaps, the vCPU runs again.
+            self.reap_ring(step, op);
+            result = self
+                .vcpu
+                .access(va, kind.access_kind(), cpl, ac, usize::from(size), value);
+        }
+        let result = match result {
             Ok(r) => r,
             Err(e) => self.fail(step, op, format_args!("the access to {va:#x} failed: {e}")),
         };
@@ -1442,6 +1440,80 @@ impl Runner {
         }
     }
 
+    /// A harvest of memslot `slot`'s dirty pages by the configured
+    /// protocol (`KVM_GET_DIRTY_LOG`, or the dirty ring of every slot),
+    /// checked: every page written while the slot logged is reported.
+    fn harvest(&mut self, step: usize, op: &VmOp, slot: u16) {
+        let logging = if slot == 0 {
+            self.m.slot0_log
+        } else {
+            self.m.slot1.is_some() && self.m.slot1_log
+        };
+        if self.config.dirty_ring != 0 {
+            self.reap_ring(step, op);
+            return;
+        }
+        let got = match &self.mmu {
+            Mmu::Tdp(m) => m.get_dirty_log(0, slot),
+            Mmu::Shadow(m) => m.get_dirty_log(0, slot),
+        };
+        match got {
+            Ok(bitmap) => {
+                if !logging {
+                    self.fail(step, op, format_args!("a harvest of a memslot that does not log"));
+                }
+                let reported: BTreeSet<u64> = crate::sim::machine::bitmap_pages(&bitmap).into_iter().collect();
+                self.check_harvest(step, op, slot, &reported);
+                if !self.config.manual_protect {
+                    self.m.logged.retain(|&(s, _)| s != slot);
+                }
+            }
+            Err(e) if logging => self.fail(
+                step,
+                op,
+                format_args!("KVM_GET_DIRTY_LOG of a logging memslot failed: {e}"),
+            ),
+            Err(_) => {}
+        }
+    }
+
+    /// Collects the vCPU's dirty ring and resets it, checking every slot's
+    /// logged writes against what the ring reported.
+    fn reap_ring(&mut self, step: usize, op: &VmOp) {
+        let (Mmu::Tdp(m), Some(ring)) = (&self.mmu, self.vcpu.dirty_ring()) else {
+            self.fail(step, op, format_args!("a dirty ring harvest without a ring"))
+        };
+        let entries = ring.harvest(&mut self.ring_fetch);
+        m.reset_dirty_rings([&**ring]);
+        for slot in [0u16, 1] {
+            let reported: BTreeSet<u64> = entries
+                .iter()
+                .filter(|e| e.slot == u32::from(slot))
+                .map(|e| e.offset)
+                .collect();
+            self.check_harvest(step, op, slot, &reported);
+            self.m.logged.retain(|&(s, _)| s != slot);
+        }
+    }
+
+    /// Every page of `slot` written while it logged is in `reported`.
+    fn check_harvest(&mut self, step: usize, op: &VmOp, slot: u16, reported: &BTreeSet<u64>) {
+        let pages: Vec<u64> = self.m.logged.range((slot, 0)..(slot + 1, 0)).map(|&(_, p)| p).collect();
+        for p in pages {
+            if !reported.contains(&p) {
+                self.fail(
+                    step,
+                    op,
+                    format_args!(
+                        "page {p:#x} of memslot {slot} was written while it logged dirty pages, and is not in \
+                         the harvest (expected it, got {reported:x?})"
+                    ),
+                );
+            }
+            self.summary.dirty_checked += 1;
+        }
+    }
+
     fn host_op(&mut self, op: HostOp, page: u8, other: u8) {
         let pages = host_pages();
         let hva = pages[page as usize % HOST_PAGES];
@@ -1457,6 +1529,10 @@ impl Runner {
                 .ksm_merge(hva, pages[other as usize % HOST_PAGES])
                 .is_ok_and(|merged| merged),
             HostOp::Mprotect => h.mprotect(hva, PAGE, false).is_ok() && h.mprotect(hva, PAGE, true).is_ok(),
+            HostOp::Age => {
+                h.clear_young(crate::mem::HvaRange::new(hva, PAGE));
+                true
+            }
         };
         self.summary.host_changes += usize::from(ok);
     }

@@ -174,7 +174,7 @@ impl Checker {
         expected: Option<u64>,
     ) -> Result<(), String> {
         let access = Access::new(AccessKind::Read, 3, false);
-        let got = reference(memory, regs, &CpuFeatures::default(), root, va, access).ok();
+        let got = reference(memory, regs, &CpuFeatures::default(), root, va, access, 0).ok();
         if got == expected {
             Ok(())
         } else {
@@ -188,7 +188,8 @@ impl Checker {
 /// What x86 does for `access` at `va` with the tables in `memory` under
 /// `root` (CR3's table) and `regs`: the gpa, or the #PF error code (`None`
 /// for a #GP or an unreadable table). By the foundation walker, as a peek
-/// (no A/D bits set); PAE PDPTEs are read from memory as a CR3 load would.
+/// (no A/D bits set), with protection keys checked against `pkru`; PAE
+/// PDPTEs are read from memory as a CR3 load would.
 pub fn reference(
     memory: &GuestMemory,
     regs: &ControlRegs,
@@ -196,6 +197,7 @@ pub fn reference(
     root: u64,
     va: u64,
     access: Access,
+    pkru: u32,
 ) -> Result<u64, Option<PfErrorCode>> {
     {
         let paging = GuestPaging::new(regs, features);
@@ -213,7 +215,7 @@ pub fn reference(
             _ => Root::Table(Gpa::new(root)),
         };
         paging
-            .peek(memory, &root, va, access, 0)
+            .peek(memory, &root, va, access, pkru)
             .map(|w| w.gpa.raw())
             .map_err(|e| e.error_code())
     }

@@ -8,10 +8,13 @@ use std::sync::Arc;
 use crate::addr::Hva;
 use crate::arch::control::CpuFeatures;
 use crate::cpu::vcpu::{Vcpu, VcpuError};
-use crate::mem::{GuestMemory, HostAddressSpace, MemslotError, MemslotTable, VmaFlags};
+use parking_lot::Mutex;
+
+use crate::mem::{DirtyRing, GuestMemory, HostAddressSpace, MemslotError, MemslotTable, VmaFlags};
 use crate::mmu::shadow::ShadowMmu;
 use crate::mmu::stats::MmuStatsSnapshot;
-use crate::mmu::tdp::{TdpConfig, TdpMmu};
+use crate::mmu::tdp::TdpMmu;
+use crate::sim::config::{DirtyProtocol, VmConfig};
 use crate::sim::vm::{ShadowVm, Vm, VmError};
 use crate::walker::ControlRegs;
 
@@ -44,7 +47,8 @@ enum Backend {
 /// Where guest RAM is in the VMM's address space.
 pub const RAM_HVA: u64 = 0x4000_0000;
 
-/// A VM: host memory, memslot 0 = guest RAM `0..ram`, and one MMU.
+/// A VM: host memory, memslot 0 = guest RAM `0..ram`, and one MMU, built
+/// from a [`VmConfig`].
 #[derive(Debug)]
 pub struct Machine {
     kind: MmuKind,
@@ -54,33 +58,112 @@ pub struct Machine {
     pub slots: Arc<MemslotTable>,
     ram: u64,
     features: CpuFeatures,
+    config: VmConfig,
     backend: Backend,
+    /// The vCPUs' dirty rings, when the dirty ring is on.
+    rings: Arc<DirtyRings>,
+}
+
+/// The VMM's side of the dirty ring (QEMU's reaper): every vCPU's ring
+/// with the VMM's cursor in it, and the pages collected from them that no
+/// migration round has taken yet. Shared by the VMM and the vCPU threads:
+/// a vCPU whose ring is full reaps every ring before it runs again
+/// (`KVM_EXIT_DIRTY_RING_FULL`).
+#[derive(Debug, Default)]
+pub struct DirtyRings {
+    mmu: Option<Arc<TdpMmu>>,
+    state: Mutex<RingsState>,
+}
+
+#[derive(Debug, Default)]
+struct RingsState {
+    rings: Vec<(Arc<DirtyRing>, u32)>,
+    collected: std::collections::BTreeSet<u64>,
+}
+
+impl DirtyRings {
+    /// Collects every ring's dirty entries (gfns of memslot 0) and resets
+    /// the rings (`KVM_RESET_DIRTY_RINGS`, which write-protects their pages
+    /// again and flushes before it returns). Returns the entries reset.
+    pub fn reap(&self) -> u64 {
+        let Some(mmu) = &self.mmu else { return 0 };
+        let mut st = self.state.lock();
+        let RingsState { rings, collected } = &mut *st;
+        for (ring, fetch) in rings.iter_mut() {
+            for e in ring.harvest(fetch) {
+                if e.slot == 0 {
+                    collected.insert(e.offset);
+                }
+            }
+        }
+        mmu.reset_dirty_rings(rings.iter().map(|(r, _)| &**r))
+    }
+
+    /// Reaps, and takes every page collected so far.
+    fn take(&self) -> Vec<u64> {
+        self.reap();
+        std::mem::take(&mut self.state.lock().collected).into_iter().collect()
+    }
 }
 
 impl Machine {
     /// A machine with `ram` bytes of guest RAM (a multiple of 2 MiB)
-    /// backed by transparent huge pages, under `kind`.
+    /// backed by transparent huge pages, under `kind`, in the default
+    /// configuration.
     pub fn new(kind: MmuKind, ram: u64) -> Result<Machine, VmError> {
+        Machine::with_config(kind, ram, VmConfig::default())
+    }
+
+    /// As [`Machine::new`], in `config` (checked by the caller with
+    /// [`VmConfig::validate`]).
+    pub fn with_config(kind: MmuKind, ram: u64, config: VmConfig) -> Result<Machine, VmError> {
         let flags = VmaFlags::WRITE | VmaFlags::THP;
         let hva = Hva::new(RAM_HVA);
         let (host, slots, backend) = match kind {
             MmuKind::Tdp => {
-                let Vm { host, slots, mmu } = Vm::new(ram, hva, flags, TdpConfig::default())?;
+                let Vm { host, slots, mmu } = Vm::with_memslots(ram, hva, flags, config.tdp(), config.memslots())?;
+                if config.dirty_ring != 0 {
+                    mmu.enable_dirty_ring(config.dirty_ring)
+                        .map_err(|e| VmError::new(format!("--dirty-ring: {e}")))?;
+                }
                 (host, slots, Backend::Tdp(mmu))
             }
             MmuKind::Shadow => {
-                let ShadowVm { host, slots, mmu } = ShadowVm::new(ram, hva, flags)?;
+                let ShadowVm { host, slots, mmu } = ShadowVm::with_memslots(ram, hva, flags, config.memslots())?;
+                if config.mmu_pages != 0 {
+                    mmu.set_max_pages(config.mmu_pages);
+                }
                 (host, slots, Backend::Shadow(mmu))
             }
         };
+        let rings = Arc::new(DirtyRings {
+            mmu: match &backend {
+                Backend::Tdp(m) if config.dirty_ring != 0 => Some(m.clone()),
+                _ => None,
+            },
+            state: Mutex::default(),
+        });
         Ok(Machine {
             kind,
             host,
             slots,
             ram,
             features: CpuFeatures::default(),
+            config,
             backend,
+            rings,
         })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The dirty rings' reaper (`None` without the dirty ring): a vCPU
+    /// whose ring is full calls it before it runs again.
+    pub fn dirty_rings(&self) -> Option<Arc<DirtyRings>> {
+        self.rings.mmu.is_some().then(|| self.rings.clone())
     }
 
     /// The MMU.
@@ -98,12 +181,16 @@ impl Machine {
         GuestMemory::new(self.host.clone(), self.slots.clone())
     }
 
-    /// A vCPU tagged `vpid` in the state `regs`/`cr3`.
+    /// A vCPU tagged `vpid` in the state `regs`/`cr3`. With the dirty
+    /// ring on, its ring joins the reaper's.
     pub fn vcpu(&self, vpid: u16, regs: ControlRegs, cr3: u64) -> Result<Vcpu, VcpuError> {
         let mut v = match &self.backend {
             Backend::Tdp(m) => Vcpu::new(m.clone(), self.slots.clone(), self.features, vpid)?,
             Backend::Shadow(m) => Vcpu::new_shadow(m.clone(), self.slots.clone(), self.features, vpid),
         };
+        if let Some(ring) = v.dirty_ring() {
+            self.rings.state.lock().rings.push((ring.clone(), 0));
+        }
         v.set_state(regs, cr3, 0)?;
         Ok(v)
     }
@@ -181,12 +268,44 @@ impl Machine {
         }
     }
 
-    /// `KVM_GET_DIRTY_LOG` of guest RAM (memslot 0): the pages written
-    /// since the last call, write-protected again.
-    pub fn get_dirty_log(&self) -> Result<Vec<u64>, MemslotError> {
-        match &self.backend {
+    /// One harvest of guest RAM's (memslot 0's) dirty pages, by the
+    /// protocol of the configuration ([`DirtyProtocol`]): the gfns written
+    /// since the last harvest, protected again when this returns, so a
+    /// copy made afterwards holds every write made before.
+    pub fn harvest_dirty(&self) -> Result<Vec<u64>, MemslotError> {
+        let get = || match &self.backend {
             Backend::Tdp(m) => m.get_dirty_log(0, 0),
             Backend::Shadow(m) => m.get_dirty_log(0, 0),
+        };
+        Ok(match self.config.dirty_protocol() {
+            DirtyProtocol::Get => bitmap_pages(&get()?),
+            DirtyProtocol::GetClear => {
+                let bits = get()?;
+                match &self.backend {
+                    Backend::Tdp(m) => m.clear_dirty_log(0, 0, 0, &bits)?,
+                    Backend::Shadow(m) => m.clear_dirty_log(0, 0, 0, &bits)?,
+                }
+                bitmap_pages(&bits)
+            }
+            DirtyProtocol::Ring => self.rings.take(),
+        })
+    }
+
+    /// What the MMU maps `gfn` with now (for a violation's report).
+    pub fn describe_gfn(&self, gfn: crate::addr::Gfn) -> String {
+        match &self.backend {
+            Backend::Tdp(m) => m
+                .leaves_of(0, gfn)
+                .iter()
+                .map(|(valid, level, spte)| {
+                    format!(
+                        "{} root: level {level} {spte:?}",
+                        if *valid { "valid" } else { "invalid" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            Backend::Shadow(_) => String::new(),
         }
     }
 
@@ -210,4 +329,17 @@ impl Machine {
             Backend::Shadow(m) => m.audit().into_iter().map(|v| v.to_string()).collect(),
         }
     }
+}
+
+/// The page numbers whose bits are set.
+pub fn bitmap_pages(bitmap: &[u64]) -> Vec<u64> {
+    let mut v = Vec::new();
+    for (i, &w) in bitmap.iter().enumerate() {
+        let mut w = w;
+        while w != 0 {
+            v.push(i as u64 * 64 + u64::from(w.trailing_zeros()));
+            w &= w - 1;
+        }
+    }
+    v
 }

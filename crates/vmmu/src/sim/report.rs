@@ -52,6 +52,8 @@ pub struct MmuRunReport {
     pub workload: String,
     /// The guest paging mode (`"32-bit"`, `"pae"`, `"4-level"`, `"5-level"`).
     pub paging: String,
+    /// The VM's configuration, as the `vmmu run` flags that set it.
+    pub config: String,
     /// vCPU threads.
     pub vcpus: u64,
     /// Guest memory in bytes.

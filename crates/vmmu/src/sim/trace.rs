@@ -84,13 +84,15 @@ pub enum OpKind {
     Ksm,
     /// Host: make a page read-only for a moment (mprotect and back).
     HostMprotect,
+    /// Host: age a range without a flush (`clear_young`, page reclaim).
+    Age,
     /// VMM: zap every SPTE.
     ZapAll,
 }
 
 impl OpKind {
     /// Every kind, with its name in traces.
-    pub const ALL: [(OpKind, &'static str); 20] = [
+    pub const ALL: [(OpKind, &'static str); 21] = [
         (OpKind::Touch, "touch"),
         (OpKind::Mmap, "mmap"),
         (OpKind::Munmap, "munmap"),
@@ -110,6 +112,7 @@ impl OpKind {
         (OpKind::SwapIn, "swap-in"),
         (OpKind::Ksm, "ksm"),
         (OpKind::HostMprotect, "host-mprotect"),
+        (OpKind::Age, "age"),
         (OpKind::ZapAll, "zap-all"),
     ];
 

@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::sim::config::VmConfig;
+
 /// How a touch picks the pages it accesses in a mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -98,11 +100,11 @@ pub struct Workload {
     pub host_churn: bool,
     /// Run live migrations (dirty logging) during the run.
     pub migrate: bool,
-    /// The shadow MMU's page limit (KVM's `KVM_SET_NR_MMU_PAGES`); 0
-    /// keeps KVM's default, 2% of guest memory. The TDP MMU has none.
-    pub mmu_pages: u64,
     /// Operation weights.
     pub mix: Mix,
+    /// The VM's configuration (the `[vm]` table): MMU, memslot and CPU
+    /// knobs, e.g. the shadow MMU's page limit `mmu_pages`.
+    pub vm: VmConfig,
 }
 
 impl Default for Workload {
@@ -125,11 +127,11 @@ impl Default for Workload {
             max_processes: 64,
             host_churn: false,
             migrate: false,
-            mmu_pages: 0,
             mix: Mix {
                 touch: 1,
                 ..Mix::default()
             },
+            vm: VmConfig::default(),
         }
     }
 }
@@ -233,9 +235,7 @@ impl Workload {
             return Err(("zipf_theta", format!("must be in (0, 10], not {}", self.zipf_theta)));
         }
         let m = self.mix;
-        if self.mmu_pages != 0 {
-            range("mmu_pages", self.mmu_pages, crate::mmu::shadow::MIN_MMU_PAGES, 1 << 24)?;
-        }
+        self.vm.check().map_err(|(knob, message)| (vm_key(knob), message))?;
         let total = [
             m.touch,
             m.mmap,
@@ -266,12 +266,43 @@ impl Workload {
     }
 }
 
+/// The `[vm]` key of a knob named by its flag (`dirty-ring` → `vm.dirty_ring`).
+fn vm_key(knob: &str) -> &'static str {
+    match knob {
+        "ept-ad" => "vm.ept_ad",
+        "pml" => "vm.pml",
+        "dirty-ring" => "vm.dirty_ring",
+        "manual-protect" => "vm.manual_protect",
+        "initially-set" => "vm.initially_set",
+        "max-page-size" => "vm.max_page_size",
+        "ept-levels" => "vm.ept_levels",
+        "mmu-pages" => "vm.mmu_pages",
+        "la57" => "vm.la57",
+        _ => "vm",
+    }
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// The line where `key` is set, or 1.
+/// The line where `key` is set, or 1 (`vm.x` is key `x` after `[vm]`).
 fn key_line(text: &str, key: &str) -> usize {
+    if let Some(inner) = key.strip_prefix("vm.") {
+        let table = text.lines().position(|l| l.trim_start().starts_with("[vm]"));
+        return table
+            .and_then(|t| {
+                text.lines()
+                    .skip(t + 1)
+                    .position(|l| {
+                        let l = l.trim_start();
+                        l.strip_prefix(inner).is_some_and(|r| r.trim_start().starts_with('='))
+                    })
+                    .map(|i| t + i + 2)
+            })
+            .or(table.map(|t| t + 1))
+            .unwrap_or(1);
+    }
     text.lines()
         .position(|l| {
             let l = l.trim_start();
@@ -325,6 +356,21 @@ mod tests {
         assert!(e.to_string().starts_with("w.toml:1: mix:"), "{e}");
         let e = Workload::parse("ops = -1\n", "w.toml").unwrap_err();
         assert!(e.to_string().starts_with("w.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn the_vm_table_sets_the_configuration_and_its_errors_name_the_key() {
+        let w = Workload::parse("[vm]\ndirty_ring = 4096\nmax_page_size = \"2M\"\n", "w.toml").unwrap();
+        assert_eq!((w.vm.dirty_ring, w.vm.max_page_size), (4096, 2 << 20));
+        let e = Workload::parse("ops = 3\n[vm]\npml = true\nept_ad = false\n", "w.toml").unwrap_err();
+        assert!(e.to_string().starts_with("w.toml:3: vm.pml:"), "{e}");
+        let e = Workload::parse("[vm]\ndirty_ring = 100\n", "w.toml").unwrap_err();
+        assert!(e.to_string().starts_with("w.toml:2: vm.dirty_ring:"), "{e}");
+        let e = Workload::parse("[vm]\nmmu_pagez = 100\n", "w.toml").unwrap_err();
+        assert!(
+            e.to_string().starts_with("w.toml:2:") && e.to_string().contains("mmu_pagez"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -100,7 +100,7 @@ impl Os {
     ) -> Result<Option<AccessResult>, OsError> {
         let regs = cpu.vcpu.regs();
         let access = Access::new(kind, cpl, false);
-        let want = reference(memory, &regs, &cpu.vcpu.features(), root, va, access);
+        let want = reference(memory, &regs, &cpu.vcpu.features(), root, va, access, cpu.vcpu.pkru());
         let r = cpu.access(va, kind, cpl, size, value)?;
         cpu.accesses += 1;
         let got = seen(&r);
@@ -251,19 +251,33 @@ impl Os {
             cpu.vcpu.set_cr0_wp(regs.cr0.contains(Cr0::WP));
             cpu.vcpu.set_cr4_bits(Some(regs.cr4.contains(Cr4::SMEP)), None, None);
         }
+        if self.format.pkeys() && rng.random_bool(0.5) {
+            // WRPKRU: some keys access- or write-disabled for the burst
+            // (with CR0.WP = 0 write-disable binds user writes only).
+            cpu.vcpu.set_pkru(rng.random::<u32>() & rng.random::<u32>());
+        }
         let result = (|| {
             for _ in 0..accesses {
                 let v = vmas[rng.random_range(0..vmas.len())];
                 let va = v.start + (rng.random_range(0..v.pages()) << 12) + rng.random_range(0..64u64) * 64;
-                let (kind, cpl) = match rng.random_range(0..5) {
+                let (kind, cpl) = match rng.random_range(0..6) {
                     0 => (AccessKind::Read, 3),
                     1 => (AccessKind::Read, 0),
                     2 => (AccessKind::Fetch, 0),
                     3 => (AccessKind::Fetch, 3),
+                    4 => (AccessKind::Write, 0),
                     _ => (AccessKind::Write, 3),
                 };
                 let access = Access::new(kind, cpl, false);
-                let want = reference(memory, &cpu.vcpu.regs(), &cpu.vcpu.features(), st.root, va, access);
+                let want = reference(
+                    memory,
+                    &cpu.vcpu.regs(),
+                    &cpu.vcpu.features(),
+                    st.root,
+                    va,
+                    access,
+                    cpu.vcpu.pkru(),
+                );
                 if kind == AccessKind::Write && want.is_ok() {
                     let stamp = cpu.next_stamp();
                     if let Some(AccessResult::Done { gpa, .. }) =
@@ -297,6 +311,7 @@ impl Os {
         } else {
             cpu.vcpu.set_cr0_wp(base.cr0.contains(Cr0::WP));
             cpu.vcpu.set_cr4_bits(Some(base.cr4.contains(Cr4::SMEP)), None, None);
+            cpu.vcpu.set_pkru(pkru);
         }
         result
     }

@@ -23,10 +23,16 @@ pub const G: u64 = 1 << 8;
 /// Execute-disable (PAE and IA-32e paging, with EFER.NXE).
 pub const XD: u64 = 1 << 63;
 
-/// The paging mode a simulated guest boots, with its layout.
+/// The paging mode a simulated guest boots, with its layout, and the
+/// protections it turns on because the CPU offers them (SMEP, SMAP,
+/// protection keys).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PagingFormat {
     mode: PagingMode,
+    smep: bool,
+    smap: bool,
+    /// CR4.PKE (IA-32e paging only): user pages carry protection keys.
+    pke: bool,
 }
 
 /// Where user mappings go in every mode: above 256 MiB.
@@ -35,7 +41,28 @@ const USER_BASE: u64 = 0x1000_0000;
 impl PagingFormat {
     /// The format of `mode` (not [`PagingMode::None`]).
     pub fn new(mode: PagingMode) -> Option<PagingFormat> {
-        (mode != PagingMode::None).then_some(PagingFormat { mode })
+        (mode != PagingMode::None).then_some(PagingFormat {
+            mode,
+            smep: false,
+            smap: false,
+            pke: false,
+        })
+    }
+
+    /// The same mode on a CPU with SMEP, SMAP and PKU as given: the guest
+    /// enables each it has (protection keys only in IA-32e paging).
+    pub fn with_cpuid(self, smep: bool, smap: bool, pku: bool) -> PagingFormat {
+        PagingFormat {
+            smep,
+            smap,
+            pke: pku && matches!(self.mode, PagingMode::Level4 | PagingMode::Level5),
+            ..self
+        }
+    }
+
+    /// Whether user pages carry protection keys (CR4.PKE).
+    pub fn pkeys(&self) -> bool {
+        self.pke
     }
 
     /// Parses `32-bit`, `pae`, `4-level` or `5-level`.
@@ -58,7 +85,7 @@ impl PagingFormat {
             PagingMode::Level4,
             PagingMode::Level5,
         ]
-        .map(|mode| PagingFormat { mode })
+        .map(|mode| PagingFormat::new(mode).expect("a paging mode"))
     }
 
     /// The mode.
@@ -77,10 +104,11 @@ impl PagingFormat {
     }
 
     /// The control registers that select this mode: WP, PGE (the kernel
-    /// map is global), PSE, NXE, and PCIDE where the mode allows it.
+    /// map is global), PSE, NXE, PCIDE where the mode allows it, and the
+    /// SMEP, SMAP and PKE the CPU offers ([`PagingFormat::with_cpuid`]).
     pub fn regs(&self) -> ControlRegs {
         let cr0 = Cr0::PE | Cr0::PG | Cr0::WP;
-        let (cr4, efer) = match self.mode {
+        let (mut cr4, efer) = match self.mode {
             PagingMode::Bits32 => (Cr4::PSE | Cr4::PGE, Efer::empty()),
             PagingMode::Pae => (Cr4::PAE | Cr4::PGE, Efer::NXE),
             PagingMode::Level5 => (
@@ -89,6 +117,9 @@ impl PagingFormat {
             ),
             _ => (Cr4::PAE | Cr4::PGE | Cr4::PCIDE, Efer::LME | Efer::LMA | Efer::NXE),
         };
+        cr4.set(Cr4::SMEP, self.smep);
+        cr4.set(Cr4::SMAP, self.smap);
+        cr4.set(Cr4::PKE, self.pke);
         ControlRegs { cr0, cr4, efer }
     }
 
@@ -236,6 +267,10 @@ impl PagingFormat {
         }
         if self.mode != PagingMode::Bits32 {
             e |= XD;
+        }
+        if user && self.pke {
+            // A protection key per 2 MiB of guest memory (bits 62:59).
+            e |= ((gpa >> 21) & 0xf) << 59;
         }
         e
     }

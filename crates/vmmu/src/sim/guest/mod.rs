@@ -46,6 +46,7 @@ use crate::arch::perm::AccessKind;
 use crate::cpu::vcpu::{AccessResult, GuestSession, Vcpu, VcpuError};
 use crate::mem::GuestMemory;
 use crate::sim::checker::Checker;
+use crate::sim::machine::DirtyRings;
 pub use alloc::FrameAllocator;
 pub use format::PagingFormat;
 
@@ -274,6 +275,8 @@ pub struct GuestCpu {
     stamp: u64,
     /// Accesses made (kernel and user).
     pub accesses: u64,
+    /// The VMM's dirty-ring reaper, with the dirty ring on.
+    rings: Option<Arc<DirtyRings>>,
 }
 
 /// Accesses made in guest mode back to back (see [`GuestCpu::user_run`]).
@@ -281,6 +284,7 @@ pub struct UserRun<'a> {
     session: GuestSession<'a>,
     stamp: &'a mut u64,
     accesses: &'a mut u64,
+    rings: Option<&'a DirtyRings>,
 }
 
 impl UserRun<'_> {
@@ -295,7 +299,7 @@ impl UserRun<'_> {
         value: u64,
     ) -> Result<AccessResult, VcpuError> {
         let session = &mut self.session;
-        retrying_efault(|| session.access(va, kind, cpl, false, size, value))
+        retrying_efault(self.rings, || session.access(va, kind, cpl, false, size, value))
     }
 
     /// [`GuestCpu::next_stamp`].
@@ -320,10 +324,20 @@ impl UserRun<'_> {
 /// Runs `op` again while the host refuses it (EFAULT: a page the host
 /// churn thread made inaccessible for a moment), yielding in between.
 #[inline]
-fn retrying_efault(mut op: impl FnMut() -> Result<AccessResult, VcpuError>) -> Result<AccessResult, VcpuError> {
+/// The VMM's loop around an access: an `EFAULT` (the host refused the
+/// page for a moment) is retried after a yield, and a full dirty ring is
+/// reaped (by this vCPU's thread, as QEMU's vCPU threads do) before the
+/// access is issued again.
+fn retrying_efault(
+    rings: Option<&DirtyRings>,
+    mut op: impl FnMut() -> Result<AccessResult, VcpuError>,
+) -> Result<AccessResult, VcpuError> {
     for _ in 0..EFAULT_RETRIES {
         match op() {
             Err(e) if is_efault(&e) => std::thread::yield_now(),
+            Ok(AccessResult::DirtyRingFull) if rings.is_some() => {
+                rings.map(DirtyRings::reap);
+            }
             r => return r,
         }
     }
@@ -817,24 +831,25 @@ impl Os {
     /// `munmap` of `[start, end)` in `mm`, which runs on `cpu`.
     pub fn munmap(&self, cpu: &mut GuestCpu, ck: &Checker, mm: &Mm, start: u64, end: u64) -> Result<u64, OsError> {
         let mut st = mm.state.write();
-        let mut flush = Flush::default();
-        self.split_partial(cpu, ck, &mut st, start, end, &mut flush)?;
-        let vpns = st.leaf_pages(start, end);
         let mut freed_tables = Vec::new();
         let mut frames = Vec::new();
-        for vpn in vpns {
-            let va = vpn << 12;
-            if let Some(l) = self.clear_leaf(cpu, ck, &mut st, va, &mut freed_tables)? {
-                let size = if l.level == 2 { self.format.huge_size() } else { 4096 };
-                flush.huge(va, size);
-                frames.push(l);
+        self.changing(cpu, mm, &mut st, |os, cpu, st, flush| {
+            os.split_partial(cpu, ck, st, start, end, flush)?;
+            let vpns = st.leaf_pages(start, end);
+            for vpn in vpns {
+                let va = vpn << 12;
+                if let Some(l) = os.clear_leaf(cpu, ck, st, va, &mut freed_tables)? {
+                    let size = if l.level == 2 { os.format.huge_size() } else { 4096 };
+                    flush.huge(va, size);
+                    frames.push(l);
+                }
             }
-        }
-        self.carve(&mut st, start, end, None);
-        if !freed_tables.is_empty() {
-            flush.full = true;
-        }
-        self.flush(cpu, mm, &st, flush)?;
+            os.carve(st, start, end, None);
+            if !freed_tables.is_empty() {
+                flush.full = true;
+            }
+            Ok(())
+        })?;
         let mut a = self.alloc.lock();
         for l in &frames {
             if l.level == 2 {
@@ -863,19 +878,20 @@ impl Os {
         writable: bool,
     ) -> Result<(), OsError> {
         let mut st = mm.state.write();
-        let mut flush = Flush::default();
-        self.split_partial(cpu, ck, &mut st, start, end, &mut flush)?;
-        let vpns = st.leaf_pages(start, end);
-        for vpn in vpns {
-            let l = st.leaves[&vpn];
-            let w = writable && !l.cow;
-            if l.writable != w {
-                self.set_leaf(cpu, ck, &mut st, vpn << 12, Leaf { writable: w, ..l })?;
-                flush.huge(vpn << 12, if l.level == 2 { self.format.huge_size() } else { 4096 });
+        self.changing(cpu, mm, &mut st, |os, cpu, st, flush| {
+            os.split_partial(cpu, ck, st, start, end, flush)?;
+            let vpns = st.leaf_pages(start, end);
+            for vpn in vpns {
+                let l = st.leaves[&vpn];
+                let w = writable && !l.cow;
+                if l.writable != w {
+                    os.set_leaf(cpu, ck, st, vpn << 12, Leaf { writable: w, ..l })?;
+                    flush.huge(vpn << 12, if l.level == 2 { os.format.huge_size() } else { 4096 });
+                }
             }
-        }
-        self.carve(&mut st, start, end, Some(writable));
-        self.flush(cpu, mm, &st, flush)
+            os.carve(st, start, end, Some(writable));
+            Ok(())
+        })
     }
 
     /// Moves up to `max` mapped private 4 KiB pages of `vma` from page
@@ -891,28 +907,33 @@ impl Os {
     ) -> Result<u64, OsError> {
         let mut st = mm.state.write();
         let Some(vma) = st.vma(vma_id) else { return Ok(0) };
-        let mut flush = Flush::default();
         let mut old = Vec::new();
-        for p in 0..vma.pages() {
-            if old.len() as u64 >= max {
-                break;
+        let moved = self.changing(cpu, mm, &mut st, |os, cpu, st, flush| {
+            for p in 0..vma.pages() {
+                if old.len() as u64 >= max {
+                    break;
+                }
+                let va = vma.start + (((first + p) % vma.pages()) << 12);
+                let Some(&l) = st.leaves.get(&(va >> 12)) else { continue };
+                if l.level != 1 || l.cow {
+                    continue;
+                }
+                let new = os.alloc_frame()?;
+                os.copy_page(cpu, ck, l.gfn << 12, new << 12)?;
+                os.set_leaf(cpu, ck, st, va, Leaf { gfn: new, ..l })?;
+                flush.huge(va, 4096);
+                old.push(l.gfn);
             }
-            let va = vma.start + (((first + p) % vma.pages()) << 12);
-            let Some(&l) = st.leaves.get(&(va >> 12)) else { continue };
-            if l.level != 1 || l.cow {
-                continue;
-            }
-            let new = self.alloc_frame()?;
-            self.copy_page(cpu, ck, l.gfn << 12, new << 12)?;
-            self.set_leaf(cpu, ck, &mut st, va, Leaf { gfn: new, ..l })?;
-            flush.huge(va, 4096);
-            old.push(l.gfn);
-        }
-        self.flush(cpu, mm, &st, flush)?;
+            Ok(())
+        });
+        // The frames moved from are free once flushed, also when the
+        // remap stopped early (out of memory).
         let mut a = self.alloc.lock();
         for g in &old {
             a.put(*g);
         }
+        drop(a);
+        moved?;
         Ok(old.len() as u64)
     }
 
@@ -1013,36 +1034,45 @@ impl Os {
         let child = self.create_mm(cpu, ck, 1)?;
         let mut ps = parent.state.write();
         let mut cs = child.state.write();
-        let mut flush = Flush::default();
         let vpns = ps.leaf_pages(0, u64::MAX);
         for v in ps.vmas.values().filter(|v| !v.huge) {
             cs.vmas.insert(v.start, *v);
         }
-        for vpn in vpns {
-            let l = ps.leaves[&vpn];
-            let va = vpn << 12;
-            if l.level != 1 || cs.vmas.range(..=va).next_back().is_none_or(|(_, v)| va >= v.end) {
-                continue;
+        // The parent's PTEs become read-only: flushed even if the copy
+        // stops early (out of memory for the child's tables), so no vCPU
+        // keeps writing a frame that is now shared.
+        let copied = self.changing(cpu, parent, &mut ps, |os, cpu, ps, flush| {
+            flush.full = true;
+            for vpn in vpns {
+                let l = ps.leaves[&vpn];
+                let va = vpn << 12;
+                if l.level != 1 || cs.vmas.range(..=va).next_back().is_none_or(|(_, v)| va >= v.end) {
+                    continue;
+                }
+                // Shared from now on: read-only and copy-on-write in both,
+                // whatever the protection (a later mprotect must not make a
+                // shared frame writable).
+                let shared = Leaf {
+                    writable: false,
+                    cow: true,
+                    ..l
+                };
+                if l.writable {
+                    os.set_leaf(cpu, ck, ps, va, shared)?;
+                } else {
+                    ps.leaves.insert(vpn, shared);
+                }
+                os.set_leaf(cpu, ck, &mut cs, va, shared)?;
+                os.alloc.lock().get(l.gfn);
             }
-            // Shared from now on: read-only and copy-on-write in both,
-            // whatever the protection (a later mprotect must not make a
-            // shared frame writable).
-            let shared = Leaf {
-                writable: false,
-                cow: true,
-                ..l
-            };
-            if l.writable {
-                self.set_leaf(cpu, ck, &mut ps, va, shared)?;
-                flush.huge(va, 4096);
-            } else {
-                ps.leaves.insert(vpn, shared);
-            }
-            self.alloc.lock().get(l.gfn);
-            self.set_leaf(cpu, ck, &mut cs, va, shared)?;
+            Ok(())
+        });
+        if let Err(e) = copied {
+            // The half-built child goes; what it shares stays shared.
+            drop((cs, ps));
+            self.exit(&child);
+            return Err(e);
         }
-        flush.full = true;
-        self.flush(cpu, parent, &ps, flush)?;
         Ok(child.clone())
     }
 
@@ -1075,6 +1105,26 @@ impl Os {
     }
 
     // ---- TLB maintenance ----
+
+    /// Runs `work`, which changes `mm`'s live page tables and records in
+    /// its [`Flush`] what the change must flush, then flushes that,
+    /// whether `work` finished or stopped early (out of guest memory, a
+    /// kernel access the checker refused): an entry changed is an entry
+    /// flushed, or another vCPU keeps using the old translation.
+    fn changing<T>(
+        &self,
+        cpu: &mut GuestCpu,
+        mm: &Mm,
+        st: &mut MmState,
+        work: impl FnOnce(&Os, &mut GuestCpu, &mut MmState, &mut Flush) -> Result<T, OsError>,
+    ) -> Result<T, OsError> {
+        let mut flush = Flush::default();
+        let r = work(self, cpu, st, &mut flush);
+        let flushed = self.flush(cpu, mm, st, flush);
+        let r = r?;
+        flushed?;
+        Ok(r)
+    }
 
     /// Flushes `flush` of `mm` here (if it runs here) and on every other
     /// vCPU running it; called with the mm's lock held for writing.
@@ -1134,12 +1184,21 @@ impl GuestCpu {
             clock: 0,
             stamp: (id as u64 + 1) << 48,
             accesses: 0,
+            rings: None,
         }
+    }
+
+    /// The VMM's dirty-ring reaper this vCPU calls when its ring is full
+    /// (`KVM_EXIT_DIRTY_RING_FULL`), when the dirty ring is on.
+    pub fn with_dirty_rings(mut self, rings: Option<Arc<DirtyRings>>) -> GuestCpu {
+        self.rings = rings;
+        self
     }
 
     /// An access at `cpl`, retried while the host refuses the page
     /// (`EFAULT` from `KVM_RUN`: the host made it read-only for a moment;
-    /// the VMM waits for the protection to come back and re-enters).
+    /// the VMM waits for the protection to come back and re-enters) and
+    /// after the VMM reaped a full dirty ring.
     pub fn access(
         &mut self,
         va: u64,
@@ -1161,7 +1220,8 @@ impl GuestCpu {
         &mut self,
         mut op: impl FnMut(&mut Vcpu) -> Result<AccessResult, VcpuError>,
     ) -> Result<AccessResult, VcpuError> {
-        retrying_efault(|| op(&mut self.vcpu))
+        let rings = self.rings.as_deref();
+        retrying_efault(rings, || op(&mut self.vcpu))
     }
 
     /// Opens a run of accesses that stays in guest mode between them (a
@@ -1173,6 +1233,7 @@ impl GuestCpu {
             session: self.vcpu.session(),
             stamp: &mut self.stamp,
             accesses: &mut self.accesses,
+            rings: self.rings.as_deref(),
         }
     }
 
