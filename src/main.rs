@@ -5,6 +5,7 @@
 //! failure; 2 bad usage or bad input.
 
 mod input;
+mod migrate;
 mod report;
 mod run;
 
@@ -33,6 +34,9 @@ enum Command {
     Run(run::RunArgs),
     /// Replay a trace recorded by `vmmu run --record`, deterministically.
     Replay(run::ReplayArgs),
+    /// Live migration under every dirty-log configuration, with host churn,
+    /// the destination compared byte for byte; exit 1 on any page lost.
+    Migrate(migrate::MigrateArgs),
     /// Replay x86 paging conformance cases and compare with the recorded results.
     Conform(ConformArgs),
     /// Run a benchmark against its reference, measured in the same run.
@@ -269,6 +273,7 @@ fn main() -> ExitCode {
         Command::Stress(args) => run_stress(args),
         Command::Run(args) => run::run(args),
         Command::Replay(args) => run::replay(args),
+        Command::Migrate(args) => migrate::run(args),
     }
 }
 

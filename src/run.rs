@@ -30,7 +30,8 @@ pub enum RunMmu {
 }
 
 impl RunMmu {
-    fn kinds(self) -> Vec<MmuKind> {
+    /// The MMUs, in report order.
+    pub fn kinds(self) -> Vec<MmuKind> {
         match self {
             RunMmu::Shadow => vec![MmuKind::Shadow],
             RunMmu::Tdp => vec![MmuKind::Tdp],

@@ -421,6 +421,44 @@ fn stress_flags() {
 }
 
 #[test]
+fn migrate_flags() {
+    let s = ["migrate"];
+    let mut cases = Vec::new();
+    cases.extend(flag_cases(&s, "--seconds", &BAD_SECONDS, "--seconds"));
+    cases.extend(flag_cases(&s, "--seconds", &["604801"], "--seconds"));
+    cases.extend(flag_cases(&s, "--seeds", &BAD_UINTS, "--seeds"));
+    cases.extend(flag_cases(&s, "--seeds", &["0"], "--seeds"));
+    cases.extend(flag_cases(&s, "--first-seed", &BAD_UINTS, "--first-seed"));
+    cases.extend(flag_cases(&s, "--ops", &BAD_UINTS, "--ops"));
+    cases.extend(flag_cases(&s, "--ops", &["0", "100000001"], "--ops"));
+    cases.extend(flag_cases(&s, "--mmu", &[EMPTY, "ept"], "--mmu"));
+    cases.extend(flag_cases(
+        &s,
+        "--max-page-size",
+        &["3K", "4M", EMPTY],
+        "--max-page-size",
+    ));
+    cases.extend(flag_cases(&s, "--ept-levels", &["3", "6", "x"], "--ept-levels"));
+    cases.extend(flag_cases(&s, "--nx-huge-pages", &["yes", EMPTY], "--nx-huge-pages"));
+    cases.extend(flag_cases(&s, "--eager-split", &["1"], "--eager-split"));
+    cases.extend([
+        // A configuration the MMU does not have: named, with the list.
+        case(
+            &["migrate", "--log", "wp+init/ad"],
+            &["--log", "wp+init/ad", "wp+manual+init/ad"],
+        ),
+        case(
+            &["migrate", "--mmu", "shadow", "--log", "ring128/ad"],
+            &["--log", "ring128/ad", "shadow"],
+        ),
+        case(&["migrate", "--log", EMPTY], &["--log"]),
+        case(&["migrate", "--json=1"], &["--json"]),
+        case(&["migrate", "extra"], &["extra"]),
+    ]);
+    check_all("migrate flags", &cases);
+}
+
+#[test]
 fn bench_flags() {
     let p = ["bench", "populate"];
     let mut cases = Vec::new();
@@ -545,7 +583,7 @@ fn every_command_rejects_unknown_commands_and_flags() {
         case(&["--frobnicate"], &["--frobnicate"]),
         case(&["replay"], &["<FILE>"]),
     ];
-    for cmd in ["run", "replay", "conform", "bench", "stress"] {
+    for cmd in ["run", "replay", "migrate", "conform", "bench", "stress"] {
         cases.push(case(&[cmd, "--no-such-flag"], &["--no-such-flag"]));
     }
     check_all("unknown commands and flags", &cases);
@@ -1079,7 +1117,7 @@ fn trace_files() {
 
 #[test]
 fn help_exits_0_for_every_command() {
-    for cmd in ["run", "replay", "conform", "bench", "stress"] {
+    for cmd in ["run", "replay", "migrate", "conform", "bench", "stress"] {
         let (code, out, _) = vmmu(&[cmd.to_string(), "--help".to_string()]).expect("vmmu --help");
         assert_eq!(code, Some(0), "{cmd} --help");
         assert!(out.contains("Usage"), "{cmd} --help: {out}");

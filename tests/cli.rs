@@ -193,6 +193,54 @@ fn stress_bad_input_exits_2() {
     }
 }
 
+#[test]
+fn migrate_runs_the_matrix_and_ends_with_the_check_line() {
+    let o = vmmu(&["migrate", "--mmu", "tdp", "--seeds", "1", "--ops", "1500"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().last(), Some("check: 0 violations"), "{out}");
+    // One row per TDP configuration, each migrating and comparing.
+    for name in [
+        "wp/ad",
+        "wp+manual+init/noad",
+        "dbit+manual/ad",
+        "ring4096/noad",
+        "ring128/ad",
+    ] {
+        let row = out
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no row {name}: {out}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols.last(), Some(&"0"), "{row}");
+    }
+    assert!(out.contains("13 configurations, 13 runs"), "{out}");
+    // One configuration, replayed by name, in JSON: the same figures.
+    let o = vmmu(&[
+        "migrate",
+        "--mmu",
+        "tdp",
+        "--log",
+        "ring128/ad",
+        "--seeds",
+        "1",
+        "--ops",
+        "1500",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["configurations"], 1);
+    assert_eq!(v["pages_lost"], 0);
+    let t = &v["rows"][0]["tally"];
+    assert_eq!(v["rows"][0]["name"], "ring128/ad");
+    assert!(t["migrations"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(
+        t["pages_compared"].as_u64().unwrap(),
+        t["migrations"].as_u64().unwrap() * 2048
+    );
+}
+
 /// Runs a benchmark with `--json`: exit 0, one line, one object with every
 /// field of the CLI contract.
 fn bench_json(args: &[&str]) -> serde_json::Value {

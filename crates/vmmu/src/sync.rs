@@ -128,6 +128,16 @@ pub enum Bug {
     /// for a supervisor write with CR0.WP = 0: the SPTE it builds faults
     /// again in the hardware (CR0.WP forced on), forever.
     IgnorePkruWriteDisable = 1 << 11,
+    /// A harvest of the TDP MMU flushes only if it changed an SPTE, not
+    /// whenever it took a bit (the old rule: an SPTE aged without a flush
+    /// keeps its vCPU translation writable past the harvest).
+    HarvestFlushByChange = 1 << 12,
+    /// The TDP MMU's fast path makes a huge SPTE writable in a logging slot
+    /// (it logs one page of 512).
+    FastPathHugeWritable = 1 << 13,
+    /// The TDP MMU's change handler forgets the D bit of a dirty leaf that
+    /// goes away (D-bit logging loses the record).
+    ZapForgetsDirtyBit = 1 << 14,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**

@@ -339,67 +339,77 @@ impl VmConfig {
     }
 
     /// Every dirty-logging configuration a KVM user can choose for `mmu`
-    /// (the migration checker's matrix): write-protect, D-bit and ring
-    /// logging × manual protect × initially set × EPT A/D on the TDP MMU
-    /// (14; D-bit logging without EPT A/D is write-protect logging), and
-    /// manual protect × initially set on the shadow MMU (3).
+    /// (the migration checker's matrix), each once. On the TDP MMU (13):
+    /// write-protect logging × {no manual protect, manual protect, manual
+    /// protect + initially set} × EPT A/D on and off (6); D-bit logging
+    /// (PML) × the same three (3; it needs EPT A/D, as KVM's `enable_pml`
+    /// does: D-bit logging without A/D *is* write-protect logging); the
+    /// dirty ring at KVM's usual 4096 entries and at 128 (a ring that fills
+    /// up and exits to the VMM to be reaped) × EPT A/D on and off (4; the
+    /// ring has no manual protect). On the shadow MMU (3): the three
+    /// bitmap protocols.
     pub fn dirty_log_matrix(mmu: MmuKind) -> Vec<VmConfig> {
         let mut out = Vec::new();
         let protect = [(false, false), (true, false), (true, true)];
+        let d = VmConfig::default();
         match mmu {
             MmuKind::Shadow => {
                 for (manual_protect, initially_set) in protect {
                     out.push(VmConfig {
                         manual_protect,
                         initially_set,
-                        ..VmConfig::default()
+                        ..d
                     });
                 }
             }
             MmuKind::Tdp => {
-                for pml in [false, true] {
-                    for ept_ad in [true, false] {
-                        for (manual_protect, initially_set) in protect {
-                            out.push(VmConfig {
-                                ept_ad,
-                                pml: pml && ept_ad,
-                                manual_protect,
-                                initially_set,
-                                ..VmConfig::default()
-                            });
-                        }
+                for (pml, ept_ad) in [(false, true), (false, false), (true, true)] {
+                    for (manual_protect, initially_set) in protect {
+                        out.push(VmConfig {
+                            ept_ad,
+                            pml,
+                            manual_protect,
+                            initially_set,
+                            ..d
+                        });
                     }
                 }
-                for ept_ad in [true, false] {
-                    out.push(VmConfig {
-                        ept_ad,
-                        dirty_ring: 4096,
-                        ..VmConfig::default()
-                    });
+                for dirty_ring in [4096, 128] {
+                    for ept_ad in [true, false] {
+                        out.push(VmConfig {
+                            ept_ad,
+                            dirty_ring,
+                            ..d
+                        });
+                    }
                 }
             }
         }
         out
     }
 
-    /// A short name of the dirty-logging part, for tables:
-    /// `wp`/`dbit`/`ring`, `+manual`, `+init`, `ad`/`noad`.
-    pub fn dirty_log_name(&self) -> String {
-        let mode = if self.dirty_ring != 0 {
-            "ring"
+    /// A short name of the dirty-logging part, for tables and for
+    /// `vmmu migrate --log`: `wp`, `dbit` or `ring<entries>`, then
+    /// `+manual`, `+init`, then `/ad` or `/noad` (EPT A/D), e.g.
+    /// `wp+manual+init/noad`, `ring128/ad` (no A/D part on the shadow MMU,
+    /// which has no EPT).
+    pub fn dirty_log_name(&self, mmu: MmuKind) -> String {
+        let mut s = if self.dirty_ring != 0 {
+            format!("ring{}", self.dirty_ring)
         } else if self.pml {
-            "dbit"
+            "dbit".to_string()
         } else {
-            "wp"
+            "wp".to_string()
         };
-        let mut s = mode.to_string();
         if self.manual_protect {
             s.push_str("+manual");
         }
         if self.initially_set {
             s.push_str("+init");
         }
-        s.push_str(if self.ept_ad { " ad" } else { " noad" });
+        if mmu == MmuKind::Tdp {
+            s.push_str(if self.ept_ad { "/ad" } else { "/noad" });
+        }
         s
     }
 }
@@ -433,7 +443,7 @@ mod tests {
     #[test]
     fn the_matrix_has_every_dirty_log_configuration_once() {
         let tdp = VmConfig::dirty_log_matrix(MmuKind::Tdp);
-        assert_eq!(tdp.len(), 14);
+        assert_eq!(tdp.len(), 13);
         let shadow = VmConfig::dirty_log_matrix(MmuKind::Shadow);
         assert_eq!(shadow.len(), 3);
         let paging = PagingFormat::parse("4-level").unwrap();
@@ -442,12 +452,16 @@ mod tests {
                 c.validate(mmu, paging).unwrap();
             }
         }
-        let mut names: Vec<_> = tdp.iter().map(VmConfig::dirty_log_name).collect();
-        names.sort();
-        names.dedup();
-        // D-bit logging without A/D degenerates to write protection: the
-        // same protocol, kept as its own entry of the matrix.
-        assert_eq!(names.len(), 14 - 3);
+        for (mmu, set) in [(MmuKind::Tdp, &tdp), (MmuKind::Shadow, &shadow)] {
+            let mut names: Vec<_> = set.iter().map(|c| c.dirty_log_name(mmu)).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), set.len(), "{names:?}");
+            let mut flags: Vec<_> = set.iter().map(VmConfig::flags).collect();
+            flags.sort();
+            flags.dedup();
+            assert_eq!(flags.len(), set.len(), "{flags:?}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod checker;
 pub mod config;
 pub mod guest;
 pub mod machine;
+pub mod migration;
 pub mod report;
 pub mod run;
 pub mod stress;

@@ -96,9 +96,11 @@ impl TdpMmu {
         if was_leaf && !is_present {
             MmuStats::inc(&self.stats.local().mmu_zapped);
         }
+        let gone = !(is_leaf && new.pfn() == old.pfn());
         if was_leaf
             && dirty == DirtyBit::Log
             && self.dirty_bit_logging()
+            && !(gone && crate::sync::bug(crate::sync::Bug::ZapForgetsDirtyBit))
             && old.is_dirty(self.fmt)
             && !(is_leaf && new.is_dirty(self.fmt) && new.pfn() == old.pfn())
         {

@@ -230,7 +230,11 @@ impl TdpMmu {
         }
         let made_writable = write && !new.is_writable(self.fmt);
         if made_writable {
-            if !new.is_mmu_writable() || (it.level() > 1 && slot.logs_dirty_pages()) {
+            if !new.is_mmu_writable()
+                || (it.level() > 1
+                    && slot.logs_dirty_pages()
+                    && !crate::sync::bug(crate::sync::Bug::FastPathHugeWritable))
+            {
                 return None;
             }
             new = new.make_writable(self.fmt);
@@ -354,7 +358,9 @@ impl TdpMmu {
         };
         // KVM flushes when it reaped any bit, not when an SPTE changed
         // (`kvm_get_dirty_log_protect`, `kvm_clear_dirty_log_protect`).
-        let mut flush = PendingFlush::new(bits.iter().any(|&w| w != 0));
+        let mut flush = PendingFlush::new(
+            bits.iter().any(|&w| w != 0) && !crate::sync::bug(crate::sync::Bug::HarvestFlushByChange),
+        );
         // Runs of set bits become one range each, across word boundaries
         // (a fully dirty slot is one walk, not one per 64 pages).
         let mut run: Option<(u64, u64)> = None;

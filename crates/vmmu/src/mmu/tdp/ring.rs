@@ -122,7 +122,8 @@ impl TdpMmu {
         // As KVM's `kvm_vm_ioctl_reset_dirty_pages`: a flush whenever an
         // entry was reset, whether or not an SPTE changed (an SPTE aged
         // without a flush is not writable, but a vCPU's translation is).
-        self.discharge(flush.merge(PendingFlush::new(reset > 0)));
+        let took = reset > 0 && !crate::sync::bug(crate::sync::Bug::HarvestFlushByChange);
+        self.discharge(flush.merge(PendingFlush::new(took)));
         tracing::trace!(target: "kvm_dirty_ring_reset", entries = reset);
         reset
     }
