@@ -825,13 +825,17 @@ impl Vcpu {
             Backend::Tdp(t) => {
                 let generation = t.mmu.root_generation();
                 if generation != t.seen_root_gen {
-                    t.seen_root_gen = generation;
                     if !t.root.root().is_valid() && !crate::sync::bug(crate::sync::Bug::KeepObsoleteRoot) {
                         let old = t.root.root().pfn().raw();
+                        // Out of frames for the new root: the request stays
+                        // pending (the generation unseen) and the next
+                        // entry tries again, rather than running on the
+                        // invalid root, whose faults retry forever.
                         t.root = t.mmu.get_root(t.root.root().as_id())?;
                         self.tlb.flush(Flush::Eptp(old));
                         self.stats.root_reloads += 1;
                     }
+                    t.seen_root_gen = generation;
                 }
             }
             Backend::Shadow(s) => {

@@ -526,11 +526,12 @@ impl HostAddressSpace {
             return Ok(Self::leaf_of(hva, level, pte));
         }
         if pte.is_swap() {
+            // The frame first: out of memory, the page stays in swap.
+            let pfn = self.arena.alloc_4k().map_err(oom)?;
             let data = mm
                 .swap
                 .remove(&pte.swap_slot())
                 .expect("every swap entry has its data in the swap store");
-            let pfn = self.arena.alloc_4k().map_err(oom)?;
             self.arena.write(pfn, 0, &data[..]);
             let new = HostPte::leaf(pfn, Level::L1, writable_bit | dirty_bit | HostPte::YOUNG);
             slot.store(new.0, Ordering::Release);
@@ -557,7 +558,10 @@ impl HostAddressSpace {
             Err(_) if size == PageSize::Size2M => return self.fault_small(hva, writable_bit | dirty_bit),
             Err(e) => return Err(oom(e)),
         };
-        let slot = self.slot_at(hva.raw(), leaf_level)?;
+        let slot = self.slot_at(hva.raw(), leaf_level).inspect_err(|_| {
+            // No frame for a host page table: the data frame goes back.
+            let _ = self.arena.free(pfn, size);
+        })?;
         let new = HostPte::leaf(pfn, leaf_level, writable_bit | dirty_bit | HostPte::YOUNG);
         slot.store(new.0, Ordering::Release);
         bump(&self.counters.faults);
@@ -572,7 +576,9 @@ impl HostAddressSpace {
             .arena
             .alloc_4k()
             .map_err(|source| HostFault::OutOfMemory { hva, source })?;
-        let slot = self.slot_at(hva.raw(), Level::L1)?;
+        let slot = self.slot_at(hva.raw(), Level::L1).inspect_err(|_| {
+            let _ = self.arena.free(pfn, PageSize::Size4K);
+        })?;
         let new = HostPte::leaf(pfn, Level::L1, bits | HostPte::YOUNG);
         slot.store(new.0, Ordering::Release);
         bump(&self.counters.faults);
