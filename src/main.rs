@@ -8,6 +8,7 @@ mod input;
 mod migrate;
 mod report;
 mod run;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,9 @@ enum Command {
     /// Live migration under every dirty-log configuration, with host churn,
     /// the destination compared byte for byte; exit 1 on any page lost.
     Migrate(migrate::MigrateArgs),
+    /// Simulator runs back to back for as long as asked, each with a random
+    /// configuration, host churn and live migrations; exit 1 on any violation.
+    Soak(soak::SoakArgs),
     /// Replay x86 paging conformance cases and compare with the recorded results.
     Conform(ConformArgs),
     /// Run a benchmark against its reference, measured in the same run.
@@ -274,6 +278,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Replay(args) => run::replay(args),
         Command::Migrate(args) => migrate::run(args),
+        Command::Soak(args) => soak::run(args),
     }
 }
 

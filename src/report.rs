@@ -89,6 +89,7 @@ pub fn table(reports: &[MmuRunReport]) -> String {
         ("audits", |r| num(r.audits)),
     ];
     let migration: &[(&str, Cell)] = &[
+        ("migrations", |r| mig(r, |m| num(m.migrations))),
         ("migration rounds", |r| mig(r, |m| num(m.rounds))),
         ("pages copied", |r| mig(r, |m| num(m.pages_copied))),
         ("downtime pages", |r| mig(r, |m| num(m.downtime_pages))),

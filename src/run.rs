@@ -91,7 +91,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "128M", allow_negative_numbers = true, value_parser = crate::parse_size)]
     memory: u64,
     /// A named workload (default, populate, fork-storm, context-switch,
-    /// mmap-churn, thp, dirty, pt-flood) or a workload TOML file.
+    /// mmap-churn, thp, dirty, pt-flood, many-mm, self-map, recursive-map,
+    /// cr-toggle, dirty-storm, mixed) or a workload TOML file.
     #[arg(long, default_value = "default")]
     workload: String,
     /// Guest operations over all vCPUs, 1..=2^40 (default: the workload's).

@@ -459,6 +459,31 @@ fn migrate_flags() {
 }
 
 #[test]
+fn soak_flags() {
+    let s = ["soak"];
+    let mut cases = Vec::new();
+    cases.extend(flag_cases(&s, "--seconds", &BAD_SECONDS, "--seconds"));
+    cases.extend(flag_cases(&s, "--seconds", &["604801"], "--seconds"));
+    cases.extend(flag_cases(&s, "--run-seconds", &BAD_SECONDS, "--run-seconds"));
+    cases.extend(flag_cases(&s, "--run-seconds", &["3601"], "--run-seconds"));
+    cases.extend(flag_cases(&s, "--vcpus", &BAD_UINTS, "--vcpus"));
+    cases.extend(flag_cases(&s, "--vcpus", &["0", "65"], "--vcpus"));
+    cases.extend(flag_cases(&s, "--memory", &BAD_SIZES, "--memory"));
+    cases.extend(flag_cases(&s, "--memory", &["0", "1", "3M", "2G"], "--memory"));
+    cases.extend(flag_cases(&s, "--first-seed", &BAD_UINTS, "--first-seed"));
+    cases.extend(flag_cases(&s, "--mmu", &[EMPTY, "ept"], "--mmu"));
+    cases.extend([
+        case(
+            &["soak", "--seconds", "5", "--run-seconds", "10"],
+            &["--run-seconds", "--seconds"],
+        ),
+        case(&["soak", "--json=1"], &["--json"]),
+        case(&["soak", "extra"], &["extra"]),
+    ]);
+    check_all("soak flags", &cases);
+}
+
+#[test]
 fn bench_flags() {
     let p = ["bench", "populate"];
     let mut cases = Vec::new();
@@ -583,7 +608,7 @@ fn every_command_rejects_unknown_commands_and_flags() {
         case(&["--frobnicate"], &["--frobnicate"]),
         case(&["replay"], &["<FILE>"]),
     ];
-    for cmd in ["run", "replay", "migrate", "conform", "bench", "stress"] {
+    for cmd in ["run", "replay", "migrate", "soak", "conform", "bench", "stress"] {
         cases.push(case(&[cmd, "--no-such-flag"], &["--no-such-flag"]));
     }
     check_all("unknown commands and flags", &cases);
@@ -1117,7 +1142,7 @@ fn trace_files() {
 
 #[test]
 fn help_exits_0_for_every_command() {
-    for cmd in ["run", "replay", "migrate", "conform", "bench", "stress"] {
+    for cmd in ["run", "replay", "migrate", "soak", "conform", "bench", "stress"] {
         let (code, out, _) = vmmu(&[cmd.to_string(), "--help".to_string()]).expect("vmmu --help");
         assert_eq!(code, Some(0), "{cmd} --help");
         assert!(out.contains("Usage"), "{cmd} --help: {out}");

@@ -241,6 +241,56 @@ fn migrate_runs_the_matrix_and_ends_with_the_check_line() {
     );
 }
 
+#[test]
+fn soak_runs_random_configurations_and_ends_with_the_check_line() {
+    let o = vmmu(&[
+        "soak",
+        "--seconds",
+        "4",
+        "--run-seconds",
+        "2",
+        "--memory",
+        "32M",
+        "--first-seed",
+        "5",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().last(), Some("check: 0 violations"), "{out}");
+    for mmu in ["shadow", "tdp"] {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with(mmu) && l.contains("all runs"))
+            .unwrap_or_else(|| panic!("no {mmu} row: {out}"));
+        let cols: Vec<u64> = row.split_whitespace().skip(3).map(|c| c.parse().unwrap()).collect();
+        // runs, seconds, accesses, operations, host ops, migrations, pages
+        // compared, violations
+        assert!(cols[0] >= 1 && cols[2] > 0 && cols[3] > 0, "{row}");
+        assert_eq!(cols[7], 0, "{row}");
+    }
+    assert!(
+        out.contains("dirty log") && out.contains("paging") && out.contains("workload"),
+        "{out}"
+    );
+    let o = vmmu(&[
+        "soak",
+        "--mmu",
+        "tdp",
+        "--seconds",
+        "2",
+        "--run-seconds",
+        "2",
+        "--memory",
+        "32M",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["violations"], 0);
+    assert_eq!(v["mmus"][0]["mmu"], "tdp");
+    assert_eq!(v["mmus"][0]["totals"]["runs"], 1);
+}
+
 /// Runs a benchmark with `--json`: exit 0, one line, one object with every
 /// field of the CLI contract.
 fn bench_json(args: &[&str]) -> serde_json::Value {

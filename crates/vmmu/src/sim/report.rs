@@ -21,6 +21,8 @@ pub struct Sample {
 /// Live-migration figures.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct MigrationReport {
+    /// Migrations done (each ends in a byte-for-byte comparison).
+    pub migrations: u64,
     /// Copy rounds while the vCPUs ran (the first copies everything).
     pub rounds: u64,
     /// Pages copied while the vCPUs ran.

@@ -457,6 +457,7 @@ pub fn run(cfg: &RunConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunO
                     migrations += 1;
                     let r = migrate(&sh);
                     let total = migration.get_or_insert_with(MigrationReport::default);
+                    total.migrations += 1;
                     total.rounds += r.rounds;
                     total.pages_copied += r.pages_copied;
                     total.downtime_pages += r.downtime_pages;
