@@ -106,7 +106,7 @@ impl TdpMmu {
                 }
                 if level > 1 {
                     if huge == Huge::Split {
-                        if self.split_for_logging(guard, &mut it, as_id) == Split::NoFrame {
+                        if self.split_for_logging(guard, &mut it, as_id, &mut protected) == Split::NoFrame {
                             // Best effort: what cannot be split from here
                             // on is write-protected.
                             huge = Huge::Protect;
@@ -148,11 +148,21 @@ impl TdpMmu {
     /// Splits the huge leaf at the cursor for logging (see
     /// [`TdpMmu::protect_range`]). When the split cache is empty, the lock
     /// is given up to refill it (KVM's `tdp_mmu_alloc_sp_for_split`), and
-    /// the cursor restarts from the root, as what it read is stale.
-    fn split_for_logging(&self, guard: &mut MmuLockWriteGuard<'_, ()>, it: &mut SpteIter<'_>, as_id: u16) -> Split {
+    /// the cursor restarts from the root, as what it read is stale. Before
+    /// the lock goes, the flush owed for what was write-protected so far
+    /// (`owed`) is done: no thread may find an SPTE write-protected while a
+    /// TLB still holds it writable.
+    fn split_for_logging(
+        &self,
+        guard: &mut MmuLockWriteGuard<'_, ()>,
+        it: &mut SpteIter<'_>,
+        as_id: u16,
+        owed: &mut bool,
+    ) -> Split {
         let mut cache = self.split_cache.lock();
         if cache.is_empty() {
             drop(cache);
+            self.discharge(PendingFlush::new(std::mem::take(owed)));
             let topped = guard.unlocked(|| self.split_cache.lock().topup(1));
             it.restart();
             return if topped.is_ok() {
