@@ -148,6 +148,46 @@ fn a_short_soak_of_every_workload_mixed_finds_no_violation() {
     }
 }
 
+/// `vmmu run --config random` (and `vmmu soak`) in short: configurations,
+/// paging modes and workloads drawn from seeds, under both MMUs, with host
+/// churn and a live migration each; every knob of the VM configuration
+/// takes each of its values across the seeds.
+#[test]
+fn random_configurations_with_churn_and_migration_find_no_violation() {
+    use vmmu::sim::config::VmConfig;
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..20u64 {
+        for mmu in [MmuKind::Shadow, MmuKind::Tdp] {
+            let (vm, paging) = VmConfig::from_seed(seed, Some(mmu));
+            let (name, _) = NAMED[(seed % NAMED.len() as u64) as usize];
+            let w = Workload {
+                vm,
+                ..Workload::load(name).expect("a named workload")
+            };
+            let cfg = RunConfig {
+                paging,
+                vcpus: 2,
+                memory: 32 << 20,
+                seconds: Some(0.4),
+                seed,
+                host_churn: true,
+                migrate: true,
+                ..RunConfig::new(mmu, w)
+            };
+            let r = go(&cfg).report;
+            let m = r.migration.as_ref().expect("a migration ran");
+            assert_eq!(m.mismatched_pages, 0, "seed {seed} {mmu:?}: {}", vm.flags());
+            if mmu == MmuKind::Tdp {
+                seen.insert(vm.dirty_log_name(mmu));
+            }
+        }
+    }
+    // The draws reach the dirty-log modes (write-protect, D-bit, ring).
+    for mode in ["wp", "dbit", "ring"] {
+        assert!(seen.iter().any(|n| n.starts_with(mode)), "{mode} never drawn: {seen:?}");
+    }
+}
+
 /// Regression: a guest table whose entries point at itself is shadowed at
 /// every level, each page of it a child of the one above; a flooding write
 /// to it zapped the top page, which took the others with it, and the
