@@ -213,10 +213,10 @@ struct SoakOutcome {
 /// the paging mode are drawn from the seed by `--config random`).
 fn command(kind: MmuKind, seed: u64, args: &SoakArgs, seconds: f64, workload: &str) -> String {
     format!(
-        "vmmu run --mmu {} --config random --seed {seed} --workload {workload} --vcpus {} --memory {} --seconds {seconds:.0} --host-churn --dirty-log",
+        "vmmu run --mmu {} --config random --seed {seed} --workload {workload} --vcpus {} --memory {}M --seconds {seconds:.0} --host-churn --dirty-log",
         kind.name(),
         args.vcpus,
-        format!("{}M", args.memory >> 20)
+        args.memory >> 20
     )
 }
 
