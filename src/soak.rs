@@ -41,6 +41,10 @@ pub struct SoakArgs {
     /// The first run's seed; each run takes the next.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     first_seed: u64,
+    /// Where a failing run's operations go, as a trace for `vmmu replay`
+    /// (`vmmu-soak-<mmu>-seed<N>.trace`) [default: the current directory].
+    #[arg(long, value_name = "DIR")]
+    traces: Option<std::path::PathBuf>,
     /// Print one JSON object instead of the tables.
     #[arg(long)]
     json: bool,
@@ -101,6 +105,8 @@ struct MmuSoak {
 #[derive(Debug, Serialize)]
 struct Failure {
     command: String,
+    /// The run's operations, for `vmmu replay`.
+    trace: Option<String>,
     violations: Vec<String>,
 }
 
@@ -118,6 +124,11 @@ pub fn run(args: SoakArgs) -> ExitCode {
             "vmmu soak: --run-seconds {} is longer than --seconds {}: no run would fit",
             args.run_seconds, args.seconds
         );
+        return ExitCode::from(2);
+    }
+    let traces = args.traces.clone().unwrap_or_else(|| std::path::PathBuf::from("."));
+    if let Err(e) = crate::input::check_writable_dir(&traces, "--traces") {
+        eprintln!("vmmu soak: {e}");
         return ExitCode::from(2);
     }
     let tty = std::io::stderr().is_terminal();
@@ -142,12 +153,27 @@ pub fn run(args: SoakArgs) -> ExitCode {
                     s.by_paging.entry(r.paging.clone()).or_default().add(r);
                     s.by_workload.entry(r.workload.clone()).or_default().add(r);
                     if r.violations > 0 {
+                        let trace = outcome.trace.as_ref().and_then(|t| {
+                            let path = traces.join(format!("vmmu-soak-{}-seed{seed}.trace", kind.name()));
+                            let _ = std::fs::create_dir_all(&traces);
+                            match std::fs::write(&path, t.to_text()) {
+                                Ok(()) => Some(path.display().to_string()),
+                                Err(e) => {
+                                    eprintln!("vmmu soak: cannot write the trace {}: {e}", path.display());
+                                    None
+                                }
+                            }
+                        });
                         let f = Failure {
                             command: outcome.command.clone(),
+                            trace,
                             violations: r.violation_details.clone(),
                         };
                         if !args.json {
                             eprintln!("{}violation: {}", if tty { "\n" } else { "" }, f.command);
+                            if let Some(t) = &f.trace {
+                                eprintln!("  the run's operations: {t} (vmmu replay {t} --mmu {})", kind.name());
+                            }
                             for v in &f.violations {
                                 eprintln!("  {v}");
                             }
@@ -163,6 +189,7 @@ pub fn run(args: SoakArgs) -> ExitCode {
                     s.totals.violations += 1;
                     s.failures.push(Failure {
                         command,
+                        trace: None,
                         violations: vec![e],
                     });
                 }
@@ -205,6 +232,7 @@ pub fn run(args: SoakArgs) -> ExitCode {
 
 struct SoakOutcome {
     report: vmmu::sim::report::MmuRunReport,
+    trace: Option<vmmu::sim::trace::Trace>,
     dirty_log: String,
     command: String,
 }
@@ -240,6 +268,7 @@ fn soak_run(args: &SoakArgs, kind: MmuKind, seed: u64, seconds: f64) -> Result<S
     let outcome = vmmu::sim::run::run(&cfg, &|_| {}).map_err(|e| e.to_string())?;
     Ok(SoakOutcome {
         report: outcome.report,
+        trace: outcome.trace,
         dirty_log: vm.dirty_log_name(kind),
         command: command(kind, seed, args, seconds.max(1.0), name),
     })

@@ -138,6 +138,14 @@ pub enum Bug {
     /// The TDP MMU's change handler forgets the D bit of a dirty leaf that
     /// goes away (D-bit logging loses the record).
     ZapForgetsDirtyBit = 1 << 14,
+    /// The shadow MMU's re-check of the guest entries a fault walked
+    /// ignores A/D: an entry whose A bit the guest cleared between the
+    /// walk and the lock is shadowed as if still accessed.
+    GpteChangeIgnoresAd = 1 << 15,
+    /// The TDP MMU's dirty-logging protection (enabling logging, harvests,
+    /// ring resets) flushes no TLB: vCPUs keep writable translations of the
+    /// pages it write-protected.
+    SkipDirtyLogFlush = 1 << 16,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**

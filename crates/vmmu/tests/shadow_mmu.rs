@@ -402,7 +402,8 @@ fn a_table_cleared_with_rep_stos_is_unprotected_not_emulated() {
     let stats = || vm.mmu.stats().snapshot();
     let before = stats();
     assert!(matches!(
-        v.rep_stos(0x3000, 512, 0).unwrap(),
+        v.rep_stos(&mut vmmu::cpu::vcpu::StringRegs { rdi: 0x3000, rcx: 512 }, 0)
+            .unwrap(),
         AccessResult::Done { mmio: false, .. }
     ));
     let after = stats();
@@ -722,4 +723,51 @@ fn a_livelocked_access_is_a_typed_error_with_its_state() {
         }
         other => panic!("expected a livelock error, got {other}"),
     }
+}
+
+/// A fault walks a guest entry (setting its A bit), then the guest clears
+/// A (an emulated write that runs before the fault takes `mmu_lock`, when
+/// there is no SPTE to zap yet), then the fault installs. The fault's
+/// re-check under the lock must see the A bit gone and retry (KVM's
+/// `FNAME(gpte_changed)` compares the whole entry): it used to compare
+/// without A/D and leave a sync SPTE recorded with an A bit the entry no
+/// longer has (found by `vmmu soak`, the audit's `StaleSyncSpte`). Returns
+/// the audit's findings; `bugs` are injected into the faulting thread.
+fn a_bit_cleared_between_walk_and_lock(bugs: &[vmmu::sync::Bug]) -> Vec<String> {
+    let (vm, mut v) = vm();
+    let mem = vm.memory();
+    let cr3 = space(&mem, 0);
+    let pte = cr3 + 0x3000 + 2 * 8; // va 0x2000
+    mem.write_u64(Gpa::new(pte), (0x180 << 12) | P | W | U).unwrap();
+    v.set_state(regs(true, false), cr3, 0).unwrap();
+    // The page table gets its (sync) shadow page.
+    read(&mut v, 0);
+    let held = vm.mmu.write_lock();
+    std::thread::scope(|s| {
+        let t = s.spawn(|| vmmu::sync::with_bugs(bugs, || read(&mut v, 0x2000)));
+        // The fault has walked the entry once its A bit is set; it then
+        // waits for the lock.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while mem.read_u64(Gpa::new(pte)).unwrap() & 0x20 == 0 {
+            assert!(std::time::Instant::now() < deadline, "the fault never walked the entry");
+            std::thread::yield_now();
+        }
+        mem.write_u64(Gpa::new(pte), (0x180 << 12) | P | W | U).unwrap();
+        drop(held);
+        assert_eq!(t.join().unwrap().0, 0x180 << 12);
+    });
+    vm.mmu.audit().iter().map(|v| v.to_string()).collect()
+}
+
+#[test]
+fn an_a_bit_cleared_between_the_walk_and_the_lock_makes_the_fault_retry() {
+    let audit = a_bit_cleared_between_walk_and_lock(&[]);
+    assert!(audit.is_empty(), "{audit:?}");
+}
+
+#[cfg(feature = "shuttle")]
+#[test]
+fn a_recheck_that_ignores_a_and_d_is_caught_by_the_audit() {
+    let audit = a_bit_cleared_between_walk_and_lock(&[vmmu::sync::Bug::GpteChangeIgnoresAd]);
+    assert!(audit.iter().any(|v| v.contains("StaleSyncSpte")), "{audit:?}");
 }

@@ -249,3 +249,50 @@ fn a_copy_made_from_the_rings_equals_guest_memory() {
     }
     assert!(rings.iter().all(|r| r.used_entries() == 0));
 }
+
+/// One `rep stosq` over more pages than the ring holds (2 MiB, 512 pages,
+/// a ring of 128 entries) exits each time the ring is soft-full and, re-
+/// entered after the VMM reaped it, resumes where it stopped (RDI and RCX
+/// say where): it completes after a bounded number of exits and every page
+/// it wrote is in the rings. A string instruction restarted from its first
+/// store instead refilled the ring with its first pages every time, and a
+/// guest zeroing a huge page looped forever (found by the random
+/// configurations of the simulator's tests).
+#[test]
+fn a_string_store_larger_than_the_ring_resumes_after_each_exit() {
+    use vmmu::cpu::vcpu::StringRegs;
+    let vm = vm();
+    vm.mmu.enable_dirty_ring(RING).unwrap();
+    let mut v = vcpu(&vm, 1);
+    logging(&vm);
+    let mut c = Collector { fetch: 0 };
+    let mut log = Vec::new();
+    let mut regs = StringRegs {
+        rdi: 2 * MB,
+        rcx: 2 * MB / 8,
+    };
+    let mut exits = 0;
+    loop {
+        match v.rep_stos(&mut regs, 0x77).unwrap() {
+            AccessResult::Done { .. } => break,
+            AccessResult::DirtyRingFull => {
+                exits += 1;
+                assert!(
+                    exits <= 512 / 64 + 1,
+                    "{exits} exits: the instruction does not make progress"
+                );
+                let ring = v.dirty_ring().unwrap().clone();
+                c.harvest(&ring, &mut log);
+                vm.mmu.reset_dirty_rings([&*ring]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(regs, StringRegs { rdi: 4 * MB, rcx: 0 });
+    assert!(exits >= 512 / (RING - 64), "{exits} exits: the ring never filled");
+    c.harvest(v.dirty_ring().unwrap(), &mut log);
+    let pages: BTreeSet<u64> = log.into_iter().collect();
+    assert_eq!(pages, (512..1024).collect::<BTreeSet<u64>>());
+    let mem = vm.memory();
+    assert_eq!(mem.read_u64(Gpa::new(4 * MB - 8)).unwrap(), 0x77);
+}

@@ -297,7 +297,10 @@ fn rep_stos_leaves_guest_mode_when_it_ends() {
     for shadow in [false, true] {
         let m = std::sync::Arc::new(Machine::new(shadow));
         let mut v = m.vcpu(1, true);
-        done(v.rep_stos(0x1000, 64, 0x5a).unwrap());
+        done(
+            v.rep_stos(&mut vmmu::cpu::vcpu::StringRegs { rdi: 0x1000, rcx: 64 }, 0x5a)
+                .unwrap(),
+        );
         let (tx, rx) = std::sync::mpsc::channel();
         // Not scoped: on failure the test must not wait for the flusher.
         let flusher = m.clone();

@@ -172,6 +172,17 @@ pub enum VcpuError {
     },
 }
 
+/// The registers of a `rep stosq` ([`Vcpu::rep_stos`]): RDI, the next
+/// address, and RCX, the stores left. The instruction updates them store
+/// by store, so after an exit it resumes where it stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StringRegs {
+    /// The linear address of the next store.
+    pub rdi: u64,
+    /// Stores left.
+    pub rcx: u64,
+}
+
 /// An INVEPT type (SDM vol. 3C, "INVEPT"), as the VMM issues it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Invept {
@@ -1095,14 +1106,18 @@ impl Vcpu {
         self.access_split(gva, kind, cpl, ac, size, value)
     }
 
-    /// `rep stosq`: stores `value` to `count` consecutive quadwords from
-    /// `gva`, stopping at the first store that does not complete (its
-    /// result is returned). On the shadow MMU a string store that hits a
+    /// `rep stosq`: stores `value` to quadwords from `regs.rdi`, `regs.rcx`
+    /// of them, advancing RDI and counting RCX down store by store as the
+    /// processor does, and stopping at the first store that does not
+    /// complete (its result is returned; `regs` then say where the
+    /// instruction resumes, as after an exit in the middle of a string
+    /// instruction: the VMM re-enters and the stores already done are not
+    /// done again). On the shadow MMU a string store that hits a
     /// write-protected guest table unprotects the table and retries instead
     /// of being emulated (KVM's `EMULTYPE_ALLOW_RETRY_PF` for instructions
     /// that are not page-table writes): a guest clearing a freed table page
     /// for reuse pays one exit, not one per store.
-    pub fn rep_stos(&mut self, gva: u64, count: u64, value: u64) -> Result<AccessResult, VcpuError> {
+    pub fn rep_stos(&mut self, regs: &mut StringRegs, value: u64) -> Result<AccessResult, VcpuError> {
         if let Backend::Shadow(s) = &mut self.backend {
             s.string_op = true;
         }
@@ -1114,18 +1129,13 @@ impl Vcpu {
             value: 0,
             mmio: false,
         });
-        for i in 0..count {
-            result = self.access(
-                gva.wrapping_add(i.wrapping_mul(8)),
-                AccessKind::Write,
-                0,
-                false,
-                8,
-                value,
-            );
+        while regs.rcx > 0 {
+            result = self.access(regs.rdi, AccessKind::Write, 0, false, 8, value);
             if !matches!(result, Ok(AccessResult::Done { .. })) {
                 break;
             }
+            regs.rdi = regs.rdi.wrapping_add(8);
+            regs.rcx -= 1;
         }
         self.session = in_session;
         if !in_session {

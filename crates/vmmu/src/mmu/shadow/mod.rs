@@ -381,7 +381,12 @@ impl ShadowMmu {
         let mut flush = self.reclaim(&mut pages, FREE_MMU_PAGES);
         // KVM's FNAME(gpte_changed): the guest entries the walk used must
         // still hold (their writes are trapped, so under the lock they
-        // cannot change until we are done).
+        // cannot change until we are done), A/D included: the walk set A
+        // at every level and D at a dirty leaf, and a guest write that
+        // cleared one since (an emulated write that ran between the walk
+        // and the lock found no SPTE to zap yet) must not leave an SPTE
+        // recorded with the bit the guest took away. Another walk may
+        // have set more.
         for level in walk.level..=walk.root_level {
             let Some(e) = walk.entry(level) else { continue };
             if matches!(groot, Root::PaeRegs { .. }) && level == 3 {
@@ -393,6 +398,11 @@ impl ShadowMmu {
                 EntrySize::Eight
             };
             let Ok(now) = LockedMemory(&self.memory).read_entry(e.pte_gpa, size);
+            let seen = e.pte | GPTE_A | if level == walk.level && walk.dirty { GPTE_D } else { 0 };
+            if !sync::gpte_still_valid(seen, now) && !crate::sync::bug(crate::sync::Bug::GpteChangeIgnoresAd) {
+                MmuStats::inc(&self.stats.local().pf_retry);
+                return Ok(ShadowOutcome::Retry);
+            }
             if (now ^ e.pte) & !GPTE_AD != 0 {
                 MmuStats::inc(&self.stats.local().pf_retry);
                 return Ok(ShadowOutcome::Retry);
@@ -709,6 +719,13 @@ impl ShadowMmu {
             MmuStats::inc(&self.stats.local().remote_tlb_flush);
             self.remote_tlb.flush();
         }
+    }
+
+    /// Takes `mmu_lock` for write, until the value returned is dropped
+    /// (for tests that hold it while a fault waits).
+    #[doc(hidden)]
+    pub fn write_lock(&self) -> impl Sized + '_ {
+        self.lock.write()
     }
 
     /// A guest write the MMU emulates (KVM's `emulator_write_phys` then

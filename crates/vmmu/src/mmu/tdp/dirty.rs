@@ -47,6 +47,7 @@ use crate::mmu::flush::PendingFlush;
 use crate::mmu::iter::SpteIter;
 use crate::mmu::spte::{Spte, SpteAccess};
 use crate::mmu::stats::MmuStats;
+use crate::sync;
 
 /// What to do with a huge leaf over pages that must log their next writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,7 +163,7 @@ impl TdpMmu {
         let mut cache = self.split_cache.lock();
         if cache.is_empty() {
             drop(cache);
-            self.discharge(PendingFlush::new(std::mem::take(owed)));
+            self.discharge_logging(PendingFlush::new(std::mem::take(owed)));
             let topped = guard.unlocked(|| self.split_cache.lock().topup(1));
             it.restart();
             return if topped.is_ok() {
@@ -269,6 +270,17 @@ impl TdpMmu {
         Some(super::FaultOutcome::Fixed)
     }
 
+    /// Discharges a flush owed by dirty logging's protection (enabling,
+    /// harvests, ring resets), unless the test-only
+    /// [`sync::Bug::SkipDirtyLogFlush`] is armed.
+    pub(super) fn discharge_logging(&self, flush: PendingFlush) {
+        if sync::bug(sync::Bug::SkipDirtyLogFlush) {
+            flush.waive("injected bug: dirty logging's protection skips its flush");
+        } else {
+            self.discharge(flush);
+        }
+    }
+
     /// `KVM_GET_DIRTY_LOG`: the slot's dirty bitmap; without manual
     /// protect the bits are cleared and their pages protected, with TLBs
     /// flushed before this returns.
@@ -281,13 +293,13 @@ impl TdpMmu {
             // Move the hardware's D bits into the bitmap and clean them;
             // the flush makes every later write set D again.
             let flush = self.harvest_dirty_bits(&guard, as_id, slot_id)?;
-            self.discharge(flush);
+            self.discharge_logging(flush);
             return self.slots.get_dirty_log(as_id, slot_id);
         }
         let bitmap = self.slots.get_dirty_log(as_id, slot_id)?;
         if !self.slots.config().manual_dirty_log_protect {
             let flush = self.protect_bitmap(&mut guard, as_id, slot_id, 0, &bitmap)?;
-            self.discharge(flush);
+            self.discharge_logging(flush);
         }
         Ok(bitmap)
     }
@@ -301,7 +313,7 @@ impl TdpMmu {
         let mut guard = self.lock.write();
         let cleared = self.slots.clear_dirty_log(as_id, slot_id, first_page, mask)?;
         let flush = self.protect_bitmap(&mut guard, as_id, slot_id, first_page, &cleared)?;
-        self.discharge(flush);
+        self.discharge_logging(flush);
         Ok(())
     }
 
@@ -414,7 +426,7 @@ impl TdpMmu {
             Huge::Protect
         };
         let flush = self.protect_range(&mut guard, slot.as_id(), slot.base_gfn(), end, huge);
-        self.discharge(flush);
+        self.discharge_logging(flush);
     }
 
     /// Logging was turned off: replace tables by one huge leaf where the

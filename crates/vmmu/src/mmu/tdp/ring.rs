@@ -123,7 +123,7 @@ impl TdpMmu {
         // entry was reset, whether or not an SPTE changed (an SPTE aged
         // without a flush is not writable, but a vCPU's translation is).
         let took = reset > 0 && !crate::sync::bug(crate::sync::Bug::HarvestFlushByChange);
-        self.discharge(flush.merge(PendingFlush::new(took)));
+        self.discharge_logging(flush.merge(PendingFlush::new(took)));
         tracing::trace!(target: "kvm_dirty_ring_reset", entries = reset);
         reset
     }

@@ -43,7 +43,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::addr::Gpa;
 use crate::arch::control::{CR3_NOFLUSH, Cr4};
 use crate::arch::perm::AccessKind;
-use crate::cpu::vcpu::{AccessResult, GuestSession, Vcpu, VcpuError};
+use crate::cpu::vcpu::{AccessResult, GuestSession, StringRegs, Vcpu, VcpuError};
 use crate::mem::GuestMemory;
 use crate::sim::checker::Checker;
 use crate::sim::machine::DirtyRings;
@@ -1211,9 +1211,14 @@ impl GuestCpu {
     }
 
     /// `rep stosq` of zeros over `count` quadwords, retried as
-    /// [`GuestCpu::access`].
+    /// [`GuestCpu::access`] (from where it stopped: a 2 MiB page zeroed
+    /// under a dirty ring smaller than its 512 pages fills the ring more
+    /// than once, and an instruction restarted from its first store would
+    /// fill it again forever).
     pub fn rep_stos(&mut self, va: u64, count: u64) -> Result<AccessResult, VcpuError> {
-        self.retrying_efault(|v| v.rep_stos(va, count, 0))
+        // Re-entered after an exit, the instruction resumes at RDI/RCX.
+        let mut regs = StringRegs { rdi: va, rcx: count };
+        self.retrying_efault(|v| v.rep_stos(&mut regs, 0))
     }
 
     fn retrying_efault(
