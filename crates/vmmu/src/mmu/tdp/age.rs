@@ -58,7 +58,7 @@ impl TdpMmu {
                     }
                     if aging == Aging::Clear {
                         let old = self.make_old(spte);
-                        if !self.set_spte_atomic(&mut it, as_id, old, DirtyBit::Log) {
+                        if !self.set_leaf_bits(&mut it, old, DirtyBit::Log) {
                             continue; // hardware changed it: look again
                         }
                         changed = true;

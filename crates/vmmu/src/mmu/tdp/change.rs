@@ -19,6 +19,14 @@
 //!   freed after an epoch grace period;
 //! - emits the `kvm_tdp_mmu_spte_changed` tracepoint.
 //!
+//! One kind of change needs none of this, and skips the handler as KVM's
+//! `tdp_mmu_clear_spte_bits` and fast path do: a present leaf that stays a
+//! present leaf of the same frame, only its permission or A/D bits
+//! changing, with no D bit that D-bit logging still needs cleared
+//! (write-protection, aging, access tracking, the fast path's fixes).
+//! [`TdpMmu::bits_only`] says which changes those are, and
+//! [`TdpMmu::set_leaf_bits`] makes them (checked in debug builds).
+//!
 //! TLB flushes stay with the callers, who know whether rights shrank (as in
 //! KVM); they return a [`crate::mmu::flush::PendingFlush`].
 
@@ -59,6 +67,40 @@ impl TdpMmu {
         }
         self.handle_changed_spte(as_id, it.gfn(), it.level(), old, new, dirty);
         true
+    }
+
+    /// Whether changing the leaf of `level` from `old` to `new` is a change
+    /// the handler has nothing to react to (see the module documentation):
+    /// both present leaves of the same frame, and no D bit cleared that
+    /// D-bit logging still needs (`dirty` says whether it does).
+    pub(super) fn bits_only(&self, level: u8, old: Spte, new: Spte, dirty: DirtyBit) -> bool {
+        old.is_mmu_present()
+            && old.is_leaf(level)
+            && new.is_mmu_present()
+            && new.is_leaf(level)
+            && old.pfn() == new.pfn()
+            && !(dirty == DirtyBit::Log
+                && self.dirty_bit_logging()
+                && old.is_dirty(self.fmt)
+                && !new.is_dirty(self.fmt))
+    }
+
+    /// Changes only the bits of the cursor's leaf ([`TdpMmu::bits_only`])
+    /// with a compare-exchange, without the handler (KVM's
+    /// `tdp_mmu_clear_spte_bits`). On failure the cursor holds the value
+    /// found.
+    #[inline]
+    pub(super) fn set_leaf_bits(&self, it: &mut SpteIter<'_>, new: Spte, dirty: DirtyBit) -> bool {
+        debug_assert!(
+            self.bits_only(it.level(), it.old_spte(), new, dirty),
+            "not a bits-only change at level {}: {:?} -> {new:?}",
+            it.level(),
+            it.old_spte()
+        );
+        if cfg!(debug_assertions) {
+            new.check_leaf_writable_invariants(self.fmt);
+        }
+        it.try_set(new)
     }
 
     /// Zaps the cursor's SPTE with an exchange (hardware A/D updates racing

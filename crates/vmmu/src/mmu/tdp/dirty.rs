@@ -94,7 +94,7 @@ impl TdpMmu {
                     // A whole 4K table in range: one tight pass over its
                     // slots (the cursor's per-entry bookkeeping would cost
                     // as much as the compare-exchange), then past it.
-                    protected |= self.write_protect_table(as_id, it.gfn(), it.table());
+                    protected |= self.write_protect_table(it.table());
                     if !it.step_up() {
                         break;
                     }
@@ -121,7 +121,7 @@ impl TdpMmu {
                     // In D-bit mode too: cleaning it would drop the record of
                     // its other pages.
                     if spte.is_writable(self.fmt) {
-                        if !self.set_spte_atomic(&mut it, as_id, spte.clear_writable(self.fmt), DirtyBit::Log) {
+                        if !self.set_leaf_bits(&mut it, spte.clear_writable(self.fmt), DirtyBit::Log) {
                             continue;
                         }
                         protected = true;
@@ -135,7 +135,7 @@ impl TdpMmu {
                     spte.clear_writable(self.fmt)
                 };
                 if new != spte {
-                    if !self.set_spte_atomic(&mut it, as_id, new, DirtyBit::Keep) {
+                    if !self.set_leaf_bits(&mut it, new, DirtyBit::Keep) {
                         continue; // hardware set A/D meanwhile: retry this SPTE
                     }
                     protected = true;
@@ -180,17 +180,16 @@ impl TdpMmu {
         }
     }
 
-    /// Clears hardware W on every present leaf of a 4K table covering from
-    /// `gfn`, with compare-exchange (hardware may set A/D meanwhile), each
-    /// change handled. Returns whether any was writable.
-    fn write_protect_table(&self, as_id: u16, gfn: u64, table: Pfn) -> bool {
+    /// Clears hardware W on every present leaf of a 4K table, with
+    /// compare-exchange (hardware may set A/D meanwhile): a bits-only change
+    /// ([`TdpMmu::bits_only`]). Returns whether any was writable.
+    fn write_protect_table(&self, table: Pfn) -> bool {
         let mut protected = false;
-        for (i, slot) in self
+        for slot in self
             .arena
             .table(table)
             .iter()
             .take(self.config.geometry.entries() as usize)
-            .enumerate()
         {
             let mut cur = slot.load(Ordering::Acquire);
             loop {
@@ -201,7 +200,8 @@ impl TdpMmu {
                 let new = spte.clear_writable(self.fmt);
                 match slot.compare_exchange(cur, new.0, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
-                        self.handle_changed_spte(as_id, gfn + i as u64, 1, spte, new, DirtyBit::Keep);
+                        // Write-protection: nothing for the change handler.
+                        debug_assert!(self.bits_only(1, spte, new, DirtyBit::Keep));
                         protected = true;
                         break;
                     }
@@ -258,7 +258,9 @@ impl TdpMmu {
             MmuStats::inc(&self.stats.local().pf_spurious);
             return Some(super::FaultOutcome::Spurious);
         }
-        if !self.set_spte_atomic(&mut it, root.root().as_id(), new, DirtyBit::Log) {
+        // The same frame, more rights (KVM's `fast_pf_fix_direct_spte`):
+        // nothing for the change handler.
+        if !self.set_leaf_bits(&mut it, new, DirtyBit::Log) {
             return None;
         }
         if made_writable {
