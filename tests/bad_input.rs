@@ -118,7 +118,8 @@ fn check_all(table: &str, cases: &[Case]) -> usize {
 fn scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("vmmu-bad-input-{}", std::process::id()));
+        let d =
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vmmu-bad-input-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("create the scratch directory");
         d
     })

@@ -20,7 +20,7 @@ fn stderr(o: &Output) -> String {
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/conformance");
 
 fn temp_file(name: &str, content: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmmu-cli-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vmmu-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::File::create(&path)
@@ -590,7 +590,7 @@ fn run_json_has_the_contract_fields_per_mmu() {
 #[test]
 fn run_records_a_trace_that_replays_under_either_mmu_and_writes_a_report_dir() {
     let trace = temp_file("run.trace", "");
-    let dir = std::env::temp_dir().join(format!("vmmu-cli-report-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vmmu-cli-report-{}", std::process::id()));
     let o = vmmu(&[
         "run",
         "--mmu",

@@ -494,7 +494,7 @@ fn vm_random_programs_pass_the_checker() {
         let s = match std::panic::catch_unwind(|| vm::run(&program)) {
             Ok(s) => s,
             Err(e) => {
-                let file = std::env::temp_dir().join("vm-fail.bin");
+                let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-fail.bin");
                 std::fs::write(&file, &bytes).expect("writing the failing input");
                 std::panic::resume_unwind(e);
             }
@@ -662,7 +662,7 @@ fn write_vm_seeds() {
         let s = match std::panic::catch_unwind(|| vm::run(&p)) {
             Ok(s) => s,
             Err(_) => {
-                let file = std::env::temp_dir().join("vm-fail.bin");
+                let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm-fail.bin");
                 std::fs::write(&file, &bytes).expect("writing the failing input");
                 panic!("a failing program: {}", file.display());
             }
