@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use vmmu::conform::Case;
+use vmmu_sim::conform::Case;
 
 /// The largest file read whole: far beyond any case file, workload or
 /// trace, and small enough to hold in memory.

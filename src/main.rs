@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vmmu::conform::{self, Replayer};
+use vmmu_sim::conform::{self, Replayer};
 
 #[derive(Parser)]
 #[command(
@@ -284,7 +284,7 @@ fn main() -> ExitCode {
 
 fn run_stress(args: StressArgs) -> ExitCode {
     use std::io::{IsTerminal, Write};
-    use vmmu::sim::stress::{StressConfig, StressError, run};
+    use vmmu_sim::stress::{StressConfig, StressError, run};
     // --seconds is positive, finite and at most a week: parse_stress_seconds.
     let config = StressConfig {
         duration: std::time::Duration::from_secs_f64(args.seconds),
@@ -430,8 +430,8 @@ fn run_conform(args: ConformArgs) -> ExitCode {
 
 fn run_bench(args: BenchArgs) -> ExitCode {
     use std::io::IsTerminal;
-    use vmmu::bench::Report;
-    use vmmu::bench::tdp::{self, Backing, BenchError, TdpBenchConfig};
+    use vmmu_bench::Report;
+    use vmmu_bench::tdp::{self, Backing, BenchError, TdpBenchConfig};
 
     let usage = |msg: String| {
         eprintln!("vmmu bench: {msg}");
@@ -511,17 +511,17 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     let mut header = false;
     for name in names {
         let result: Result<Report, BenchError> = match name {
-            BenchName::Walk => Ok(vmmu::bench::walk::run(args.iterations.unwrap_or(2_000_000)).into()),
-            BenchName::TlbHit => vmmu::bench::tlb::run(args.iterations),
+            BenchName::Walk => Ok(vmmu_bench::walk::run(args.iterations.unwrap_or(2_000_000)).into()),
+            BenchName::TlbHit => vmmu_bench::tlb::run(args.iterations),
             BenchName::Populate if args.mmu_given == Some(BenchMmu::Shadow) => {
-                vmmu::bench::shadow::populate(&cfg, &progress)
+                vmmu_bench::shadow::populate(&cfg, &progress)
             }
             BenchName::Populate => tdp::populate(&cfg, &progress),
             BenchName::DirtyLog => tdp::dirty_log(&cfg, &progress),
             BenchName::ZapAll => tdp::zap_all(&cfg, &progress),
             BenchName::AccessTracking => tdp::access_tracking(&cfg, &progress),
-            BenchName::Cr3Switch => vmmu::bench::shadow::cr3_switch(args.iterations),
-            BenchName::WpEmulate => vmmu::bench::shadow::wp_emulate(args.iterations),
+            BenchName::Cr3Switch => vmmu_bench::shadow::cr3_switch(args.iterations),
+            BenchName::WpEmulate => vmmu_bench::shadow::wp_emulate(args.iterations),
             BenchName::All => unreachable!("`names` never holds All: it is expanded to the benchmarks above"),
         };
         let r = match result {
@@ -603,7 +603,7 @@ fn check_bench_flags(args: &BenchArgs) -> Result<(), String> {
 }
 
 /// The human table: one row per phase, then the other figures and notes.
-fn print_report(r: &vmmu::bench::Report, header: bool) {
+fn print_report(r: &vmmu_bench::Report, header: bool) {
     let b = &r.result;
     if header {
         println!(

@@ -1,5 +1,5 @@
 //! `vmmu migrate`: the live-migration checker over every dirty-log
-//! configuration (`vmmu::sim::migration`), for a number of seeds or for as
+//! configuration (`vmmu_sim::migration`), for a number of seeds or for as
 //! long as asked; a table (or JSON) of what each configuration did and the
 //! pages it lost.
 
@@ -7,8 +7,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use vmmu::sim::config::VmConfig;
-use vmmu::sim::migration::{MatrixRow, MatrixSpec, names, run_matrix};
+use vmmu::vm::config::VmConfig;
+use vmmu_sim::migration::{MatrixRow, MatrixSpec, names, run_matrix};
 
 use crate::run::{RunMmu, Switch};
 
@@ -43,7 +43,7 @@ pub struct MigrateArgs {
     #[arg(long, value_enum)]
     eager_split: Option<Switch>,
     /// The largest TDP leaf: 4K, 2M or 1G [default: 1G].
-    #[arg(long, value_name = "SIZE", value_parser = vmmu::sim::config::parse_page_size)]
+    #[arg(long, value_name = "SIZE", value_parser = vmmu::vm::config::parse_page_size)]
     max_page_size: Option<u64>,
     /// EPT levels: 4 or 5 [default: 4].
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u8).range(4..=5))]

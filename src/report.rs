@@ -8,7 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use vmmu::sim::report::{MigrationReport, MmuRunReport};
+use vmmu_sim::report::{MigrationReport, MmuRunReport};
 
 /// Renders the reports as plain text: a header line (workload, paging mode,
 /// vCPUs, memory) then one table with a row per metric and a column per MMU.
@@ -654,7 +654,7 @@ fn bar_chart(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmmu::sim::report::{LatencyHistogram, Sample};
+    use vmmu_sim::report::{LatencyHistogram, Sample};
 
     fn report(mmu: &str, pf_taken: i64) -> MmuRunReport {
         let mut r = MmuRunReport {

@@ -1,5 +1,5 @@
 //! `vmmu run` and `vmmu replay`: argument handling, the progress bar, the
-//! report and the exit code over `vmmu::sim::run`.
+//! report and the exit code over `vmmu_sim::run`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -7,14 +7,14 @@ use std::process::ExitCode;
 
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
-use vmmu::sim::checker::CheckLevel;
-use vmmu::sim::config::VmConfig;
-use vmmu::sim::guest::PagingFormat;
-use vmmu::sim::machine::MmuKind;
-use vmmu::sim::report::MmuRunReport;
-use vmmu::sim::run::{Progress, RunConfig, RunError, RunOutcome};
-use vmmu::sim::trace::Trace;
-use vmmu::sim::workload::{NAMED, Workload};
+use vmmu::vm::config::VmConfig;
+use vmmu::vm::machine::MmuKind;
+use vmmu_sim::checker::CheckLevel;
+use vmmu_sim::guest::PagingFormat;
+use vmmu_sim::report::MmuRunReport;
+use vmmu_sim::run::{Progress, RunConfig, RunError, RunOutcome};
+use vmmu_sim::trace::Trace;
+use vmmu_sim::workload::{NAMED, Workload};
 
 use crate::report;
 
@@ -191,7 +191,7 @@ pub struct VmArgs {
     #[arg(long, value_name = "MS", allow_negative_numbers = true)]
     nx_recovery_period_ms: Option<u32>,
     /// The largest TDP leaf: 4K, 2M or 1G [default: 1G].
-    #[arg(long, value_name = "SIZE", value_parser = vmmu::sim::config::parse_page_size)]
+    #[arg(long, value_name = "SIZE", value_parser = vmmu::vm::config::parse_page_size)]
     max_page_size: Option<u64>,
     /// EPT levels: 4 or 5 [default: 4].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
@@ -381,7 +381,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     let (base, drawn_paging) = match args.vm.config {
         ConfigSource::Given => (workload.vm, None),
         ConfigSource::Random => {
-            let (c, p) = VmConfig::from_seed(args.seed, only);
+            let (c, p) = vmmu_sim::config::from_seed(args.seed, only);
             (c, Some(p))
         }
     };
@@ -391,7 +391,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         .or(drawn_paging)
         .unwrap_or_else(|| PagingFormat::parse("4-level").expect("a known mode"));
     for &kind in &kinds {
-        if let Err((knob, m)) = vm.validate(kind, paging) {
+        if let Err((knob, m)) = vm.validate(kind, paging.mode()) {
             return usage(format!(
                 "--{knob}: {m}{}",
                 if kinds.len() > 1 {
@@ -431,7 +431,7 @@ pub fn run(args: RunArgs) -> ExitCode {
                 b.set_message(format!("{} accesses, {} violations", p.accesses, p.violations));
             }
         };
-        let r = vmmu::sim::run::run(&cfg, &progress);
+        let r = vmmu_sim::run::run(&cfg, &progress);
         if let Some(b) = b {
             b.finish_and_clear();
         }
@@ -531,7 +531,7 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
     }
     let mut outcomes = Vec::new();
     for kind in args.mmu.kinds() {
-        match vmmu::sim::run::replay(&trace, kind, args.check.into()) {
+        match vmmu_sim::run::replay(&trace, kind, args.check.into()) {
             Ok(o) => outcomes.push(o),
             Err(e) => return report_error("replay", kind, &e),
         }

@@ -10,11 +10,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use serde::Serialize;
-use vmmu::sim::checker::CheckLevel;
-use vmmu::sim::config::VmConfig;
-use vmmu::sim::machine::MmuKind;
-use vmmu::sim::run::RunConfig;
-use vmmu::sim::workload::{NAMED, Workload};
+use vmmu::vm::machine::MmuKind;
+use vmmu_sim::checker::CheckLevel;
+use vmmu_sim::run::RunConfig;
+use vmmu_sim::workload::{NAMED, Workload};
 
 use crate::run::RunMmu;
 
@@ -72,7 +71,7 @@ struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, r: &vmmu::sim::report::MmuRunReport) {
+    fn add(&mut self, r: &vmmu_sim::report::MmuRunReport) {
         self.runs += 1;
         self.seconds += r.seconds;
         self.accesses += r.accesses;
@@ -231,8 +230,8 @@ pub fn run(args: SoakArgs) -> ExitCode {
 }
 
 struct SoakOutcome {
-    report: vmmu::sim::report::MmuRunReport,
-    trace: Option<vmmu::sim::trace::Trace>,
+    report: vmmu_sim::report::MmuRunReport,
+    trace: Option<vmmu_sim::trace::Trace>,
     dirty_log: String,
     command: String,
 }
@@ -250,7 +249,7 @@ fn command(kind: MmuKind, seed: u64, args: &SoakArgs, seconds: f64, workload: &s
 
 /// One run: configuration, paging mode and workload drawn from `seed`.
 fn soak_run(args: &SoakArgs, kind: MmuKind, seed: u64, seconds: f64) -> Result<SoakOutcome, String> {
-    let (vm, paging) = VmConfig::from_seed(seed, Some(kind));
+    let (vm, paging) = vmmu_sim::config::from_seed(seed, Some(kind));
     let (name, _) = NAMED[(seed % NAMED.len() as u64) as usize];
     let workload = Workload::load(name).map_err(|e| e.to_string())?;
     let workload = Workload { vm, ..workload };
@@ -265,7 +264,7 @@ fn soak_run(args: &SoakArgs, kind: MmuKind, seed: u64, seconds: f64) -> Result<S
         check: CheckLevel::Full,
         ..RunConfig::new(kind, workload)
     };
-    let outcome = vmmu::sim::run::run(&cfg, &|_| {}).map_err(|e| e.to_string())?;
+    let outcome = vmmu_sim::run::run(&cfg, &|_| {}).map_err(|e| e.to_string())?;
     Ok(SoakOutcome {
         report: outcome.report,
         trace: outcome.trace,

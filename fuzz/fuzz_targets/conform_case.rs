@@ -1,8 +1,8 @@
-//! The conformance-case parser, one case per line (`vmmu::fuzz::parse`).
+//! The conformance-case parser, one case per line (`vmmu_fuzz::parse`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    vmmu::fuzz::parse::conform_case(data);
+    vmmu_fuzz::parse::conform_case(data);
 });

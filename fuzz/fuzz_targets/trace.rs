@@ -1,8 +1,8 @@
-//! The trace file parser and writer (`vmmu::fuzz::parse`).
+//! The trace file parser and writer (`vmmu_fuzz::parse`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    vmmu::fuzz::parse::trace(data);
+    vmmu_fuzz::parse::trace(data);
 });

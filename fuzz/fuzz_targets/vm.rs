@@ -1,9 +1,9 @@
 //! The whole VM: guest and host/VMM operations on the shadow or the TDP
-//! MMU with the checker on (`vmmu::fuzz::vm`).
+//! MMU with the checker on (`vmmu_fuzz::vm`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmmu::fuzz::vm::{VmProgram, run};
+use vmmu_fuzz::vm::{VmProgram, run};
 
 fuzz_target!(|program: VmProgram| {
     run(&program);

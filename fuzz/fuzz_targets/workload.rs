@@ -1,8 +1,8 @@
-//! The workload file parser (`vmmu::fuzz::parse`).
+//! The workload file parser (`vmmu_fuzz::parse`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    vmmu::fuzz::parse::workload(data);
+    vmmu_fuzz::parse::workload(data);
 });

@@ -10,23 +10,24 @@
 //!   memslots, dirty logging structures, guest memory.
 //! - [`mmu`]: the MMUs and what they share (SPTEs, walk cursor, flushes, stats).
 //! - [`cpu`]: the vCPU and the hardware model, starting with the TLB.
-//! - [`sim`]: what drives the MMUs as a guest, host and VMM would.
-//! - [`conform`]: the x86 paging conformance case format and its replay.
-//! - [`bench`]: benchmarks shared by `cargo bench` and `vmmu bench`.
+//! - [`vm`]: a VM assembled from the layers (host memory, memslots, an
+//!   MMU, vCPUs) and its configuration.
+//!
+//! [`sync`] and [`percpu`] are the synchronisation primitives every layer
+//! uses. What drives the engine lives in other crates: the simulator and
+//! conformance replay (`vmmu-sim`), the benchmarks (`vmmu-bench`), the fuzz
+//! drivers (`vmmu-fuzz`) and the `vmmu` command line.
 
 #![warn(missing_docs)]
 
 pub mod addr;
 pub mod arch;
-pub mod bench;
-pub mod conform;
 pub mod cpu;
-pub mod fuzz;
 pub mod mem;
 pub mod mmu;
 pub mod percpu;
-pub mod sim;
 pub mod sync;
+pub mod vm;
 pub mod walker;
 
 /// The README's example, compiled and run as a doctest so it stays true.

@@ -25,7 +25,7 @@ use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
 use vmmu::mem::{GuestMemory, VmaFlags};
 use vmmu::mmu::tdp::TdpConfig;
-use vmmu::sim::vm::{ShadowVm, Vm};
+use vmmu::vm::{ShadowVm, Vm};
 use vmmu::walker::{ControlRegs, EntrySize, GuestPaging, PtMemory, Root, WalkError};
 
 const PML4_A: u64 = 0x1000;

@@ -37,9 +37,9 @@ use vmmu::mem::{HvaRange, MemslotConfig, MemslotFlags, VmaFlags};
 use vmmu::mmu::shadow::ShadowError;
 use vmmu::mmu::stats::MmuStatsSnapshot;
 use vmmu::mmu::tdp::{TdpConfig, TdpError};
-use vmmu::sim::config::VmConfig;
-use vmmu::sim::machine::{Machine, MmuKind, RAM_HVA};
-use vmmu::sim::vm::Vm;
+use vmmu::vm::Vm;
+use vmmu::vm::config::VmConfig;
+use vmmu::vm::machine::{Machine, MmuKind, RAM_HVA};
 use vmmu::walker::ControlRegs;
 
 const MB: u64 = 1 << 20;

@@ -40,9 +40,9 @@ mod model {
     use vmmu::mem::{HvaRange, VmaFlags};
     use vmmu::mmu::iter::{Geometry, SpteIter};
     use vmmu::mmu::tdp::{FaultOutcome, RootRef, TdpConfig, TdpFault, TdpMmu};
-    use vmmu::sim::vm::Vm;
     use vmmu::sync::model::{Exploration, check_pct, check_random, explore};
     use vmmu::sync::{Bug, sched_point};
+    use vmmu::vm::Vm;
     use vmmu::walker::ControlRegs;
 
     /// Where the guest's memory is mapped in the host.

@@ -7,7 +7,7 @@ use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
 use vmmu::mem::{GuestMemory, VmaFlags};
-use vmmu::sim::vm::ShadowVm;
+use vmmu::vm::ShadowVm;
 use vmmu::walker::ControlRegs;
 
 const P: u64 = 1;
@@ -616,7 +616,7 @@ fn a_read_of_a_read_only_memslot_maps_it_read_only() {
 /// x86 must show the new PTE; the shadow MMU reuses PCID 0's cached root,
 /// which shares the unsync page, and shows the old one (as KVM does: its
 /// shadow pages' role has no PCID, and a no-flush switch to a cached root
-/// does not sync). Found by the `vm` fuzz target (`vmmu::fuzz::vm::run_strict`).
+/// does not sync). Found by the `vm` fuzz target (`vmmu_fuzz::vm::run_strict`).
 #[test]
 #[ignore = "known deviation: unsync shadow pages are shared across PCIDs (not fixed)"]
 fn a_no_flush_return_to_a_flushed_pcid_sees_edits_made_under_another_pcid() {

@@ -12,7 +12,7 @@ use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::mem::{DirtyRing, GuestMemory, MemslotError, MemslotFlags, VmaFlags};
 use vmmu::mmu::tdp::{DirtyLogMode, DirtyRingError, TdpConfig, TdpError, TdpFault};
-use vmmu::sim::vm::Vm;
+use vmmu::vm::Vm;
 use vmmu::walker::ControlRegs;
 
 const MB: u64 = 1 << 20;

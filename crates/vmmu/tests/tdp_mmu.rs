@@ -8,7 +8,7 @@ use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::mem::{MemslotFlags, VmaFlags};
 use vmmu::mmu::tdp::{DirtyLogMode, TdpConfig};
-use vmmu::sim::vm::Vm;
+use vmmu::vm::Vm;
 use vmmu::walker::ControlRegs;
 
 const MB: u64 = 1 << 20;

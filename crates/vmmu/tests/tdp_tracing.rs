@@ -11,7 +11,7 @@ use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::mem::{MemslotFlags, VmaFlags};
 use vmmu::mmu::tdp::TdpConfig;
-use vmmu::sim::vm::Vm;
+use vmmu::vm::Vm;
 use vmmu::walker::ControlRegs;
 
 const MB: u64 = 1 << 20;

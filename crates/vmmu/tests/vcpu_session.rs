@@ -14,7 +14,7 @@ use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
 use vmmu::mem::{GuestMemory, HostAddressSpace, VmaFlags};
 use vmmu::mmu::flush::RemoteTlb;
 use vmmu::mmu::tdp::TdpConfig;
-use vmmu::sim::vm::{ShadowVm, Vm};
+use vmmu::vm::{ShadowVm, Vm};
 use vmmu::walker::ControlRegs;
 
 const HVA: u64 = 0x4000_0000;

@@ -1,0 +1,222 @@
+//! The checker: what every guest access must give, and the record of what
+//! did not.
+//!
+//! - **Translations.** Each user access is compared with the guest OS's
+//!   record of what it wrote into its page tables ([`MmState::translate`](
+//!   crate::guest::MmState::translate)), taken under the address
+//!   space's lock, after the guest's flushes: the gpa must be the one the
+//!   leaf maps, a #PF must be one the tables call for (not present, or a
+//!   write to a read-only page), with its error code. With `full`, the
+//!   record itself is checked against the tables in guest memory by the
+//!   foundation walker ([`Checker::walk_matches`]) after every operation,
+//!   and for every leaf at the end.
+//! - **Data.** Every user write stamps a unique value at the start of a
+//!   64-byte line; the [`Oracle`] keeps the last value written to each
+//!   line of guest RAM, and every read of a line must return it.
+//! - **Frames.** The MMU's audit (no SPTE maps a frame outside the
+//!   memslots, or one the host freed or moved, or grants more than memslot
+//!   and host allow) runs during the run and at the end.
+//! - **Migration.** The destination equals the source, byte for byte.
+//!
+//! A violation is counted, described (vCPU, MMU, gva, gpa, expected,
+//! actual) and makes the run exit 1.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use vmmu::addr::Gpa;
+use vmmu::arch::control::CpuFeatures;
+use vmmu::arch::perm::{Access, AccessKind};
+use vmmu::arch::pfec::PfErrorCode;
+use vmmu::mem::GuestMemory;
+use vmmu::walker::{ControlRegs, GuestPaging, Root};
+
+/// How much the checker checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckLevel {
+    /// Every access, the page-table record against guest memory after
+    /// every operation, audits every few operations.
+    Full,
+    /// One access in [`SAMPLE_EVERY`], audits now and then.
+    Sample,
+    /// Nothing but the final audit and migration compare.
+    Off,
+}
+
+/// With `sample`, one access in this many is checked.
+pub const SAMPLE_EVERY: u64 = 16;
+/// Violations described in the report (the count is exact).
+const KEEP: usize = 20;
+
+/// The last value written to the first word of every 64-byte line of
+/// guest RAM.
+#[derive(Debug)]
+pub struct Oracle {
+    lines: Vec<AtomicU64>,
+}
+
+impl Oracle {
+    /// An oracle for `ram` bytes, all zero.
+    pub fn new(ram: u64) -> Oracle {
+        Oracle {
+            lines: (0..ram / 64).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The value expected at `gpa` (a line start).
+    pub fn get(&self, gpa: u64) -> u64 {
+        self.lines[(gpa / 64) as usize].load(Ordering::Relaxed)
+    }
+
+    /// Records a write of `v` at `gpa` (a line start).
+    pub fn set(&self, gpa: u64, v: u64) {
+        self.lines[(gpa / 64) as usize].store(v, Ordering::Relaxed);
+    }
+
+    /// Records `len` bytes from `gpa` zeroed.
+    pub fn zero(&self, gpa: u64, len: u64) {
+        for l in &self.lines[(gpa / 64) as usize..((gpa + len) / 64) as usize] {
+            l.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The run's checker, shared by every thread.
+#[derive(Debug)]
+pub struct Checker {
+    /// The level.
+    pub level: CheckLevel,
+    mmu: &'static str,
+    oracle: Oracle,
+    violations: AtomicU64,
+    details: Mutex<Vec<String>>,
+    /// The operation sequence number of the first violation.
+    first_op: AtomicU64,
+    /// The operation sequence number the caller is at (for the record).
+    pub op: AtomicU64,
+}
+
+impl Checker {
+    /// A checker of a run under `mmu` with `ram` bytes.
+    pub fn new(level: CheckLevel, mmu: &'static str, ram: u64) -> Checker {
+        Checker {
+            level,
+            mmu,
+            oracle: Oracle::new(ram),
+            violations: AtomicU64::new(0),
+            details: Mutex::new(Vec::new()),
+            first_op: AtomicU64::new(u64::MAX),
+            op: AtomicU64::new(0),
+        }
+    }
+
+    /// The data oracle.
+    pub fn oracle(&self) -> &Oracle {
+        &self.oracle
+    }
+
+    /// Whether access number `n` of a vCPU is checked.
+    #[inline]
+    pub fn checks(&self, n: u64) -> bool {
+        match self.level {
+            CheckLevel::Full => true,
+            CheckLevel::Sample => n.is_multiple_of(SAMPLE_EVERY),
+            CheckLevel::Off => false,
+        }
+    }
+
+    /// Records a violation by vCPU `vcpu` at `gva`/`gpa`.
+    pub fn violation(&self, vcpu: usize, gva: u64, gpa: u64, expected: &str, actual: &str) {
+        self.record(format!(
+            "vCPU {vcpu}, {} MMU: gva {gva:#x} gpa {gpa:#x}: expected {expected}, got {actual}",
+            self.mmu
+        ));
+    }
+
+    /// Records a violation described by `what`.
+    pub fn record(&self, what: String) {
+        let op = self.op.load(Ordering::Relaxed);
+        self.first_op.fetch_min(op, Ordering::Relaxed);
+        self.violations.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(target: "vmmu_sim", violation = %what, op);
+        let mut d = self.details.lock();
+        if d.len() < KEEP {
+            d.push(format!("op {op}: {what}"));
+        }
+    }
+
+    /// Violations so far.
+    pub fn violations(&self) -> u64 {
+        self.violations.load(Ordering::Relaxed)
+    }
+
+    /// The first violations, described.
+    pub fn details(&self) -> Vec<String> {
+        self.details.lock().clone()
+    }
+
+    /// The operation of the first violation, if any.
+    pub fn first_violation_op(&self) -> Option<u64> {
+        Some(self.first_op.load(Ordering::Relaxed)).filter(|&o| o != u64::MAX)
+    }
+
+    /// Whether the guest's tables in memory translate `va` (at CPL 3, a
+    /// read) to `expected` (gpa), as the OS's record says, by the
+    /// foundation walker (a peek: no A/D bits set).
+    pub fn walk_matches(
+        &self,
+        memory: &GuestMemory,
+        regs: &ControlRegs,
+        root: u64,
+        va: u64,
+        expected: Option<u64>,
+    ) -> Result<(), String> {
+        let access = Access::new(AccessKind::Read, 3, false);
+        let got = reference(memory, regs, &CpuFeatures::default(), root, va, access, 0).ok();
+        if got == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "the guest's page tables in memory translate {va:#x} to {got:x?}, the OS wrote {expected:x?}"
+            ))
+        }
+    }
+}
+
+/// What x86 does for `access` at `va` with the tables in `memory` under
+/// `root` (CR3's table) and `regs`: the gpa, or the #PF error code (`None`
+/// for a #GP or an unreadable table). By the foundation walker, as a peek
+/// (no A/D bits set), with protection keys checked against `pkru`; PAE
+/// PDPTEs are read from memory as a CR3 load would.
+pub fn reference(
+    memory: &GuestMemory,
+    regs: &ControlRegs,
+    features: &CpuFeatures,
+    root: u64,
+    va: u64,
+    access: Access,
+    pkru: u32,
+) -> Result<u64, Option<PfErrorCode>> {
+    {
+        let paging = GuestPaging::new(regs, features);
+        let root = match paging.mode() {
+            vmmu::arch::control::PagingMode::Pae => {
+                let mut pdptes = [0u64; 4];
+                for (i, p) in pdptes.iter_mut().enumerate() {
+                    *p = memory.read_u64(Gpa::new(root + 8 * i as u64)).unwrap_or(0);
+                }
+                Root::PaeRegs {
+                    pdpt: Gpa::new(root),
+                    pdptes,
+                }
+            }
+            _ => Root::Table(Gpa::new(root)),
+        };
+        paging
+            .peek(memory, &root, va, access, pkru)
+            .map(|w| w.gpa.raw())
+            .map_err(|e| e.error_code())
+    }
+}
