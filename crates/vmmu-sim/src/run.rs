@@ -53,24 +53,27 @@ pub struct RunConfig {
     pub check: CheckLevel,
     /// Keep the operations for a trace.
     pub record: bool,
-    /// Test-only fault injection: bugs armed on the vCPU threads and on
-    /// the VMM thread.
-    #[doc(hidden)]
-    pub inject: Injection,
 }
 
-/// Test-only: [`Bug`]s armed on the simulator's threads (active only with
-/// the `shuttle` feature, as every injected bug).
-#[doc(hidden)]
-#[derive(Clone, Debug, Default)]
-pub struct Injection {
-    /// Armed on every vCPU thread.
-    pub vcpu: Vec<Bug>,
-    /// Armed on the VMM thread.
-    pub vmm: Vec<Bug>,
-    /// Armed on the host churn thread.
-    pub host: Vec<Bug>,
+mod injection {
+    use super::Bug;
+
+    /// Test-only: [`Bug`]s armed on the simulator's threads (with the
+    /// `shuttle` feature, as every injected bug; [`super::run_injected`]).
+    #[derive(Clone, Debug, Default)]
+    pub struct Injection {
+        /// Armed on every vCPU thread.
+        pub vcpu: Vec<Bug>,
+        /// Armed on the VMM thread.
+        pub vmm: Vec<Bug>,
+        /// Armed on the host churn thread.
+        pub host: Vec<Bug>,
+    }
 }
+#[cfg(feature = "shuttle")]
+pub use injection::Injection;
+#[cfg(not(feature = "shuttle"))]
+use injection::Injection;
 
 impl RunConfig {
     /// The default run of `workload` under `mmu`: 4 vCPUs, 128 MiB,
@@ -89,7 +92,6 @@ impl RunConfig {
             migrate: false,
             check: CheckLevel::Full,
             record: false,
-            inject: Injection::default(),
         }
     }
 
@@ -389,6 +391,22 @@ fn boot(cfg: &RunConfig) -> Result<(Machine, Os, Checker, Vec<Cpu>), RunError> {
 
 /// Runs `cfg`; `progress` is called about every 50 ms.
 pub fn run(cfg: &RunConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunOutcome, RunError> {
+    run_with(cfg, &Injection::default(), progress)
+}
+
+/// Test-only: [`run`] with `inject`'s bugs armed on the simulator's
+/// threads, to prove the checker catches them.
+#[cfg(feature = "shuttle")]
+#[doc(hidden)]
+pub fn run_injected(
+    cfg: &RunConfig,
+    inject: &Injection,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<RunOutcome, RunError> {
+    run_with(cfg, inject, progress)
+}
+
+fn run_with(cfg: &RunConfig, inject: &Injection, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunOutcome, RunError> {
     let (m, os, ck, cpus) = boot(cfg)?;
     let max_ops = if cfg.seconds.is_some() {
         u64::MAX
@@ -414,16 +432,16 @@ pub fn run(cfg: &RunConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunO
                     // Counted out on every exit, a panic's unwinding too:
                     // the VMM loop and a migration's pause wait for it.
                     let _out = Running(&sh.running);
-                    vmmu::sync::with_bugs(&sh.cfg.inject.vcpu, || vcpu_thread(sh, c))
+                    vmmu::sync::with_bugs(&inject.vcpu, || vcpu_thread(sh, c))
                 })
             })
             .collect();
         let host = cfg.churn().then(|| {
             let sh = &sh;
-            s.spawn(move || vmmu::sync::with_bugs(&sh.cfg.inject.host, || host_thread(sh)))
+            s.spawn(move || vmmu::sync::with_bugs(&inject.host, || host_thread(sh)))
         });
         // The VMM: timeline, audits, zap-all, live migration.
-        vmmu::sync::with_bugs(&cfg.inject.vmm, || {
+        vmmu::sync::with_bugs(&inject.vmm, || {
             let mut last_audit = Instant::now();
             let mut last_zap = Instant::now();
             let mut migrations = 0u64;
@@ -1408,7 +1426,6 @@ pub fn replay(trace: &Trace, mmu: MmuKind, check: CheckLevel) -> Result<RunOutco
         migrate: false,
         check,
         record: false,
-        inject: Injection::default(),
     };
     let (m, os, ck, mut cpus) = boot(&cfg)?;
     let sh = Shared::new(&cfg, &m, &os, &ck, u64::MAX, 0);

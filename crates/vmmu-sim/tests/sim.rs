@@ -245,15 +245,14 @@ fn bad_configurations_are_refused_with_the_reason() {
 #[cfg(feature = "shuttle")]
 mod injected {
     use super::*;
-    use vmmu_sim::run::{Bug, Injection};
+    use vmmu_sim::run::{Bug, Injection, run_injected};
 
-    fn caught(mut cfg: RunConfig, inject: Injection) -> u64 {
-        cfg.inject = inject;
+    fn caught(cfg: RunConfig, inject: Injection) -> u64 {
         // A guest write through a stale SPTE can corrupt a frame the host
         // model reused for its own page tables; the host model's checks
         // then fail on a vCPU thread (an error) or when the VM is torn down
         // (a panic). Either is the bug caught.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&cfg, &|_| {}))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_injected(&cfg, &inject, &|_| {}))) {
             Ok(Ok(o)) => o.report.violations,
             Ok(Err(e)) => {
                 eprintln!("caught as a failed run: {e}");
@@ -320,8 +319,11 @@ mod injected {
             let mut cfg = small(mmu, "default", "4-level", 100_000);
             cfg.ops = None;
             cfg.seconds = Some(1.5);
-            cfg.inject.vcpu = vec![Bug::KeepObsoleteRoot];
-            let details = match run(&cfg, &|_| {}) {
+            let inject = Injection {
+                vcpu: vec![Bug::KeepObsoleteRoot],
+                ..Injection::default()
+            };
+            let details = match run_injected(&cfg, &inject, &|_| {}) {
                 Ok(o) => o.report.violation_details.join("\n"),
                 Err(e) => e.to_string(),
             };
