@@ -495,6 +495,17 @@ impl MemslotTable {
         self.load(as_id).generation()
     }
 
+    /// Holds off memslot updates (KVM's `slots_lock`): while the guard
+    /// lives, no update is between publishing its snapshot and its
+    /// observers' commit (which is where the MMUs write-protect a slot
+    /// that starts logging, and recover huge pages of one that stops). A
+    /// checker that compares SPTEs with memslots takes it first, so that it
+    /// sees only committed states. Never take it while holding a memslot
+    /// snapshot or `mmu_lock`: an update holds it across both.
+    pub fn slots_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.update.lock()
+    }
+
     fn validate_new(&self, cur: &Memslots, r: &MemoryRegion, ignore_id: Option<u16>) -> Result<(), MemslotError> {
         let id = r.id;
         if !MemslotFlags::all().contains(r.flags) {

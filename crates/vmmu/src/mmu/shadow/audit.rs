@@ -93,8 +93,11 @@ impl ShadowMmu {
     /// Checks every shadow page, under the lock (no fault, zap or emulated
     /// write in flight). Guest memory written behind the MMU's back (not by
     /// a vCPU) shows as [`ShadowAuditViolation::StaleSyncSpte`], as it
-    /// would be a missed write. Returns every violation found.
+    /// would be a missed write. Memslot updates are held off meanwhile, so
+    /// that none is caught between its new snapshot and the MMU's commit.
+    /// Returns every violation found.
     pub fn audit(&self) -> Vec<ShadowAuditViolation> {
+        let _slots_lock = self.slots.slots_lock();
         let guard = self.lock.write();
         let pages = guard.lock();
         let mut out = Vec::new();

@@ -90,8 +90,13 @@ impl fmt::Display for AuditViolation {
 impl TdpMmu {
     /// Checks every leaf SPTE of every valid root against the memslots and
     /// the host mapping, under the write lock (so no fault or zap is in
-    /// flight). Returns every violation found.
+    /// flight) and with memslot updates held off (so none is between its
+    /// new snapshot and the MMU's commit: a slot that has just started
+    /// logging keeps its writable huge leaves until the commit
+    /// write-protects them, as in KVM, and that is no violation). Returns
+    /// every violation found.
     pub fn audit(&self) -> Vec<AuditViolation> {
+        let _slots_lock = self.slots.slots_lock();
         let _guard = self.lock.write();
         let mut out = Vec::new();
         let roots: Vec<_> = self.roots.lock().valid.clone();
