@@ -1,0 +1,350 @@
+//! A vCPU's context on the TDP MMU: its root, its memory caches and dirty
+//! ring, the two-dimensional walk the hardware makes through EPT, and the
+//! EPT exits handed to `kvm_tdp_mmu_page_fault`.
+
+use std::sync::Arc;
+
+use super::{Attempt, Exit, ExitAnswer, GuestFlush, VcpuMmu};
+use crate::addr::{Gpa, Hpa, Pfn};
+use crate::arch::control::{CpuFeatures, Cr4, PagingMode};
+use crate::arch::ept::EptViolationQual;
+use crate::arch::perm::{Access, AccessRights};
+use crate::arch::pte::{PT_GLOBAL, PteEpt};
+use crate::cpu::hw::{EptExit, EptGuestMemory, EptStage, EptTranslator};
+use crate::cpu::state::{AccessResult, CpuState, GuestFault, MAX_RETRIES, VcpuError};
+use crate::cpu::tlb::{Flush, TlbEntry};
+use crate::mem::{DirtyRing, FrameArena};
+use crate::mmu::cache::MmuCaches;
+use crate::mmu::flush::RemoteTlb;
+use crate::mmu::tdp::{FaultOutcome, RootRef, TdpError, TdpFault, TdpMmu};
+use crate::walker::{EntrySize, GuestPaging, Paging, PtMemory, WalkError};
+
+/// A vCPU's view of the TDP MMU.
+pub(crate) struct TdpContext {
+    mmu: Arc<TdpMmu>,
+    root: RootRef,
+    /// The EPT paging configuration (precomputed once: it only depends on
+    /// the MMU's configuration).
+    ept_paging: Paging<PteEpt>,
+    seen_root_gen: u64,
+    /// Its memslot cache and the frames its faults link as tables.
+    caches: MmuCaches,
+    dirty_ring: Option<Arc<DirtyRing>>,
+}
+
+impl TdpContext {
+    /// A context on address space 0 of `mmu`.
+    pub(crate) fn new(mmu: Arc<TdpMmu>) -> Result<TdpContext, TdpError> {
+        let geometry = mmu.config().geometry;
+        if geometry.bits_per_level != 9 || !matches!(geometry.levels, 4 | 5) {
+            // The hardware model walks the tree as EPT.
+            return Err(TdpError::NotEptGeometry { geometry });
+        }
+        Ok(TdpContext {
+            root: mmu.get_root(0)?,
+            ept_paging: Paging::ept(geometry.levels, mmu.config().ad, &CpuFeatures::default()),
+            dirty_ring: mmu.dirty_ring_size().map(|size| Arc::new(DirtyRing::new(size))),
+            seen_root_gen: mmu.root_generation(),
+            caches: mmu.vcpu_caches(),
+            mmu,
+        })
+    }
+
+    fn ept(&self) -> EptTranslator<'_> {
+        EptTranslator::with_paging(
+            self.mmu.arena(),
+            Hpa::new(self.root.root().pfn().raw() << 12),
+            self.ept_paging,
+        )
+    }
+
+    fn guest_memory<'a>(&'a self, cpu: &'a CpuState, stage: EptStage) -> EptGuestMemory<'a> {
+        EptGuestMemory {
+            ept: self.ept(),
+            slots: &cpu.slots,
+            as_id: self.root.root().as_id(),
+            stage,
+        }
+    }
+
+    /// Hands an EPT exit to the MMU (outside guest mode).
+    fn page_fault(&mut self, cpu: &mut CpuState, exit: EptExit) -> Result<FaultOutcome, VcpuError> {
+        let (write, exec, present) = match exit {
+            EptExit::Violation { qual, .. } => {
+                cpu.stats.ept_violations += 1;
+                (
+                    qual.contains(EptViolationQual::WRITE),
+                    qual.contains(EptViolationQual::FETCH),
+                    qual.intersects(
+                        EptViolationQual::READABLE | EptViolationQual::WRITABLE | EptViolationQual::EXECUTABLE,
+                    ),
+                )
+            }
+            EptExit::Misconfig { .. } => {
+                cpu.stats.ept_misconfigs += 1;
+                (false, false, true)
+            }
+        };
+        let fault = TdpFault {
+            gpa: exit.gpa(),
+            write,
+            exec,
+            present,
+        };
+        Ok(self
+            .mmu
+            .page_fault(&self.root, fault, &mut self.caches, self.dirty_ring.as_deref())?)
+    }
+}
+
+impl VcpuMmu for TdpContext {
+    fn name(&self) -> &'static str {
+        "TDP"
+    }
+
+    fn arena(&self) -> &Arc<FrameArena> {
+        self.mmu.arena()
+    }
+
+    #[inline]
+    fn remote_tlb(&self) -> &RemoteTlb {
+        self.mmu.remote_tlb()
+    }
+
+    #[inline]
+    fn remote_flush(&self, _vpid: u16) -> Flush {
+        Flush::Eptp(self.eptp())
+    }
+
+    #[inline]
+    fn eptp(&self) -> u64 {
+        self.root.root().pfn().raw()
+    }
+
+    #[inline]
+    fn roots_changed(&self) -> bool {
+        self.mmu.root_generation() != self.seen_root_gen
+    }
+
+    #[inline]
+    fn pending(&self) -> bool {
+        self.roots_changed() || self.dirty_ring.as_ref().is_some_and(|r| r.soft_full())
+    }
+
+    #[inline]
+    fn tlb_va(&self, _cpu: &CpuState, gva: u64) -> u64 {
+        gva
+    }
+
+    fn dirty_ring(&self) -> Option<&Arc<DirtyRing>> {
+        self.dirty_ring.as_ref()
+    }
+
+    fn tdp_root(&self) -> Option<&RootRef> {
+        Some(&self.root)
+    }
+
+    fn shadow_root(&self) -> Option<Pfn> {
+        None
+    }
+
+    /// The TDP MMU does not shadow the guest's tables: a guest flush is the
+    /// TLB's business alone.
+    fn guest_flush(&mut self, _flush: GuestFlush) {}
+
+    fn before_cr3_load(&mut self, _cpu: &mut CpuState) -> Result<(), VcpuError> {
+        Ok(())
+    }
+
+    /// The PDPTEs are read through EPT, as the hardware does: a read that
+    /// exits is handed to the MMU and tried again.
+    fn load_pdptes(&mut self, cpu: &mut CpuState, base: u64) -> Result<(), VcpuError> {
+        let mut last = None;
+        for _ in 0..MAX_RETRIES {
+            self.reload(cpu)?;
+            cpu.enter_guest(self.mmu.remote_tlb(), Flush::Eptp(self.eptp()));
+            let _epoch = crossbeam_epoch::pin();
+            let mut pdptes = [0u64; 4];
+            let exit = {
+                let mem = self.guest_memory(cpu, EptStage::NoLinearAddress);
+                pdptes.iter_mut().enumerate().find_map(|(i, p)| {
+                    match mem.read_entry(Gpa::new(base + 8 * i as u64), EntrySize::Eight) {
+                        Ok(v) => {
+                            *p = v;
+                            None
+                        }
+                        Err(e) => Some(e),
+                    }
+                })
+            };
+            cpu.exit_guest();
+            match exit {
+                None => {
+                    cpu.pdptes = pdptes;
+                    return Ok(());
+                }
+                Some(e) => {
+                    last = Some(e);
+                    self.page_fault(cpu, e)?;
+                }
+            }
+        }
+        Err(VcpuError::NoProgress { gva: base, last })
+    }
+
+    /// Processes the obsolete-root request: drops an invalidated root and
+    /// loads the address space's valid one.
+    fn reload(&mut self, cpu: &mut CpuState) -> Result<(), VcpuError> {
+        let generation = self.mmu.root_generation();
+        if generation != self.seen_root_gen {
+            if !self.root.root().is_valid() && !crate::sync::bug(crate::sync::Bug::KeepObsoleteRoot) {
+                let old = self.root.root().pfn().raw();
+                // Out of frames for the new root: the request stays pending
+                // (the generation unseen) and the next entry tries again,
+                // rather than running on the invalid root, whose faults
+                // retry forever.
+                self.root = self.mmu.get_root(self.root.root().as_id())?;
+                cpu.tlb.flush(Flush::Eptp(old));
+                cpu.stats.root_reloads += 1;
+            }
+            self.seen_root_gen = generation;
+        }
+        Ok(())
+    }
+
+    /// One try: TLB, else the two-dimensional walk; an EPT exit ends it.
+    fn attempt(&mut self, cpu: &mut CpuState, gva: u64, access: Access, size: usize, value: u64) -> Attempt {
+        let tag = cpu.tag(self.eptp());
+        let write = access.is_write();
+        // A TLB hit reads the data frame without an epoch: no frame a
+        // translation in this TLB points at is freed before the flush that
+        // removes it, and that flush waits for this vCPU to leave guest mode.
+        if let Some(done) = cpu.tlb_hit(gva, tag, access, size, value, |cpu, e| self.check(cpu, access, e)) {
+            return Attempt::Done(done);
+        }
+        // Pinned for the rest of the attempt: tables the MMU unlinks
+        // meanwhile are not freed under the walk.
+        let _epoch = crossbeam_epoch::pin();
+        let r = self.root.root();
+        if !r.is_valid() && r.invalidated_at() <= self.seen_root_gen {
+            cpu.stats.invalid_root_uses += 1;
+        }
+        let root = cpu.paging.root(cpu.cr3, cpu.pdptes);
+        let walk = {
+            let mem = self.guest_memory(cpu, EptStage::GuestPagingStructure);
+            cpu.paging.walk(&mem, &root, gva, access, cpu.pkru)
+        };
+        let walk = match walk {
+            Ok(w) => w,
+            Err(WalkError::PageFault(pf)) => {
+                cpu.stats.guest_faults += 1;
+                return Attempt::Done(AccessResult::Fault(GuestFault::PageFault {
+                    error_code: pf.error_code,
+                    gva,
+                }));
+            }
+            Err(WalkError::NonCanonical) => {
+                cpu.stats.guest_faults += 1;
+                return Attempt::Done(AccessResult::Fault(GuestFault::GeneralProtection));
+            }
+            Err(WalkError::Memory { error, .. }) => {
+                return Attempt::Exit(Exit::Ept {
+                    exit: error,
+                    final_gpa: None,
+                });
+            }
+        };
+        let ept_walk = match self
+            .ept()
+            .translate(walk.gpa.raw(), access.kind, EptStage::FinalTranslation)
+        {
+            Ok(w) => w,
+            Err(exit) => {
+                return Attempt::Exit(Exit::Ept {
+                    exit,
+                    final_gpa: Some(walk.gpa),
+                });
+            }
+        };
+        // The TLB entry covers the smaller of the guest page and the EPT page.
+        let size_cached = if ept_walk.page_size.bytes() < walk.page_size.bytes() {
+            ept_walk.page_size
+        } else {
+            walk.page_size
+        };
+        let mask = size_cached.bytes() - 1;
+        let ept_rights = ept_walk.rights;
+        if ept_rights.contains(AccessRights::USER) {
+            let mut rights = walk.rights;
+            if !ept_rights.contains(AccessRights::EXEC) {
+                rights.remove(AccessRights::EXEC);
+            }
+            let leaf = walk.leaf().map_or(0, |l| l.pte);
+            let global =
+                cpu.regs.cr4.contains(Cr4::PGE) && leaf & PT_GLOBAL != 0 && cpu.paging.mode() != PagingMode::None;
+            cpu.tlb.insert(TlbEntry {
+                va_base: walk.va & !mask,
+                size: size_cached,
+                tag,
+                global,
+                hpa_base: Hpa::new(ept_walk.gpa.raw() & !mask),
+                gpa_base: walk.gpa.raw() & !mask,
+                rights,
+                pkey: walk.pkey,
+                // A write through an entry whose guest leaf was clean, whose
+                // EPT mapping is not writable, or whose EPT leaf is clean
+                // (with EPT A/D: the write must set D, dirty logging reads
+                // it) must walk again.
+                dirty: walk.dirty
+                    && ept_rights.contains(AccessRights::WRITE)
+                    && (ept_walk.dirty || !self.mmu.config().ad),
+            });
+        }
+        Attempt::Done(cpu.touch(Hpa::new(ept_walk.gpa.raw()), walk.gpa, write, size, value))
+    }
+
+    fn handle_exit(
+        &mut self,
+        cpu: &mut CpuState,
+        exit: Exit,
+        _gva: u64,
+        _access: Access,
+        _size: usize,
+        _value: u64,
+    ) -> Result<ExitAnswer, VcpuError> {
+        let Exit::Ept { exit, final_gpa } = exit else {
+            unreachable!("a shadow page fault on the TDP MMU")
+        };
+        let outcome = self.page_fault(cpu, exit)?;
+        if let (FaultOutcome::Mmio | FaultOutcome::ReadOnlySlot, Some(gpa)) = (outcome, final_gpa) {
+            // The VMM emulates the access: reads see 0, writes are dropped.
+            return Ok(ExitAnswer::Done(AccessResult::Done {
+                gpa,
+                value: 0,
+                mmio: true,
+            }));
+        }
+        Ok(if matches!(outcome, FaultOutcome::Fixed | FaultOutcome::Spurious) {
+            ExitAnswer::Fixed
+        } else {
+            ExitAnswer::Retry
+        })
+    }
+
+    /// The guest's paging rules, EPT's execute right folded into the
+    /// entry's rights and its write right into `dirty`.
+    #[inline]
+    fn check(&self, cpu: &CpuState, access: Access, e: &TlbEntry) -> bool {
+        let allowed = match &cpu.paging {
+            // No guest paging, but EPT still applies.
+            GuestPaging::None => !access.is_fetch() || e.rights.contains(AccessRights::EXEC),
+            GuestPaging::Bits32(p) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
+            GuestPaging::Pae64(p, _) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
+        };
+        allowed && (!access.is_write() || e.dirty)
+    }
+
+    fn set_string_op(&mut self, _on: bool) {}
+
+    fn release(&mut self) {}
+}
