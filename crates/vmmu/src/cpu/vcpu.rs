@@ -438,10 +438,10 @@ impl Vcpu {
     /// is acknowledged by the slow path, which empties the TLB).
     #[inline]
     fn fast_access(&mut self, gva: u64, access: Access, size: usize, value: u64) -> Option<AccessResult> {
-        if !self.cpu.settled || self.ctx.pending() || self.ctx.remote_tlb().requested() != self.cpu.seen_flush_gen {
+        if !self.cpu.settled {
             return None;
         }
-        let va = self.ctx.tlb_va(&self.cpu, gva);
+        let va = self.ctx.fast_path_va(&self.cpu, gva)?;
         let hit = self
             .cpu
             .tlb

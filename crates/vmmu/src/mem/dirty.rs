@@ -205,6 +205,8 @@ impl DirtyRing {
 
     /// Whether the ring reached its soft limit: the vCPU must exit to the
     /// VMM (`KVM_EXIT_DIRTY_RING_FULL`) and wait for a reset.
+    // The vCPU's fast path checks it before every TLB hit.
+    #[inline]
     pub fn soft_full(&self) -> bool {
         self.used_entries() >= self.soft_limit
     }

@@ -15,8 +15,8 @@
 //! [`VcpuMmu`] is the interface; [`MmuContext`] dispatches it statically
 //! over the MMUs there are (an enum, not a trait object: the access loop's
 //! fast path asks the context whether anything is pending before every TLB
-//! hit, and a match on a two-variant enum is cheaper there than a virtual
-//! call). Another MMU kind is another variant here and an implementation of
+//! hit, and one inlined match on a two-variant enum is cheaper there than a
+//! virtual call). Another MMU kind is another variant here and an implementation of
 //! [`VcpuMmu`]; the access loop does not change.
 
 use std::sync::Arc;
@@ -123,11 +123,11 @@ pub(crate) trait VcpuMmu {
     fn eptp(&self) -> u64;
     /// Whether the MMU dropped roots since the vCPU last reloaded.
     fn roots_changed(&self) -> bool;
-    /// Whether the next access must take the slow path for the MMU's
-    /// sake: roots dropped, or a full dirty ring to exit for.
-    fn pending(&self) -> bool;
-    /// The address the TLB is looked up with for `gva`.
-    fn tlb_va(&self, cpu: &CpuState, gva: u64) -> u64;
+    /// The address the TLB is looked up with for `gva`, if the access may
+    /// take the fast path: nothing pending for the MMU's sake (no root
+    /// dropped, no full dirty ring to exit for) and no remote flush the
+    /// vCPU has not seen. One call, so that the fast path dispatches once.
+    fn fast_path_va(&self, cpu: &CpuState, gva: u64) -> Option<u64>;
     /// The vCPU's dirty ring, when the MMU logs into rings.
     fn dirty_ring(&self) -> Option<&Arc<DirtyRing>>;
     /// The TDP root the vCPU runs on, on the TDP MMU.
@@ -217,12 +217,8 @@ impl VcpuMmu for MmuContext {
         dispatch!(self, c => c.roots_changed())
     }
     #[inline]
-    fn pending(&self) -> bool {
-        dispatch!(self, c => c.pending())
-    }
-    #[inline]
-    fn tlb_va(&self, cpu: &CpuState, gva: u64) -> u64 {
-        dispatch!(self, c => c.tlb_va(cpu, gva))
+    fn fast_path_va(&self, cpu: &CpuState, gva: u64) -> Option<u64> {
+        dispatch!(self, c => c.fast_path_va(cpu, gva))
     }
     #[inline]
     fn dirty_ring(&self) -> Option<&Arc<DirtyRing>> {

@@ -159,13 +159,9 @@ impl VcpuMmu for ShadowContext {
     }
 
     #[inline]
-    fn pending(&self) -> bool {
-        self.roots_changed()
-    }
-
-    #[inline]
-    fn tlb_va(&self, cpu: &CpuState, gva: u64) -> u64 {
-        cpu.linear(gva)
+    fn fast_path_va(&self, cpu: &CpuState, gva: u64) -> Option<u64> {
+        let pending = self.roots_changed() || self.mmu.remote_tlb().requested() != cpu.seen_flush_gen;
+        (!pending).then(|| cpu.linear(gva))
     }
 
     fn dirty_ring(&self) -> Option<&Arc<DirtyRing>> {

@@ -127,13 +127,11 @@ impl VcpuMmu for TdpContext {
     }
 
     #[inline]
-    fn pending(&self) -> bool {
-        self.roots_changed() || self.dirty_ring.as_ref().is_some_and(|r| r.soft_full())
-    }
-
-    #[inline]
-    fn tlb_va(&self, _cpu: &CpuState, gva: u64) -> u64 {
-        gva
+    fn fast_path_va(&self, cpu: &CpuState, gva: u64) -> Option<u64> {
+        let pending = self.roots_changed()
+            || self.dirty_ring.as_ref().is_some_and(|r| r.soft_full())
+            || self.mmu.remote_tlb().requested() != cpu.seen_flush_gen;
+        (!pending).then_some(gva)
     }
 
     fn dirty_ring(&self) -> Option<&Arc<DirtyRing>> {

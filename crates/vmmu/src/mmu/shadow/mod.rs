@@ -245,6 +245,8 @@ impl ShadowMmu {
     }
 
     /// The remote TLB flush protocol of this MMU's vCPUs.
+    // The vCPU's fast path reads it before every TLB hit.
+    #[inline]
     pub fn remote_tlb(&self) -> &RemoteTlb {
         &self.remote_tlb
     }
@@ -255,6 +257,8 @@ impl ShadowMmu {
     }
 
     /// Changes whenever a root may have become invalid.
+    // The vCPU's fast path checks it before every TLB hit.
+    #[inline]
     pub fn root_generation(&self) -> u64 {
         self.root_generation.load(Ordering::Acquire)
     }

@@ -423,6 +423,8 @@ impl TdpMmu {
     }
 
     /// Remote TLB flushes: vCPUs register here and enter/leave guest mode.
+    // The vCPU's fast path reads it before every TLB hit.
+    #[inline]
     pub fn remote_tlb(&self) -> &RemoteTlb {
         &self.remote_tlb
     }
@@ -484,6 +486,8 @@ impl TdpMmu {
 
     /// The root generation: when it changes, a vCPU whose root is no longer
     /// valid must drop it and load a new one.
+    // The vCPU's fast path checks it before every TLB hit.
+    #[inline]
     pub fn root_generation(&self) -> u64 {
         self.root_generation.load(Ordering::Acquire)
     }
