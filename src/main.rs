@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use vmmu::vm::MmuKind;
+use vmmu_bench::Benchmark;
 use vmmu_sim::conform::{self, Replayer};
 
 #[derive(Parser)]
@@ -431,28 +433,20 @@ fn run_conform(args: ConformArgs) -> ExitCode {
 fn run_bench(args: BenchArgs) -> ExitCode {
     use std::io::IsTerminal;
     use vmmu_bench::Report;
-    use vmmu_bench::tdp::{self, Backing, BenchError, TdpBenchConfig};
+    use vmmu_bench::tdp::{Backing, BenchError, TdpBenchConfig};
 
     let usage = |msg: String| {
         eprintln!("vmmu bench: {msg}");
         ExitCode::from(2)
     };
-    let shadow_only = matches!(args.name, BenchName::Cr3Switch | BenchName::WpEmulate);
-    if shadow_only && args.mmu_given == Some(BenchMmu::Tdp) {
-        return usage(format!(
-            "{:?} measures the shadow MMU: under TDP neither a CR3 switch (no prev_roots) nor a guest page-table store reaches the MMU",
-            args.name
-        ));
-    }
-    if args.name == BenchName::TlbHit && args.mmu_given.is_some() {
-        return usage("--mmu has no effect on tlb-hit: it measures both MMUs, each phase named by its MMU".into());
-    }
-    let both = matches!(args.name, BenchName::Populate);
-    if !shadow_only && !both && args.name != BenchName::All && args.mmu_given == Some(BenchMmu::Shadow) {
-        return usage(format!(
-            "--mmu shadow: only populate, cr3-switch and wp-emulate measure the shadow MMU; {:?} runs on the TDP MMU",
-            args.name
-        ));
+    let mmu = args.mmu_given.map(|m| match m {
+        BenchMmu::Tdp => MmuKind::Tdp,
+        BenchMmu::Shadow => MmuKind::Shadow,
+    });
+    if let Some(b) = args.name.benchmark()
+        && let Err(msg) = b.check_mmu(mmu)
+    {
+        return usage(msg);
     }
     if let Err(msg) = check_bench_flags(&args) {
         return usage(msg);
@@ -468,37 +462,19 @@ fn run_bench(args: BenchArgs) -> ExitCode {
             BackingArg::Hugetlb1g => Backing::Hugetlb1G,
         },
     };
-    let names: &[BenchName] = match (args.name, args.mmu_given) {
-        (BenchName::All, Some(BenchMmu::Shadow)) => &[BenchName::Populate, BenchName::Cr3Switch, BenchName::WpEmulate],
-        (BenchName::All, Some(BenchMmu::Tdp)) => &[
-            BenchName::Populate,
-            BenchName::DirtyLog,
-            BenchName::ZapAll,
-            BenchName::AccessTracking,
-        ],
-        (BenchName::All, None) => &[
-            BenchName::Walk,
-            BenchName::TlbHit,
-            BenchName::Populate,
-            BenchName::DirtyLog,
-            BenchName::ZapAll,
-            BenchName::AccessTracking,
-            BenchName::Cr3Switch,
-            BenchName::WpEmulate,
-        ],
-        (_, _) => std::slice::from_ref(&args.name),
+    let names: Vec<Benchmark> = match (args.name.benchmark(), mmu) {
+        (Some(b), _) => vec![b],
+        (None, Some(mmu)) => Benchmark::on(mmu),
+        (None, None) => Benchmark::ALL.to_vec(),
     };
     // Check every size before running anything (a size given for `all`
     // is checked even if only some of the benchmarks use it).
-    if (args.bytes_per_vcpu.is_some()
-        || names
-            .iter()
-            .any(|n| matches!(n, BenchName::Populate | BenchName::DirtyLog | BenchName::AccessTracking)))
+    if (args.bytes_per_vcpu.is_some() || names.iter().any(|n| n.sized()))
         && let Err(e) = cfg.validate()
     {
         return usage(e.to_string());
     }
-    if names.contains(&BenchName::ZapAll) && cfg.backing == Backing::Hugetlb1G {
+    if names.contains(&Benchmark::ZapAll) && cfg.backing == Backing::Hugetlb1G {
         // 1G leaves: 16 GiB are 16 SPTEs, nothing to measure a growth on.
         eprintln!("vmmu bench: zap-all with hugetlb-1g maps 16 SPTEs only; use anon or thp for a meaningful figure");
     }
@@ -509,21 +485,8 @@ fn run_bench(args: BenchArgs) -> ExitCode {
         }
     };
     let mut header = false;
-    for name in names {
-        let result: Result<Report, BenchError> = match name {
-            BenchName::Walk => Ok(vmmu_bench::walk::run(args.iterations.unwrap_or(2_000_000)).into()),
-            BenchName::TlbHit => vmmu_bench::tlb::run(args.iterations),
-            BenchName::Populate if args.mmu_given == Some(BenchMmu::Shadow) => {
-                vmmu_bench::shadow::populate(&cfg, &progress)
-            }
-            BenchName::Populate => tdp::populate(&cfg, &progress),
-            BenchName::DirtyLog => tdp::dirty_log(&cfg, &progress),
-            BenchName::ZapAll => tdp::zap_all(&cfg, &progress),
-            BenchName::AccessTracking => tdp::access_tracking(&cfg, &progress),
-            BenchName::Cr3Switch => vmmu_bench::shadow::cr3_switch(args.iterations),
-            BenchName::WpEmulate => vmmu_bench::shadow::wp_emulate(args.iterations),
-            BenchName::All => unreachable!("`names` never holds All: it is expanded to the benchmarks above"),
-        };
+    for name in &names {
+        let result: Result<Report, BenchError> = name.run(mmu, &cfg, args.iterations, &progress);
         let r = match result {
             Ok(r) => r,
             Err(BenchError::Config(e)) => return usage(e),
@@ -548,29 +511,37 @@ fn run_bench(args: BenchArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The most `--iterations` a benchmark takes: beyond, a run would take
-/// hours, so a larger value is taken for a mistake.
-fn max_iterations(name: BenchName) -> u64 {
-    match name {
-        BenchName::Walk | BenchName::TlbHit => 100_000_000,
-        BenchName::Cr3Switch | BenchName::WpEmulate => 20_000_000,
-        BenchName::Populate | BenchName::DirtyLog | BenchName::ZapAll | BenchName::AccessTracking | BenchName::All => {
-            100
-        }
+impl BenchName {
+    /// The benchmark it names (`None` for `all`).
+    fn benchmark(self) -> Option<Benchmark> {
+        Some(match self {
+            BenchName::Populate => Benchmark::Populate,
+            BenchName::DirtyLog => Benchmark::DirtyLog,
+            BenchName::ZapAll => Benchmark::ZapAll,
+            BenchName::Cr3Switch => Benchmark::Cr3Switch,
+            BenchName::WpEmulate => Benchmark::WpEmulate,
+            BenchName::AccessTracking => Benchmark::AccessTracking,
+            BenchName::Walk => Benchmark::Walk,
+            BenchName::TlbHit => Benchmark::TlbHit,
+            BenchName::All => return None,
+        })
+    }
+
+    /// The most `--iterations` it takes (`all`: the least of its
+    /// benchmarks' most, those on guest memory).
+    fn max_iterations(self) -> u64 {
+        self.benchmark().map_or(100, Benchmark::max_iterations)
     }
 }
 
 /// Rejects flags the chosen benchmark does not use (a typo or a
 /// misunderstanding: the figure would not be what was asked for) and
-/// iterations beyond [`max_iterations`].
+/// iterations beyond [`BenchName::max_iterations`].
 fn check_bench_flags(args: &BenchArgs) -> Result<(), String> {
     let name = args.name;
     let label = BenchName::to_possible_value(&name).map_or_else(|| format!("{name:?}"), |v| v.get_name().to_string());
-    let sized = matches!(
-        name,
-        BenchName::Populate | BenchName::DirtyLog | BenchName::AccessTracking | BenchName::All
-    );
-    let backed = sized || name == BenchName::ZapAll;
+    let sized = name.benchmark().is_none_or(Benchmark::sized);
+    let backed = name.benchmark().is_none_or(Benchmark::backed);
     let unused = [
         (
             "-v/--vcpus",
@@ -592,11 +563,11 @@ fn check_bench_flags(args: &BenchArgs) -> Result<(), String> {
         return Err(format!("{flag} has no effect on {label}: only {users} use it"));
     }
     if let Some(i) = args.iterations
-        && i > max_iterations(name)
+        && i > name.max_iterations()
     {
         return Err(format!(
             "-i/--iterations {i}: {label} takes at most {}",
-            max_iterations(name)
+            name.max_iterations()
         ));
     }
     Ok(())

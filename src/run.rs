@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
+use vmmu::vm::MmuKind;
 use vmmu::vm::config::VmConfig;
-use vmmu::vm::machine::MmuKind;
 use vmmu_sim::checker::CheckLevel;
 use vmmu_sim::guest::PagingFormat;
 use vmmu_sim::report::MmuRunReport;

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use serde::Serialize;
-use vmmu::vm::machine::MmuKind;
+use vmmu::vm::MmuKind;
 use vmmu_sim::checker::CheckLevel;
 use vmmu_sim::run::RunConfig;
 use vmmu_sim::workload::{NAMED, Workload};

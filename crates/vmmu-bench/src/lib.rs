@@ -4,11 +4,13 @@
 
 #![warn(missing_docs)]
 
+pub mod registry;
 pub mod shadow;
 pub mod tdp;
 pub mod tlb;
 pub mod walk;
 
+pub use registry::{Benchmark, Mmus};
 use serde::Serialize;
 
 /// One benchmark's result.

@@ -24,12 +24,11 @@ use vmmu::addr::{Gpa, Hva, Pfn};
 use vmmu::arch::control::CpuFeatures;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
-use vmmu::mem::{
-    FrameArena, HostAddressSpace, HvaRange, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags,
-};
+use vmmu::mem::{FrameArena, HostAddressSpace, HvaRange, MemslotFlags, MemslotTable, VmaFlags};
 use vmmu::mmu::iter::{Geometry, SpteIter};
 use vmmu::mmu::spte::{Spte, SpteAccess, SpteFormat};
 use vmmu::mmu::tdp::{FaultOutcome, TdpConfig, TdpFault, TdpMmu};
+use vmmu::vm::VmBuilder;
 use vmmu::walker::ControlRegs;
 
 const PAGE: u64 = 4096;
@@ -214,28 +213,17 @@ impl Vm {
         // frames, the MMU's tables (1/512 of the guest memory at 4K) and
         // room for alignment.
         let reserve = 2 * host_bytes + nslots * host_bytes / 256 + 2 * GIB;
-        let arena = Arc::new(FrameArena::with_reserve(reserve).map_err(|e| run_err("frame arena", e))?);
-        let host = Arc::new(HostAddressSpace::new(arena).map_err(|e| run_err("host address space", e))?);
-        host.mmap(Hva::new(HVA_BASE), host_bytes, backing.vma_flags())
-            .map_err(|e| run_err("mmap", e))?;
-        let slots = Arc::new(MemslotTable::new(MemslotConfig::default()));
-        for k in 0..nslots {
-            slots
-                .create(MemoryRegion {
-                    as_id: 0,
-                    id: k as u16,
-                    flags: MemslotFlags::empty(),
-                    guest_phys_addr: Gpa::new(k * host_bytes),
-                    memory_size: host_bytes,
-                    userspace_addr: Hva::new(HVA_BASE),
-                })
-                .map_err(|e| run_err(&format!("memslot {k}"), e))?;
-        }
-        let mmu = TdpMmu::new(host.clone(), slots.clone(), config);
+        let vm = VmBuilder::new(host_bytes)
+            .hva(Hva::new(HVA_BASE))
+            .flags(backing.vma_flags())
+            .aliases(nslots)
+            .reserve(reserve)
+            .tdp(config)
+            .map_err(|e| run_err("building the VM", e))?;
         Ok(Vm {
-            host,
-            slots,
-            mmu,
+            host: vm.host,
+            slots: vm.slots,
+            mmu: vm.mmu,
             host_bytes,
         })
     }

@@ -52,11 +52,9 @@ use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
 use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::arch::pte::PT_GLOBAL;
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
-use vmmu::mem::{FrameArena, GuestMemory, HostAddressSpace, MemoryRegion, MemslotFlags, MemslotTable, VmaFlags};
-use vmmu::mmu::shadow::ShadowMmu;
-use vmmu::mmu::tdp::{TdpConfig, TdpMmu};
-use vmmu::vm::MmuKind;
+use vmmu::mem::{GuestMemory, HostAddressSpace, MemoryRegion, MemslotFlags, MemslotTable, VmaFlags};
 use vmmu::vm::config::VmConfig;
+use vmmu::vm::{Mmu, MmuKind, VmBuilder};
 use vmmu::walker::{ControlRegs, EntrySize, GuestPaging, PtMemory, WalkError};
 
 /// The most ops of a program that run (the rest are ignored).
@@ -692,11 +690,6 @@ struct Cand {
 }
 
 /// The VM under test.
-enum Mmu {
-    Tdp(Arc<TdpMmu>),
-    Shadow(Arc<ShadowMmu>),
-}
-
 struct Model {
     mode: VmMode,
     features: CpuFeatures,
@@ -869,22 +862,28 @@ fn region(id: u16, gpa: u64, size: u64, hva: u64, flags: MemslotFlags) -> Memory
 
 impl Runner {
     fn new(p: &VmProgram, strict: bool) -> Runner {
-        let arena =
-            Arc::new(FrameArena::with_reserve(2 * (RAM + SLOT1_SIZE) + (64 << 20)).expect("the fuzz VM's frame arena"));
-        let host = Arc::new(HostAddressSpace::new(arena).expect("the fuzz VM's host"));
         let vma = VmaFlags::WRITE | VmaFlags::THP;
-        host.mmap(Hva::new(RAM_HVA), RAM, vma).expect("mmap of guest RAM");
-        host.mmap(Hva::new(SLOT1_HVA), SLOT1_SIZE, vma)
-            .expect("mmap of memslot 1");
         let mut config = p.config;
         if p.mmu == MmuChoice::Shadow {
             // The shadow MMU logs into the bitmap only.
             config.dirty_ring = 0;
         }
-        let slots = Arc::new(MemslotTable::new(config.memslots()));
-        slots
-            .create(region(0, 0, RAM, RAM_HVA, MemslotFlags::empty()))
-            .expect("memslot 0");
+        // The recovery worker would run at times of its own: the program
+        // runs recovery itself (`VmOp::NxRecover`).
+        config.nx_recovery_ratio = 0;
+        let kind = match p.mmu {
+            MmuChoice::Tdp => MmuKind::Tdp,
+            MmuChoice::Shadow => MmuKind::Shadow,
+        };
+        let vm = VmBuilder::new(RAM)
+            .hva(Hva::new(RAM_HVA))
+            .flags(vma)
+            .reserve(2 * (RAM + SLOT1_SIZE) + (64 << 20))
+            .build(kind, config)
+            .expect("the fuzz VM");
+        let (host, slots, mmu) = (vm.host.clone(), vm.slots.clone(), vm.mmu().clone());
+        host.mmap(Hva::new(SLOT1_HVA), SLOT1_SIZE, vma)
+            .expect("mmap of memslot 1");
         // Logging starts after the VMM has written the guest's tables
         // (`Runner::new`), so that the first harvest is not everything.
         if p.slot1 {
@@ -893,30 +892,10 @@ impl Runner {
                 .expect("memslot 1");
         }
         let features = CpuFeatures::default();
-        let (mmu, vcpu, name) = match p.mmu {
-            MmuChoice::Tdp => {
-                // The recovery worker would run at times of its own: the
-                // program runs recovery itself (`VmOp::NxRecover`).
-                let tdp = TdpConfig {
-                    nx_recovery_ratio: 0,
-                    ..config.tdp()
-                };
-                let mmu = TdpMmu::new(host.clone(), slots.clone(), tdp);
-                if config.dirty_ring != 0 {
-                    mmu.enable_dirty_ring(config.dirty_ring)
-                        .expect("a valid ring size, before any vCPU");
-                }
-                let v = Vcpu::new(mmu.clone(), slots.clone(), features, 1).expect("a TDP vCPU");
-                (Mmu::Tdp(mmu), v, "TDP")
-            }
-            MmuChoice::Shadow => {
-                let mmu = ShadowMmu::new(host.clone(), slots.clone());
-                if config.mmu_pages != 0 {
-                    mmu.set_max_pages(config.mmu_pages);
-                }
-                let v = Vcpu::new_shadow(mmu.clone(), slots.clone(), features, 1);
-                (Mmu::Shadow(mmu), v, "shadow")
-            }
+        let vcpu = mmu.vcpu(&slots, features, 1).expect("a vCPU");
+        let name = match kind {
+            MmuKind::Tdp => "TDP",
+            MmuKind::Shadow => "shadow",
         };
         let default_max_pages = match &mmu {
             Mmu::Shadow(s) => s.max_pages(),
@@ -1234,27 +1213,16 @@ impl Runner {
             VmOp::Slot(s) => self.slot_op(s),
             VmOp::GetDirtyLog { slot } => self.harvest(step, op, slot),
             VmOp::ClearDirtyLog { slot, mask } => {
-                let got = match &self.mmu {
-                    Mmu::Tdp(m) => m.clear_dirty_log(0, slot, 0, &[mask]),
-                    Mmu::Shadow(m) => m.clear_dirty_log(0, slot, 0, &[mask]),
-                };
+                let got = self.mmu.clear_dirty_log(0, slot, 0, &[mask]);
                 if got.is_ok() {
                     self.m
                         .logged
                         .retain(|&(s, p)| s != slot || p >= 64 || mask >> p & 1 == 0);
                 }
             }
-            VmOp::ZapAll => match &self.mmu {
-                Mmu::Tdp(m) => {
-                    m.zap_all_fast();
-                    m.zap_invalidated_roots();
-                }
-                Mmu::Shadow(m) => m.zap_all(),
-            },
+            VmOp::ZapAll => self.mmu.zap_all(),
             VmOp::MmuPages { small } => {
-                if let Mmu::Shadow(m) = &self.mmu {
-                    m.set_max_pages(if small { 0 } else { self.default_max_pages });
-                }
+                self.mmu.set_max_pages(if small { 0 } else { self.default_max_pages });
             }
             VmOp::Wrpkru(pkru) => {
                 self.m.pkru = pkru;
@@ -1274,10 +1242,7 @@ impl Runner {
                 }
             }
         }
-        let violations: Vec<String> = match &self.mmu {
-            Mmu::Tdp(m) => m.audit().iter().map(ToString::to_string).collect(),
-            Mmu::Shadow(m) => m.audit().iter().map(ToString::to_string).collect(),
-        };
+        let violations = self.mmu.audit();
         if !violations.is_empty() {
             self.fail(step, op, format_args!("the MMU's audit: {violations:?}"));
         }
@@ -1462,16 +1427,13 @@ impl Runner {
             self.reap_ring(step, op);
             return;
         }
-        let got = match &self.mmu {
-            Mmu::Tdp(m) => m.get_dirty_log(0, slot),
-            Mmu::Shadow(m) => m.get_dirty_log(0, slot),
-        };
+        let got = self.mmu.get_dirty_log(0, slot);
         match got {
             Ok(bitmap) => {
                 if !logging {
                     self.fail(step, op, format_args!("a harvest of a memslot that does not log"));
                 }
-                let reported: BTreeSet<u64> = vmmu::vm::machine::bitmap_pages(&bitmap).into_iter().collect();
+                let reported: BTreeSet<u64> = vmmu::vm::bitmap_pages(&bitmap).into_iter().collect();
                 self.check_harvest(step, op, slot, &reported);
                 if !self.config.manual_protect {
                     self.m.logged.retain(|&(s, _)| s != slot);

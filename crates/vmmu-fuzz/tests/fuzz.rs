@@ -471,7 +471,9 @@ const VM_ITERS: usize = 600;
 
 /// A random `VmProgram` from `rng`: `len` random bytes through
 /// `arbitrary_take_rest`, as libFuzzer's `fuzz_target!` builds its input
-/// (about 5 bytes an op).
+/// (about 5 bytes an op). Used by the negative controls, which need the
+/// `shuttle` feature.
+#[cfg(feature = "shuttle")]
 fn vm_program(rng: &mut SmallRng, len: usize) -> Option<VmProgram> {
     let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
     VmProgram::arbitrary_take_rest(Unstructured::new(&bytes)).ok()

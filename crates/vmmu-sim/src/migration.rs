@@ -26,7 +26,7 @@ use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::mem::{HvaRange, MemslotFlags};
 use vmmu::vm::config::VmConfig;
-use vmmu::vm::machine::{Machine, MmuKind, RAM_HVA};
+use vmmu::vm::{Machine, MmuKind, RAM_HVA};
 use vmmu::walker::ControlRegs;
 
 /// Guest RAM of a checked VM: 8 MiB, four 2 MiB regions (huge pages).

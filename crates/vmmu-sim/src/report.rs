@@ -93,7 +93,7 @@ pub struct MmuRunReport {
     /// The most MMU page-table memory seen, in bytes.
     pub mmu_memory_peak_bytes: u64,
     /// The page-table memory the MMU may hold ([`Machine::mmu_limit_bytes`](
-    /// vmmu::vm::machine::Machine::mmu_limit_bytes)); a peak above it is
+    /// vmmu::vm::Machine::mmu_limit_bytes)); a peak above it is
     /// a violation.
     pub mmu_memory_limit_bytes: u64,
     /// Adversarial guest operations done.

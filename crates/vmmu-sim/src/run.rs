@@ -24,7 +24,7 @@ use vmmu::cpu::vcpu::{AccessResult, GuestFault};
 use vmmu::mem::{GuestMemory, MemslotFlags};
 #[doc(hidden)]
 pub use vmmu::sync::Bug;
-use vmmu::vm::machine::{Machine, MmuKind, RAM_HVA};
+use vmmu::vm::{Machine, MmuKind, RAM_HVA};
 
 /// What to run.
 #[derive(Clone, Debug)]

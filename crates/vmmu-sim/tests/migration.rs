@@ -10,8 +10,8 @@
 //! of the classes of lost writes the matrix found, and only the
 //! configurations that class hits lose pages.
 
+use vmmu::vm::MmuKind;
 use vmmu::vm::config::VmConfig;
-use vmmu::vm::machine::MmuKind;
 use vmmu_sim::migration::{MatrixRow, MatrixSpec, run_matrix};
 
 /// Seeds a configuration runs in the test suite.

@@ -3,7 +3,7 @@
 //! broken on purpose (a skipped TLB flush, a skipped notifier retry, a
 //! dropped dirty bit) is caught within a bounded run.
 
-use vmmu::vm::machine::MmuKind;
+use vmmu::vm::MmuKind;
 use vmmu_sim::checker::CheckLevel;
 use vmmu_sim::guest::PagingFormat;
 use vmmu_sim::run::{RunConfig, RunOutcome, replay, run};

@@ -39,7 +39,7 @@ use vmmu::mmu::stats::MmuStatsSnapshot;
 use vmmu::mmu::tdp::{TdpConfig, TdpError};
 use vmmu::vm::Vm;
 use vmmu::vm::config::VmConfig;
-use vmmu::vm::machine::{Machine, MmuKind, RAM_HVA};
+use vmmu::vm::{Machine, MmuKind, RAM_HVA};
 use vmmu::walker::ControlRegs;
 
 const MB: u64 = 1 << 20;

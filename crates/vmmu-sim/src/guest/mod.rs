@@ -48,7 +48,7 @@ use vmmu::arch::control::{CR3_NOFLUSH, Cr4};
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, GuestSession, StringRegs, Vcpu, VcpuError};
 use vmmu::mem::GuestMemory;
-use vmmu::vm::machine::DirtyRings;
+use vmmu::vm::DirtyRings;
 
 /// Pages up to which a change is flushed page by page with INVLPG; above
 /// it, a full flush (Linux's `tlb_single_page_flush_ceiling`).

@@ -31,7 +31,7 @@ use crate::arch::control::PagingMode;
 use crate::mem::MemslotConfig;
 use crate::mmu::iter::Geometry;
 use crate::mmu::tdp::{DirtyLogMode, NX_HUGE_PAGES_RECOVERY_RATIO, TdpConfig};
-use crate::vm::machine::MmuKind;
+use crate::vm::MmuKind;
 
 /// The largest ring size (KVM's cap).
 pub const MAX_DIRTY_RING: u32 = crate::mmu::tdp::DIRTY_RING_MAX_ENTRIES;

@@ -1,57 +1,28 @@
-//! One simulated machine under either MMU: what the simulator needs of a
-//! VM (vCPUs, guest memory, dirty logging, zap-all, the audit, the
-//! counters) behind one type, so that a workload runs unchanged under
-//! the shadow MMU and the TDP MMU.
+//! One machine under either MMU: what the simulator needs of a VM (vCPUs,
+//! guest memory, dirty logging, zap-all, the audit, the counters) behind
+//! one type, so that a workload runs unchanged under the shadow MMU and
+//! the TDP MMU. Built by [`super::VmBuilder::build`].
 
 use std::sync::Arc;
 
-use crate::addr::Hva;
-use crate::arch::control::CpuFeatures;
-use crate::cpu::vcpu::{Vcpu, VcpuError};
 use parking_lot::Mutex;
 
-use crate::mem::{DirtyRing, GuestMemory, HostAddressSpace, MemslotError, MemslotTable, VmaFlags};
-use crate::mmu::shadow::ShadowMmu;
+use crate::addr::Gfn;
+use crate::arch::control::CpuFeatures;
+use crate::cpu::vcpu::{Vcpu, VcpuError};
+use crate::mem::{DirtyRing, GuestMemory, HostAddressSpace, MemslotError, MemslotTable};
 use crate::mmu::stats::MmuStatsSnapshot;
 use crate::mmu::tdp::TdpMmu;
 use crate::vm::config::{DirtyProtocol, VmConfig};
-use crate::vm::{ShadowVm, Vm, VmError};
+use crate::vm::{Mmu, MmuKind, VmBuilder, VmError};
 use crate::walker::ControlRegs;
 
-/// Which MMU a machine runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MmuKind {
-    /// Shadow paging: the MMU shadows the guest's page tables.
-    Shadow,
-    /// Two-dimensional paging with EPT.
-    Tdp,
-}
-
-impl MmuKind {
-    /// `"shadow"` or `"tdp"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            MmuKind::Shadow => "shadow",
-            MmuKind::Tdp => "tdp",
-        }
-    }
-}
-
-#[derive(Debug)]
-enum Backend {
-    Tdp(Arc<TdpMmu>),
-    Shadow(Arc<ShadowMmu>),
-}
-
-/// Where guest RAM is in the VMM's address space.
-pub const RAM_HVA: u64 = 0x4000_0000;
+pub use super::RAM_HVA;
 
 /// A VM: host memory, memslot 0 = guest RAM `0..ram`, and one MMU, built
 /// from a [`VmConfig`].
 #[derive(Debug)]
 pub struct Machine {
-    kind: MmuKind,
     /// The host (the VMM process's address space).
     pub host: Arc<HostAddressSpace>,
     /// The memslots.
@@ -59,7 +30,7 @@ pub struct Machine {
     ram: u64,
     features: CpuFeatures,
     config: VmConfig,
-    backend: Backend,
+    mmu: Mmu,
     /// The vCPUs' dirty rings, when the dirty ring is on.
     rings: Arc<DirtyRings>,
 }
@@ -117,42 +88,33 @@ impl Machine {
     /// As [`Machine::new`], in `config` (checked by the caller with
     /// [`VmConfig::validate`]).
     pub fn with_config(kind: MmuKind, ram: u64, config: VmConfig) -> Result<Machine, VmError> {
-        let flags = VmaFlags::WRITE | VmaFlags::THP;
-        let hva = Hva::new(RAM_HVA);
-        let (host, slots, backend) = match kind {
-            MmuKind::Tdp => {
-                let Vm { host, slots, mmu } = Vm::with_memslots(ram, hva, flags, config.tdp(), config.memslots())?;
-                if config.dirty_ring != 0 {
-                    mmu.enable_dirty_ring(config.dirty_ring)
-                        .map_err(|e| VmError::new(format!("--dirty-ring: {e}")))?;
-                }
-                (host, slots, Backend::Tdp(mmu))
-            }
-            MmuKind::Shadow => {
-                let ShadowVm { host, slots, mmu } = ShadowVm::with_memslots(ram, hva, flags, config.memslots())?;
-                if config.mmu_pages != 0 {
-                    mmu.set_max_pages(config.mmu_pages);
-                }
-                (host, slots, Backend::Shadow(mmu))
-            }
-        };
+        VmBuilder::new(ram).build(kind, config)
+    }
+
+    /// The machine of these parts ([`VmBuilder::build`]).
+    pub(super) fn new_from_parts(
+        host: Arc<HostAddressSpace>,
+        slots: Arc<MemslotTable>,
+        mmu: Mmu,
+        ram: u64,
+        config: VmConfig,
+    ) -> Machine {
         let rings = Arc::new(DirtyRings {
-            mmu: match &backend {
-                Backend::Tdp(m) if config.dirty_ring != 0 => Some(m.clone()),
+            mmu: match &mmu {
+                Mmu::Tdp(m) if config.dirty_ring != 0 => Some(m.clone()),
                 _ => None,
             },
             state: Mutex::default(),
         });
-        Ok(Machine {
-            kind,
+        Machine {
             host,
             slots,
             ram,
             features: CpuFeatures::default(),
             config,
-            backend,
+            mmu,
             rings,
-        })
+        }
     }
 
     /// The configuration.
@@ -166,9 +128,14 @@ impl Machine {
         self.rings.mmu.is_some().then(|| self.rings.clone())
     }
 
-    /// The MMU.
+    /// Which MMU it runs.
     pub fn kind(&self) -> MmuKind {
-        self.kind
+        self.mmu.kind()
+    }
+
+    /// The MMU.
+    pub fn mmu(&self) -> &Mmu {
+        &self.mmu
     }
 
     /// Guest RAM in bytes.
@@ -184,10 +151,7 @@ impl Machine {
     /// A vCPU tagged `vpid` in the state `regs`/`cr3`. With the dirty
     /// ring on, its ring joins the reaper's.
     pub fn vcpu(&self, vpid: u16, regs: ControlRegs, cr3: u64) -> Result<Vcpu, VcpuError> {
-        let mut v = match &self.backend {
-            Backend::Tdp(m) => Vcpu::new(m.clone(), self.slots.clone(), self.features, vpid)?,
-            Backend::Shadow(m) => Vcpu::new_shadow(m.clone(), self.slots.clone(), self.features, vpid),
-        };
+        let mut v = self.mmu.vcpu(&self.slots, self.features, vpid)?;
         if let Some(ring) = v.dirty_ring() {
             self.rings.state.lock().rings.push((ring.clone(), 0));
         }
@@ -197,75 +161,34 @@ impl Machine {
 
     /// The MMU's counters.
     pub fn stats(&self) -> MmuStatsSnapshot {
-        match &self.backend {
-            Backend::Tdp(m) => m.stats().snapshot(),
-            Backend::Shadow(m) => m.stats().snapshot(),
-        }
+        self.mmu.stats()
     }
 
     /// Bytes of page-table memory the MMU holds now.
     pub fn mmu_bytes(&self) -> u64 {
-        match &self.backend {
-            Backend::Tdp(m) => m.stats().snapshot().mmu_pages.max(0) as u64 * 4096,
-            Backend::Shadow(m) => m.page_count() as u64 * 4096,
-        }
+        self.mmu.bytes()
     }
 
-    /// The most page-table memory the MMU held at once, in bytes (exact:
-    /// a high-water mark kept at every allocation).
+    /// The most page-table memory the MMU held at once, in bytes.
     pub fn mmu_peak_bytes(&self) -> u64 {
-        match &self.backend {
-            Backend::Tdp(m) => m.stats().mmu_pages_peak().max(0) as u64 * 4096,
-            Backend::Shadow(m) => m.peak_page_count() as u64 * 4096,
-        }
+        self.mmu.peak_bytes()
     }
 
     /// Sets the shadow MMU's page limit (KVM's `KVM_SET_NR_MMU_PAGES`);
     /// returns the limit set. The TDP MMU has no such limit.
     pub fn set_mmu_pages(&self, pages: u64) -> Option<u64> {
-        match &self.backend {
-            Backend::Tdp(_) => None,
-            Backend::Shadow(m) => Some(m.set_max_pages(pages)),
-        }
+        self.mmu.set_max_pages(pages)
     }
 
     /// The page-table memory the MMU may hold, in bytes, with `vcpus`
-    /// vCPUs.
-    ///
-    /// - Shadow MMU: its page limit (`n_max_mmu_pages`), plus the roots
-    ///   in use, which reclaim cannot take: at most the current root and
-    ///   `prev_roots` of each vCPU, 4 PAE roots and their PDPT page each
-    ///   (the audit checks the exact form: pages <= limit + pinned).
-    /// - TDP MMU: it has no configured limit (nor has KVM's); its memory is
-    ///   bounded by the guest's memslots: one full tree over them per root
-    ///   a vCPU can hold, plus the valid one.
+    /// vCPUs ([`Mmu::limit_bytes`]).
     pub fn mmu_limit_bytes(&self, vcpus: u64) -> u64 {
-        match &self.backend {
-            Backend::Shadow(m) => {
-                let roots = vcpus * (1 + crate::cpu::vcpu::PREV_ROOTS as u64) * 5;
-                (m.max_pages() + roots) * 4096
-            }
-            Backend::Tdp(m) => {
-                let g = m.config().geometry;
-                let mut tree = 1u64;
-                for s in self.slots.load(0).iter() {
-                    let (a, b) = (s.base_gfn().raw(), s.base_gfn().raw() + s.npages());
-                    for level in 1..g.levels {
-                        let span = g.pages(level + 1);
-                        tree += (b - 1) / span - a / span + 1;
-                    }
-                }
-                tree * (vcpus + 1) * 4096
-            }
-        }
+        self.mmu.limit_bytes(&self.slots, vcpus)
     }
 
     /// Shadow pages and unsync shadow pages now (0 on the TDP MMU).
     pub fn shadow_pages(&self) -> (u64, u64) {
-        match &self.backend {
-            Backend::Tdp(_) => (0, 0),
-            Backend::Shadow(m) => (m.page_count() as u64, m.unsync_page_count()),
-        }
+        self.mmu.shadow_pages()
     }
 
     /// One harvest of guest RAM's (memslot 0's) dirty pages, by the
@@ -273,18 +196,11 @@ impl Machine {
     /// since the last harvest, protected again when this returns, so a
     /// copy made afterwards holds every write made before.
     pub fn harvest_dirty(&self) -> Result<Vec<u64>, MemslotError> {
-        let get = || match &self.backend {
-            Backend::Tdp(m) => m.get_dirty_log(0, 0),
-            Backend::Shadow(m) => m.get_dirty_log(0, 0),
-        };
         Ok(match self.config.dirty_protocol() {
-            DirtyProtocol::Get => bitmap_pages(&get()?),
+            DirtyProtocol::Get => bitmap_pages(&self.mmu.get_dirty_log(0, 0)?),
             DirtyProtocol::GetClear => {
-                let bits = get()?;
-                match &self.backend {
-                    Backend::Tdp(m) => m.clear_dirty_log(0, 0, 0, &bits)?,
-                    Backend::Shadow(m) => m.clear_dirty_log(0, 0, 0, &bits)?,
-                }
+                let bits = self.mmu.get_dirty_log(0, 0)?;
+                self.mmu.clear_dirty_log(0, 0, 0, &bits)?;
                 bitmap_pages(&bits)
             }
             DirtyProtocol::Ring => self.rings.take(),
@@ -292,42 +208,18 @@ impl Machine {
     }
 
     /// What the MMU maps `gfn` with now (for a violation's report).
-    pub fn describe_gfn(&self, gfn: crate::addr::Gfn) -> String {
-        match &self.backend {
-            Backend::Tdp(m) => m
-                .leaves_of(0, gfn)
-                .iter()
-                .map(|(valid, level, spte)| {
-                    format!(
-                        "{} root: level {level} {spte:?}",
-                        if *valid { "valid" } else { "invalid" }
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
-            Backend::Shadow(_) => String::new(),
-        }
+    pub fn describe_gfn(&self, gfn: Gfn) -> String {
+        self.mmu.describe_gfn(gfn)
     }
 
-    /// Zaps every SPTE (KVM's `kvm_mmu_zap_all_fast`, or the shadow MMU's
-    /// zap of every page).
+    /// Zaps every SPTE ([`Mmu::zap_all`]).
     pub fn zap_all(&self) {
-        match &self.backend {
-            Backend::Tdp(m) => {
-                m.zap_all_fast();
-                m.zap_invalidated_roots();
-            }
-            Backend::Shadow(m) => m.zap_all(),
-        }
+        self.mmu.zap_all()
     }
 
-    /// The MMU's audit: every SPTE against memslots, host and (shadow)
-    /// the guest's tables. Empty when all is right.
+    /// The MMU's audit ([`Mmu::audit`]). Empty when all is right.
     pub fn audit(&self) -> Vec<String> {
-        match &self.backend {
-            Backend::Tdp(m) => m.audit().into_iter().map(|v| v.to_string()).collect(),
-            Backend::Shadow(m) => m.audit().into_iter().map(|v| v.to_string()).collect(),
-        }
+        self.mmu.audit()
     }
 }
 
