@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use vmmu::addr::{Gfn, Gpa, Hva, PAGE_SIZE};
-use vmmu::mem::{FrameArena, HostAddressSpace, MemoryRegion, MemslotFlags, MemslotTable, SlotCache, VmaFlags};
+use vmmu::host::{FrameArena, HostAddressSpace, VmaFlags};
+use vmmu::mem::{MemoryRegion, MemslotFlags, MemslotTable, SlotCache};
 
 /// A table of `n` 2 MiB slots, spaced 4 MiB apart in gpa.
 fn table(n: u16) -> MemslotTable {

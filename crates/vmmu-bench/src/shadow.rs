@@ -8,7 +8,8 @@ use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, PREV_ROOTS, Vcpu};
-use vmmu::mem::{GuestMemory, VmaFlags};
+use vmmu::host::VmaFlags;
+use vmmu::mem::GuestMemory;
 use vmmu::vm::ShadowVm;
 use vmmu::walker::ControlRegs;
 

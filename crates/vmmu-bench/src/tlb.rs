@@ -24,7 +24,7 @@ use vmmu::addr::{Hva, Pfn};
 use vmmu::arch::control::CpuFeatures;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu, VcpuError};
-use vmmu::mem::{FrameArena, HostAddressSpace, VmaFlags};
+use vmmu::host::{FrameArena, HostAddressSpace, VmaFlags};
 use vmmu::mmu::tdp::TdpConfig;
 use vmmu::vm::{ShadowVm, Vm};
 

@@ -52,7 +52,8 @@ use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
 use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::arch::pte::PT_GLOBAL;
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
-use vmmu::mem::{GuestMemory, HostAddressSpace, MemoryRegion, MemslotFlags, MemslotTable, VmaFlags};
+use vmmu::host::{HostAddressSpace, VmaFlags};
+use vmmu::mem::{GuestMemory, MemoryRegion, MemslotFlags, MemslotTable};
 use vmmu::vm::config::VmConfig;
 use vmmu::vm::{Mmu, MmuKind, VmBuilder};
 use vmmu::walker::{ControlRegs, EntrySize, GuestPaging, PtMemory, WalkError};
@@ -1501,7 +1502,7 @@ impl Runner {
                 .is_ok_and(|merged| merged),
             HostOp::Mprotect => h.mprotect(hva, PAGE, false).is_ok() && h.mprotect(hva, PAGE, true).is_ok(),
             HostOp::Age => {
-                h.clear_young(vmmu::mem::HvaRange::new(hva, PAGE));
+                h.clear_young(vmmu::host::HvaRange::new(hva, PAGE));
                 true
             }
         };

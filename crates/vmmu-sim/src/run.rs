@@ -1294,7 +1294,7 @@ fn host_op(m: &Machine, kind: OpKind, seed: u64) {
             // Page reclaim's aging without a flush (`clear_young`) of a
             // 256 KiB range, as kswapd scans.
             let start = Hva::new(RAM_HVA + ((page << 12) & !((256 << 10) - 1)));
-            h.clear_young(vmmu::mem::HvaRange::new(start, 256 << 10))
+            h.clear_young(vmmu::host::HvaRange::new(start, 256 << 10))
         }
         OpKind::HostMprotect => {
             h.mprotect(hva, 4096, false).is_ok() && {

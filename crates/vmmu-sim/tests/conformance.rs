@@ -88,7 +88,7 @@ fn an_altered_case_fails() {
 fn walker_over_guest_memory_passes_the_single_access_cases() {
     use vmmu::addr::{Gpa, Hva};
     use vmmu::arch::perm::Access;
-    use vmmu::mem::VmaFlags;
+    use vmmu::host::VmaFlags;
     use vmmu::walker::{GuestPaging, load_pdptes};
     use vmmu_sim::conform::{Case, case_features, case_regs, check_after, check_outcome, outcome_of};
 

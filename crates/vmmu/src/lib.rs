@@ -6,15 +6,17 @@
 //! - [`addr`]: address and frame newtypes, page sizes, levels.
 //! - [`arch`]: x86 formats, pure data and pure functions.
 //! - [`walker`]: the one guest page-table walker, generic over the format.
-//! - [`mem`]: host frames, the host address space and its MMU notifiers,
-//!   memslots, dirty logging structures, guest memory.
+//! - [`host`]: the host, a model of Linux's memory management: frames,
+//!   the host address space, its MMU notifiers.
+//! - [`mem`]: the KVM side of memory: memslots, dirty logging structures,
+//!   guest memory, the invalidation-retry protocol and fault-in.
 //! - [`mmu`]: the MMUs and what they share (SPTEs, walk cursor, flushes, stats).
 //! - [`cpu`]: the vCPU and the hardware model, starting with the TLB.
 //! - [`vm`]: a VM assembled from the layers (host memory, memslots, an
 //!   MMU, vCPUs) and its configuration.
 //!
-//! [`sync`] and [`percpu`] are the synchronisation primitives every layer
-//! uses. What drives the engine lives in other crates: the simulator and
+//! [`sync`] (with `mmu_lock`'s primitive, [`sync::MmuLock`]) and [`percpu`]
+//! are the synchronisation primitives every layer uses. What drives the engine lives in other crates: the simulator and
 //! conformance replay (`vmmu-sim`), the benchmarks (`vmmu-bench`), the fuzz
 //! drivers (`vmmu-fuzz`) and the `vmmu` command line.
 
@@ -23,6 +25,7 @@
 pub mod addr;
 pub mod arch;
 pub mod cpu;
+pub mod host;
 pub mod mem;
 pub mod mmu;
 pub mod percpu;

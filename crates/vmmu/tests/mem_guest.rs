@@ -8,10 +8,10 @@ use std::sync::atomic::Ordering;
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress};
 use vmmu::addr::{Gfn, Gpa, Hva, Level, PAGE_SIZE};
+use vmmu::host::{FrameArena, HostAddressSpace, HostFault};
 use vmmu::mem::{
-    DirtyRing, FrameArena, GuestMemory, GuestMemoryError, HostAddressSpace, HostFault, MemoryRegion, Memslot,
-    MemslotChange, MemslotConfig, MemslotError, MemslotFlags, MemslotObserver, MemslotTable, SlotCache,
-    mark_page_dirty_in_slot,
+    DirtyRing, GuestMemory, GuestMemoryError, MemoryRegion, Memslot, MemslotChange, MemslotConfig, MemslotError,
+    MemslotFlags, MemslotObserver, MemslotTable, SlotCache, mark_page_dirty_in_slot,
 };
 use vmmu::walker::{EntrySize, PtMemory};
 
@@ -31,7 +31,7 @@ fn region(id: u16, gpa: u64, size: u64, hva: u64) -> MemoryRegion {
 fn vm(config: MemslotConfig) -> GuestMemory {
     let arena = Arc::new(FrameArena::with_reserve(2 << 30).unwrap());
     let host = Arc::new(HostAddressSpace::new(arena).unwrap());
-    host.mmap(Hva::new(0x1000_0000), 64 * MB, vmmu::mem::VmaFlags::WRITE)
+    host.mmap(Hva::new(0x1000_0000), 64 * MB, vmmu::host::VmaFlags::WRITE)
         .unwrap();
     GuestMemory::new(host, Arc::new(MemslotTable::new(config)))
 }

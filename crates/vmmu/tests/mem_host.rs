@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use vmmu::addr::{Hva, Level, PAGE_SIZE, Pfn};
-use vmmu::mem::host::reclaim_retired_tables;
-use vmmu::mem::{
+use vmmu::host::mm::reclaim_retired_tables;
+use vmmu::host::{
     FrameArena, HostAddressSpace, HostError, HostFault, HvaRange, MmuNotifier, NotifierEvent, NotifierRange, VmaFlags,
 };
 

@@ -11,10 +11,8 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use vmmu::addr::{Gpa, Hva, PAGE_SIZE, Pfn};
-use vmmu::mem::{
-    FrameArena, GuestMemory, GuestMemoryError, HostAddressSpace, HostFault, MemoryRegion, MemslotFlags, MemslotTable,
-    VmaFlags,
-};
+use vmmu::host::{FrameArena, HostAddressSpace, HostFault, VmaFlags};
+use vmmu::mem::{GuestMemory, GuestMemoryError, MemoryRegion, MemslotFlags, MemslotTable};
 
 const MB2: u64 = 2 << 20;
 const THP_BASE: u64 = 0x4000_0000;

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use vmmu::addr::{Gpa, Hva, Level, PAGE_SIZE, Pfn};
-use vmmu::mem::{
-    FrameArena, GuestMemory, HostAddressSpace, InvalidateState, MemoryRegion, MemslotFlags, MemslotTable, MmuLock,
-    MmuNotifier, NotifierRange, VmaFlags, faultin_pfn,
-};
+use vmmu::host::{FrameArena, HostAddressSpace, MmuNotifier, NotifierRange, VmaFlags};
+use vmmu::mem::{GuestMemory, InvalidateState, MemoryRegion, MemslotFlags, MemslotTable, faultin_pfn};
+use vmmu::sync::MmuLock;
 
 const MB2: u64 = 2 << 20;
 const BASE: u64 = 0x4000_0000;

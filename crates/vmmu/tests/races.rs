@@ -37,7 +37,7 @@ mod model {
     use vmmu::arch::control::CpuFeatures;
     use vmmu::arch::perm::AccessKind;
     use vmmu::cpu::vcpu::{AccessResult, Vcpu};
-    use vmmu::mem::{HvaRange, VmaFlags};
+    use vmmu::host::{HvaRange, VmaFlags};
     use vmmu::mmu::iter::{Geometry, SpteIter};
     use vmmu::mmu::tdp::{FaultOutcome, RootRef, TdpConfig, TdpFault, TdpMmu};
     use vmmu::sync::model::{Exploration, check_pct, check_random, explore};

@@ -6,7 +6,8 @@ use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::control::CpuFeatures;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
-use vmmu::mem::{MemslotFlags, VmaFlags};
+use vmmu::host::VmaFlags;
+use vmmu::mem::MemslotFlags;
 use vmmu::mmu::tdp::{DirtyLogMode, TdpConfig};
 use vmmu::vm::Vm;
 use vmmu::walker::ControlRegs;
@@ -525,7 +526,7 @@ fn vm_with(config: TdpConfig) -> Vm {
 
 #[test]
 fn aging_with_ept_accessed_bits() {
-    use vmmu::mem::HvaRange;
+    use vmmu::host::HvaRange;
     let vm = vm_with(TdpConfig::default());
     let mut v = vcpu(&vm, 1);
     write(&mut v, 0x3000, 3);
@@ -543,7 +544,7 @@ fn aging_with_ept_accessed_bits() {
 
 #[test]
 fn aging_without_ept_accessed_bits_uses_access_tracking() {
-    use vmmu::mem::HvaRange;
+    use vmmu::host::HvaRange;
     let vm = vm_with(TdpConfig {
         ad: false,
         ..TdpConfig::default()

@@ -9,7 +9,8 @@ use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::perm::AccessKind;
 use vmmu::arch::pfec::GP_VECTOR;
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
-use vmmu::mem::{GuestMemory, VmaFlags};
+use vmmu::host::VmaFlags;
+use vmmu::mem::GuestMemory;
 use vmmu::mmu::tdp::TdpConfig;
 
 /// Guest memory backed by a memslot: the cases' paging structures all lie

@@ -3,6 +3,9 @@
 
 use bitflags::bitflags;
 
+use super::perm::AccessRights;
+use super::pte::{EntrySize, PT64_ADDR_MASK, Pte64, PteFormat};
+
 /// Read access (bit 0).
 pub const EPT_READ: u64 = 1 << 0;
 /// Write access (bit 1).
@@ -75,16 +78,11 @@ impl Eptp {
             matches!(levels, 4 | 5),
             "an EPT page walk has 4 or 5 levels, not {levels}"
         );
-        Eptp(
-            (root & super::pte::PT64_ADDR_MASK)
-                | ((levels as u64 - 1) << 3)
-                | (MemType::Wb as u64)
-                | ((ad as u64) << 6),
-        )
+        Eptp((root & PT64_ADDR_MASK) | ((levels as u64 - 1) << 3) | (MemType::Wb as u64) | ((ad as u64) << 6))
     }
     /// Physical address of the root table.
     pub fn root(self) -> u64 {
-        self.0 & super::pte::PT64_ADDR_MASK
+        self.0 & PT64_ADDR_MASK
     }
     /// Page-walk length (4 or 5 levels).
     pub fn levels(self) -> u8 {
@@ -122,6 +120,47 @@ bitflags! {
     }
 }
 
+/// EPT: 8-byte entries, 9 bits per level, R/W/X permissions and A/D at
+/// bits 8/9.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PteEpt;
+
+impl PteFormat for PteEpt {
+    const NAME: &'static str = "EPT";
+    const SIZE: EntrySize = EntrySize::Eight;
+    const INDEX_BITS: u32 = 9;
+    const ACCESSED: u64 = EPT_ACCESSED;
+    const DIRTY: u64 = EPT_DIRTY;
+    const HAS_MEMTYPE: bool = true;
+
+    #[inline(always)]
+    fn is_present(pte: u64) -> bool {
+        pte & EPT_RWX != 0
+    }
+    #[inline(always)]
+    fn rights(pte: u64) -> AccessRights {
+        let mut r = AccessRights::empty();
+        if pte & EPT_READ != 0 {
+            r |= AccessRights::USER;
+        }
+        if pte & EPT_WRITE != 0 {
+            r |= AccessRights::WRITE;
+        }
+        if pte & EPT_EXEC != 0 {
+            r |= AccessRights::EXEC;
+        }
+        r
+    }
+    #[inline(always)]
+    fn table_addr(pte: u64) -> u64 {
+        pte & PT64_ADDR_MASK
+    }
+    #[inline(always)]
+    fn leaf_addr(pte: u64, level: u8) -> u64 {
+        Pte64::leaf_addr(pte, level)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +178,13 @@ mod tests {
     #[should_panic(expected = "4 or 5 levels, not 0")]
     fn an_eptp_of_no_levels_is_refused() {
         let _ = Eptp::new(0x1000, 0, false);
+    }
+
+    #[test]
+    fn ept_rights() {
+        assert!(!PteEpt::is_present(0x1000));
+        assert!(PteEpt::is_present(0x4)); // execute-only
+        assert_eq!(PteEpt::rights(0x7), AccessRights::all());
+        assert_eq!(PteEpt::rights(0x1), AccessRights::USER);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! One trait, [`PteFormat`], says what the walker needs to know about an
 //! entry format; [`Pte32`] (32-bit paging), [`Pte64`] (PAE, 4-level and
-//! 5-level paging) and [`PteEpt`] (EPT, for nested TDP) implement it. This is
+//! 5-level paging) and [`PteEpt`](super::ept::PteEpt) (EPT, for nested TDP, beside the EPT bits) implement it. This is
 //! the job `paging_tmpl.h`'s `PTTYPE` does in KVM.
 
 use super::perm::AccessRights;
@@ -175,48 +175,6 @@ impl PteFormat for Pte64 {
     }
 }
 
-/// EPT: 8-byte entries, 9 bits per level, R/W/X permissions and A/D at
-/// bits 8/9.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PteEpt;
-
-impl PteFormat for PteEpt {
-    const NAME: &'static str = "EPT";
-    const SIZE: EntrySize = EntrySize::Eight;
-    const INDEX_BITS: u32 = 9;
-    const ACCESSED: u64 = super::ept::EPT_ACCESSED;
-    const DIRTY: u64 = super::ept::EPT_DIRTY;
-    const HAS_MEMTYPE: bool = true;
-
-    #[inline(always)]
-    fn is_present(pte: u64) -> bool {
-        pte & super::ept::EPT_RWX != 0
-    }
-    #[inline(always)]
-    fn rights(pte: u64) -> AccessRights {
-        use super::ept::{EPT_EXEC, EPT_READ, EPT_WRITE};
-        let mut r = AccessRights::empty();
-        if pte & EPT_READ != 0 {
-            r |= AccessRights::USER;
-        }
-        if pte & EPT_WRITE != 0 {
-            r |= AccessRights::WRITE;
-        }
-        if pte & EPT_EXEC != 0 {
-            r |= AccessRights::EXEC;
-        }
-        r
-    }
-    #[inline(always)]
-    fn table_addr(pte: u64) -> u64 {
-        pte & PT64_ADDR_MASK
-    }
-    #[inline(always)]
-    fn leaf_addr(pte: u64, level: u8) -> u64 {
-        Pte64::leaf_addr(pte, level)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,13 +198,5 @@ mod tests {
         assert_eq!(Pte64::rights(0x1), AccessRights::EXEC);
         assert_eq!(Pte64::pkey(0x7800_0000_0000_0001), 0xf);
         assert_eq!(Pte64::index(0xffff_8000_0000_0000, 4), 256);
-    }
-
-    #[test]
-    fn ept_rights() {
-        assert!(!PteEpt::is_present(0x1000));
-        assert!(PteEpt::is_present(0x4)); // execute-only
-        assert_eq!(PteEpt::rights(0x7), AccessRights::all());
-        assert_eq!(PteEpt::rights(0x1), AccessRights::USER);
     }
 }

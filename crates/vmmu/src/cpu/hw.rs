@@ -17,10 +17,11 @@
 use crate::addr::{Gpa, Hpa};
 use crate::arch::control::CpuFeatures;
 use crate::arch::ept::EptViolationQual;
+use crate::arch::ept::PteEpt;
 use crate::arch::perm::{Access, AccessKind, AccessRights, Privilege};
 use crate::arch::pfec::PfErrorCode;
-use crate::arch::pte::PteEpt;
-use crate::mem::{FrameArena, MemslotTable};
+use crate::host::FrameArena;
+use crate::mem::MemslotTable;
 use crate::walker::{EntrySize, Paging, PtMemory, Root, Walk, WalkError};
 
 /// Host-physical memory, for walking SPTE tables: entries are read and

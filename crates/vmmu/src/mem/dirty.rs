@@ -18,9 +18,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::addr::Gfn;
-use crate::mem::memslot::Memslot;
-
 /// One bit per page of a memslot.
 #[derive(Debug)]
 pub struct DirtyBitmap {
@@ -262,30 +259,6 @@ impl DirtyRing {
             });
             e.flags.store(0, Ordering::Release);
             *ri = ri.wrapping_add(1);
-        }
-    }
-}
-
-/// KVM's `mark_page_dirty_in_slot`: if the slot logs dirty pages, records
-/// `gfn` in `ring` when one is given (a running vCPU with the dirty ring
-/// enabled), else in the slot's bitmap. Returns `Ok(true)` when the ring
-/// reached its soft limit.
-pub fn mark_page_dirty_in_slot(slot: &Memslot, gfn: Gfn, ring: Option<&DirtyRing>) -> Result<bool, RingFull> {
-    let Some(bitmap) = slot.dirty_bitmap() else {
-        return Ok(false);
-    };
-    let Some(rel) = gfn
-        .raw()
-        .checked_sub(slot.base_gfn().raw())
-        .filter(|&r| r < slot.npages())
-    else {
-        return Ok(false);
-    };
-    match ring {
-        Some(ring) => ring.push(u32::from(slot.as_id()) << 16 | u32::from(slot.id()), rel),
-        None => {
-            bitmap.mark(rel);
-            Ok(false)
         }
     }
 }

@@ -19,8 +19,8 @@ use vm_memory::{
 };
 
 use crate::addr::{Gpa, Hva, PAGE_SIZE};
+use crate::host::mm::HostAddressSpace;
 use crate::mem::error::GuestMemoryError;
-use crate::mem::host::HostAddressSpace;
 use crate::mem::memslot::{Memslot, MemslotTable};
 use crate::walker::{EntrySize, PtMemory};
 

@@ -29,10 +29,10 @@ use bitflags::bitflags;
 use parking_lot::{Mutex, RwLock};
 
 use crate::addr::{Gfn, Gpa, Hva, Level, PAGE_SHIFT, PAGE_SIZE};
-use crate::mem::dirty::DirtyBitmap;
+use crate::host::HvaRange;
+use crate::host::mm::HVA_LIMIT;
+use crate::mem::dirty::{DirtyBitmap, DirtyRing, RingFull};
 use crate::mem::error::MemslotError;
-use crate::mem::host::HVA_LIMIT;
-use crate::mem::notifier::HvaRange;
 
 bitflags! {
     /// Memslot flags (`KVM_MEM_*`).
@@ -834,6 +834,30 @@ impl MemslotTable {
             });
         }
         Ok(b.clear(first_page, mask))
+    }
+}
+
+/// KVM's `mark_page_dirty_in_slot`: if the slot logs dirty pages, records
+/// `gfn` in `ring` when one is given (a running vCPU with the dirty ring
+/// enabled), else in the slot's bitmap. Returns `Ok(true)` when the ring
+/// reached its soft limit.
+pub fn mark_page_dirty_in_slot(slot: &Memslot, gfn: Gfn, ring: Option<&DirtyRing>) -> Result<bool, RingFull> {
+    let Some(bitmap) = slot.dirty_bitmap() else {
+        return Ok(false);
+    };
+    let Some(rel) = gfn
+        .raw()
+        .checked_sub(slot.base_gfn().raw())
+        .filter(|&r| r < slot.npages())
+    else {
+        return Ok(false);
+    };
+    match ring {
+        Some(ring) => ring.push(u32::from(slot.as_id()) << 16 | u32::from(slot.id()), rel),
+        None => {
+            bitmap.mark(rel);
+            Ok(false)
+        }
     }
 }
 

@@ -18,7 +18,8 @@
 use std::sync::Arc;
 
 use crate::addr::{PageSize, Pfn};
-use crate::mem::{FrameArena, FrameError, SlotCache};
+use crate::host::{FrameArena, FrameError};
+use crate::mem::SlotCache;
 
 /// What a vCPU keeps from one MMU fault to the next (KVM keeps them in
 /// `kvm_vcpu_arch`): its last memslot, and frames for page tables.

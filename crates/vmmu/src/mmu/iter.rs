@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::spte::Spte;
 use crate::addr::Pfn;
-use crate::mem::FrameArena;
+use crate::host::FrameArena;
 use crate::sync::{Bug, bug, sched_point};
 
 /// The shape of a paging tree: entries per table and the number of levels.

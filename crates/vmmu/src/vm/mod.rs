@@ -22,9 +22,8 @@ use std::sync::Arc;
 use crate::addr::{Gpa, Hva};
 use crate::arch::control::CpuFeatures;
 use crate::cpu::vcpu::{Vcpu, VcpuError};
-use crate::mem::{
-    FrameArena, GuestMemory, HostAddressSpace, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable, VmaFlags,
-};
+use crate::host::{FrameArena, HostAddressSpace, VmaFlags};
+use crate::mem::{GuestMemory, MemoryRegion, MemslotConfig, MemslotFlags, MemslotTable};
 use crate::mmu::shadow::ShadowMmu;
 use crate::mmu::tdp::{TdpConfig, TdpMmu};
 use crate::walker::ControlRegs;

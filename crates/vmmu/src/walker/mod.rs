@@ -35,9 +35,10 @@ use crate::addr::{Gfn, Gpa, PAGE_SHIFT, PageSize};
 use crate::arch::control::{
     CR3_32_ROOT_MASK, CR3_LM_ROOT_MASK, CR3_PAE_PDPT_MASK, CpuFeatures, Cr0, Cr4, Efer, PagingMode,
 };
+use crate::arch::ept::PteEpt;
 use crate::arch::perm::{Access, AccessRights, Permissions, pkru_denies};
 use crate::arch::pfec::PfErrorCode;
-use crate::arch::pte::{Pte32, Pte64, PteEpt, PteFormat};
+use crate::arch::pte::{Pte32, Pte64, PteFormat};
 use crate::arch::rsvd::RsvdBits;
 
 /// One entry visited by a walk.

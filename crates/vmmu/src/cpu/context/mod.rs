@@ -26,7 +26,8 @@ use super::state::{AccessResult, CpuState, VcpuError};
 use super::tlb::{Flush, TlbEntry};
 use crate::addr::{Gpa, Pfn};
 use crate::arch::perm::Access;
-use crate::mem::{DirtyRing, FrameArena};
+use crate::host::FrameArena;
+use crate::mem::DirtyRing;
 use crate::mmu::flush::RemoteTlb;
 use crate::mmu::tdp::RootRef;
 

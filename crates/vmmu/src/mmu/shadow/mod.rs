@@ -51,14 +51,15 @@ use self::roots::ShadowRoots;
 use crate::addr::{Gfn, Gpa};
 use crate::arch::perm::{Access, AccessRights};
 use crate::arch::pfec::PfErrorCode;
+use crate::host::{FrameArena, FrameError, HostAddressSpace, MmuNotifier, NotifierRange};
 use crate::mem::{
-    FaultinError, FrameArena, FrameError, GuestMemory, HostAddressSpace, InvalidateState, Memslot, MemslotChange,
-    MemslotObserver, MemslotTable, MmuLock, MmuNotifier, NotifierRange, faultin_gfn,
+    FaultinError, GuestMemory, InvalidateState, Memslot, MemslotChange, MemslotObserver, MemslotTable, faultin_gfn,
 };
 use crate::mmu::cache::MmuMemoryCache;
 use crate::mmu::flush::RemoteTlb;
 use crate::mmu::spte::{Spte, SpteAccess, SpteFormat};
 use crate::mmu::stats::MmuStats;
+use crate::sync::MmuLock;
 use crate::walker::{EntrySize, GuestPaging, PtMemory, Root, WalkError};
 
 /// Why the shadow MMU could not handle a fault.

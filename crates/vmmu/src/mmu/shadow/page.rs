@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::role::Role;
 use crate::addr::{Gfn, Pfn};
-use crate::mem::FrameArena;
+use crate::host::FrameArena;
 use crate::mmu::spte::Spte;
 
 /// Entries per shadow table.

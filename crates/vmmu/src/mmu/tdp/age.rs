@@ -10,10 +10,11 @@
 use super::TdpMmu;
 use super::change::DirtyBit;
 use crate::addr::Gfn;
-use crate::mem::{HvaRange, MmuLockHeld};
+use crate::host::HvaRange;
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::iter::SpteIter;
 use crate::mmu::spte::{Spte, SpteFormat};
+use crate::sync::MmuLockHeld;
 
 /// What to do with each young leaf.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -34,11 +34,11 @@ use std::sync::atomic::Ordering;
 
 use super::TdpMmu;
 use crate::addr::{Gfn, PageSize, Pfn};
-use crate::mem::MmuLockHeld;
 use crate::mmu::iter::SpteIter;
 use crate::mmu::spte::{FROZEN_SPTE, Spte};
 use crate::mmu::stats::MmuStats;
 use crate::sync;
+use crate::sync::MmuLockHeld;
 
 /// What becomes of the record a dirty leaf's D bit holds when a change
 /// clears it. Only D-bit logging reads D bits; in write-protect logging
@@ -191,7 +191,7 @@ impl TdpMmu {
 
 /// Frees one table frame after an epoch grace period (the hardware model
 /// and lockless walkers pin an epoch while they walk).
-pub(super) fn defer_free_table(arena: &std::sync::Arc<crate::mem::FrameArena>, table: Pfn) {
+pub(super) fn defer_free_table(arena: &std::sync::Arc<crate::host::FrameArena>, table: Pfn) {
     let arena = arena.clone();
     let guard = crossbeam_epoch::pin();
     guard.defer(move || {

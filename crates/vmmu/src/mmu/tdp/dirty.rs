@@ -40,14 +40,13 @@ use std::sync::atomic::Ordering;
 use super::TdpMmu;
 use super::change::DirtyBit;
 use crate::addr::{Gfn, Level, Pfn};
-use crate::mem::{
-    DirtyRing, Memslot, MemslotChange, MemslotError, MemslotObserver, MmuLockHeld, MmuLockWriteGuard, stable_host_level,
-};
+use crate::mem::{DirtyRing, Memslot, MemslotChange, MemslotError, MemslotObserver, stable_host_level};
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::iter::SpteIter;
 use crate::mmu::spte::{Spte, SpteAccess};
 use crate::mmu::stats::MmuStats;
 use crate::sync;
+use crate::sync::{MmuLockHeld, MmuLockWriteGuard};
 
 /// What to do with a huge leaf over pages that must log their next writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

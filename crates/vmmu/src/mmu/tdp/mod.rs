@@ -37,11 +37,10 @@ use super::iter::{Geometry, SpteIter};
 use super::spte::{Spte, SpteAccess, SpteFormat};
 use super::stats::MmuStats;
 use crate::addr::{Gfn, Gpa, Level, PageSize, Pfn};
-use crate::mem::{
-    DirtyRing, FaultinError, FrameArena, FrameError, HostAddressSpace, HvaRange, InvalidateState, MemslotTable,
-    MmuLock, MmuLockHeld, MmuLockReadGuard, MmuNotifier, MmuWriteLockHeld, NotifierRange, faultin_gfn,
-};
+use crate::host::{FrameArena, FrameError, HostAddressSpace, HvaRange, MmuNotifier, NotifierRange};
+use crate::mem::{DirtyRing, FaultinError, InvalidateState, MemslotTable, faultin_gfn};
 use crate::sync;
+use crate::sync::{MmuLock, MmuLockHeld, MmuLockReadGuard, MmuWriteLockHeld};
 
 /// Configuration of a TDP MMU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -957,7 +956,7 @@ impl TdpMmu {
     }
 
     /// Takes `mmu_lock` for write.
-    pub fn write_lock(&self) -> crate::mem::MmuLockWriteGuard<'_, ()> {
+    pub fn write_lock(&self) -> crate::sync::MmuLockWriteGuard<'_, ()> {
         self.lock.write()
     }
 

@@ -21,8 +21,9 @@
 use super::{DirtyLogMode, TdpError, TdpMmu};
 use crate::addr::Gfn;
 use crate::mem::dirty::DIRTY_RING_RSVD_ENTRIES;
-use crate::mem::{DirtyRing, Memslot, MmuLockWriteGuard, mark_page_dirty_in_slot};
+use crate::mem::{DirtyRing, Memslot, mark_page_dirty_in_slot};
 use crate::mmu::flush::PendingFlush;
+use crate::sync::MmuLockWriteGuard;
 
 /// The largest ring (KVM caps it at 64K entries of 16 bytes).
 pub const DIRTY_RING_MAX_ENTRIES: u32 = 1 << 16;

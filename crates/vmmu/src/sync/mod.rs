@@ -27,6 +27,11 @@
 //! Data is shared through `std` atomics, which shuttle runs sequentially
 //! consistent (it does not model weak memory).
 
+mod mmu_lock;
+pub use mmu_lock::{
+    HeldMmuLock, HeldMmuWriteLock, MmuLock, MmuLockHeld, MmuLockReadGuard, MmuLockWriteGuard, MmuWriteLockHeld,
+};
+
 #[cfg(feature = "shuttle")]
 use std::cell::Cell;
 

@@ -30,7 +30,7 @@ use memmap2::{MmapMut, MmapOptions};
 use parking_lot::Mutex;
 
 use crate::addr::{PAGE_SIZE, PageSize, Pfn};
-use crate::mem::error::FrameError;
+use crate::host::FrameError;
 
 /// Number of 64-bit words in a 4 KiB frame.
 pub const FRAME_WORDS: usize = 512;

@@ -48,9 +48,9 @@ use crossbeam_epoch as epoch;
 use parking_lot::{Mutex, RwLock};
 
 use crate::addr::{Hva, Level, PAGE_SIZE, PageSize, Pfn};
-use crate::mem::error::{HostError, HostFault};
-use crate::mem::frames::FrameArena;
-use crate::mem::notifier::{HvaRange, MmuNotifier, NotifierEvent, NotifierId, NotifierRange};
+use crate::host::frames::FrameArena;
+use crate::host::{HostError, HostFault};
+use crate::host::{HvaRange, MmuNotifier, NotifierEvent, NotifierId, NotifierRange};
 
 /// One past the highest user address (47-bit user half, like x86-64 Linux).
 pub const HVA_LIMIT: u64 = 1 << 47;
@@ -387,7 +387,7 @@ impl HostAddressSpace {
 
     /// Walks the host page tables for `hva`, reading each level's entry
     /// exactly once. Lock-free; the result may be stale as soon as it is
-    /// returned (see [`crate::mem::notifier`] for how to use it safely).
+    /// returned (see [`crate::mem::invalidate`] for how to use it safely).
     pub fn lookup(&self, hva: Hva) -> Option<HostLeaf> {
         if hva.raw() >= HVA_LIMIT {
             return None;
@@ -427,7 +427,7 @@ impl HostAddressSpace {
     /// The level of the host mapping of `hva` (4K, 2M or 1G), `None` if not
     /// mapped. Reads each host entry exactly once.
     ///
-    /// **Only** for the three uses in [`crate::mem::notifier`]: to install
+    /// **Only** for the three uses in [`crate::mem::invalidate`]: to install
     /// a mapping, go through [`crate::mem::faultin_pfn`] and
     /// [`crate::mem::HostMapping::validate`]; calling this directly is for
     /// zap decisions.
