@@ -1,17 +1,17 @@
 //! Dirty logging in the TDP MMU (KVM's `kvm_mmu_slot_apply_flags`,
 //! `kvm_get_dirty_log_protect`, `kvm_clear_dirty_log_protect`,
-//! `kvm_arch_mmu_enable_log_dirty_pt_masked`, `fast_page_fault`,
-//! `kvm_mmu_recover_huge_pages`).
+//! `kvm_arch_mmu_enable_log_dirty_pt_masked`, `kvm_mmu_recover_huge_pages`).
 //!
 //! - **Starting** logging on a slot splits its huge SPTEs (eager page
 //!   splitting, when on) and write-protects its leaves (hardware W cleared,
 //!   MMU-writable kept), so the first write to each page faults. With
 //!   manual protect and an initially-set bitmap nothing happens: every page
 //!   counts as dirty until the VMM clears its bit.
-//! - Such a write is fixed on the lockless fast path: the SPTE gets W back
-//!   with one compare-exchange and the page is marked dirty. The fast path
-//!   never makes a **huge** SPTE writable in a logging slot (it could log
-//!   only one of its pages): that write takes the slow path, which maps 4K.
+//! - Such a write is fixed on the lockless fast path ([`super::fast`]): the
+//!   SPTE gets W back with one compare-exchange and the page is marked
+//!   dirty. The fast path never makes a **huge** SPTE writable in a logging
+//!   slot (it could log only one of its pages): that write takes the slow
+//!   path, which maps 4K.
 //! - **Harvesting** (`get_dirty_log`, `clear_dirty_log` with manual
 //!   protect, a dirty-ring reset) protects the pages whose bits it takes:
 //!   huge leaves over them are split (eager splitting) or, where no frame
@@ -40,7 +40,7 @@ use std::sync::atomic::Ordering;
 use super::TdpMmu;
 use super::change::DirtyBit;
 use crate::addr::{Gfn, Level, Pfn};
-use crate::mem::{DirtyRing, Memslot, MemslotChange, MemslotError, MemslotObserver, stable_host_level};
+use crate::mem::{Memslot, MemslotChange, MemslotError, MemslotObserver, stable_host_level};
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::iter::SpteIter;
 use crate::mmu::spte::{Spte, SpteAccess};
@@ -209,66 +209,6 @@ impl TdpMmu {
             }
         }
         protected
-    }
-
-    /// The lockless fast path (KVM's `fast_page_fault`), for a present
-    /// leaf whose fix needs no new mapping: an access-tracked SPTE gets its
-    /// R/X back, and a write to an SPTE that is MMU-writable but not
-    /// writable (write-protected for dirty logging) gets W back and logs
-    /// the page; each with one compare-exchange. Never for a huge SPTE in a
-    /// logging slot (KVM's check: it would log one page of many). `None`
-    /// when the slow path must handle the fault.
-    pub(super) fn fast_page_fault(
-        &self,
-        root: &super::RootRef,
-        gfn: Gfn,
-        fault: &super::TdpFault,
-        slot: &Memslot,
-        ring: Option<&DirtyRing>,
-    ) -> Option<super::FaultOutcome> {
-        let write = fault.write;
-        let _epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&self.arena, self.config.geometry, root.root().pfn(), 1, gfn.raw());
-        while it.step_down() {}
-        let spte = it.old_spte();
-        if !spte.is_mmu_present() || !spte.is_leaf(it.level()) {
-            return None;
-        }
-        let mut new = spte;
-        if new.is_access_tracked(self.fmt) {
-            new = new.restore_access_tracked();
-        }
-        let made_writable = write && !new.is_writable(self.fmt);
-        if made_writable {
-            if !new.is_mmu_writable()
-                || (it.level() > 1
-                    && slot.logs_dirty_pages()
-                    && !crate::sync::bug(crate::sync::Bug::FastPathHugeWritable))
-            {
-                return None;
-            }
-            new = new.make_writable(self.fmt);
-        }
-        if fault.exec && !new.is_executable(self.fmt) {
-            // Not the fast path's to fix (e.g. NX huge pages: map 4K).
-            return None;
-        }
-        if new == spte {
-            MmuStats::inc(&self.stats.local().pf_spurious);
-            return Some(super::FaultOutcome::Spurious);
-        }
-        // The same frame, more rights (KVM's `fast_pf_fix_direct_spte`):
-        // nothing for the change handler.
-        if !self.set_leaf_bits(&mut it, new, DirtyBit::Log) {
-            return None;
-        }
-        if made_writable {
-            self.mark_dirty(slot, gfn, ring);
-        }
-        tracing::trace!(target: "fast_page_fault", gfn = gfn.raw(), write, old = spte.0, new = new.0);
-        MmuStats::inc(&self.stats.local().pf_fast);
-        MmuStats::inc(&self.stats.local().pf_fixed);
-        Some(super::FaultOutcome::Fixed)
     }
 
     /// Discharges a flush owed by dirty logging's protection (enabling,

@@ -17,6 +17,7 @@ mod age;
 mod audit;
 mod change;
 mod dirty;
+mod fast;
 mod nx;
 mod ring;
 
