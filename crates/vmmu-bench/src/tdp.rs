@@ -483,12 +483,12 @@ impl RefTree {
             let mut table = root;
             for l in (level + 1..=GEOMETRY.levels).rev() {
                 let e = &arena.table(table)[GEOMETRY.index(first, l) as usize];
-                let s = Spte(e.load(Ordering::Relaxed));
+                let s = Spte::from_raw(e.load(Ordering::Relaxed));
                 table = if s.is_mmu_present() {
                     s.pfn()
                 } else {
                     let t = alloc(&arena)?;
-                    e.store(FMT.make_nonleaf(t).0, Ordering::Relaxed);
+                    e.store(FMT.make_nonleaf(t).raw(), Ordering::Relaxed);
                     t
                 };
             }
@@ -497,7 +497,7 @@ impl RefTree {
         // Made-up frames, aligned for any level, far above the gfns.
         let leaf_base = FMT
             .make_leaf(level, Pfn::new(1 << 28), SpteAccess::ALL, true, true, false)
-            .0;
+            .raw();
         Ok(RefTree {
             arena,
             root,
@@ -516,7 +516,8 @@ impl RefTree {
         let mut table = self.root;
         let mut l = GEOMETRY.levels;
         while l > self.level {
-            table = Spte(self.arena.table(table)[GEOMETRY.index(gfn, l) as usize].load(Ordering::Acquire)).pfn();
+            table =
+                Spte::from_raw(self.arena.table(table)[GEOMETRY.index(gfn, l) as usize].load(Ordering::Acquire)).pfn();
             l -= 1;
         }
         &self.arena.table(table)[GEOMETRY.index(gfn, self.level) as usize]

@@ -127,7 +127,7 @@ impl<'a> SpteIter<'a> {
         self.valid = self.next_last_level_gfn < self.geometry.span();
         if self.valid {
             sched_point();
-            self.old_spte = Spte(self.slot().load(Ordering::Acquire));
+            self.old_spte = Spte::from_raw(self.slot().load(Ordering::Acquire));
         }
     }
 
@@ -186,7 +186,7 @@ impl<'a> SpteIter<'a> {
     #[inline(always)]
     pub fn refresh(&mut self) -> Spte {
         sched_point();
-        self.old_spte = Spte(self.slot().load(Ordering::Acquire));
+        self.old_spte = Spte::from_raw(self.slot().load(Ordering::Acquire));
         self.old_spte
     }
 
@@ -199,20 +199,20 @@ impl<'a> SpteIter<'a> {
         if bug(Bug::BlindSpteSet) {
             // Injected bug (model tests only): a store, blind to a change
             // made since `old_spte` was read.
-            self.slot().store(new.0, Ordering::Release);
+            self.slot().store(new.raw(), Ordering::Release);
             self.old_spte = new;
             return true;
         }
         match self
             .slot()
-            .compare_exchange(self.old_spte.0, new.0, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(self.old_spte.raw(), new.raw(), Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => {
                 self.old_spte = new;
                 true
             }
             Err(cur) => {
-                self.old_spte = Spte(cur);
+                self.old_spte = Spte::from_raw(cur);
                 false
             }
         }
@@ -310,17 +310,17 @@ mod tests {
             let mut table = root;
             for level in (2..=geometry.levels).rev() {
                 let slot = &arena.table(table)[geometry.index(gfn, level) as usize];
-                let spte = Spte(slot.load(Ordering::Relaxed));
+                let spte = Spte::from_raw(slot.load(Ordering::Relaxed));
                 table = if spte.is_mmu_present() {
                     spte.pfn()
                 } else {
                     let child = arena.alloc_4k().unwrap();
-                    slot.store(FMT.make_nonleaf(child).0, Ordering::Relaxed);
+                    slot.store(FMT.make_nonleaf(child).raw(), Ordering::Relaxed);
                     child
                 };
             }
             let leaf = FMT.make_leaf(1, Pfn::new(0x1000 + gfn), SpteAccess::ALL, true, true, false);
-            arena.table(table)[geometry.index(gfn, 1) as usize].store(leaf.0, Ordering::Relaxed);
+            arena.table(table)[geometry.index(gfn, 1) as usize].store(leaf.raw(), Ordering::Relaxed);
         }
         root
     }
@@ -410,7 +410,7 @@ mod tests {
             assert!(it.step_down());
         }
         let theirs = FMT.make_leaf(1, Pfn::new(0x9999), SpteAccess::ALL, true, true, false);
-        it.sptep().store(theirs.0, Ordering::Release);
+        it.sptep().store(theirs.raw(), Ordering::Release);
         assert!(!it.try_set(Spte::EMPTY));
         assert_eq!(it.old_spte(), theirs);
         assert!(it.try_set(Spte::EMPTY));

@@ -114,10 +114,27 @@ impl SpteAccess {
 }
 
 /// One SPTE value. SPTEs live in `AtomicU64`s in host frames; this is a
-/// snapshot of one, with the format's meaning attached by the caller.
+/// snapshot of one, with the format's meaning attached by the caller. Its
+/// bits are read and changed only through the named methods here (this
+/// module is the one place that knows them, as KVM's `spte.h`); the raw
+/// value goes in and out of the atomic entries only.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(transparent)]
-pub struct Spte(pub u64);
+pub struct Spte(u64);
+
+impl Spte {
+    /// The SPTE whose raw value is `raw` (as loaded from its entry).
+    #[inline(always)]
+    pub const fn from_raw(raw: u64) -> Spte {
+        Spte(raw)
+    }
+
+    /// The raw value (to store into, or compare-exchange, an entry).
+    #[inline(always)]
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+}
 
 impl std::fmt::Debug for Spte {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -393,6 +410,29 @@ impl Spte {
     #[inline(always)]
     pub fn clear_dirty(self, fmt: SpteFormat) -> Spte {
         Spte(self.0 & !fmt.dirty_mask())
+    }
+
+    /// The SPTE with its hardware Accessed bit cleared (nothing where the
+    /// format keeps none: aging then makes it access-tracked instead).
+    #[inline(always)]
+    pub fn clear_accessed(self, fmt: SpteFormat) -> Spte {
+        Spte(self.0 & !fmt.accessed_mask())
+    }
+
+    /// Whether the two SPTEs differ at most in their hardware Accessed and
+    /// Dirty bits (a fault that finds such an SPTE has nothing to do).
+    #[inline(always)]
+    pub fn same_but_ad(self, other: Spte, fmt: SpteFormat) -> bool {
+        let ad = fmt.accessed_mask() | fmt.dirty_mask();
+        self.0 | ad == other.0 | ad
+    }
+
+    /// A legacy-format leaf with protection key `pkey` (bits 62:59), which
+    /// the shadow MMU copies from the guest's leaf: the hardware checks it
+    /// against PKRU as it would the guest's.
+    #[inline(always)]
+    pub fn with_pkey(self, pkey: u8) -> Spte {
+        Spte(self.0 & !(0xf << 59) | u64::from(pkey & 0xf) << 59)
     }
 
     /// The SPTE made executable (KVM's `make_spte_executable`); for an

@@ -86,7 +86,7 @@ impl ShadowMmu {
         let mut flush = false;
         for (_, ptr) in pages.rmap_range(start, end) {
             let a = ptr.get(&self.arena);
-            let old = Spte(a.load(Ordering::Acquire));
+            let old = Spte::from_raw(a.load(Ordering::Acquire));
             if old.is_mmu_present() && old.is_writable(FMT) {
                 // Only the bit: hardware may set A/D meanwhile.
                 a.fetch_and(!FMT.writable_mask(), Ordering::AcqRel);

@@ -525,7 +525,7 @@ impl ShadowMmu {
             mmu_writable && !slot.is_readonly(),
             false,
         );
-        leaf = Spte(leaf.0 | u64::from(walk.pkey & 0xf) << 59);
+        leaf = leaf.with_pkey(walk.pkey);
         let old = Pages::spte(&self.arena, ptr);
         if old.is_mmu_present() {
             flush |= self.drop_spte(&mut pages, ptr, 1);
@@ -537,7 +537,7 @@ impl ShadowMmu {
             tracing::trace!(target: "kvm_mmu_rmap_recycle", gfn = gfn.raw());
             flush |= self.zap_gfn_range(&mut pages, gfn, gfn.add(1));
         }
-        ptr.get(&self.arena).store(leaf.0, Ordering::Release);
+        ptr.get(&self.arena).store(leaf.raw(), Ordering::Release);
         if let Some(e) = walk.entry(1).filter(|_| !role.is_direct()) {
             // What the SPTE assumed of the guest entry, for sync.
             let d = if walk.dirty { GPTE_D } else { 0 };
@@ -611,11 +611,11 @@ impl ShadowMmu {
         let mut flush = false;
         for ptr in pages.rmap_of(gfn) {
             let a = ptr.get(&self.arena);
-            let old = Spte(a.load(Ordering::Acquire));
+            let old = Spte::from_raw(a.load(Ordering::Acquire));
             let new = old.write_protect(FMT);
             if new != old {
                 // Clear only the bits: hardware may set A/D meanwhile.
-                a.fetch_and(new.0 | !old.0, Ordering::AcqRel);
+                a.fetch_and(new.raw() | !old.raw(), Ordering::AcqRel);
                 flush = true;
             }
         }
@@ -626,7 +626,8 @@ impl ShadowMmu {
     fn link(&self, pages: &mut Pages, ptr: SptePtr, child: PageId) {
         let c = pages.page_mut(child);
         c.parents.push(ptr);
-        ptr.get(&self.arena).store(FMT.make_nonleaf(c.pfn).0, Ordering::Release);
+        ptr.get(&self.arena)
+            .store(FMT.make_nonleaf(c.pfn).raw(), Ordering::Release);
         pages.note_link(ptr, child);
     }
 
@@ -637,10 +638,10 @@ impl ShadowMmu {
         let entry = ptr.get(&self.arena);
         // Only the MMU, under the lock, makes an entry present: an empty
         // one needs no (cache-line-dirtying) swap.
-        if !Spte(entry.load(Ordering::Acquire)).is_mmu_present() {
+        if !Spte::from_raw(entry.load(Ordering::Acquire)).is_mmu_present() {
             return false;
         }
-        let old = Spte(entry.swap(0, Ordering::AcqRel));
+        let old = Spte::from_raw(entry.swap(0, Ordering::AcqRel));
         if !old.is_mmu_present() {
             return false;
         }

@@ -373,7 +373,7 @@ impl Pages {
 
     /// The SPTE at `ptr`, read.
     pub fn spte(arena: &FrameArena, ptr: SptePtr) -> Spte {
-        Spte(ptr.get(arena).load(Ordering::Acquire))
+        Spte::from_raw(ptr.get(arena).load(Ordering::Acquire))
     }
 
     /// Records the guest entry the leaf SPTE at `index` of `id` is built

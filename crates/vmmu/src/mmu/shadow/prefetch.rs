@@ -15,7 +15,7 @@ use super::access::{Leaf, leaf_rights};
 use super::page::{PageId, Pages, SptePtr};
 use super::{FMT, GPTE_A, GPTE_D, LockedMemory, RMAP_RECYCLE_THRESHOLD, ShadowMmu};
 use crate::arch::perm::{Access, AccessKind, AccessRights};
-use crate::mmu::spte::{Spte, SpteAccess};
+use crate::mmu::spte::SpteAccess;
 use crate::walker::{GuestPaging, Root};
 
 /// Entries looked at around a fault (KVM's `PTE_PREFETCH_NUM`).
@@ -107,8 +107,8 @@ impl ShadowMmu {
                 !tracked,
                 true,
             );
-            let leaf = Spte(leaf.0 | u64::from(walk.pkey & 0xf) << 59);
-            ptr.get(&self.arena).store(leaf.0, Ordering::Release);
+            let leaf = leaf.with_pkey(walk.pkey);
+            ptr.get(&self.arena).store(leaf.raw(), Ordering::Release);
             let d = if walk.dirty { GPTE_D } else { 0 };
             pages.record_gpte(sp, j, e.pte | GPTE_A | d);
             pages.rmap_add(gfn, ptr, &self.translations);

@@ -147,7 +147,7 @@ impl ShadowMmu {
                         .expect("the cache was topped up with every frame the roots may need")
                 };
                 let (pml4, pae) = (frame(), frame());
-                self.arena.table(pml4)[0].store(FMT.make_nonleaf(pae).0, Ordering::Release);
+                self.arena.table(pml4)[0].store(FMT.make_nonleaf(pae).raw(), Ordering::Release);
                 let mut roots = [None; 4];
                 for (i, root) in roots.iter_mut().enumerate() {
                     let target = match mode {

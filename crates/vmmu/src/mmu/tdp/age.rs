@@ -74,7 +74,7 @@ impl TdpMmu {
     fn make_old(&self, spte: Spte) -> Spte {
         match self.fmt {
             SpteFormat::Ept { ad: false } => spte.mark_access_tracked(),
-            fmt => Spte(spte.0 & !fmt.accessed_mask()),
+            fmt => spte.clear_accessed(fmt),
         }
     }
 

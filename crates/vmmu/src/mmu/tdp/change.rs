@@ -108,7 +108,7 @@ impl TdpMmu {
     /// change. Only where no fault can install concurrently: under the
     /// write lock, or in an invalidated root (faults refuse those).
     pub(super) fn zap_spte(&self, _guard: &impl MmuLockHeld, it: &mut SpteIter<'_>, as_id: u16) -> Spte {
-        let old = Spte(it.sptep().swap(0, Ordering::AcqRel));
+        let old = Spte::from_raw(it.sptep().swap(0, Ordering::AcqRel));
         self.handle_changed_spte(as_id, it.gfn(), it.level(), old, Spte::EMPTY, DirtyBit::Log);
         it.refresh();
         old
@@ -126,7 +126,7 @@ impl TdpMmu {
             // Empty, MMIO or frozen to one another: nothing is mapped.
             return;
         }
-        tracing::trace!(target: "kvm_tdp_mmu_spte_changed", as_id, gfn, level, old = old.0, new = new.0);
+        tracing::trace!(target: "kvm_tdp_mmu_spte_changed", as_id, gfn, level, old = old.raw(), new = new.raw());
         let was_leaf = was_present && old.is_leaf(level);
         let is_leaf = is_present && new.is_leaf(level);
         if is_leaf {
@@ -163,9 +163,9 @@ impl TdpMmu {
             // A fault that walked in before the unlink may still try to
             // install here: the frozen value fails its compare-exchange.
             sync::sched_point();
-            let old = Spte(slot.swap(FROZEN_SPTE, Ordering::AcqRel));
+            let old = Spte::from_raw(slot.swap(FROZEN_SPTE, Ordering::AcqRel));
             let child_gfn = gfn + i as u64 * g.pages(level);
-            self.handle_changed_spte(as_id, child_gfn, level, old, Spte(FROZEN_SPTE), DirtyBit::Log);
+            self.handle_changed_spte(as_id, child_gfn, level, old, Spte::from_raw(FROZEN_SPTE), DirtyBit::Log);
         }
         self.stats.account_tables(-1);
         if self.config.nx_huge_pages {

@@ -192,12 +192,12 @@ impl TdpMmu {
         {
             let mut cur = slot.load(Ordering::Acquire);
             loop {
-                let spte = Spte(cur);
+                let spte = Spte::from_raw(cur);
                 if !(spte.is_mmu_present() && spte.is_writable(self.fmt)) {
                     break;
                 }
                 let new = spte.clear_writable(self.fmt);
-                match slot.compare_exchange(cur, new.0, Ordering::AcqRel, Ordering::Acquire) {
+                match slot.compare_exchange(cur, new.raw(), Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
                         // Write-protection: nothing for the change handler.
                         debug_assert!(self.bits_only(1, spte, new, DirtyBit::Keep));

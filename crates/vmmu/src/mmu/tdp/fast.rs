@@ -64,7 +64,7 @@ impl TdpMmu {
         if made_writable {
             self.mark_dirty(slot, gfn, ring);
         }
-        tracing::trace!(target: "fast_page_fault", gfn = gfn.raw(), write, old = spte.0, new = new.0);
+        tracing::trace!(target: "fast_page_fault", gfn = gfn.raw(), write, old = spte.raw(), new = new.raw());
         MmuStats::inc(&self.stats.local().pf_fast);
         MmuStats::inc(&self.stats.local().pf_fixed);
         Some(FaultOutcome::Fixed)

@@ -224,7 +224,7 @@ fn count_tables(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) -
     let mut n = 1;
     if level > 1 {
         for slot in arena.table(table).iter().take(geometry.entries() as usize) {
-            let spte = Spte(slot.load(Ordering::Acquire));
+            let spte = Spte::from_raw(slot.load(Ordering::Acquire));
             if spte.is_mmu_present() && !spte.is_leaf(level) {
                 n += count_tables(arena, geometry, spte.pfn(), level - 1);
             }
@@ -813,7 +813,7 @@ impl TdpMmu {
             return FaultOutcome::Retry;
         }
         // The same translation, whatever hardware did to A/D since.
-        if (old.0 | self.ad_bits()) == (leaf.0 | self.ad_bits()) {
+        if old.same_but_ad(leaf, self.fmt) {
             MmuStats::inc(&self.stats.local().pf_spurious);
             return FaultOutcome::Spurious;
         }
@@ -829,14 +829,10 @@ impl TdpMmu {
             self.flush_remote_tlbs();
         }
         if leaf.is_mmu_present() {
-            tracing::trace!(target: "kvm_mmu_set_spte", gfn = gfn.raw(), level, spte = leaf.0, old = old.0);
+            tracing::trace!(target: "kvm_mmu_set_spte", gfn = gfn.raw(), level, spte = leaf.raw(), old = old.raw());
         }
         MmuStats::inc(&self.stats.local().pf_fixed);
         FaultOutcome::Fixed
-    }
-
-    fn ad_bits(&self) -> u64 {
-        self.fmt.accessed_mask() | self.fmt.dirty_mask()
     }
 
     /// A table for the tree, from a cache topped up before the lock.
@@ -879,7 +875,7 @@ impl TdpMmu {
             if level - 1 == 1 && self.config.nx_huge_pages {
                 child = child.make_executable(self.fmt);
             }
-            slot.store(child.0, Ordering::Relaxed);
+            slot.store(child.raw(), Ordering::Relaxed);
         }
         if !self.set_spte_atomic(it, as_id, self.fmt.make_nonleaf(table), DirtyBit::Keep) {
             self.give_back_table(tables, table);
@@ -1025,7 +1021,7 @@ fn defer_free_tree(arena: &Arc<FrameArena>, geometry: Geometry, table: Pfn, leve
 fn free_tree(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) {
     if level > 1 {
         for slot in arena.table(table).iter().take(geometry.entries() as usize) {
-            let spte = Spte(slot.load(Ordering::Acquire));
+            let spte = Spte::from_raw(slot.load(Ordering::Acquire));
             if spte.is_mmu_present() && !spte.is_leaf(level) {
                 free_tree(arena, geometry, spte.pfn(), level - 1);
             }
