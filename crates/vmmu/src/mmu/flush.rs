@@ -181,6 +181,12 @@ impl PendingFlush {
         self.needed
     }
 
+    /// Records that a flush is owed (translations were removed or
+    /// reduced).
+    pub fn require(&mut self) {
+        self.needed = true;
+    }
+
     /// Combines two obligations.
     pub fn merge(mut self, mut other: PendingFlush) -> PendingFlush {
         self.needed |= std::mem::take(&mut other.needed);
@@ -201,6 +207,13 @@ impl PendingFlush {
             tlb.flush();
         }
         needed
+    }
+}
+
+/// `flush |= other`: one obligation that covers both.
+impl std::ops::BitOrAssign for PendingFlush {
+    fn bitor_assign(&mut self, mut other: PendingFlush) {
+        self.needed |= std::mem::take(&mut other.needed);
     }
 }
 

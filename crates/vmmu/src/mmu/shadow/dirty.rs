@@ -16,6 +16,7 @@ use super::page::Pages;
 use super::{FMT, ShadowMmu};
 use crate::addr::Gfn;
 use crate::mem::{Memslot, MemslotError};
+use crate::mmu::flush::PendingFlush;
 use crate::mmu::spte::Spte;
 
 impl ShadowMmu {
@@ -27,7 +28,7 @@ impl ShadowMmu {
         let pages = guard.lock();
         let bitmap = self.slots.get_dirty_log(as_id, slot_id)?;
         let flush = if self.slots.config().manual_dirty_log_protect {
-            false
+            PendingFlush::none()
         } else {
             self.protect_bitmap(&pages, as_id, slot_id, 0, &bitmap)?
         };
@@ -58,7 +59,7 @@ impl ShadowMmu {
         slot_id: u16,
         first_page: u64,
         bits: &[u64],
-    ) -> Result<bool, MemslotError> {
+    ) -> Result<PendingFlush, MemslotError> {
         let slots = self.slots.load(as_id);
         let slot = slots
             .by_id(slot_id)
@@ -68,7 +69,7 @@ impl ShadowMmu {
         // A flush whenever a bit was taken, whether or not an SPTE changed
         // (KVM's `kvm_get_dirty_log_protect`): the MMU's write protection
         // is the SPTEs', the vCPUs' translations must follow it.
-        let mut flush = bits.iter().any(|&w| w != 0);
+        let mut flush = PendingFlush::new(bits.iter().any(|&w| w != 0));
         for (w, &word) in bits.iter().enumerate() {
             let mut word = word;
             while word != 0 {
@@ -82,15 +83,15 @@ impl ShadowMmu {
     }
 
     /// Clears the hardware W bit of every leaf SPTE of gfns `start..end`.
-    fn clear_writable_range(&self, pages: &Pages, start: Gfn, end: Gfn) -> bool {
-        let mut flush = false;
+    fn clear_writable_range(&self, pages: &Pages, start: Gfn, end: Gfn) -> PendingFlush {
+        let mut flush = PendingFlush::none();
         for (_, ptr) in pages.rmap_range(start, end) {
             let a = ptr.get(&self.arena);
             let old = Spte::from_raw(a.load(Ordering::Acquire));
             if old.is_mmu_present() && old.is_writable(FMT) {
                 // Only the bit: hardware may set A/D meanwhile.
                 a.fetch_and(!FMT.writable_mask(), Ordering::AcqRel);
-                flush = true;
+                flush.require();
             }
         }
         flush

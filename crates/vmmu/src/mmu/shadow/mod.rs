@@ -56,7 +56,7 @@ use crate::mem::{
     FaultinError, GuestMemory, InvalidateState, Memslot, MemslotChange, MemslotObserver, MemslotTable, faultin_gfn,
 };
 use crate::mmu::cache::MmuMemoryCache;
-use crate::mmu::flush::RemoteTlb;
+use crate::mmu::flush::{PendingFlush, RemoteTlb};
 use crate::mmu::spte::{Spte, SpteAccess, SpteFormat};
 use crate::mmu::stats::MmuStats;
 use crate::sync::MmuLock;
@@ -304,9 +304,9 @@ impl ShadowMmu {
     /// [`FREE_MMU_PAGES`] more fit under the limit. Returns whether a flush
     /// is owed. Roots in use cannot be reclaimed, so with very many vCPUs
     /// the count can pass the limit by their roots, as in KVM.
-    fn reclaim(&self, pages: &mut Pages, headroom: u64) -> bool {
+    fn reclaim(&self, pages: &mut Pages, headroom: u64) -> PendingFlush {
         let max = self.max_pages.load(Ordering::Relaxed);
-        let mut flush = false;
+        let mut flush = PendingFlush::none();
         while pages.len() as u64 + headroom > max {
             let excess = (pages.len() as u64 + headroom - max) as usize;
             let victims = pages.oldest_reclaimable(excess.max(RECLAIM_BATCH));
@@ -317,8 +317,7 @@ impl ShadowMmu {
             for id in victims {
                 // A zap can take children with it: skip the ones gone.
                 if pages.is_live(id) && !pages.page(id).invalid && pages.page(id).root_count == 0 {
-                    self.zap_page(pages, id);
-                    flush = true;
+                    flush |= self.zap_page(pages, id);
                 }
             }
             // Counted as KVM counts it: every page the reclaim zapped,
@@ -558,7 +557,7 @@ impl ShadowMmu {
 
     /// Finds or creates the page for (gfn, role); returns it and whether a
     /// flush is owed (creating an indirect page write-protected its gfn).
-    fn get_page(&self, pages: &mut Pages, gfn: Gfn, role: Role, tables: &mut MmuMemoryCache) -> (PageId, bool) {
+    fn get_page(&self, pages: &mut Pages, gfn: Gfn, role: Role, tables: &mut MmuMemoryCache) -> (PageId, PendingFlush) {
         // The hash is exact on (gfn, role); what KVM counts as hash
         // collisions is here the other roles of the same guest table.
         if !role.is_direct() {
@@ -574,18 +573,17 @@ impl ShadowMmu {
         }
         if let Some(id) = pages.find(gfn, role) {
             tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level(), direct = role.is_direct(), created = false);
-            return (id, false);
+            return (id, PendingFlush::none());
         }
         MmuStats::inc(&self.stats.local().mmu_cache_miss);
-        let mut flush = false;
+        let mut flush = PendingFlush::none();
         if !role.is_direct() && role.level() > 1 {
             // The guest table becomes an upper-level table: it must be
             // write-protected, so its unsync 4K pages go (KVM's
             // `kvm_mmu_find_shadow_page`; only 4K pages may be unsync).
             for id in pages.indirect_of(gfn).to_vec() {
                 if pages.is_live(id) && pages.page(id).is_unsync() {
-                    self.zap_page(pages, id);
-                    flush = true;
+                    flush |= self.zap_page(pages, id);
                 }
             }
         }
@@ -607,8 +605,8 @@ impl ShadowMmu {
 
     /// Write-protects every leaf SPTE mapping `gfn`. Returns whether one
     /// changed (a flush is owed).
-    fn write_protect_gfn(&self, pages: &Pages, gfn: Gfn) -> bool {
-        let mut flush = false;
+    fn write_protect_gfn(&self, pages: &Pages, gfn: Gfn) -> PendingFlush {
+        let mut flush = PendingFlush::none();
         for ptr in pages.rmap_of(gfn) {
             let a = ptr.get(&self.arena);
             let old = Spte::from_raw(a.load(Ordering::Acquire));
@@ -616,7 +614,7 @@ impl ShadowMmu {
             if new != old {
                 // Clear only the bits: hardware may set A/D meanwhile.
                 a.fetch_and(new.raw() | !old.raw(), Ordering::AcqRel);
-                flush = true;
+                flush.require();
             }
         }
         flush
@@ -634,16 +632,16 @@ impl ShadowMmu {
     /// Clears the SPTE at `ptr` (at `level`), unlinking a child page or
     /// forgetting a leaf. Returns whether something was present (a flush is
     /// owed). A child left with no parent and no root use is zapped.
-    fn drop_spte(&self, pages: &mut Pages, ptr: SptePtr, level: u8) -> bool {
+    fn drop_spte(&self, pages: &mut Pages, ptr: SptePtr, level: u8) -> PendingFlush {
         let entry = ptr.get(&self.arena);
         // Only the MMU, under the lock, makes an entry present: an empty
         // one needs no (cache-line-dirtying) swap.
         if !Spte::from_raw(entry.load(Ordering::Acquire)).is_mmu_present() {
-            return false;
+            return PendingFlush::none();
         }
         let old = Spte::from_raw(entry.swap(0, Ordering::AcqRel));
         if !old.is_mmu_present() {
-            return false;
+            return PendingFlush::none();
         }
         if level == 1 {
             if let Some(gfn) = self.translations.get(ptr) {
@@ -656,17 +654,19 @@ impl ShadowMmu {
             let c = pages.page_mut(child);
             c.parents.retain(|&p| p != ptr);
             if c.parents.is_empty() && c.root_count == 0 {
-                self.zap_page(pages, child);
+                return self.zap_page(pages, child);
             }
         }
-        true
+        PendingFlush::new(true)
     }
 
     /// Zaps a shadow page (KVM's `kvm_mmu_prepare_zap_page` and commit):
     /// every entry dropped, every parent SPTE cleared, out of the hash; a
-    /// page still used as a root is kept, invalid, until released. The
-    /// caller owes a flush.
-    fn zap_page(&self, pages: &mut Pages, id: PageId) {
+    /// page still used as a root is kept, invalid, until released. Returns
+    /// the flush the caller owes (always: translations through the page are
+    /// gone).
+    fn zap_page(&self, pages: &mut Pages, id: PageId) -> PendingFlush {
+        let mut flush = PendingFlush::new(true);
         let (pfn, level, gfn) = {
             let p = pages.page(id);
             (p.pfn, p.role.level(), p.gfn)
@@ -686,7 +686,7 @@ impl ShadowMmu {
                 table: pfn,
                 index: index as u16,
             };
-            self.drop_spte(pages, ptr, level);
+            flush |= self.drop_spte(pages, ptr, level);
         }
         let parents = std::mem::take(&mut pages.page_mut(id).parents);
         for ptr in parents {
@@ -699,6 +699,7 @@ impl ShadowMmu {
         } else {
             self.free_page(pages, id);
         }
+        flush
     }
 
     fn free_page(&self, pages: &mut Pages, id: PageId) {
@@ -719,11 +720,11 @@ impl ShadowMmu {
         });
     }
 
-    /// Flushes every vCPU's TLB if `needed` (before the lock is dropped).
-    fn discharge(&self, needed: bool) {
-        if needed {
+    /// Flushes every vCPU's TLB if `flush` is owed (before the lock is
+    /// dropped).
+    fn discharge(&self, flush: PendingFlush) {
+        if flush.discharge(&self.remote_tlb) {
             MmuStats::inc(&self.stats.local().remote_tlb_flush);
-            self.remote_tlb.flush();
         }
     }
 
@@ -774,15 +775,16 @@ impl ShadowMmu {
         let guard = self.lock.write();
         let mut pages = guard.lock();
         let ids = pages.indirect_of(gpa.frame()).to_vec();
+        let mut flush = PendingFlush::none();
         for &id in &ids {
             // An earlier zap may have taken this page with it (a table
             // that links itself is its own child).
             if pages.is_live(id) {
-                self.zap_page(&mut pages, id);
+                flush |= self.zap_page(&mut pages, id);
             }
         }
         drop(pages);
-        self.discharge(!ids.is_empty());
+        self.discharge(flush);
         if !ids.is_empty() {
             MmuStats::inc(&self.stats.local().mmu_unprotect_retry);
         }
@@ -795,9 +797,9 @@ impl ShadowMmu {
     }
 
     /// KVM's `kvm_mmu_track_write`. Returns whether a flush is owed.
-    fn track_write(&self, pages: &mut Pages, gpa: Gpa, size: usize) -> bool {
+    fn track_write(&self, pages: &mut Pages, gpa: Gpa, size: usize) -> PendingFlush {
         let gfn = gpa.frame();
-        let mut flush = false;
+        let mut flush = PendingFlush::none();
         for id in pages.indirect_of(gfn).to_vec() {
             // A zap below can take later pages of this list with it: a
             // guest table that links itself has pages of the same gfn as
@@ -815,8 +817,7 @@ impl ShadowMmu {
             };
             if misaligned || flooded {
                 MmuStats::inc(&self.stats.local().mmu_flooded);
-                self.zap_page(pages, id);
-                flush = true;
+                flush |= self.zap_page(pages, id);
                 continue;
             }
             MmuStats::inc(&self.stats.local().mmu_pte_write);
@@ -840,31 +841,37 @@ impl ShadowMmu {
         let guard = self.lock.write();
         let mut pages = guard.lock();
         self.valid_gen.fetch_add(1, Ordering::AcqRel);
-        self.zap_everything(&mut pages);
+        let mut flush = self.zap_everything(&mut pages);
+        // Every vCPU flushes, pages or none (KVM's zap-all requests a
+        // reload and a flush of every vCPU).
+        flush.require();
         let announced = self.root_generation.fetch_add(1, Ordering::AcqRel) + 1;
         let valid = self.valid_gen.load(Ordering::Acquire);
         // One word, so a reader sees a zap's two numbers together.
         self.zap_all_done
             .store(valid << 32 | (announced & 0xffff_ffff), Ordering::Release);
         drop(pages);
-        self.discharge(true);
+        self.discharge(flush);
     }
 
-    fn zap_everything(&self, pages: &mut Pages) {
+    /// Zaps every page; returns the flush owed.
+    fn zap_everything(&self, pages: &mut Pages) -> PendingFlush {
+        let mut flush = PendingFlush::none();
         // Roots first (top-down zaps unlink and free children).
         let mut ids = pages.ids();
         ids.sort_by_key(|&id| std::cmp::Reverse(pages.page(id).role.level()));
         for id in ids {
             if pages.is_live(id) && !pages.page(id).invalid {
-                self.zap_page(pages, id);
+                flush |= self.zap_page(pages, id);
             }
         }
+        flush
     }
 
     /// Zaps the leaf SPTEs mapping gfns `start..end`. Returns whether a
     /// flush is owed.
-    fn zap_gfn_range(&self, pages: &mut Pages, start: Gfn, end: Gfn) -> bool {
-        let mut flush = false;
+    fn zap_gfn_range(&self, pages: &mut Pages, start: Gfn, end: Gfn) -> PendingFlush {
+        let mut flush = PendingFlush::none();
         for (_, ptr) in pages.rmap_range(start, end) {
             flush |= self.drop_spte(pages, ptr, 1);
         }
@@ -922,7 +929,7 @@ impl MmuNotifier for Notifier {
         mmu.invalidate.begin(&guard);
         mmu.invalidate.range_add(&guard, range.range);
         let mut pages = guard.lock();
-        let mut flush = false;
+        let mut flush = PendingFlush::none();
         for as_id in 0..2u16 {
             let slots = mmu.slots.load(as_id);
             let spans: Vec<_> = slots

@@ -41,6 +41,7 @@ use super::page::{ENTRIES, LeafPage, PageId, Pages, SptePtr};
 use super::roots::ShadowRoots;
 use super::{GPTE_A, GPTE_D, ShadowMmu};
 use crate::addr::Gpa;
+use crate::mmu::flush::PendingFlush;
 use crate::mmu::stats::MmuStats;
 
 /// Bits of a guest entry a sync compares besides A and D.
@@ -83,7 +84,7 @@ impl ShadowMmu {
     /// an unsync 4K page's SPTEs are brought up to date (it stays unsync,
     /// as in KVM's `kvm_mmu_find_shadow_page`); a page with unsync pages
     /// below is synced whole. Returns whether a flush is owed.
-    pub(super) fn sync_before_link(&self, pages: &mut Pages, id: PageId) -> bool {
+    pub(super) fn sync_before_link(&self, pages: &mut Pages, id: PageId) -> PendingFlush {
         match pages.leaf(id) {
             Some(leaf) if pages.page(id).is_unsync() => self.sync_leaf_entries(pages, leaf),
             _ => self.sync_children(pages, id),
@@ -92,24 +93,22 @@ impl ShadowMmu {
 
     /// KVM's `mmu_sync_children`: syncs every unsync page below `id`.
     /// Returns whether a flush is owed.
-    fn sync_children(&self, pages: &mut Pages, id: PageId) -> bool {
+    fn sync_children(&self, pages: &mut Pages, id: PageId) -> PendingFlush {
         let mut leaves = Vec::new();
         self.collect_unsync(pages, id, &mut leaves);
         if leaves.is_empty() {
-            return false;
+            return PendingFlush::none();
         }
         // Write-protect the guest tables and flush before reading them: a
         // vCPU holding a writable translation could otherwise write an
         // entry after it was compared, and the page, marked sync, would
         // never see it.
-        let mut protected = false;
+        let mut protected = PendingFlush::none();
         for leaf in &leaves {
             protected |= self.write_protect_gfn(pages, pages.page(leaf.id()).gfn);
         }
-        if protected {
-            self.discharge(true);
-        }
-        let mut flush = false;
+        self.discharge(protected);
+        let mut flush = PendingFlush::none();
         for leaf in leaves {
             // Reachable by several paths: sync once.
             if !pages.page(leaf.id()).is_unsync() {
@@ -150,7 +149,7 @@ impl ShadowMmu {
 
     /// Brings every present SPTE of an unsync 4K page up to date with its
     /// guest table (KVM's `kvm_sync_page`). Returns whether a flush is owed.
-    fn sync_leaf_entries(&self, pages: &mut Pages, leaf: LeafPage) -> bool {
+    fn sync_leaf_entries(&self, pages: &mut Pages, leaf: LeafPage) -> PendingFlush {
         let page = pages.page(leaf.id());
         let (pfn, table) = (page.pfn, GuestTable::of(page));
         let mut buf = vec![0u8; 4096];
@@ -164,7 +163,7 @@ impl ShadowMmu {
         {
             buf.fill(0);
         }
-        let mut flush = false;
+        let mut flush = PendingFlush::none();
         for index in 0..ENTRIES {
             let ptr = SptePtr {
                 table: pfn,
@@ -184,14 +183,14 @@ impl ShadowMmu {
 
     /// Syncs the one SPTE at `index` of an unsync 4K page (KVM's
     /// `FNAME(sync_spte)` from INVLPG). Returns whether a flush is owed.
-    fn sync_leaf_entry(&self, pages: &mut Pages, leaf: LeafPage, index: usize) -> bool {
+    fn sync_leaf_entry(&self, pages: &mut Pages, leaf: LeafPage, index: usize) -> PendingFlush {
         let page = pages.page(leaf.id());
         let ptr = SptePtr {
             table: page.pfn,
             index: index as u16,
         };
         if !Pages::spte(&self.arena, ptr).is_mmu_present() {
-            return false;
+            return PendingFlush::none();
         }
         let table = GuestTable::of(page);
         // Read without faulting (the lock is held): an entry not resident
@@ -203,7 +202,7 @@ impl ShadowMmu {
         };
         let recorded = page.gpte(index).unwrap_or(0);
         if gpte_still_valid(recorded, now) {
-            return false;
+            return PendingFlush::none();
         }
         self.drop_spte(pages, ptr, 1)
     }
@@ -211,7 +210,7 @@ impl ShadowMmu {
     /// Runs `sync` under the lock when some page is unsync and `roots` are
     /// still valid (if not, the vCPU reloads them), then discharges the
     /// flush it owes.
-    fn sync_under_lock(&self, roots: &ShadowRoots, sync: impl FnOnce(&mut Pages) -> bool) {
+    fn sync_under_lock(&self, roots: &ShadowRoots, sync: impl FnOnce(&mut Pages) -> PendingFlush) {
         if crate::sync::bug(crate::sync::Bug::SkipUnsyncSync) {
             return;
         }
@@ -235,7 +234,7 @@ impl ShadowMmu {
     /// for a guest TLB flush that covers the whole address space.
     pub fn sync_roots(&self, roots: &ShadowRoots) {
         self.sync_under_lock(roots, |pages| {
-            let mut flush = false;
+            let mut flush = PendingFlush::none();
             for id in roots.pages() {
                 let root = pages.page(id);
                 // Only 4K pages may be unsync; a root never is (seed 000).
@@ -254,7 +253,7 @@ impl ShadowMmu {
     pub fn sync_addr(&self, roots: &ShadowRoots, gva: u64) {
         self.sync_under_lock(roots, |pages| {
             let Some(mut id) = roots.try_root_for(gva) else {
-                return false;
+                return PendingFlush::none();
             };
             loop {
                 let page = pages.page(id);
@@ -263,11 +262,11 @@ impl ShadowMmu {
                 if level == 1 {
                     return match pages.leaf(id).filter(|_| page.is_unsync()) {
                         Some(leaf) => self.sync_leaf_entry(pages, leaf, index),
-                        None => false,
+                        None => PendingFlush::none(),
                     };
                 }
                 if !page.unsync_child(index) {
-                    return false;
+                    return PendingFlush::none();
                 }
                 let ptr = SptePtr {
                     table: page.pfn,
@@ -276,7 +275,7 @@ impl ShadowMmu {
                 let spte = Pages::spte(&self.arena, ptr);
                 match spte.is_mmu_present().then(|| pages.by_pfn(spte.pfn())).flatten() {
                     Some(child) => id = child,
-                    None => return false,
+                    None => return PendingFlush::none(),
                 }
             }
         });
