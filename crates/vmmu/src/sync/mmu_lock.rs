@@ -4,8 +4,9 @@
 //! `&impl MmuLockHeld`; a wrapper guard hands out its inner guard's
 //! [`HeldMmuLock`] token.
 
+use std::cell::OnceCell;
 use std::marker::PhantomData;
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 
 use crossbeam_utils::CachePadded;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -73,8 +74,12 @@ impl MmuWriteLockHeld for HeldMmuWriteLock<'_> {}
 /// kernel fault path amortizes; vmmu's fault path is short enough that the
 /// one line halved 2-vCPU throughput. Guards prove the hold in the types.
 ///
-/// The protected data is reached through `&T` from either guard; data a
-/// writer changes needs its own interior mutability.
+/// The protected data is reached through `&T` from a read guard and
+/// `&mut T` from the write guard. It sits in an inner `RwLock` that is
+/// never contended (a writer takes it only after every shard, a reader
+/// only under its shard): it lets the guards hand out references without
+/// `unsafe`, and a reader takes it only when it dereferences its guard
+/// (the TDP MMU's readers, whose data is `()`, never do).
 ///
 /// A lock made inside a shuttle model run ([`crate::sync`], `shuttle`
 /// feature) is one shuttle `RwLock` instead, because it is held across
@@ -86,7 +91,7 @@ pub struct MmuLock<T> {
     shards: Box<[CachePadded<RwLock<()>>]>,
     #[cfg(feature = "shuttle")]
     model: Option<shuttle::sync::RwLock<()>>,
-    data: T,
+    data: RwLock<T>,
 }
 
 /// How a read guard holds the lock (the guard is kept for its `Drop`).
@@ -120,7 +125,7 @@ impl<T> MmuLock<T> {
             shards: (0..SHARDS).map(|_| CachePadded::new(RwLock::new(()))).collect(),
             #[cfg(feature = "shuttle")]
             model: crate::sync::in_model().then(|| shuttle::sync::RwLock::new(())),
-            data,
+            data: RwLock::new(data),
         }
     }
 
@@ -129,21 +134,25 @@ impl<T> MmuLock<T> {
         #[cfg(feature = "shuttle")]
         if let Some(model) = &self.model {
             return MmuLockReadGuard {
+                data: OnceCell::new(),
+                lock: &self.data,
                 _hold: ReadHold::Model(model.read().expect("a model thread panicked holding mmu_lock")),
-                data: &self.data,
             };
         }
         MmuLockReadGuard {
+            data: OnceCell::new(),
+            lock: &self.data,
             _hold: ReadHold::Shard(self.shards[shard_index()].read()),
-            data: &self.data,
         }
     }
 
     /// Takes the lock for writing: every shard, in index order (the one
     /// lock order, so two writers never deadlock).
     pub fn write(&self) -> MmuLockWriteGuard<'_, T> {
+        let hold = Some(self.write_hold());
         MmuLockWriteGuard {
-            hold: Some(self.write_hold()),
+            data: Some(self.data.write()),
+            hold,
             lock: self,
         }
     }
@@ -158,20 +167,25 @@ impl<T> MmuLock<T> {
 
     /// The protected data, consuming the lock.
     pub fn into_inner(self) -> T {
-        self.data
+        self.data.into_inner()
     }
 }
 
-/// `mmu_lock` held for reading.
+/// `mmu_lock` held for reading. (Fields drop in order: the data's inner
+/// lock before the hold.)
 #[derive(Debug)]
 pub struct MmuLockReadGuard<'a, T> {
+    /// The inner lock of the data, taken at the first dereference.
+    data: OnceCell<RwLockReadGuard<'a, T>>,
+    lock: &'a RwLock<T>,
     _hold: ReadHold<'a>,
-    data: &'a T,
 }
 
 /// `mmu_lock` held for writing.
 #[derive(Debug)]
 pub struct MmuLockWriteGuard<'a, T> {
+    /// The data; `Some` whenever `hold` is.
+    data: Option<RwLockWriteGuard<'a, T>>,
     /// Always `Some` but inside [`MmuLockWriteGuard::unlocked`].
     hold: Option<WriteHold<'a>>,
     lock: &'a MmuLock<T>,
@@ -180,14 +194,25 @@ pub struct MmuLockWriteGuard<'a, T> {
 impl<T> Deref for MmuLockReadGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        self.data
+        self.data.get_or_init(|| self.lock.read())
     }
 }
 
 impl<T> Deref for MmuLockWriteGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.lock.data
+        self.data
+            .as_ref()
+            .expect("the write guard holds the data while it holds the lock")
+    }
+}
+
+/// The write lock is exclusive: the data is the holder's to change.
+impl<T> DerefMut for MmuLockWriteGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.data
+            .as_mut()
+            .expect("the write guard holds the data while it holds the lock")
     }
 }
 
@@ -218,6 +243,18 @@ impl<T> MmuLockWriteGuard<'_, T> {
         HeldMmuWriteLock { _guard: PhantomData }
     }
 
+    /// The write-hold token and the data, borrowed together: what is
+    /// validated under the lock (a [`crate::mem::ValidatedMapping`]
+    /// borrows the token) stays usable while the data changes.
+    pub fn split(&mut self) -> (HeldMmuWriteLock<'_>, &mut T) {
+        (
+            HeldMmuWriteLock { _guard: PhantomData },
+            self.data
+                .as_mut()
+                .expect("the write guard holds the data while it holds the lock"),
+        )
+    }
+
     /// Releases the lock, runs `f`, and takes the lock again (KVM drops
     /// `mmu_lock` this way to allocate, or to yield in a long walk). Taking
     /// `&mut self` ends every borrow of the guard first: nothing obtained
@@ -225,9 +262,11 @@ impl<T> MmuLockWriteGuard<'_, T> {
     /// or past it. The caller must treat what it read under the lock as
     /// stale afterwards (a cursor restarts from the root).
     pub fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        drop(self.data.take());
         drop(self.hold.take());
         let r = f();
         self.hold = Some(self.lock.write_hold());
+        self.data = Some(self.lock.data.write());
         r
     }
 }

@@ -98,8 +98,8 @@ impl ShadowMmu {
     /// Returns every violation found.
     pub fn audit(&self) -> Vec<ShadowAuditViolation> {
         let _slots_lock = self.slots.slots_lock();
-        let guard = self.lock.write();
-        let pages = guard.lock();
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
         let mut out = Vec::new();
         let mut unsync = 0u64;
         let mut sync_tables = HashSet::new();
@@ -117,9 +117,9 @@ impl ShadowMmu {
                 sync_tables.insert(p.gfn);
             }
             if p.role.level() > 1 {
-                self.audit_bitmap(&pages, id, &mut out);
+                self.audit_bitmap(pages, id, &mut out);
             } else if pages.leaf(id).is_some() && !p.is_unsync() {
-                self.audit_sync_page(&pages, id, &mut out);
+                self.audit_sync_page(pages, id, &mut out);
             }
         }
         let (live, max, pinned) = (pages.len() as u64, self.max_pages(), pages.pinned() as u64);
@@ -134,7 +134,7 @@ impl ShadowMmu {
         if counted != unsync {
             out.push(ShadowAuditViolation::UnsyncCount { counted, found: unsync });
         }
-        self.audit_leaves(&pages, &sync_tables, &mut out);
+        self.audit_leaves(pages, &sync_tables, &mut out);
         out
     }
 

@@ -24,15 +24,14 @@ impl ShadowMmu {
     /// the bits are cleared and their pages write-protected, with TLBs
     /// flushed before this returns.
     pub fn get_dirty_log(&self, as_id: u16, slot_id: u16) -> Result<Vec<u64>, MemslotError> {
-        let guard = self.lock.write();
-        let pages = guard.lock();
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
         let bitmap = self.slots.get_dirty_log(as_id, slot_id)?;
         let flush = if self.slots.config().manual_dirty_log_protect {
             PendingFlush::none()
         } else {
-            self.protect_bitmap(&pages, as_id, slot_id, 0, &bitmap)?
+            self.protect_bitmap(pages, as_id, slot_id, 0, &bitmap)?
         };
-        drop(pages);
         self.discharge(flush);
         Ok(bitmap)
     }
@@ -40,11 +39,10 @@ impl ShadowMmu {
     /// `KVM_CLEAR_DIRTY_LOG` (manual protect): clears the bits of `mask`
     /// from `first_page` and write-protects the pages that were dirty.
     pub fn clear_dirty_log(&self, as_id: u16, slot_id: u16, first_page: u64, mask: &[u64]) -> Result<(), MemslotError> {
-        let guard = self.lock.write();
-        let pages = guard.lock();
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
         let cleared = self.slots.clear_dirty_log(as_id, slot_id, first_page, mask)?;
-        let flush = self.protect_bitmap(&pages, as_id, slot_id, first_page, &cleared)?;
-        drop(pages);
+        let flush = self.protect_bitmap(pages, as_id, slot_id, first_page, &cleared)?;
         self.discharge(flush);
         Ok(())
     }
@@ -104,11 +102,10 @@ impl ShadowMmu {
         if cfg.manual_dirty_log_protect && cfg.dirty_log_initially_set {
             return; // every page counts as dirty already
         }
-        let guard = self.lock.write();
-        let pages = guard.lock();
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
         let end = slot.base_gfn().add(slot.npages());
-        let flush = self.clear_writable_range(&pages, slot.base_gfn(), end);
-        drop(pages);
+        let flush = self.clear_writable_range(pages, slot.base_gfn(), end);
         self.discharge(flush);
     }
 }

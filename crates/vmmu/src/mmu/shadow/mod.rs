@@ -42,8 +42,6 @@ mod sync;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
-
 use self::access::{Leaf, leaf_rights};
 use self::page::{ENTRIES, PageId, Pages, SptePtr, Translations};
 use self::role::Role;
@@ -172,7 +170,7 @@ pub struct ShadowMmu {
     host: Arc<HostAddressSpace>,
     slots: Arc<MemslotTable>,
     memory: GuestMemory,
-    lock: MmuLock<Mutex<Pages>>,
+    lock: MmuLock<Pages>,
     translations: Translations,
     invalidate: InvalidateState,
     remote_tlb: RemoteTlb,
@@ -217,7 +215,7 @@ impl ShadowMmu {
             memory: GuestMemory::new(host.clone(), slots.clone()),
             host: host.clone(),
             slots: slots.clone(),
-            lock: MmuLock::new(Mutex::new(Pages::default())),
+            lock: MmuLock::new(Pages::default()),
             translations: Translations::default(),
             invalidate: InvalidateState::default(),
             remote_tlb: RemoteTlb::default(),
@@ -272,12 +270,12 @@ impl ShadowMmu {
 
     /// Shadow pages live now.
     pub fn page_count(&self) -> usize {
-        self.lock.read().lock().len()
+        self.lock.read().len()
     }
 
     /// The most shadow pages live at once so far.
     pub fn peak_page_count(&self) -> usize {
-        self.lock.read().lock().peak()
+        self.lock.read().peak()
     }
 
     /// The page limit (KVM's `n_max_mmu_pages`).
@@ -291,10 +289,9 @@ impl ShadowMmu {
     pub fn set_max_pages(&self, n: u64) -> u64 {
         let n = n.max(MIN_MMU_PAGES);
         self.max_pages.store(n, Ordering::Relaxed);
-        let guard = self.lock.write();
-        let mut pages = guard.lock();
-        let flush = self.reclaim(&mut pages, 0);
-        drop(pages);
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
+        let flush = self.reclaim(pages, 0);
         self.discharge(flush);
         n
     }
@@ -371,18 +368,18 @@ impl ShadowMmu {
         tables.topup(usize::from(roots.levels()))?;
         let mapping = faultin_gfn(&self.host, &self.invalidate, slot, gfn, access.is_write())
             .map_err(|source| ShadowError::Host { gpa: walk.gpa, source })?;
-        let guard = self.lock.write();
-        let Ok(valid) = mapping.validate(&guard, &self.invalidate) else {
+        let mut guard = self.lock.write();
+        let (held, pages) = guard.split();
+        let Ok(valid) = mapping.validate(&held, &self.invalidate) else {
             MmuStats::inc(&self.stats.local().pf_retry);
             return Ok(ShadowOutcome::Retry);
         };
-        let mut pages = guard.lock();
-        if !self.roots_valid(&pages, roots) {
+        if !self.roots_valid(pages, roots) {
             MmuStats::inc(&self.stats.local().pf_retry);
             return Ok(ShadowOutcome::Retry);
         }
         // Room for the pages this fault may create (one per level).
-        let mut flush = self.reclaim(&mut pages, FREE_MMU_PAGES);
+        let mut flush = self.reclaim(pages, FREE_MMU_PAGES);
         // KVM's FNAME(gpte_changed): the guest entries the walk used must
         // still hold (their writes are trapped, so under the lock they
         // cannot change until we are done), A/D included: the walk set A
@@ -451,16 +448,16 @@ impl ShadowMmu {
                 Some(c) => c,
                 None => {
                     if spte.is_mmu_present() {
-                        flush |= self.drop_spte(&mut pages, ptr, level);
+                        flush |= self.drop_spte(pages, ptr, level);
                     }
-                    let (c, wp) = self.get_page(&mut pages, child_gfn, child_role, tables);
+                    let (c, wp) = self.get_page(pages, child_gfn, child_role, tables);
                     flush |= wp;
                     // A new path to a page must not expose stale SPTEs:
                     // an unsync child is synced before it is linked.
                     if pages.page(c).has_unsync() {
-                        flush |= self.sync_before_link(&mut pages, c);
+                        flush |= self.sync_before_link(pages, c);
                     }
-                    self.link(&mut pages, ptr, c);
+                    self.link(pages, ptr, c);
                     c
                 }
             };
@@ -497,7 +494,7 @@ impl ShadowMmu {
         let tracked = pages.is_write_tracked(gfn);
         let mut mmu_writable = !tracked;
         if tracked && rights.contains(AccessRights::WRITE) {
-            if self.try_unsync(&mut pages, gfn) {
+            if self.try_unsync(pages, gfn) {
                 // Every shadow page of the guest table is a 4K page, now
                 // unsync: the guest writes its table without trapping.
                 mmu_writable = true;
@@ -527,14 +524,14 @@ impl ShadowMmu {
         leaf = leaf.with_pkey(walk.pkey);
         let old = Pages::spte(&self.arena, ptr);
         if old.is_mmu_present() {
-            flush |= self.drop_spte(&mut pages, ptr, 1);
+            flush |= self.drop_spte(pages, ptr, 1);
         }
         if pages.rmap_len(gfn) >= RMAP_RECYCLE_THRESHOLD {
             // A gfn mapped by very many SPTEs (a guest mapping one page
             // everywhere): drop them all rather than let the chain grow
             // (KVM's `rmap_recycle`); they fault back in on use.
             tracing::trace!(target: "kvm_mmu_rmap_recycle", gfn = gfn.raw());
-            flush |= self.zap_gfn_range(&mut pages, gfn, gfn.add(1));
+            flush |= self.zap_gfn_range(pages, gfn, gfn.add(1));
         }
         ptr.get(&self.arena).store(leaf.raw(), Ordering::Release);
         if let Some(e) = walk.entry(1).filter(|_| !role.is_direct()) {
@@ -548,8 +545,7 @@ impl ShadowMmu {
             // Writable from now on: logged now (KVM's `make_spte`).
             slot.mark_page_dirty(gfn);
         }
-        self.prefetch(&mut pages, sp, ptr.index as usize, gva, paging, groot, roots.as_id());
-        drop(pages);
+        self.prefetch(pages, sp, ptr.index as usize, gva, paging, groot, roots.as_id());
         self.discharge(flush);
         MmuStats::inc(&self.stats.local().pf_fixed);
         Ok(ShadowOutcome::Fixed)
@@ -747,10 +743,9 @@ impl ShadowMmu {
         // write to memory with no memslot (or a read-only one) is dropped.
         self.emulating.fetch_add(1, Ordering::AcqRel);
         let _ = self.memory.write_value(gpa, size, value);
-        let guard = self.lock.write();
-        let mut pages = guard.lock();
-        let flush = self.track_write(&mut pages, gpa, size);
-        drop(pages);
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
+        let flush = self.track_write(pages, gpa, size);
         self.discharge(flush);
         self.emulating.fetch_sub(1, Ordering::AcqRel);
         Ok(())
@@ -772,18 +767,17 @@ impl ShadowMmu {
         if self.indirect_shadow_pages.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        let guard = self.lock.write();
-        let mut pages = guard.lock();
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
         let ids = pages.indirect_of(gpa.frame()).to_vec();
         let mut flush = PendingFlush::none();
         for &id in &ids {
             // An earlier zap may have taken this page with it (a table
             // that links itself is its own child).
             if pages.is_live(id) {
-                flush |= self.zap_page(&mut pages, id);
+                flush |= self.zap_page(pages, id);
             }
         }
-        drop(pages);
         self.discharge(flush);
         if !ids.is_empty() {
             MmuStats::inc(&self.stats.local().mmu_unprotect_retry);
@@ -793,7 +787,7 @@ impl ShadowMmu {
 
     /// The number of leaf SPTEs mapping `gfn` (its rmap's length).
     pub fn rmap_count(&self, gfn: Gfn) -> usize {
-        self.lock.read().lock().rmap_len(gfn)
+        self.lock.read().rmap_len(gfn)
     }
 
     /// KVM's `kvm_mmu_track_write`. Returns whether a flush is owed.
@@ -838,10 +832,10 @@ impl ShadowMmu {
     /// Zaps every shadow page (KVM's `kvm_mmu_zap_all_fast`): roots in use
     /// become invalid and vCPUs reload.
     pub fn zap_all(&self) {
-        let guard = self.lock.write();
-        let mut pages = guard.lock();
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
         self.valid_gen.fetch_add(1, Ordering::AcqRel);
-        let mut flush = self.zap_everything(&mut pages);
+        let mut flush = self.zap_everything(pages);
         // Every vCPU flushes, pages or none (KVM's zap-all requests a
         // reload and a flush of every vCPU).
         flush.require();
@@ -850,7 +844,6 @@ impl ShadowMmu {
         // One word, so a reader sees a zap's two numbers together.
         self.zap_all_done
             .store(valid << 32 | (announced & 0xffff_ffff), Ordering::Release);
-        drop(pages);
         self.discharge(flush);
     }
 
@@ -925,10 +918,10 @@ struct Notifier(std::sync::Weak<ShadowMmu>);
 impl MmuNotifier for Notifier {
     fn invalidate_range_start(&self, range: &NotifierRange) {
         let Some(mmu) = self.0.upgrade() else { return };
-        let guard = mmu.lock.write();
+        let mut guard = mmu.lock.write();
         mmu.invalidate.begin(&guard);
         mmu.invalidate.range_add(&guard, range.range);
-        let mut pages = guard.lock();
+        let pages = &mut *guard;
         let mut flush = PendingFlush::none();
         for as_id in 0..2u16 {
             let slots = mmu.slots.load(as_id);
@@ -938,10 +931,9 @@ impl MmuNotifier for Notifier {
                 .collect();
             drop(slots);
             for r in spans {
-                flush |= mmu.zap_gfn_range(&mut pages, r.start, r.end);
+                flush |= mmu.zap_gfn_range(pages, r.start, r.end);
             }
         }
-        drop(pages);
         mmu.discharge(flush);
     }
 

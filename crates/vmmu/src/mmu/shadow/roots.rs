@@ -112,11 +112,11 @@ impl ShadowMmu {
         MmuStats::inc(&self.stats.local().prev_roots_miss);
         // Four PAE roots and the vCPU's PML4 and PDPT above them at most.
         tables.topup(6)?;
-        let guard = self.lock.write();
-        let mut pages = guard.lock();
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
         let generation = self.valid_gen.load(Ordering::Acquire);
         // Room for up to four roots.
-        let mut flush = self.reclaim(&mut pages, super::FREE_MMU_PAGES);
+        let mut flush = self.reclaim(pages, super::FREE_MMU_PAGES);
         let mut get = |pages: &mut super::page::Pages, gfn: Gfn, role: Role, tables: &mut MmuMemoryCache| {
             let (id, wp) = self.get_page(pages, gfn, role, tables);
             flush |= wp;
@@ -127,7 +127,7 @@ impl ShadowMmu {
             PagingMode::Level4 | PagingMode::Level5 => {
                 let level = ctx.root_level();
                 let id = get(
-                    &mut pages,
+                    pages,
                     Gfn::new((cr3 & CR3_LM_ROOT_MASK) >> 12),
                     Role::root(ctx, level, 0),
                     tables,
@@ -159,12 +159,12 @@ impl ShadowMmu {
                         _ => Some((Gfn::new((i as u64) << 18), Role::root(ctx, 2, 0))),
                     };
                     if let Some((gfn, role)) = target {
-                        let id = get(&mut pages, gfn, role, tables);
+                        let id = get(pages, gfn, role, tables);
                         let ptr = SptePtr {
                             table: pae,
                             index: i as u16,
                         };
-                        self.link(&mut pages, ptr, id);
+                        self.link(pages, ptr, id);
                         *root = Some(id);
                     }
                 }
@@ -177,7 +177,6 @@ impl ShadowMmu {
                 }
             }
         };
-        drop(pages);
         self.discharge(flush);
         Ok(roots)
     }
@@ -185,8 +184,8 @@ impl ShadowMmu {
     /// Releases a vCPU's roots (KVM's `kvm_mmu_free_roots`): an invalid
     /// root page whose last user this was is freed.
     pub fn release_roots(&self, roots: ShadowRoots) {
-        let guard = self.lock.write();
-        let mut pages = guard.lock();
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
         for id in roots.pages() {
             let p = pages.page_mut(id);
             p.root_count -= 1;
@@ -195,7 +194,7 @@ impl ShadowMmu {
             }
             let p = pages.page(id);
             if p.root_count == 0 && p.invalid {
-                self.free_page(&mut pages, id);
+                self.free_page(pages, id);
             }
         }
         if let RootKind::Pae { pml4, pae, .. } = roots.kind {
@@ -217,8 +216,7 @@ impl ShadowMmu {
 
     /// Whether `roots` must be reloaded (zapped, or a zap-all happened).
     pub fn roots_obsolete(&self, roots: &ShadowRoots) -> bool {
-        let guard = self.lock.read();
-        let pages = guard.lock();
+        let pages = self.lock.read();
         !self.roots_valid(&pages, roots)
     }
 }

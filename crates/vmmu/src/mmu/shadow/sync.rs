@@ -220,13 +220,12 @@ impl ShadowMmu {
         if self.unsync_pages.load(Ordering::Acquire) == 0 {
             return;
         }
-        let guard = self.lock.write();
-        let mut pages = guard.lock();
-        if !self.roots_valid(&pages, roots) {
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
+        if !self.roots_valid(pages, roots) {
             return;
         }
-        let flush = sync(&mut pages);
-        drop(pages);
+        let flush = sync(pages);
         self.discharge(flush);
     }
 
