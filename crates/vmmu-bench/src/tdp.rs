@@ -1149,8 +1149,15 @@ fn leaf_states(vm: &Vm) -> Result<LeafStates, BenchError> {
         tracked: 0,
     };
     // Pinned, as every walker of the tree is: no table is freed under it.
-    let _epoch = crossbeam_epoch::pin();
-    let mut it = SpteIter::new(vm.mmu.arena(), vm.mmu.config().geometry, root.root().pfn(), 1, 0);
+    let epoch = crossbeam_epoch::pin();
+    let mut it = SpteIter::new(
+        &epoch,
+        vm.mmu.arena(),
+        vm.mmu.config().geometry,
+        root.root().pfn(),
+        1,
+        0,
+    );
     while it.valid() {
         let spte = it.old_spte();
         if spte.is_mmu_present() && spte.is_leaf(it.level()) {

@@ -117,7 +117,8 @@ mod model {
             tables: 1,
             leaves: BTreeMap::new(),
         };
-        let mut it = SpteIter::new(mmu.arena(), mmu.config().geometry, root, 1, 0);
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&epoch, mmu.arena(), mmu.config().geometry, root, 1, 0);
         while it.valid() {
             let spte = it.old_spte();
             if spte.is_mmu_present() {

@@ -20,6 +20,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crossbeam_epoch::Guard;
+
 use super::spte::Spte;
 use crate::addr::Pfn;
 use crate::host::FrameArena;
@@ -73,6 +75,9 @@ impl Geometry {
 
 /// A cursor over the SPTEs of one tree.
 pub struct SpteIter<'a> {
+    /// The epoch the walk runs under: a table unlinked meanwhile is not
+    /// freed before the cursor is gone (KVM's RCU read-side section).
+    _epoch: &'a Guard,
     arena: &'a FrameArena,
     geometry: Geometry,
     root: Pfn,
@@ -96,11 +101,21 @@ pub struct SpteIter<'a> {
 impl<'a> SpteIter<'a> {
     /// A cursor over the tree at `root` (at `root_level`), visiting levels
     /// down to `min_level`, positioned at the SPTE covering `goal_gfn` at
-    /// the root.
-    pub fn new(arena: &'a FrameArena, geometry: Geometry, root: Pfn, min_level: u8, goal_gfn: u64) -> SpteIter<'a> {
+    /// the root, under `epoch` (the cursor cannot outlive it: tables it
+    /// reads are freed only after every epoch pinned while they were
+    /// linked).
+    pub fn new(
+        epoch: &'a Guard,
+        arena: &'a FrameArena,
+        geometry: Geometry,
+        root: Pfn,
+        min_level: u8,
+        goal_gfn: u64,
+    ) -> SpteIter<'a> {
         let root_level = geometry.levels;
         debug_assert!(min_level >= 1 && min_level <= root_level);
         let mut it = SpteIter {
+            _epoch: epoch,
             arena,
             geometry,
             root,
@@ -341,7 +356,8 @@ mod tests {
         let a = arena();
         let leaves = [0u64, 1, 5, 17, 18, 63];
         let root = build(&a, TINY, &leaves);
-        let mut it = SpteIter::new(&a, TINY, root, 1, 0);
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, 1, 0);
         assert_eq!(leaves_visited(&mut it), leaves);
     }
 
@@ -349,7 +365,8 @@ mod tests {
     fn starts_at_the_goal_gfn() {
         let a = arena();
         let root = build(&a, TINY, &[0, 1, 5, 17, 18, 63]);
-        let mut it = SpteIter::new(&a, TINY, root, 1, 17);
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, 1, 17);
         assert_eq!(leaves_visited(&mut it), [17, 18, 63]);
     }
 
@@ -357,7 +374,8 @@ mod tests {
     fn min_level_stops_the_descent() {
         let a = arena();
         let root = build(&a, TINY, &[5, 40]);
-        let mut it = SpteIter::new(&a, TINY, root, 2, 0);
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, 2, 0);
         let mut seen = Vec::new();
         while it.valid() {
             assert!(it.level() >= 2);
@@ -373,7 +391,8 @@ mod tests {
     fn restart_resumes_without_revisiting() {
         let a = arena();
         let root = build(&a, TINY, &[1, 2, 30, 31, 50]);
-        let mut it = SpteIter::new(&a, TINY, root, 1, 0);
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, 1, 0);
         let mut seen = Vec::new();
         while it.valid() {
             if it.level() == 1 && it.old_spte().is_mmu_present() {
@@ -393,7 +412,8 @@ mod tests {
     fn step_down_rereads_a_concurrently_zapped_entry() {
         let a = arena();
         let root = build(&a, TINY, &[21]);
-        let mut it = SpteIter::new(&a, TINY, root, 1, 21);
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, 1, 21);
         assert!(it.old_spte().is_mmu_present());
         // Another thread zaps the root entry after the cursor read it.
         it.sptep().store(0, Ordering::Release);
@@ -405,7 +425,8 @@ mod tests {
     fn try_set_fails_on_a_lost_race_and_reports_the_winner() {
         let a = arena();
         let root = build(&a, TINY, &[3]);
-        let mut it = SpteIter::new(&a, TINY, root, 1, 3);
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, 1, 3);
         while it.level() > 1 {
             assert!(it.step_down());
         }
@@ -423,7 +444,8 @@ mod tests {
         let g = Geometry::X86_4LEVEL;
         let leaves = [0u64, 511, 512, 0x4_0000, 0x7ff_ffff];
         let root = build(&a, g, &leaves);
-        let mut it = SpteIter::new(&a, g, root, 1, 0);
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&epoch, &a, g, root, 1, 0);
         assert_eq!(leaves_visited(&mut it), leaves);
     }
 }

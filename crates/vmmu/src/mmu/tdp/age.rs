@@ -41,9 +41,9 @@ impl TdpMmu {
         // Tables unlinked meanwhile (a zap under the read lock, an invalid
         // root's last reference dropped) are freed only after this guard:
         // the walk never reads a freed or reused frame.
-        let _epoch = crossbeam_epoch::pin();
+        let epoch = crossbeam_epoch::pin();
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 1, start.raw());
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), 1, start.raw());
             while it.valid() && it.gfn() < end.raw() {
                 let spte = it.old_spte();
                 let level = it.level();

@@ -102,7 +102,8 @@ impl TdpMmu {
         let roots: Vec<_> = self.roots.lock().valid.clone();
         for root in roots {
             let slots = self.slots.load(root.as_id);
-            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, 0);
+            let epoch = crossbeam_epoch::pin();
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn, 1, 0);
             while it.valid() {
                 let spte = it.old_spte();
                 let level = it.level();

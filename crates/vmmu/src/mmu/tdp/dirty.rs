@@ -77,11 +77,11 @@ impl TdpMmu {
     ) -> PendingFlush {
         // Tables unlinked meanwhile (an invalidated root's last reference
         // dropped) are freed only after this guard.
-        let _epoch = crossbeam_epoch::pin();
+        let epoch = crossbeam_epoch::pin();
         let mut protected = false;
         let entries = self.config.geometry.entries();
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 1, start.raw());
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), 1, start.raw());
             while it.valid() && it.gfn() < end.raw() {
                 let level = it.level();
                 let spte = it.old_spte();
@@ -272,11 +272,11 @@ impl TdpMmu {
             .ok_or(MemslotError::UnknownSlot { as_id, id: slot_id })?
             .clone();
         drop(slots);
-        let _epoch = crossbeam_epoch::pin();
+        let epoch = crossbeam_epoch::pin();
         let (start, end) = (slot.base_gfn(), slot.base_gfn().add(slot.npages()));
         let mut cleaned = false;
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 1, start.raw());
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), 1, start.raw());
             while it.valid() && it.gfn() < end.raw() {
                 let spte = it.old_spte();
                 let level = it.level();
@@ -375,13 +375,13 @@ impl TdpMmu {
     /// (in place, largest first; KVM's `kvm_mmu_recover_huge_pages`).
     fn recover_huge_pages(&self, slot: &Memslot) {
         let guard = self.lock.write();
-        let _epoch = crossbeam_epoch::pin();
+        let epoch = crossbeam_epoch::pin();
         let start = slot.base_gfn();
         let end = start.add(slot.npages());
         let max = Level::new(self.config.max_level.clamp(1, 3)).expect("clamped to a leaf level");
         let mut flush = false;
         for root in self.roots_of(slot.as_id()) {
-            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 2, start.raw());
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), 2, start.raw());
             while it.valid() && it.gfn() < end.raw() {
                 let spte = it.old_spte();
                 let level = it.level();

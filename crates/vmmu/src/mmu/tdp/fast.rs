@@ -26,8 +26,15 @@ impl TdpMmu {
         ring: Option<&DirtyRing>,
     ) -> Option<FaultOutcome> {
         let write = fault.write;
-        let _epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&self.arena, self.config.geometry, root.root().pfn(), 1, gfn.raw());
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(
+            &epoch,
+            &self.arena,
+            self.config.geometry,
+            root.root().pfn(),
+            1,
+            gfn.raw(),
+        );
         while it.step_down() {}
         let spte = it.old_spte();
         if !spte.is_mmu_present() || !spte.is_leaf(it.level()) {

@@ -553,7 +553,8 @@ impl TdpMmu {
             "only an invalidated root is zapped under the read lock"
         );
         let mut zapped = 0;
-        let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, 0);
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn, 1, 0);
         while it.valid() {
             let spte = it.old_spte();
             let level = it.level();
@@ -775,7 +776,8 @@ impl TdpMmu {
         }
         let as_id = root.root.as_id;
         let g = self.config.geometry;
-        let mut it = SpteIter::new(&self.arena, g, root.root.pfn, level, gfn.raw());
+        let epoch = crossbeam_epoch::pin();
+        let mut it = SpteIter::new(&epoch, &self.arena, g, root.root.pfn, level, gfn.raw());
         while it.level() > level {
             let spte = it.old_spte();
             if spte.is_frozen() {
@@ -894,7 +896,8 @@ impl TdpMmu {
     pub fn zap_gfn_range(&self, guard: &impl MmuWriteLockHeld, as_id: u16, start: Gfn, end: Gfn) -> PendingFlush {
         let mut zapped = false;
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, start.raw());
+            let epoch = crossbeam_epoch::pin();
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn, 1, start.raw());
             while it.valid() && it.gfn() < end.raw() {
                 let spte = it.old_spte();
                 let level = it.level();
@@ -919,7 +922,8 @@ impl TdpMmu {
     pub fn zap_mmio(&self, guard: &impl MmuWriteLockHeld) {
         let roots: Vec<Arc<TdpRoot>> = self.roots.lock().all().cloned().collect();
         for root in roots {
-            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn, 1, 0);
+            let epoch = crossbeam_epoch::pin();
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn, 1, 0);
             while it.valid() {
                 if it.old_spte().is_mmio(self.fmt) {
                     self.zap_spte(guard, &mut it, root.as_id);
@@ -932,10 +936,10 @@ impl TdpMmu {
     /// The leaf mapping `gfn` of `as_id` in each root, with its level (for
     /// diagnostics: what a checker reports beside a violation).
     pub fn leaves_of(&self, as_id: u16, gfn: Gfn) -> Vec<(bool, u8, Spte)> {
-        let _epoch = crossbeam_epoch::pin();
+        let epoch = crossbeam_epoch::pin();
         let mut out = Vec::new();
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), 1, gfn.raw());
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), 1, gfn.raw());
             while it.step_down() {}
             out.push((root.is_valid(), it.level(), it.old_spte()));
         }

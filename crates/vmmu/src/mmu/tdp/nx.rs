@@ -97,7 +97,8 @@ impl TdpMmu {
                 continue;
             }
             for root in self.roots_of(as_id) {
-                let mut it = SpteIter::new(&self.arena, self.config.geometry, root.pfn(), level, gfn.raw());
+                let epoch = crossbeam_epoch::pin();
+                let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), level, gfn.raw());
                 while it.level() > level && it.step_down() {}
                 let spte = it.old_spte();
                 if it.level() == level && spte.is_mmu_present() && !spte.is_leaf(level) {
