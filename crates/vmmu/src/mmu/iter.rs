@@ -77,7 +77,7 @@ impl Geometry {
 pub struct SpteIter<'a> {
     /// The epoch the walk runs under: a table unlinked meanwhile is not
     /// freed before the cursor is gone (KVM's RCU read-side section).
-    _epoch: &'a Guard,
+    epoch: &'a Guard,
     arena: &'a FrameArena,
     geometry: Geometry,
     root: Pfn,
@@ -115,7 +115,7 @@ impl<'a> SpteIter<'a> {
         let root_level = geometry.levels;
         debug_assert!(min_level >= 1 && min_level <= root_level);
         let mut it = SpteIter {
-            _epoch: epoch,
+            epoch,
             arena,
             geometry,
             root,
@@ -167,6 +167,12 @@ impl<'a> SpteIter<'a> {
     #[inline(always)]
     pub fn gfn(&self) -> u64 {
         self.gfn
+    }
+
+    /// The epoch the walk runs under: what the walk unlinks is freed
+    /// through it ([`crossbeam_epoch::Guard::defer`]).
+    pub fn epoch(&self) -> &'a Guard {
+        self.epoch
     }
 
     /// The current SPTE as last read.

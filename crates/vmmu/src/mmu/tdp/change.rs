@@ -32,6 +32,8 @@
 
 use std::sync::atomic::Ordering;
 
+use crossbeam_epoch::Guard;
+
 use super::TdpMmu;
 use crate::addr::{Gfn, PageSize, Pfn};
 use crate::mmu::iter::SpteIter;
@@ -65,7 +67,7 @@ impl TdpMmu {
         if !it.try_set(new) {
             return false;
         }
-        self.handle_changed_spte(as_id, it.gfn(), it.level(), old, new, dirty);
+        self.handle_changed_spte(it.epoch(), as_id, it.gfn(), it.level(), old, new, dirty);
         true
     }
 
@@ -109,14 +111,24 @@ impl TdpMmu {
     /// write lock, or in an invalidated root (faults refuse those).
     pub(super) fn zap_spte(&self, _guard: &impl MmuLockHeld, it: &mut SpteIter<'_>, as_id: u16) -> Spte {
         let old = Spte::from_raw(it.sptep().swap(0, Ordering::AcqRel));
-        self.handle_changed_spte(as_id, it.gfn(), it.level(), old, Spte::EMPTY, DirtyBit::Log);
+        self.handle_changed_spte(it.epoch(), as_id, it.gfn(), it.level(), old, Spte::EMPTY, DirtyBit::Log);
         it.refresh();
         old
     }
 
     /// Reacts to the SPTE of `gfn` at `level` changing from `old` to `new`
     /// (KVM's `handle_changed_spte`; see the module documentation).
-    pub(super) fn handle_changed_spte(&self, as_id: u16, gfn: u64, level: u8, old: Spte, new: Spte, dirty: DirtyBit) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn handle_changed_spte(
+        &self,
+        epoch: &Guard,
+        as_id: u16,
+        gfn: u64,
+        level: u8,
+        old: Spte,
+        new: Spte,
+        dirty: DirtyBit,
+    ) {
         if old == new {
             return;
         }
@@ -149,7 +161,7 @@ impl TdpMmu {
             self.log_dirty_pages(as_id, gfn, self.config.geometry.pages(level));
         }
         if was_present && !was_leaf && (!is_present || is_leaf || new.pfn() != old.pfn()) {
-            self.handle_removed_table(as_id, gfn, level - 1, old.pfn());
+            self.handle_removed_table(epoch, as_id, gfn, level - 1, old.pfn());
         }
     }
 
@@ -157,7 +169,7 @@ impl TdpMmu {
     /// (KVM's `handle_removed_pt`): every entry is frozen and its change
     /// handled (leaves counted and logged, tables below torn down the same
     /// way), then the table is freed once no walker can be inside it.
-    fn handle_removed_table(&self, as_id: u16, gfn: u64, level: u8, table: Pfn) {
+    fn handle_removed_table(&self, epoch: &Guard, as_id: u16, gfn: u64, level: u8, table: Pfn) {
         let g = self.config.geometry;
         for (i, slot) in self.arena.table(table).iter().take(g.entries() as usize).enumerate() {
             // A fault that walked in before the unlink may still try to
@@ -165,13 +177,21 @@ impl TdpMmu {
             sync::sched_point();
             let old = Spte::from_raw(slot.swap(FROZEN_SPTE, Ordering::AcqRel));
             let child_gfn = gfn + i as u64 * g.pages(level);
-            self.handle_changed_spte(as_id, child_gfn, level, old, Spte::from_raw(FROZEN_SPTE), DirtyBit::Log);
+            self.handle_changed_spte(
+                epoch,
+                as_id,
+                child_gfn,
+                level,
+                old,
+                Spte::from_raw(FROZEN_SPTE),
+                DirtyBit::Log,
+            );
         }
         self.stats.account_tables(-1);
         if self.config.nx_huge_pages {
             self.nx_untrack_table(as_id, gfn, level);
         }
-        defer_free_table(&self.arena, table);
+        defer_free_table(epoch, &self.arena, table);
     }
 
     /// D-bit logging: marks `pages` gfns from `gfn` dirty in every slot of
@@ -189,14 +209,14 @@ impl TdpMmu {
     }
 }
 
-/// Frees one table frame after an epoch grace period (the hardware model
-/// and lockless walkers pin an epoch while they walk).
-pub(super) fn defer_free_table(arena: &std::sync::Arc<crate::host::FrameArena>, table: Pfn) {
+/// Frees one table frame after the grace period of `epoch` (the epoch of
+/// the walk that unlinked it: the hardware model and lockless walkers pin
+/// an epoch while they walk).
+pub(super) fn defer_free_table(epoch: &Guard, arena: &std::sync::Arc<crate::host::FrameArena>, table: Pfn) {
     let arena = arena.clone();
-    let guard = crossbeam_epoch::pin();
-    guard.defer(move || {
+    epoch.defer(move || {
         // A double free would be an MMU bug; the arena reports it and frees nothing.
         let _ = arena.free(table, PageSize::Size4K);
     });
-    guard.flush();
+    epoch.flush();
 }

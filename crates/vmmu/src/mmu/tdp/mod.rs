@@ -215,7 +215,7 @@ fn put_root(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry, st
         // tables can be counted now and freed after the grace period.
         let tables = count_tables(arena, geometry, root.pfn, geometry.levels);
         stats.account_tables(-(tables as i64));
-        defer_free_tree(arena, geometry, root.pfn, geometry.levels);
+        defer_free_tree(&crossbeam_epoch::pin(), arena, geometry, root.pfn, geometry.levels);
     }
 }
 
@@ -1013,13 +1013,13 @@ impl MmuNotifier for Notifier {
     }
 }
 
-/// Frees a page-table tree after an epoch grace period: the hardware model
-/// pins an epoch while it walks, so no walker can still be inside it.
-fn defer_free_tree(arena: &Arc<FrameArena>, geometry: Geometry, table: Pfn, level: u8) {
+/// Frees a page-table tree after the grace period of `epoch`: the
+/// hardware model pins an epoch while it walks, so no walker can still be
+/// inside it.
+fn defer_free_tree(epoch: &crossbeam_epoch::Guard, arena: &Arc<FrameArena>, geometry: Geometry, table: Pfn, level: u8) {
     let arena = arena.clone();
-    let guard = crossbeam_epoch::pin();
-    guard.defer(move || free_tree(&arena, geometry, table, level));
-    guard.flush();
+    epoch.defer(move || free_tree(&arena, geometry, table, level));
+    epoch.flush();
 }
 
 fn free_tree(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) {
