@@ -2,7 +2,7 @@
 //! seeded drivers of `tests/fuzz.rs` (which run them in `cargo test`).
 //!
 //! - [`walk`]: the guest walker over arbitrary paging structures and
-//!   control state, checked against [`reference`], a slow walker written
+//!   control state, checked against [`reference`](mod@reference), a slow walker written
 //!   independently from the SDM's tables ([`walk::walk_one`]);
 //! - [`parse`]: the conformance-case, workload and trace parsers over
 //!   arbitrary bytes ([`parse::conform_case`], [`parse::workload`],

@@ -79,7 +79,7 @@ pub struct RefCpu {
     pub efer: u64,
     /// PKRU.
     pub pkru: u32,
-    /// MAXPHYADDR (CPUID.80000008H:EAX[7:0]), 32..=52.
+    /// MAXPHYADDR (CPUID.80000008H:EAX\[7:0\]), 32..=52.
     pub maxphyaddr: u8,
     /// 1-GByte pages (CPUID.80000001H:EDX.Page1GB\[bit 26\]).
     pub gbpages: bool,

@@ -1,7 +1,7 @@
 //! KVM's side of the MMU-notifier protocol: the invalidation retry
 //! protocol (seed `004_*`) and the fault-in of a host page.
 //!
-//! The host ([`HostAddressSpace`]) tells every subscribed [`MmuNotifier`]
+//! The host ([`HostAddressSpace`]) tells every subscribed [`MmuNotifier`](crate::host::MmuNotifier)
 //! before it changes or removes a mapping (`invalidate_range_start`) and
 //! after (`invalidate_range_end`). The KVM side keeps an
 //! [`InvalidateState`]: an in-progress count with the union of the ranges

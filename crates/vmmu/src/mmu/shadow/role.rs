@@ -4,7 +4,7 @@
 //! a shadow page exactly when they would fill it with the same SPTEs. So a
 //! role holds exactly what changes the translation, and every bit that means
 //! nothing for a page is normalised to one value, in one place
-//! ([`Role::normalise`]), called by every constructor. The lesson of seed
+//! (`Role::normalise`), called by every constructor. The lesson of seed
 //! `001_*`: KVM cleared `cr4_pae` for direct pages at one call site and not
 //! at another, so equal translations got different roles (a `prev_roots` miss,
 //! a duplicate tree) and code that read the bit had to guess which convention

@@ -25,7 +25,10 @@
 //! changing, with no D bit that D-bit logging still needs cleared
 //! (write-protection, aging, access tracking, the fast path's fixes).
 //! [`TdpMmu::bits_only`] says which changes those are, and
-//! [`TdpMmu::set_leaf_bits`] makes them (checked in debug builds).
+//! [`TdpMmu::set_leaf_bits`] (one leaf, through the cursor) and
+//! [`TdpMmu::write_protect_table`] (every leaf of a table) make them
+//! (checked in debug builds). These are the only writes of a live SPTE;
+//! the one other store fills a split's table before it is published.
 //!
 //! TLB flushes stay with the callers, who know whether rights shrank (as in
 //! KVM); they return a [`crate::mmu::flush::PendingFlush`].
@@ -103,6 +106,40 @@ impl TdpMmu {
             new.check_leaf_writable_invariants(self.fmt);
         }
         it.try_set(new)
+    }
+
+    /// Clears hardware W on every present leaf of a 4K table, with
+    /// compare-exchange (hardware may set A/D meanwhile): a bits-only change
+    /// ([`TdpMmu::bits_only`]) made table-wide without a cursor, for dirty
+    /// logging's protection of a whole table. Returns whether any was
+    /// writable.
+    pub(super) fn write_protect_table(&self, table: Pfn) -> bool {
+        let mut protected = false;
+        for slot in self
+            .arena
+            .table(table)
+            .iter()
+            .take(self.config.geometry.entries() as usize)
+        {
+            let mut cur = slot.load(Ordering::Acquire);
+            loop {
+                let spte = Spte::from_raw(cur);
+                if !(spte.is_mmu_present() && spte.is_writable(self.fmt)) {
+                    break;
+                }
+                let new = spte.clear_writable(self.fmt);
+                match slot.compare_exchange(cur, new.raw(), Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        // Write-protection: nothing for the change handler.
+                        debug_assert!(self.bits_only(1, spte, new, DirtyBit::Keep));
+                        protected = true;
+                        break;
+                    }
+                    Err(now) => cur = now,
+                }
+            }
+        }
+        protected
     }
 
     /// Zaps the cursor's SPTE with an exchange (hardware A/D updates racing

@@ -35,15 +35,13 @@
 //! was). A clear (`clear_dirty_log`) cleans the D bits of the pages it
 //! clears without logging them: the VMM copies those pages afterwards.
 
-use std::sync::atomic::Ordering;
-
 use super::TdpMmu;
 use super::change::DirtyBit;
-use crate::addr::{Gfn, Level, Pfn};
+use crate::addr::{Gfn, Level};
 use crate::mem::{Memslot, MemslotChange, MemslotError, MemslotObserver, stable_host_level};
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::iter::SpteIter;
-use crate::mmu::spte::{Spte, SpteAccess};
+use crate::mmu::spte::SpteAccess;
 use crate::mmu::stats::MmuStats;
 use crate::sync;
 use crate::sync::{MmuLockHeld, MmuLockWriteGuard};
@@ -177,38 +175,6 @@ impl TdpMmu {
         } else {
             Split::Changed
         }
-    }
-
-    /// Clears hardware W on every present leaf of a 4K table, with
-    /// compare-exchange (hardware may set A/D meanwhile): a bits-only change
-    /// ([`TdpMmu::bits_only`]). Returns whether any was writable.
-    fn write_protect_table(&self, table: Pfn) -> bool {
-        let mut protected = false;
-        for slot in self
-            .arena
-            .table(table)
-            .iter()
-            .take(self.config.geometry.entries() as usize)
-        {
-            let mut cur = slot.load(Ordering::Acquire);
-            loop {
-                let spte = Spte::from_raw(cur);
-                if !(spte.is_mmu_present() && spte.is_writable(self.fmt)) {
-                    break;
-                }
-                let new = spte.clear_writable(self.fmt);
-                match slot.compare_exchange(cur, new.raw(), Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => {
-                        // Write-protection: nothing for the change handler.
-                        debug_assert!(self.bits_only(1, spte, new, DirtyBit::Keep));
-                        protected = true;
-                        break;
-                    }
-                    Err(now) => cur = now,
-                }
-            }
-        }
-        protected
     }
 
     /// Discharges a flush owed by dirty logging's protection (enabling,
