@@ -2,6 +2,7 @@
 //! four dependent 8-byte loads over the same tables.
 
 use std::hint::black_box;
+use vmmu::addr::Gva;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use vmmu::addr::Gpa;
@@ -18,7 +19,13 @@ fn walk(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) & (setup.vas.len() - 1);
             paging
-                .walk(&setup.mem, &root, black_box(setup.vas[i]), Access::supervisor_read(), 0)
+                .walk(
+                    &setup.mem,
+                    &root,
+                    Gva::new(black_box(setup.vas[i])),
+                    Access::supervisor_read(),
+                    0,
+                )
                 .ok()
                 .map(|w| w.gpa)
         })

@@ -4,8 +4,10 @@
 
 use super::tdp::{Backing, BenchError, TdpBenchConfig};
 use super::{BenchResult, Figure, Phase, Report, best_ns_per_iter};
+use vmmu::addr::Gva;
 use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
+use vmmu::arch::perm::Access;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, PREV_ROOTS, Vcpu};
 use vmmu::host::VmaFlags;
@@ -62,7 +64,7 @@ fn setup(bench: &str, iterations: Option<u64>, spaces: u64) -> Result<(u64, Shad
 }
 
 fn read(v: &mut Vcpu, va: u64) -> Result<u64, BenchError> {
-    match v.access(va, AccessKind::Read, 0, false, 8, 0) {
+    match v.access(Gva::new(va), Access::new(AccessKind::Read, 0, false), 8, 0) {
         Ok(AccessResult::Done { gpa, .. }) => Ok(gpa.raw()),
         other => Err(BenchError::Run(format!("read at {va:#x}: {other:?}"))),
     }
@@ -224,7 +226,12 @@ pub fn wp_emulate(iterations: Option<u64>) -> Result<Report, BenchError> {
     let mut pairs = |v: &mut Vcpu, store_va: u64, value: u64, load_va: u64, n: u64| -> u64 {
         let mut sink = 0;
         for k in 0..n {
-            match v.access(store_va, AccessKind::Write, 0, false, 8, value | (k & 1) << 3) {
+            match v.access(
+                Gva::new(store_va),
+                Access::new(AccessKind::Write, 0, false),
+                8,
+                value | (k & 1) << 3,
+            ) {
                 Ok(AccessResult::Done { mmio: false, .. }) => {}
                 other => {
                     failed.get_or_insert(format!("store at {store_va:#x}: {other:?}"));
@@ -342,7 +349,7 @@ pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report,
                 let base = DATA_VA + t as u64 * ppt * 4096;
                 for p in 0..ppt {
                     let va = base + p * 4096;
-                    match v.access(va, AccessKind::Write, 0, false, 8, va) {
+                    match v.access(Gva::new(va), Access::new(AccessKind::Write, 0, false), 8, va) {
                         Ok(AccessResult::Done { mmio: false, .. }) => {}
                         other => {
                             failed

@@ -18,9 +18,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
+use vmmu::addr::Gva;
+use vmmu::arch::perm::Access;
 
 use super::{BenchResult, Figure, Phase, Report};
-use vmmu::addr::{Gpa, Hva, Pfn};
+use vmmu::addr::{Gfn, Gpa, Hva, Level, Pfn};
 use vmmu::arch::control::CpuFeatures;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
@@ -372,7 +374,7 @@ impl Drop for VcpuThreads {
 
 fn write_region(v: &mut Vcpu, i: u32, base: u64, bytes: u64, value: u64) -> Result<(), BenchError> {
     for gpa in (base..base + bytes).step_by(PAGE as usize) {
-        match v.access(gpa, AccessKind::Write, 0, false, 8, value ^ gpa) {
+        match v.access(Gva::new(gpa), Access::new(AccessKind::Write, 0, false), 8, value ^ gpa) {
             Ok(AccessResult::Done { mmio: false, .. }) => {}
             Ok(other) => {
                 return Err(BenchError::Run(format!(
@@ -465,7 +467,10 @@ pub struct RefTree {
 impl RefTree {
     /// The tables for `pages` 4K pages mapped by leaves at `level` (1..=3).
     pub fn new(pages: u64, level: u8) -> Result<RefTree, FrameErrorText> {
-        let leaf_pages = GEOMETRY.pages(level);
+        let lvl = Level::new(level)
+            .filter(|&l| l <= Level::L3)
+            .expect("a leaf level 1..=3");
+        let leaf_pages = GEOMETRY.pages(lvl);
         let leaves = pages.div_ceil(leaf_pages);
         let tables = leaves.div_ceil(512) * 2 + 16;
         let arena = FrameArena::with_reserve(tables * PAGE + GIB).map_err(|e| FrameErrorText(e.to_string()))?;
@@ -478,7 +483,7 @@ impl RefTree {
         };
         let root = alloc(&arena)?;
         let mut leaf_tables = Vec::new();
-        let span = GEOMETRY.pages(level + 1);
+        let span = GEOMETRY.pages(lvl.up().expect("a leaf level is below 5"));
         for first in (0..leaves * leaf_pages).step_by(span as usize) {
             let mut table = root;
             for l in (level + 1..=GEOMETRY.levels).rev() {
@@ -496,7 +501,7 @@ impl RefTree {
         }
         // Made-up frames, aligned for any level, far above the gfns.
         let leaf_base = FMT
-            .make_leaf(level, Pfn::new(1 << 28), SpteAccess::ALL, true, true, false)
+            .make_leaf(lvl, Pfn::new(1 << 28), SpteAccess::ALL, true, true, false)
             .raw();
         Ok(RefTree {
             arena,
@@ -1155,8 +1160,8 @@ fn leaf_states(vm: &Vm) -> Result<LeafStates, BenchError> {
         vm.mmu.arena(),
         vm.mmu.config().geometry,
         root.root().pfn(),
-        1,
-        0,
+        Level::L1,
+        Gfn::new(0),
     );
     while it.valid() {
         let spte = it.old_spte();
@@ -1573,7 +1578,9 @@ mod tests {
         let bytes = MIB;
         let read_all = |v: &mut Vcpu| {
             for gpa in (0..bytes).step_by(PAGE as usize) {
-                let r = v.access(gpa, AccessKind::Read, 0, false, 8, 0).unwrap();
+                let r = v
+                    .access(Gva::new(gpa), Access::new(AccessKind::Read, 0, false), 8, 0)
+                    .unwrap();
                 assert!(matches!(r, AccessResult::Done { mmio: false, .. }), "{r:?}");
             }
         };

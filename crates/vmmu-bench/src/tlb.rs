@@ -16,6 +16,8 @@
 //! hit cannot avoid.
 
 use std::hint::black_box;
+use vmmu::addr::Gva;
+use vmmu::arch::perm::Access;
 
 use super::shadow::{regs, space};
 use super::tdp::BenchError;
@@ -80,13 +82,17 @@ fn access_loop(
 #[inline(never)]
 fn session_loop(v: &mut Vcpu, vas: &[u64], n: u64) -> Result<u64, String> {
     let mut session = v.session();
-    access_loop(vas, n, |va, kind, i| session.access(va, kind, 3, false, 8, i))
+    access_loop(vas, n, |va, kind, i| {
+        session.access(Gva::new(va), Access::new(kind, 3, false), 8, i)
+    })
 }
 
 /// The same accesses, each entering and leaving guest mode.
 #[inline(never)]
 fn entry_loop(v: &mut Vcpu, vas: &[u64], n: u64) -> Result<u64, String> {
-    access_loop(vas, n, |va, kind, i| v.access(va, kind, 3, false, 8, i))
+    access_loop(vas, n, |va, kind, i| {
+        v.access(Gva::new(va), Access::new(kind, 3, false), 8, i)
+    })
 }
 
 /// The reference: the same accesses straight to the frames.

@@ -3,6 +3,7 @@
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
+use vmmu::addr::Gva;
 
 use super::{BenchResult, Phase, best_ns_per_iter};
 use vmmu::addr::Gpa;
@@ -157,7 +158,7 @@ pub fn walker_loop(paging: &Paging<vmmu::arch::pte::Pte64>, setup: &WalkSetup, n
     for i in 0..n {
         let dep = if serial { (acc >> 63) as usize } else { 0 };
         let va = setup.vas[(i as usize + dep) & (setup.vas.len() - 1)];
-        if let Ok(w) = paging.walk(&setup.mem, &root, black_box(va), access, 0) {
+        if let Ok(w) = paging.walk(&setup.mem, &root, Gva::new(black_box(va)), access, 0) {
             acc = acc.wrapping_add(w.gpa.raw());
         }
     }
@@ -230,7 +231,7 @@ mod tests {
         let root = Root::Table(Gpa::new(setup.root));
         for &va in &setup.vas {
             let w = paging
-                .walk(&setup.mem, &root, va, Access::supervisor_read(), 0)
+                .walk(&setup.mem, &root, Gva::new(va), Access::supervisor_read(), 0)
                 .unwrap();
             let reference = reference_loads(&setup.mem, setup.root, &[va], 1, true);
             assert_eq!(w.gpa.raw() & !0xfff, reference);

@@ -44,6 +44,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
+use vmmu::addr::Gva;
 
 use arbitrary::{Arbitrary, Unstructured};
 
@@ -761,7 +762,7 @@ impl Model {
             universe: &self.universe,
             entry: self.mode.entry(),
         };
-        match paging.peek(&mem, &paging.root(cr3, [0; 4]), va, access, self.pkru) {
+        match paging.peek(&mem, &paging.root(cr3, [0; 4]), Gva::new(va), access, self.pkru) {
             Ok(w) => Seen::Gpa(w.gpa.raw()),
             Err(WalkError::PageFault(pf)) => Seen::Fault(pf.error_code.bits()),
             Err(WalkError::NonCanonical) => Seen::Gp,
@@ -785,7 +786,7 @@ impl Model {
         // A supervisor read with AC: only a structural fault fails it.
         let access = Access::new(AccessKind::Read, 0, true);
         paging
-            .peek(&mem, &paging.root(c.cr3, [0; 4]), va, access, 0)
+            .peek(&mem, &paging.root(c.cr3, [0; 4]), Gva::new(va), access, 0)
             .is_ok_and(|w| w.leaf().is_some_and(|l| l.pte & PT_GLOBAL != 0))
     }
 
@@ -1195,13 +1196,13 @@ impl Runner {
             }
             VmOp::Invlpg { page } => {
                 let va = self.m.pages[page as usize % N_PAGES];
-                self.vcpu.invlpg(va);
+                self.vcpu.invlpg(Gva::new(va));
                 let (lp, cur) = (self.m.lin_page(va), self.m.pcid());
                 self.m.flush(|p| p == lp, |c, global| c.pcid == cur || global);
             }
             VmOp::Invpcid { kind, pcid, page } => {
                 let va = self.m.pages[page as usize % N_PAGES];
-                self.vcpu.invpcid(kind, pcid, va);
+                self.vcpu.invpcid(kind, pcid, Gva::new(va));
                 let lp = self.m.lin_page(va);
                 match kind {
                     0 => self.m.flush(|p| p == lp, |c, global| c.pcid == pcid && !global),
@@ -1278,15 +1279,21 @@ impl Runner {
         let cpl = if user { 3 } else { 0 };
         let access = Access::new(kind.access_kind(), cpl, ac);
         let fresh = self.m.reference(state, self.m.cr3, va, access);
-        let mut result = self
-            .vcpu
-            .access(va, kind.access_kind(), cpl, ac, usize::from(size), value);
+        let mut result = self.vcpu.access(
+            Gva::new(va),
+            Access::new(kind.access_kind(), cpl, ac),
+            usize::from(size),
+            value,
+        );
         if matches!(result, Ok(AccessResult::DirtyRingFull)) && self.config.dirty_ring != 0 {
             // KVM_EXIT_DIRTY_RING_FULL: the VMM reaps, the vCPU runs again.
             self.reap_ring(step, op);
-            result = self
-                .vcpu
-                .access(va, kind.access_kind(), cpl, ac, usize::from(size), value);
+            result = self.vcpu.access(
+                Gva::new(va),
+                Access::new(kind.access_kind(), cpl, ac),
+                usize::from(size),
+                value,
+            );
         }
         let result = match result {
             Ok(r) => r,

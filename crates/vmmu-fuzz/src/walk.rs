@@ -19,6 +19,7 @@
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::fmt;
+use vmmu::addr::Gva;
 
 use arbitrary::{Arbitrary, Unstructured};
 
@@ -736,12 +737,12 @@ pub fn check_scenario(s: &Scenario, deviation: Deviation) -> Result<WalkSummary,
     };
     let root = paging.root(s.cr3, pdptes);
     prod_mem.ops.set(0);
-    let peeked = paging.peek(&prod_mem, &root, s.va, access, s.pkru);
+    let peeked = paging.peek(&prod_mem, &root, Gva::new(s.va), access, s.pkru);
     if let Some(d) = first_difference(&s.pages, &prod_mem.snapshot()) {
         return fail(format!("peek wrote to memory: {d}"));
     }
     prod_mem.ops.set(0);
-    let walked = paging.walk(&prod_mem, &root, s.va, access, s.pkru);
+    let walked = paging.walk(&prod_mem, &root, Gva::new(s.va), access, s.pkru);
     let got = production_outcome(&walked);
     if production_outcome(&peeked) != got {
         return fail(format!("peek {:x?} but walk {got:x?}", production_outcome(&peeked)));

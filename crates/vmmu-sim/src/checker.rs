@@ -22,6 +22,7 @@
 //! actual) and makes the run exit 1.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use vmmu::addr::Gva;
 
 use parking_lot::Mutex;
 
@@ -215,7 +216,7 @@ pub fn reference(
             _ => Root::Table(Gpa::new(root)),
         };
         paging
-            .peek(memory, &root, va, access, pkru)
+            .peek(memory, &root, Gva::new(va), access, pkru)
             .map(|w| w.gpa.raw())
             .map_err(|e| e.error_code())
     }

@@ -20,6 +20,8 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use vmmu::addr::Gva;
+use vmmu::arch::perm::Access;
 
 use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::perm::AccessKind;
@@ -205,7 +207,7 @@ impl Checker {
     /// One guest access, the VMM reaping a full dirty ring and retrying.
     fn access(&mut self, gpa: u64, kind: AccessKind, value: u64) -> Result<(), String> {
         for _ in 0..4 {
-            match self.v.access(gpa, kind, 0, false, 8, value) {
+            match self.v.access(Gva::new(gpa), Access::new(kind, 0, false), 8, value) {
                 Ok(AccessResult::Done { mmio: false, .. }) => return Ok(()),
                 Ok(AccessResult::DirtyRingFull) => {
                     self.tally.ring_full_exits += 1;

@@ -21,6 +21,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use vmmu::addr::Gva;
+use vmmu::arch::perm::Access;
 
 use serde::Serialize;
 
@@ -265,7 +267,7 @@ pub fn run(config: StressConfig, progress: &(dyn Fn(f64) + Sync)) -> Result<Stre
                             let iteration = shared.iteration.load(Ordering::SeqCst);
                             inflight.store(iteration, Ordering::SeqCst);
                             let done = v
-                                .access(gpa, AccessKind::Write, 0, false, 8, stamp)
+                                .access(Gva::new(gpa), Access::new(AccessKind::Write, 0, false), 8, stamp)
                                 .map_err(|e| fail(&e))?;
                             if iteration != 0 {
                                 let session = shared.sessions.load(Ordering::SeqCst);
@@ -280,7 +282,10 @@ pub fn run(config: StressConfig, progress: &(dyn Fn(f64) + Sync)) -> Result<Stre
                             }
                         } else {
                             let want = expected.get(&gpa).copied().unwrap_or(0);
-                            match v.access(gpa, AccessKind::Read, 0, false, 8, 0).map_err(|e| fail(&e))? {
+                            match v
+                                .access(Gva::new(gpa), Access::new(AccessKind::Read, 0, false), 8, 0)
+                                .map_err(|e| fail(&e))?
+                            {
                                 AccessResult::Done { value, mmio: false, .. } if value == want => {}
                                 other => shared.data_violation(format!(
                                     "vCPU {t} read at gpa {gpa:#x}: {other:?}, last wrote {want:#x}"
@@ -365,7 +370,9 @@ pub fn run(config: StressConfig, progress: &(dyn Fn(f64) + Sync)) -> Result<Stre
     v.set_state(ControlRegs::default(), 0, 0).map_err(|e| setup(&e))?;
     for expected in finals {
         for (gpa, want) in expected? {
-            let got = v.access(gpa, AccessKind::Read, 0, false, 8, 0).map_err(|e| setup(&e))?;
+            let got = v
+                .access(Gva::new(gpa), Access::new(AccessKind::Read, 0, false), 8, 0)
+                .map_err(|e| setup(&e))?;
             if !matches!(got, AccessResult::Done { value, mmio: false, .. } if value == want) {
                 shared.data_violation(format!("final read at gpa {gpa:#x}: {got:?}, last written {want:#x}"));
             }
@@ -410,14 +417,14 @@ fn moving_access(
     if rng.next() & 1 == 0 {
         let Some(o) = offset else {
             // No slot there (by the table): an MMIO write, dropped.
-            let r = v.access(gpa, AccessKind::Write, 0, false, 8, 0)?;
+            let r = v.access(Gva::new(gpa), Access::new(AccessKind::Write, 0, false), 8, 0)?;
             if let AccessResult::Fault(f) = r {
                 shared.data_violation(format!("moving slot: write at {gpa:#x} faulted: {f:?}"));
             }
             return Ok(());
         };
         let value = tag(id, o);
-        let r = v.access(gpa, AccessKind::Write, 0, false, 8, value)?;
+        let r = v.access(Gva::new(gpa), Access::new(AccessKind::Write, 0, false), 8, value)?;
         match r {
             AccessResult::Done { mmio: false, .. } if stable(moving_base().0) => {
                 shared.confirmed[(id % CONFIRMED as u64) as usize].store(id, Ordering::SeqCst);
@@ -426,7 +433,7 @@ fn moving_access(
             other => shared.data_violation(format!("moving slot: write at {gpa:#x}: {other:?}")),
         }
     } else {
-        let r = v.access(gpa, AccessKind::Read, 0, false, 8, 0)?;
+        let r = v.access(Gva::new(gpa), Access::new(AccessKind::Read, 0, false), 8, 0)?;
         match r {
             AccessResult::Done { value, mmio, .. } if stable(moving_base().0) => {
                 let bad = match offset {

@@ -1,6 +1,7 @@
 //! Every vendored conformance case through the guest walker.
 
 use std::path::PathBuf;
+use vmmu::addr::Gva;
 
 use vmmu_sim::conform::{Replayer, Report, ShadowReplayer, TdpReplayer, WalkerReplayer, read_cases, run_cases};
 
@@ -111,7 +112,7 @@ fn walker_over_guest_memory_passes_the_single_access_cases() {
             let pdptes = load_pdptes(&mem, c.control.cr3.0, &features).unwrap_or([0; 4]);
             let root = paging.root(c.control.cr3.0, pdptes);
             let access = Access::new(c.access.into(), c.cpl, c.rflags_ac);
-            let got = outcome_of(&paging.walk(&mem, &root, c.va.0, access, c.control.pkru.0 as u32));
+            let got = outcome_of(&paging.walk(&mem, &root, Gva::new(c.va.0), access, c.control.pkru.0 as u32));
             check_outcome(c.id, None, &c.result, &got).unwrap_or_else(|f| panic!("{mode}: {f:?}"));
             check_after(&c, |pa| mem.read_value(Gpa::new(pa), esize).unwrap())
                 .unwrap_or_else(|f| panic!("{mode}: {f:?}"));

@@ -257,6 +257,14 @@ impl Level {
         if self.0 < 5 { Some(Level(self.0 + 1)) } else { None }
     }
 
+    /// The index of the entry at this level that translates `addr` (an
+    /// address of 9-bit-table paging: a linear address, or a guest-physical
+    /// one under EPT/NPT).
+    #[inline(always)]
+    pub const fn table_index(self, addr: u64) -> usize {
+        ((addr >> (PAGE_SHIFT + 9 * (self.0 as u32 - 1))) & 511) as usize
+    }
+
     /// Number of 4 KiB frames a leaf at this level maps with 9-bit tables
     /// (1, 512, 512², ...).
     #[inline(always)]

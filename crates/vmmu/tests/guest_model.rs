@@ -19,6 +19,7 @@
 //! zaps, emulates or leaves unsync underneath.
 
 use proptest::prelude::*;
+use vmmu::addr::Gva;
 use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
 use vmmu::arch::perm::{Access, AccessKind};
@@ -165,7 +166,7 @@ fn regs(wp: bool) -> ControlRegs {
 fn reference(mem: &Snapshot, wp: bool, cr3: u64, va: u64, access: Access) -> Seen {
     let features = CpuFeatures::default();
     let paging = GuestPaging::new(&regs(wp), &features);
-    match paging.peek(mem, &Root::Table(Gpa::new(cr3)), va, access, 0) {
+    match paging.peek(mem, &Root::Table(Gpa::new(cr3)), Gva::new(va), access, 0) {
         Ok(w) => Seen::Gpa(w.gpa.raw()),
         Err(WalkError::PageFault(pf)) => Seen::Fault(pf.error_code.bits()),
         Err(WalkError::NonCanonical) => Seen::Gp,
@@ -250,7 +251,7 @@ fn run(ops: &[Op], shadow: bool) -> Result<(), TestCaseError> {
                 )
             }
             Op::Invlpg { page } => {
-                v.invlpg(page * 0x1000);
+                v.invlpg(Gva::new(page * 0x1000));
                 m.cached[page as usize].clear();
                 continue;
             }
@@ -269,8 +270,13 @@ fn run(ops: &[Op], shadow: bool) -> Result<(), TestCaseError> {
         let now = snapshot(&mem);
         let fresh = reference(&now, m.wp, m.cr3, va, access);
         let got = seen(
-            v.access(va, access.kind, if access.is_user() { 3 } else { 0 }, false, 8, value)
-                .unwrap(),
+            v.access(
+                Gva::new(va),
+                Access::new(access.kind, if access.is_user() { 3 } else { 0 }, false),
+                8,
+                value,
+            )
+            .unwrap(),
         );
         let page = (va >> 12) as usize;
         let tracked = page < VAS as usize;

@@ -26,6 +26,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use vmmu::addr::Gva;
+use vmmu::arch::perm::Access;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -55,7 +57,7 @@ fn set_logging(slots: &vmmu::mem::MemslotTable, on: bool) {
 }
 
 fn access(v: &mut Vcpu, gpa: u64, kind: AccessKind, value: u64) -> u64 {
-    match v.access(gpa, kind, 0, false, 8, value) {
+    match v.access(Gva::new(gpa), Access::new(kind, 0, false), 8, value) {
         Ok(AccessResult::Done { value, mmio: false, .. }) => value,
         other => panic!("{kind:?} at gpa {gpa:#x}: {other:?}"),
     }
@@ -116,7 +118,7 @@ fn dl_vcpu_loop(mut v: Vcpu, s: &DlShared, pages: u64, seed: u64) -> Result<(), 
         }
         let page = rng.random_range(0..pages);
         let it = s.iteration.load(Ordering::Acquire);
-        match v.access(page << 12, AccessKind::Write, 0, false, 8, it) {
+        match v.access(Gva::new(page << 12), Access::new(AccessKind::Write, 0, false), 8, it) {
             Ok(AccessResult::Done { mmio: false, .. }) => {
                 s.writes.fetch_add(1, Ordering::Release);
             }
@@ -749,7 +751,7 @@ impl Exhaustion<'_> {
         let gfn = self.remapped.get(&page).copied().unwrap_or(page);
         for _ in 0..2 {
             let r = self.retry(&format!("{kind:?} at page {page:#x}"), |v| {
-                v.access(page << 12, kind, 0, false, 8, value)
+                v.access(Gva::new(page << 12), Access::new(kind, 0, false), 8, value)
             });
             match r {
                 Ok(AccessResult::Done {
@@ -794,12 +796,17 @@ impl Exhaustion<'_> {
     fn remap(&mut self, page: u64, gfn: u64) -> Result<(), String> {
         let pte = 0x4000 + 8 * page;
         let r = self.retry(&format!("remapping page {page:#x}"), |v| {
-            v.access(pte, AccessKind::Write, 0, false, 8, (gfn << 12) | PTE_P | PTE_W)
+            v.access(
+                Gva::new(pte),
+                Access::new(AccessKind::Write, 0, false),
+                8,
+                (gfn << 12) | PTE_P | PTE_W,
+            )
         })?;
         if !matches!(r, AccessResult::Done { .. }) {
             return Err(format!("remapping page {page:#x}: {r:?}"));
         }
-        self.v.invlpg(page << 12);
+        self.v.invlpg(Gva::new(page << 12));
         self.remapped.insert(page, gfn);
         Ok(())
     }

@@ -176,3 +176,32 @@ fn no_two_files_import_each_other() {
     // The check sees imports at all: the walker uses arch.
     assert!(g["walker"].iter().any(|d| d.starts_with("arch")), "{:?}", g["walker"]);
 }
+
+/// Each MMU writes its SPTEs in one file, `change.rs`, which routes every
+/// change through its change handler (ARCHITECTURE.md, "One home for SPTE
+/// changes"): no other file of `mmu::tdp` or `mmu::shadow` exchanges,
+/// clears bits of, or compare-exchanges an SPTE, or reaches one for
+/// writing (the cursor's slot, a shadow SPTE pointer's entry).
+#[test]
+fn spte_writes_live_in_each_mmus_change_module() {
+    let mods = modules();
+    let writes = [".swap(", "fetch_and(", "fetch_or(", ".try_set(", ".sptep()", "ptr.get(&self.arena)"];
+    let mut wrong = Vec::new();
+    let mut seen_in_change = 0;
+    for (m, code) in &mods {
+        if !(m.starts_with("mmu::tdp") || m.starts_with("mmu::shadow")) {
+            continue;
+        }
+        for w in writes {
+            let n = code.matches(w).count();
+            if m.ends_with("::change") {
+                seen_in_change += n;
+            } else if n > 0 {
+                wrong.push(format!("{m}: {n} × `{w}`"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "SPTE writes outside change.rs: {wrong:#?}");
+    // The check sees writes at all: the change modules make them.
+    assert!(seen_in_change >= 6, "{seen_in_change}");
+}

@@ -33,9 +33,9 @@ mod model {
 
     use shuttle::scheduler::{PctScheduler, RandomScheduler};
     use shuttle::thread;
-    use vmmu::addr::{Gfn, Gpa, Hva, Pfn};
+    use vmmu::addr::{Gfn, Gpa, Gva, Hva, Level, Pfn};
     use vmmu::arch::control::CpuFeatures;
-    use vmmu::arch::perm::AccessKind;
+    use vmmu::arch::perm::{Access, AccessKind};
     use vmmu::cpu::vcpu::{AccessResult, Vcpu};
     use vmmu::host::{HvaRange, VmaFlags};
     use vmmu::mmu::iter::{Geometry, SpteIter};
@@ -118,12 +118,12 @@ mod model {
             leaves: BTreeMap::new(),
         };
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, mmu.arena(), mmu.config().geometry, root, 1, 0);
+        let mut it = SpteIter::new(&epoch, mmu.arena(), mmu.config().geometry, root, Level::L1, Gfn::new(0));
         while it.valid() {
             let spte = it.old_spte();
             if spte.is_mmu_present() {
                 if spte.is_leaf(it.level()) {
-                    tree.leaves.insert(it.gfn(), spte.pfn());
+                    tree.leaves.insert(it.gfn().raw(), spte.pfn());
                 } else {
                     tree.tables += 1;
                 }
@@ -457,7 +457,7 @@ mod model {
         let vcpu = thread::spawn(move || {
             let mut session = v.session();
             for n in 1..=3u64 {
-                let r = session.access(1 << 12, AccessKind::Write, 0, false, 8, n);
+                let r = session.access(Gva::new(1 << 12), Access::new(AccessKind::Write, 0, false), 8, n);
                 assert!(matches!(r, Ok(AccessResult::Done { mmio: false, .. })), "{r:?}");
                 sched_point();
             }

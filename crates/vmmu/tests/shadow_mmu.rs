@@ -2,8 +2,10 @@
 //! `prev_roots` cache, edits of a cached address space's tables, CR0.WP
 //! and SMEP, write flooding, and a guest using its page table as data.
 
+use vmmu::addr::Gva;
 use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
+use vmmu::arch::perm::Access;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
 use vmmu::host::VmaFlags;
@@ -49,7 +51,7 @@ fn vm() -> (ShadowVm, Vcpu) {
 }
 
 fn access(v: &mut Vcpu, va: u64, kind: AccessKind, cpl: u8, value: u64) -> AccessResult {
-    v.access(va, kind, cpl, false, 8, value).unwrap()
+    v.access(Gva::new(va), Access::new(kind, cpl, false), 8, value).unwrap()
 }
 
 fn read(v: &mut Vcpu, va: u64) -> (u64, u64) {
@@ -233,7 +235,8 @@ fn a_misaligned_write_zaps_the_shadow_page() {
     assert_eq!(read(&mut v, 0).0, 0x100 << 12);
     let before = vm.mmu.stats().snapshot();
     // Eight bytes straddling PDEs 2 and 3.
-    v.access(0x3000 + 20, AccessKind::Write, 0, false, 8, 0).unwrap();
+    v.access(Gva::new(0x3000 + 20), Access::new(AccessKind::Write, 0, false), 8, 0)
+        .unwrap();
     let after = vm.mmu.stats().snapshot();
     assert_eq!(after.mmu_flooded, before.mmu_flooded + 1, "{after:?}");
     assert_eq!(read(&mut v, 0).0, 0x100 << 12, "rebuilt");
@@ -257,7 +260,12 @@ fn a_page_crossing_write_into_a_page_table_is_emulated_at_any_size() {
     assert_eq!(read(&mut v, 0).0, 0x100 << 12, "the PD is shadowed");
     let emulated = vm.mmu.stats().snapshot().pf_emulate;
     let r = v
-        .access(0x3ffd, AccessKind::Write, 0, false, 8, 0x1122_3344_5566_7788)
+        .access(
+            Gva::new(0x3ffd),
+            Access::new(AccessKind::Write, 0, false),
+            8,
+            0x1122_3344_5566_7788,
+        )
         .unwrap();
     assert!(matches!(r, AccessResult::Done { mmio: false, .. }), "{r:?}");
     assert!(
@@ -288,10 +296,8 @@ fn an_access_straddling_the_top_of_the_address_space_wraps_to_zero() {
     v.set_state(regs(true, false), cr3, 0).unwrap();
     let r = v
         .access(
-            0xffff_ffff_ffff_fffc,
-            AccessKind::Write,
-            0,
-            false,
+            Gva::new(0xffff_ffff_ffff_fffc),
+            Access::new(AccessKind::Write, 0, false),
             8,
             0x1122_3344_5566_7788,
         )
@@ -314,9 +320,9 @@ fn an_access_of_more_than_eight_bytes_is_an_error() {
     let cr3 = space(&vm.memory(), 0);
     v.set_state(regs(true, false), cr3, 0).unwrap();
     for size in [0, 9, 16] {
-        let r = v.access(0, AccessKind::Write, 0, false, size, 0);
+        let r = v.access(Gva::new(0), Access::new(AccessKind::Write, 0, false), size, 0);
         assert!(
-            matches!(r, Err(vmmu::cpu::vcpu::VcpuError::InvalidAccessSize { gva: 0, size: s }) if s == size),
+            matches!(r, Err(vmmu::cpu::vcpu::VcpuError::InvalidAccessSize { gva, size: s }) if s == size && gva == Gva::new(0)),
             "{r:?}"
         );
     }
@@ -340,12 +346,12 @@ fn a_page_table_used_as_data() {
     );
     for frame in [0x120u64, 0x130, 0x140] {
         access(&mut v, 0x1000, AccessKind::Write, 0, (frame << 12) | P | W | U);
-        v.invlpg(0);
+        v.invlpg(Gva::new(0));
         assert_eq!(read(&mut v, 0).0, frame << 12);
     }
     // Unmap va 0: the next access faults (not present).
     access(&mut v, 0x1000, AccessKind::Write, 0, 0);
-    v.invlpg(0);
+    v.invlpg(Gva::new(0));
     assert_eq!(pf(access(&mut v, 0, AccessKind::Read, 0, 0)), 0);
 }
 
@@ -559,17 +565,17 @@ fn pcid_switches_without_flush_and_invpcid_sync_what_they_name() {
     let seen = read(&mut v, 0).0;
     assert!(seen == 0x100 << 12 || seen == 0x1ff << 12, "old or new only: {seen:#x}");
     // INVPCID single-context of another PCID: A may still be stale.
-    v.invpcid(1, 2, 0);
+    v.invpcid(1, 2, Gva::new(0));
     let seen = read(&mut v, 0).0;
     assert!(seen == 0x100 << 12 || seen == 0x1ff << 12, "old or new only: {seen:#x}");
     // INVPCID of A's PCID: the edit shows.
-    v.invpcid(1, 1, 0);
+    v.invpcid(1, 1, Gva::new(0));
     assert_eq!(read(&mut v, 0).0, 0x1ff << 12);
     // Individual-address INVPCID after another edit, from B again.
     v.mov_cr3(b | 2 | NOFLUSH).unwrap();
     access(&mut v, 0x2000, AccessKind::Write, 0, (0x1fe << 12) | P | W | U);
     v.mov_cr3(a | 1 | NOFLUSH).unwrap();
-    v.invpcid(0, 1, 0);
+    v.invpcid(0, 1, Gva::new(0));
     assert_eq!(read(&mut v, 0).0, 0x1fe << 12);
     assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
 }
@@ -629,7 +635,7 @@ fn a_no_flush_return_to_a_flushed_pcid_sees_edits_made_under_another_pcid() {
     v.set_state(r, cr3, 0).unwrap();
     v.mov_cr3(cr3 | 3).unwrap();
     assert_eq!(read(&mut v, 0).0, 0x100 << 12);
-    v.invpcid(2, 0, 0);
+    v.invpcid(2, 0, Gva::new(0));
     // The PT is mapped at va 0x1000: the guest edits its entry 0 there.
     let pt = 0x4000;
     let new = (0x200u64 << 12) | P | W | U;
@@ -714,12 +720,12 @@ fn a_livelocked_access_is_a_typed_error_with_its_state() {
     r.cr4 |= Cr4::PKE;
     v.set_state(r, cr3, 1 << 3).unwrap();
     let e = with_bugs(&[Bug::IgnorePkruWriteDisable], || {
-        v.access(0, AccessKind::Write, 0, false, 8, 5)
+        v.access(Gva::new(0), Access::new(AccessKind::Write, 0, false), 8, 5)
     })
     .unwrap_err();
     match e {
         VcpuError::Livelock { gva, exits, state, .. } => {
-            assert_eq!((gva, exits), (0, LIVELOCK_EXITS));
+            assert_eq!((gva, exits), (Gva::new(0), LIVELOCK_EXITS));
             assert!(state.contains("PKRU 0x8") && state.contains("PKE"), "{state}");
         }
         other => panic!("expected a livelock error, got {other}"),

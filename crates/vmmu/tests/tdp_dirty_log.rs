@@ -6,8 +6,10 @@
 //! live-migration checker over the whole configuration matrix; each failed
 //! before its fix.
 
+use vmmu::addr::Gva;
 use vmmu::addr::{Hva, Pfn};
 use vmmu::arch::control::CpuFeatures;
+use vmmu::arch::perm::Access;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::host::{HvaRange, VmaFlags};
@@ -38,7 +40,7 @@ fn vcpu(vm: &Vm) -> Vcpu {
 }
 
 fn access(v: &mut Vcpu, gpa: u64, kind: AccessKind, value: u64) -> u64 {
-    match v.access(gpa, kind, 0, false, 8, value) {
+    match v.access(Gva::new(gpa), Access::new(kind, 0, false), 8, value) {
         Ok(AccessResult::Done { value, mmio: false, .. }) => value,
         other => panic!("{kind:?} at gpa {gpa:#x}: {other:?}"),
     }
@@ -320,7 +322,7 @@ fn a_split_that_finds_no_frame_leaves_the_region_usable() {
     write(&mut v, 0x1000, 7);
     let frames = exhaust(&vm);
     let mut late = vcpu(&vm);
-    let r = late.access(0x2000, AccessKind::Fetch, 0, false, 1, 0);
+    let r = late.access(Gva::new(0x2000), Access::new(AccessKind::Fetch, 0, false), 1, 0);
     assert!(
         matches!(
             r,

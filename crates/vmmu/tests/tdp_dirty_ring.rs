@@ -5,6 +5,8 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use vmmu::addr::Gva;
+use vmmu::arch::perm::Access;
 
 use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::control::CpuFeatures;
@@ -58,7 +60,10 @@ impl Collector {
 fn write(vm: &Vm, v: &mut Vcpu, c: &mut Collector, log: &mut Vec<u64>, gpa: u64, value: u64) -> u32 {
     let mut exits = 0;
     loop {
-        match v.access(gpa, AccessKind::Write, 0, false, 8, value).unwrap() {
+        match v
+            .access(Gva::new(gpa), Access::new(AccessKind::Write, 0, false), 8, value)
+            .unwrap()
+        {
             AccessResult::Done { mmio: false, .. } => return exits,
             AccessResult::DirtyRingFull => {
                 exits += 1;
@@ -217,7 +222,10 @@ fn a_copy_made_from_the_rings_equals_guest_memory() {
                         x ^= x << 17;
                         n += 1;
                         let gpa = (x % PAGES) << 12 | (t * 8);
-                        match v.access(gpa, AccessKind::Write, 0, false, 8, n).unwrap() {
+                        match v
+                            .access(Gva::new(gpa), Access::new(AccessKind::Write, 0, false), 8, n)
+                            .unwrap()
+                        {
                             AccessResult::Done { .. } => {
                                 writes.fetch_add(1, Ordering::Relaxed);
                             }

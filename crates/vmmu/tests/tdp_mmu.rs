@@ -2,8 +2,10 @@
 //! about EPT alone: huge pages sized by the host mapping, memslot alignment,
 //! MMU-notifier zaps (migration, THP split), MMIO, and concurrent faults.
 
+use vmmu::addr::Gva;
 use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::control::CpuFeatures;
+use vmmu::arch::perm::Access;
 use vmmu::arch::perm::AccessKind;
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::host::VmaFlags;
@@ -26,7 +28,10 @@ fn vcpu(vm: &Vm, vpid: u16) -> Vcpu {
 }
 
 fn read(v: &mut Vcpu, gpa: u64) -> (u64, bool) {
-    match v.access(gpa, AccessKind::Read, 0, false, 8, 0).unwrap() {
+    match v
+        .access(Gva::new(gpa), Access::new(AccessKind::Read, 0, false), 8, 0)
+        .unwrap()
+    {
         AccessResult::Done { value, mmio, .. } => (value, mmio),
         other => panic!("paging is off and no dirty ring, yet {other:?}"),
     }
@@ -34,7 +39,8 @@ fn read(v: &mut Vcpu, gpa: u64) -> (u64, bool) {
 
 fn write(v: &mut Vcpu, gpa: u64, value: u64) {
     assert!(matches!(
-        v.access(gpa, AccessKind::Write, 0, false, 8, value).unwrap(),
+        v.access(Gva::new(gpa), Access::new(AccessKind::Write, 0, false), 8, value)
+            .unwrap(),
         AccessResult::Done { mmio: false, .. }
     ));
 }
@@ -129,8 +135,13 @@ fn concurrent_faults_install_each_page_once() {
                     // Both threads touch every page, in opposite orders.
                     let page = if t == 0 { i } else { pages - 1 - i };
                     let gpa = page << 12;
-                    v.access(gpa + 8 * t as u64, AccessKind::Write, 0, false, 8, page)
-                        .unwrap();
+                    v.access(
+                        Gva::new(gpa + 8 * t as u64),
+                        Access::new(AccessKind::Write, 0, false),
+                        8,
+                        page,
+                    )
+                    .unwrap();
                 }
             });
         }
@@ -580,7 +591,9 @@ fn nx_huge_pages_split_on_fetch_and_recover() {
     write(&mut v, 0x20_0000, 0x90);
     assert_eq!(vm.mmu.stats().snapshot().pages_2m, 1, "data pages stay huge");
     // An instruction fetch in the huge region maps that page 4K, executable.
-    let r = v.access(0x20_0000, AccessKind::Fetch, 0, false, 1, 0).unwrap();
+    let r = v
+        .access(Gva::new(0x20_0000), Access::new(AccessKind::Fetch, 0, false), 1, 0)
+        .unwrap();
     assert!(matches!(r, AccessResult::Done { value: 0x90, .. }), "{r:?}");
     // The huge SPTE was split in place (KVM's `tdp_mmu_split_huge_page`):
     // its 512 pages stay mapped, at 4K, executable.
@@ -588,7 +601,9 @@ fn nx_huge_pages_split_on_fetch_and_recover() {
     assert_eq!((s.pages_2m, s.pages_4k, s.nx_lpage_splits), (0, 512, 1), "{s:?}");
     let faults = s.pf_taken;
     read(&mut v, 0x20_1000);
-    let r = v.access(0x20_3000, AccessKind::Fetch, 0, false, 1, 0).unwrap();
+    let r = v
+        .access(Gva::new(0x20_3000), Access::new(AccessKind::Fetch, 0, false), 1, 0)
+        .unwrap();
     assert!(matches!(r, AccessResult::Done { .. }), "{r:?}");
     assert_eq!(
         vm.mmu.stats().snapshot().pf_taken,
@@ -713,7 +728,7 @@ fn a_gpa_beyond_4_level_ept_is_an_error_not_an_alias() {
     };
     v.set_state(long, 0x1000, 0).unwrap();
     assert_eq!(read(&mut v, 0).0, 0xdead_beef);
-    let r = v.access(0x1000, AccessKind::Read, 0, false, 8, 0);
+    let r = v.access(Gva::new(0x1000), Access::new(AccessKind::Read, 0, false), 8, 0);
     assert!(
         matches!(r, Err(VcpuError::Mmu(TdpError::GpaBeyondTree { gpa, levels: 4 })) if gpa == Gpa::new(beyond)),
         "{r:?}"
@@ -732,7 +747,7 @@ fn an_invalid_max_level_is_an_error_not_a_panic() {
     };
     let vm = Vm::new(4 * MB, Hva::new(0x4000_0000), VmaFlags::WRITE, config).unwrap();
     let mut v = vcpu(&vm, 1);
-    let r = v.access(0x1000, AccessKind::Read, 0, false, 8, 0);
+    let r = v.access(Gva::new(0x1000), Access::new(AccessKind::Read, 0, false), 8, 0);
     assert!(
         matches!(r, Err(VcpuError::Mmu(TdpError::InvalidMaxLevel { max_level: 0 }))),
         "{r:?}"

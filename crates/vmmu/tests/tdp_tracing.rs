@@ -4,6 +4,8 @@
 //! subscriber would make this one flaky.
 
 use std::sync::Arc;
+use vmmu::addr::Gva;
+use vmmu::arch::perm::Access;
 
 use vmmu::addr::Hva;
 use vmmu::arch::control::CpuFeatures;
@@ -30,14 +32,16 @@ fn vcpu(vm: &Vm, vpid: u16) -> Vcpu {
 
 fn read(v: &mut Vcpu, gpa: u64) {
     assert!(matches!(
-        v.access(gpa, AccessKind::Read, 0, false, 8, 0).unwrap(),
+        v.access(Gva::new(gpa), Access::new(AccessKind::Read, 0, false), 8, 0)
+            .unwrap(),
         AccessResult::Done { .. }
     ));
 }
 
 fn write(v: &mut Vcpu, gpa: u64, value: u64) {
     assert!(matches!(
-        v.access(gpa, AccessKind::Write, 0, false, 8, value).unwrap(),
+        v.access(Gva::new(gpa), Access::new(AccessKind::Write, 0, false), 8, value)
+            .unwrap(),
         AccessResult::Done { .. }
     ));
 }

@@ -6,6 +6,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use vmmu::addr::Gva;
+use vmmu::arch::perm::Access;
 
 use vmmu::addr::{Gpa, Hva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
@@ -124,7 +126,9 @@ fn a_remote_flush_waits_for_a_session_until_its_next_access_or_its_end() {
             let before = v.stats().remote_flushes;
             std::thread::scope(|s| {
                 let mut session = v.session();
-                session.access(0x1008, AccessKind::Write, 3, false, 8, 5).unwrap();
+                session
+                    .access(Gva::new(0x1008), Access::new(AccessKind::Write, 3, false), 8, 5)
+                    .unwrap();
                 let flusher = s.spawn(|| {
                     m.remote_tlb().flush();
                     flushed.store(true, Ordering::SeqCst);
@@ -140,7 +144,11 @@ fn a_remote_flush_waits_for_a_session_until_its_next_access_or_its_end() {
                     drop(session);
                 } else {
                     assert_eq!(
-                        done(session.access(0x1008, AccessKind::Read, 3, false, 8, 0).unwrap()),
+                        done(
+                            session
+                                .access(Gva::new(0x1008), Access::new(AccessKind::Read, 3, false), 8, 0)
+                                .unwrap()
+                        ),
                         5
                     );
                     // Still in guest mode, with the flush answered.
@@ -152,7 +160,13 @@ fn a_remote_flush_waits_for_a_session_until_its_next_access_or_its_end() {
             let after = v.stats().remote_flushes;
             // Answered in the session by the access, or at the next entry.
             if end_session {
-                assert_eq!(done(v.access(0x1008, AccessKind::Read, 3, false, 8, 0).unwrap()), 5);
+                assert_eq!(
+                    done(
+                        v.access(Gva::new(0x1008), Access::new(AccessKind::Read, 3, false), 8, 0)
+                            .unwrap()
+                    ),
+                    5
+                );
             }
             assert_eq!(
                 v.stats().remote_flushes,
@@ -185,7 +199,11 @@ fn migration_under_sessions_loses_no_write() {
                     let mut session = writer.session();
                     for _ in 0..1000 {
                         n += 1;
-                        done(session.access(va, AccessKind::Write, 3, false, 8, n).unwrap());
+                        done(
+                            session
+                                .access(Gva::new(va), Access::new(AccessKind::Write, 3, false), 8, n)
+                                .unwrap(),
+                        );
                         last_written.store(n, Ordering::SeqCst);
                     }
                 }
@@ -196,7 +214,11 @@ fn migration_under_sessions_loses_no_write() {
                     let mut session = reader.session();
                     for _ in 0..1000 {
                         let floor = last_written.load(Ordering::SeqCst);
-                        let got = done(session.access(va, AccessKind::Read, 3, false, 8, 0).unwrap());
+                        let got = done(
+                            session
+                                .access(Gva::new(va), Access::new(AccessKind::Read, 3, false), 8, 0)
+                                .unwrap(),
+                        );
                         assert!(
                             got >= floor && got >= prev,
                             "shadow {shadow}: read {got:#x} after {floor} was written (previous read {prev})"
@@ -242,7 +264,10 @@ fn migration_under_sessions_loses_no_write() {
         }
         let mut v = m.vcpu(3, true);
         assert_eq!(
-            done(v.access(va, AccessKind::Read, 3, false, 8, 0).unwrap()),
+            done(
+                v.access(Gva::new(va), Access::new(AccessKind::Read, 3, false), 8, 0)
+                    .unwrap()
+            ),
             last_written.load(Ordering::SeqCst),
             "shadow {shadow}: the last write is in memory"
         );
@@ -260,33 +285,74 @@ fn first_level_decisions_do_not_outlive_control_register_changes() {
         let mut v = m.vcpu(1, false);
         for _ in 0..3 {
             let mut session = v.session();
-            done(session.access(0x10, AccessKind::Write, 0, false, 8, 9).unwrap());
-            assert_eq!(done(session.access(0x10, AccessKind::Read, 3, false, 8, 0).unwrap()), 9);
+            done(
+                session
+                    .access(Gva::new(0x10), Access::new(AccessKind::Write, 0, false), 8, 9)
+                    .unwrap(),
+            );
+            assert_eq!(
+                done(
+                    session
+                        .access(Gva::new(0x10), Access::new(AccessKind::Read, 3, false), 8, 0)
+                        .unwrap()
+                ),
+                9
+            );
         }
         v.set_cr0_wp(true);
         {
             let mut session = v.session();
             assert_eq!(
-                pf(session.access(0x10, AccessKind::Write, 0, false, 8, 1).unwrap()),
+                pf(session
+                    .access(Gva::new(0x10), Access::new(AccessKind::Write, 0, false), 8, 1)
+                    .unwrap()),
                 0x3,
                 "shadow {shadow}: CR0.WP = 1, the kernel's write faults"
             );
-            assert_eq!(done(session.access(0x10, AccessKind::Read, 3, false, 8, 0).unwrap()), 9);
+            assert_eq!(
+                done(
+                    session
+                        .access(Gva::new(0x10), Access::new(AccessKind::Read, 3, false), 8, 0)
+                        .unwrap()
+                ),
+                9
+            );
         }
         // SMAP: the kernel read a user page; with SMAP and AC = 0 it faults,
         // with AC = 1 it does not.
         for _ in 0..3 {
-            assert_eq!(done(v.access(0x1000, AccessKind::Read, 0, false, 8, 0).unwrap()), 0);
+            assert_eq!(
+                done(
+                    v.access(Gva::new(0x1000), Access::new(AccessKind::Read, 0, false), 8, 0)
+                        .unwrap()
+                ),
+                0
+            );
         }
         v.set_cr4_bits(None, Some(true), None);
         assert_eq!(
-            pf(v.access(0x1000, AccessKind::Read, 0, false, 8, 0).unwrap()),
+            pf(
+                v.access(Gva::new(0x1000), Access::new(AccessKind::Read, 0, false), 8, 0)
+                    .unwrap()
+            ),
             0x1,
             "shadow {shadow}: SMAP, supervisor read of a user page"
         );
-        assert_eq!(done(v.access(0x1000, AccessKind::Read, 0, true, 8, 0).unwrap()), 0);
+        assert_eq!(
+            done(
+                v.access(Gva::new(0x1000), Access::new(AccessKind::Read, 0, true), 8, 0)
+                    .unwrap()
+            ),
+            0
+        );
         v.set_cr4_bits(None, Some(false), None);
-        assert_eq!(done(v.access(0x1000, AccessKind::Read, 0, false, 8, 0).unwrap()), 0);
+        assert_eq!(
+            done(
+                v.access(Gva::new(0x1000), Access::new(AccessKind::Read, 0, false), 8, 0)
+                    .unwrap()
+            ),
+            0
+        );
     }
 }
 
@@ -314,7 +380,10 @@ fn rep_stos_leaves_guest_mode_when_it_ends() {
             "shadow {shadow}: the flush waited for a vCPU that finished its rep stos"
         );
         assert_eq!(
-            done(v.access(0x1000 + 8 * 63, AccessKind::Read, 3, false, 8, 0).unwrap()),
+            done(
+                v.access(Gva::new(0x1000 + 8 * 63), Access::new(AccessKind::Read, 3, false), 8, 0)
+                    .unwrap()
+            ),
             0x5a
         );
     }

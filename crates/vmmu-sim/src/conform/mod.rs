@@ -12,6 +12,7 @@ pub mod tdp;
 use std::fmt;
 use std::io::BufRead;
 use std::path::Path;
+use vmmu::addr::Gva;
 
 use serde::Serialize;
 
@@ -243,7 +244,7 @@ impl WalkerCpu {
     }
 
     fn access(&self, mem: &SparseMemory, va: u64, access: Access) -> Outcome {
-        let r = self.paging.walk(mem, &self.root(), va, access, self.pkru);
+        let r = self.paging.walk(mem, &self.root(), Gva::new(va), access, self.pkru);
         outcome_of(&r)
     }
 }

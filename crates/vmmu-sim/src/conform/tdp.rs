@@ -5,7 +5,9 @@
 //! emulated by the shadow MMU).
 
 use super::{Case, Failure, Hex, Outcome, Replayer, StepMachine, case_features, case_regs, replay};
+use vmmu::addr::Gva;
 use vmmu::addr::{Gpa, Hva};
+use vmmu::arch::perm::Access;
 use vmmu::arch::perm::AccessKind;
 use vmmu::arch::pfec::GP_VECTOR;
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
@@ -85,12 +87,15 @@ impl StepMachine for Vm {
     fn access(&mut self, va: u64, kind: AccessKind, cpl: u8, ac: bool, value: u64) -> Result<Outcome, String> {
         let r = self
             .vcpu
-            .access(va, kind, cpl, ac, self.access_size, value)
+            .access(Gva::new(va), Access::new(kind, cpl, ac), self.access_size, value)
             .map_err(|e| e.to_string())?;
         outcome(r)
     }
     fn store(&mut self, va: u64, size: usize, value: u64) -> Result<(), String> {
-        match self.vcpu.access(va, AccessKind::Write, 0, false, size, value) {
+        match self
+            .vcpu
+            .access(Gva::new(va), Access::new(AccessKind::Write, 0, false), size, value)
+        {
             Ok(AccessResult::Done { .. }) => Ok(()),
             Ok(AccessResult::Fault(f)) => Err(format!("the kernel's store faulted: {f:?}")),
             Ok(AccessResult::DirtyRingFull) => Err(NO_RING.to_string()),
@@ -98,7 +103,7 @@ impl StepMachine for Vm {
         }
     }
     fn invlpg(&mut self, va: u64) {
-        self.vcpu.invlpg(va);
+        self.vcpu.invlpg(Gva::new(va));
     }
     fn mov_cr3(&mut self, value: u64) -> Result<(), String> {
         self.vcpu.mov_cr3(value).map_err(|e| e.to_string())
@@ -110,7 +115,7 @@ impl StepMachine for Vm {
         self.vcpu.set_cr4_bits(smep, smap, pge);
     }
     fn invpcid(&mut self, kind: u8, pcid: u16, va: u64) {
-        self.vcpu.invpcid(kind, pcid, va);
+        self.vcpu.invpcid(kind, pcid, Gva::new(va));
     }
     fn read_entry(&self, pa: u64, size: usize) -> u64 {
         // An unreadable entry cannot match any expected value.

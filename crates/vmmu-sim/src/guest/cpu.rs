@@ -3,6 +3,8 @@
 //! VMM's retry of an access the host refused for a moment.
 
 use super::*;
+use vmmu::addr::Gva;
+use vmmu::arch::perm::Access;
 
 impl UserRun<'_> {
     /// [`GuestCpu::access`] in the run.
@@ -16,7 +18,9 @@ impl UserRun<'_> {
         value: u64,
     ) -> Result<AccessResult, VcpuError> {
         let session = &mut self.session;
-        retrying_efault(self.rings, || session.access(va, kind, cpl, false, size, value))
+        retrying_efault(self.rings, || {
+            session.access(Gva::new(va), Access::new(kind, cpl, false), size, value)
+        })
     }
 
     /// [`GuestCpu::next_stamp`].
@@ -107,7 +111,7 @@ impl GuestCpu {
         size: usize,
         value: u64,
     ) -> Result<AccessResult, VcpuError> {
-        self.retrying_efault(|v| v.access(va, kind, cpl, false, size, value))
+        self.retrying_efault(|v| v.access(Gva::new(va), Access::new(kind, cpl, false), size, value))
     }
 
     /// `rep stosq` of zeros over `count` quadwords, retried as
@@ -177,7 +181,7 @@ impl GuestCpu {
         match pages {
             Some(pages) => {
                 for &va in pages {
-                    self.vcpu.invlpg(va);
+                    self.vcpu.invlpg(Gva::new(va));
                 }
                 os.stats.flushes.fetch_add(pages.len() as u64, Ordering::Relaxed);
             }

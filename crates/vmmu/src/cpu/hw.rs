@@ -14,7 +14,7 @@
 //! that page tables the MMU unlinks are not freed while this walker is
 //! inside them.
 
-use crate::addr::{Gpa, Hpa};
+use crate::addr::{Gpa, Gva, Hpa};
 use crate::arch::control::CpuFeatures;
 use crate::arch::ept::EptViolationQual;
 use crate::arch::ept::PteEpt;
@@ -156,7 +156,8 @@ impl<'a> EptTranslator<'a> {
                 rights: AccessRights::empty(),
             }))
         } else {
-            self.paging.walk(&HostPhys(self.arena), &self.root, gpa, access, 0)
+            self.paging
+                .walk(&HostPhys(self.arena), &self.root, Gva::new(gpa), access, 0)
         };
         match walk {
             Ok(w) => Ok(w),

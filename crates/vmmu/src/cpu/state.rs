@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::tlb::{Flush, Tlb, TlbEntry, TlbTag, access_class};
-use crate::addr::{Gpa, Hpa, Pfn};
+use crate::addr::{Gpa, Gva, Hpa, Pfn};
 use crate::arch::control::{CR3_PCID_MASK, CpuFeatures, Cr4, PagingMode};
 use crate::arch::perm::Access;
 use crate::arch::pfec::PfErrorCode;
@@ -28,7 +28,7 @@ pub enum GuestFault {
         /// The error code.
         error_code: PfErrorCode,
         /// The faulting linear address.
-        gva: u64,
+        gva: Gva,
     },
     /// #GP(0): a non-canonical address.
     GeneralProtection,
@@ -112,7 +112,7 @@ pub enum VcpuError {
     #[error("access of {size} bytes at {gva:#x}: the size must be 1..=8")]
     InvalidAccessSize {
         /// The linear address.
-        gva: u64,
+        gva: Gva,
         /// The size asked for.
         size: usize,
     },
@@ -120,7 +120,7 @@ pub enum VcpuError {
     #[error("no progress on {gva:#x} after {MAX_RETRIES} retries (last exit {last:?})")]
     NoProgress {
         /// The linear address.
-        gva: u64,
+        gva: Gva,
         /// The last exit.
         last: Option<EptExit>,
     },
@@ -130,7 +130,7 @@ pub enum VcpuError {
     #[error("livelock: {exits} identical exits on a {access:?} at {gva:#x}, each answered as fixed ({state})")]
     Livelock {
         /// The linear address.
-        gva: u64,
+        gva: Gva,
         /// The access.
         access: Access,
         /// The exits taken.
@@ -192,10 +192,10 @@ impl CpuState {
     }
 
     /// The linear address: 32 bits wide outside IA-32e paging.
-    pub(crate) fn linear(&self, gva: u64) -> u64 {
+    pub(crate) fn linear(&self, gva: Gva) -> Gva {
         match self.paging.mode() {
             PagingMode::Level4 | PagingMode::Level5 => gva,
-            _ => gva & 0xffff_ffff,
+            _ => Gva::new(gva.raw() & 0xffff_ffff),
         }
     }
 
@@ -246,13 +246,14 @@ impl CpuState {
     #[inline]
     pub(crate) fn tlb_hit(
         &mut self,
-        gva: u64,
+        gva: Gva,
         tag: TlbTag,
         access: Access,
         size: usize,
         value: u64,
         check: impl FnOnce(&CpuState, &TlbEntry) -> bool,
     ) -> Option<AccessResult> {
+        let gva = gva.raw();
         let class = access_class(access);
         if let Some(class) = class
             && let Some(hit) = self.tlb.lookup_l1(gva, tag, class)

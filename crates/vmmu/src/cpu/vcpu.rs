@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::context::{Attempt, ExitAnswer, GuestFlush, MmuContext, ShadowContext, TdpContext, VcpuMmu};
 use super::state::{CpuState, MAX_RETRIES, YIELD_AFTER};
 use super::tlb::{Flush, Tlb, TlbConfig, TlbTag, access_class};
-use crate::addr::{Gpa, Pfn};
+use crate::addr::{Gpa, Gva, Pfn};
 use crate::arch::control::is_canonical;
 use crate::arch::control::{CR3_NOFLUSH, CR3_PAE_PDPT_MASK, CpuFeatures, Cr0, Cr4, PagingMode};
 use crate::arch::ept::Eptp;
@@ -104,16 +104,8 @@ pub struct GuestSession<'a> {
 impl GuestSession<'_> {
     /// [`Vcpu::access`], staying in guest mode after it completes.
     #[inline]
-    pub fn access(
-        &mut self,
-        gva: u64,
-        kind: AccessKind,
-        cpl: u8,
-        ac: bool,
-        size: usize,
-        value: u64,
-    ) -> Result<AccessResult, VcpuError> {
-        self.vcpu.access(gva, kind, cpl, ac, size, value)
+    pub fn access(&mut self, gva: Gva, access: Access, size: usize, value: u64) -> Result<AccessResult, VcpuError> {
+        self.vcpu.access(gva, access, size, value)
     }
 
     /// The vCPU, to read (its counters, registers, TLB).
@@ -319,9 +311,12 @@ impl Vcpu {
     }
 
     /// INVLPG.
-    pub fn invlpg(&mut self, va: u64) {
+    pub fn invlpg(&mut self, va: Gva) {
         let va = self.cpu.linear(va);
-        self.cpu.tlb.flush(Flush::Page { va, tag: self.tag() });
+        self.cpu.tlb.flush(Flush::Page {
+            va: va.raw(),
+            tag: self.tag(),
+        });
         // KVM syncs the address in every root of the vCPU
         // (`KVM_MMU_ROOTS_ALL`).
         self.ctx.guest_flush(GuestFlush::Addr { va, pcid: None });
@@ -329,10 +324,13 @@ impl Vcpu {
     }
 
     /// INVPCID of `kind` 0..=3 with descriptor (`pcid`, `va`).
-    pub fn invpcid(&mut self, kind: u8, pcid: u16, va: u64) {
+    pub fn invpcid(&mut self, kind: u8, pcid: u16, va: Gva) {
         let tag = TlbTag { pcid, ..self.tag() };
         let (flush, guest) = match kind {
-            0 => (Flush::PcidPage { va, tag }, GuestFlush::Addr { va, pcid: Some(pcid) }),
+            0 => (
+                Flush::PcidPage { va: va.raw(), tag },
+                GuestFlush::Addr { va, pcid: Some(pcid) },
+            ),
             1 => (Flush::Pcid(tag), GuestFlush::Pcid(pcid)),
             2 => (Flush::All(tag), GuestFlush::All),
             _ => (Flush::AllNonGlobal(tag), GuestFlush::All),
@@ -411,24 +409,16 @@ impl Vcpu {
     /// limit does not run: the access returns
     /// [`AccessResult::DirtyRingFull`] without touching anything.
     #[inline]
-    pub fn access(
-        &mut self,
-        gva: u64,
-        kind: AccessKind,
-        cpl: u8,
-        ac: bool,
-        size: usize,
-        value: u64,
-    ) -> Result<AccessResult, VcpuError> {
+    pub fn access(&mut self, gva: Gva, access: Access, size: usize, value: u64) -> Result<AccessResult, VcpuError> {
         if self.cpu.in_guest
             && self.cpu.session
             && (1..=8).contains(&size)
-            && (gva & 0xfff) as usize + size <= 0x1000
-            && let Some(done) = self.fast_access(gva, Access::new(kind, cpl, ac), size, value)
+            && gva.page_offset() as usize + size <= 0x1000
+            && let Some(done) = self.fast_access(gva, access, size, value)
         {
             return Ok(done);
         }
-        self.access_slow(gva, kind, cpl, ac, size, value)
+        self.access_slow(gva, access, size, value)
     }
 
     /// The access of a vCPU already in guest mode (in a [`GuestSession`])
@@ -437,7 +427,7 @@ impl Vcpu {
     /// dropped, a full dirty ring) and no remote flush in the way (a flush
     /// is acknowledged by the slow path, which empties the TLB).
     #[inline]
-    fn fast_access(&mut self, gva: u64, access: Access, size: usize, value: u64) -> Option<AccessResult> {
+    fn fast_access(&mut self, gva: Gva, access: Access, size: usize, value: u64) -> Option<AccessResult> {
         if !self.cpu.settled {
             return None;
         }
@@ -455,15 +445,7 @@ impl Vcpu {
     }
 
     #[inline(never)]
-    fn access_slow(
-        &mut self,
-        gva: u64,
-        kind: AccessKind,
-        cpl: u8,
-        ac: bool,
-        size: usize,
-        value: u64,
-    ) -> Result<AccessResult, VcpuError> {
+    fn access_slow(&mut self, gva: Gva, access: Access, size: usize, value: u64) -> Result<AccessResult, VcpuError> {
         if !(1..=8).contains(&size) {
             return Err(VcpuError::InvalidAccessSize { gva, size });
         }
@@ -472,7 +454,7 @@ impl Vcpu {
             self.cpu.exit_guest();
             return Ok(AccessResult::DirtyRingFull);
         }
-        self.access_split(gva, kind, cpl, ac, size, value)
+        self.access_split(gva, access, size, value)
     }
 
     /// `rep stosq`: stores `value` to quadwords from `regs.rdi`, `regs.rcx`
@@ -497,7 +479,7 @@ impl Vcpu {
             mmio: false,
         });
         while regs.rcx > 0 {
-            result = self.access(regs.rdi, AccessKind::Write, 0, false, 8, value);
+            result = self.access(Gva::new(regs.rdi), Access::new(AccessKind::Write, 0, false), 8, value);
             if !matches!(result, Ok(AccessResult::Done { .. })) {
                 break;
             }
@@ -512,19 +494,11 @@ impl Vcpu {
         result
     }
 
-    fn access_split(
-        &mut self,
-        gva: u64,
-        kind: AccessKind,
-        cpl: u8,
-        ac: bool,
-        size: usize,
-        value: u64,
-    ) -> Result<AccessResult, VcpuError> {
+    fn access_split(&mut self, gva: Gva, access: Access, size: usize, value: u64) -> Result<AccessResult, VcpuError> {
         debug_assert!((1..=8).contains(&size), "`access` checked the size");
-        let in_page = (0x1000 - (gva & 0xfff)) as usize;
+        let in_page = (0x1000 - gva.page_offset()) as usize;
         if size > in_page {
-            let low = self.access_split(gva, kind, cpl, ac, in_page, value)?;
+            let low = self.access_split(gva, access, in_page, value)?;
             let AccessResult::Done {
                 value: v0, gpa: gpa0, ..
             } = low
@@ -535,14 +509,7 @@ impl Vcpu {
             // at 2^64 (a canonical access may straddle the top of the
             // address space); in legacy modes `linear`/the walker keep 32
             // bits, so it wraps at 4 GiB.
-            let high = self.access_split(
-                gva.wrapping_add(in_page as u64),
-                kind,
-                cpl,
-                ac,
-                size - in_page,
-                value >> (8 * in_page),
-            )?;
+            let high = self.access_split(gva.add(in_page as u64), access, size - in_page, value >> (8 * in_page))?;
             return Ok(match high {
                 AccessResult::Done { value: v1, mmio, .. } => AccessResult::Done {
                     gpa: gpa0,
@@ -553,7 +520,6 @@ impl Vcpu {
             });
         }
         self.cpu.stats.accesses += 1;
-        let access = Access::new(kind, cpl, ac);
         let mut last = None;
         // Consecutive exits the MMU answered as fixed, the same exit again.
         let mut stuck = 0u32;
@@ -605,7 +571,7 @@ impl Vcpu {
     /// The error of an access the MMU keeps answering as fixed while the
     /// hardware keeps exiting, with the state that caused it.
     #[cold]
-    fn livelock(&self, gva: u64, access: Access, exits: u32, exit: Option<super::hw::EptExit>) -> VcpuError {
+    fn livelock(&self, gva: Gva, access: Access, exits: u32, exit: Option<super::hw::EptExit>) -> VcpuError {
         let state = format!(
             "CR0 {:?}, CR4 {:?}, EFER {:?}, CR3 {:#x}, PKRU {:#x}, paging {:?}, {} MMU, last exit {}",
             self.cpu.regs.cr0,
@@ -617,7 +583,7 @@ impl Vcpu {
             self.ctx.name(),
             exit.map_or_else(|| "a #PF of the shadow walk".to_string(), |e| format!("{e:?}"))
         );
-        tracing::error!(target: "kvm_mmu", gva, ?access, exits, %state, "livelock");
+        tracing::error!(target: "kvm_mmu", gva = gva.raw(), ?access, exits, %state, "livelock");
         VcpuError::Livelock {
             gva,
             access,

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_epoch::Guard;
 
 use super::spte::Spte;
-use crate::addr::Pfn;
+use crate::addr::{Gfn, Level, Pfn};
 use crate::host::FrameArena;
 use crate::sync::{Bug, bug, sched_point};
 
@@ -56,7 +56,12 @@ impl Geometry {
 
     /// Frames (gfns) one SPTE at `level` covers.
     #[inline(always)]
-    pub const fn pages(self, level: u8) -> u64 {
+    pub const fn pages(self, level: Level) -> u64 {
+        self.pages_at(level.get())
+    }
+
+    #[inline(always)]
+    const fn pages_at(self, level: u8) -> u64 {
         1 << (self.bits_per_level * (level as u32 - 1))
     }
 
@@ -109,9 +114,10 @@ impl<'a> SpteIter<'a> {
         arena: &'a FrameArena,
         geometry: Geometry,
         root: Pfn,
-        min_level: u8,
-        goal_gfn: u64,
+        min_level: Level,
+        goal_gfn: Gfn,
     ) -> SpteIter<'a> {
+        let (min_level, goal_gfn) = (min_level.get(), goal_gfn.raw());
         let root_level = geometry.levels;
         debug_assert!(min_level >= 1 && min_level <= root_level);
         let mut it = SpteIter {
@@ -148,7 +154,7 @@ impl<'a> SpteIter<'a> {
 
     #[inline(always)]
     fn align(&self, gfn: u64, level: u8) -> u64 {
-        gfn & !(self.geometry.pages(level) - 1)
+        gfn & !(self.geometry.pages_at(level) - 1)
     }
 
     /// Whether the cursor points at an SPTE.
@@ -159,14 +165,14 @@ impl<'a> SpteIter<'a> {
 
     /// The current level.
     #[inline(always)]
-    pub fn level(&self) -> u8 {
-        self.level
+    pub fn level(&self) -> Level {
+        Level::new(self.level).expect("the cursor's level is 1..=5")
     }
 
     /// The first gfn the current SPTE covers.
     #[inline(always)]
-    pub fn gfn(&self) -> u64 {
-        self.gfn
+    pub fn gfn(&self) -> Gfn {
+        Gfn::new(self.gfn)
     }
 
     /// The epoch the walk runs under: what the walk unlinks is freed
@@ -246,7 +252,7 @@ impl<'a> SpteIter<'a> {
             return false;
         }
         let spte = self.refresh();
-        if !spte.is_mmu_present() || spte.is_leaf(self.level) {
+        if !spte.is_mmu_present() || spte.is_leaf(self.level()) {
             return false;
         }
         let child = spte.pfn();
@@ -262,7 +268,7 @@ impl<'a> SpteIter<'a> {
         if self.geometry.index(self.gfn, self.level) == self.geometry.entries() - 1 {
             return false;
         }
-        self.gfn += self.geometry.pages(self.level);
+        self.gfn += self.geometry.pages_at(self.level);
         self.next_last_level_gfn = self.gfn;
         self.refresh();
         true
@@ -340,7 +346,7 @@ mod tests {
                     child
                 };
             }
-            let leaf = FMT.make_leaf(1, Pfn::new(0x1000 + gfn), SpteAccess::ALL, true, true, false);
+            let leaf = FMT.make_leaf(Level::L1, Pfn::new(0x1000 + gfn), SpteAccess::ALL, true, true, false);
             arena.table(table)[geometry.index(gfn, 1) as usize].store(leaf.raw(), Ordering::Relaxed);
         }
         root
@@ -349,8 +355,8 @@ mod tests {
     fn leaves_visited(it: &mut SpteIter<'_>) -> Vec<u64> {
         let mut out = Vec::new();
         while it.valid() {
-            if it.level() == 1 && it.old_spte().is_mmu_present() {
-                out.push(it.gfn());
+            if it.level() == Level::L1 && it.old_spte().is_mmu_present() {
+                out.push(it.gfn().raw());
             }
             it.next();
         }
@@ -363,7 +369,7 @@ mod tests {
         let leaves = [0u64, 1, 5, 17, 18, 63];
         let root = build(&a, TINY, &leaves);
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, &a, TINY, root, 1, 0);
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, Level::L1, Gfn::new(0));
         assert_eq!(leaves_visited(&mut it), leaves);
     }
 
@@ -372,7 +378,7 @@ mod tests {
         let a = arena();
         let root = build(&a, TINY, &[0, 1, 5, 17, 18, 63]);
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, &a, TINY, root, 1, 17);
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, Level::L1, Gfn::new(17));
         assert_eq!(leaves_visited(&mut it), [17, 18, 63]);
     }
 
@@ -381,12 +387,12 @@ mod tests {
         let a = arena();
         let root = build(&a, TINY, &[5, 40]);
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, &a, TINY, root, 2, 0);
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, Level::L2, Gfn::new(0));
         let mut seen = Vec::new();
         while it.valid() {
-            assert!(it.level() >= 2);
-            if it.level() == 2 && it.old_spte().is_mmu_present() {
-                seen.push(it.gfn());
+            assert!(it.level() >= Level::L2);
+            if it.level() == Level::L2 && it.old_spte().is_mmu_present() {
+                seen.push(it.gfn().raw());
             }
             it.next();
         }
@@ -398,11 +404,11 @@ mod tests {
         let a = arena();
         let root = build(&a, TINY, &[1, 2, 30, 31, 50]);
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, &a, TINY, root, 1, 0);
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, Level::L1, Gfn::new(0));
         let mut seen = Vec::new();
         while it.valid() {
-            if it.level() == 1 && it.old_spte().is_mmu_present() {
-                seen.push(it.gfn());
+            if it.level() == Level::L1 && it.old_spte().is_mmu_present() {
+                seen.push(it.gfn().raw());
                 // "Yield" after every leaf: restart from the root.
                 it.next();
                 assert!(it.made_progress() || !it.valid());
@@ -419,7 +425,7 @@ mod tests {
         let a = arena();
         let root = build(&a, TINY, &[21]);
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, &a, TINY, root, 1, 21);
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, Level::L1, Gfn::new(21));
         assert!(it.old_spte().is_mmu_present());
         // Another thread zaps the root entry after the cursor read it.
         it.sptep().store(0, Ordering::Release);
@@ -432,11 +438,11 @@ mod tests {
         let a = arena();
         let root = build(&a, TINY, &[3]);
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, &a, TINY, root, 1, 3);
-        while it.level() > 1 {
+        let mut it = SpteIter::new(&epoch, &a, TINY, root, Level::L1, Gfn::new(3));
+        while it.level() > Level::L1 {
             assert!(it.step_down());
         }
-        let theirs = FMT.make_leaf(1, Pfn::new(0x9999), SpteAccess::ALL, true, true, false);
+        let theirs = FMT.make_leaf(Level::L1, Pfn::new(0x9999), SpteAccess::ALL, true, true, false);
         it.sptep().store(theirs.raw(), Ordering::Release);
         assert!(!it.try_set(Spte::EMPTY));
         assert_eq!(it.old_spte(), theirs);
@@ -451,7 +457,7 @@ mod tests {
         let leaves = [0u64, 511, 512, 0x4_0000, 0x7ff_ffff];
         let root = build(&a, g, &leaves);
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, &a, g, root, 1, 0);
+        let mut it = SpteIter::new(&epoch, &a, g, root, Level::L1, Gfn::new(0));
         assert_eq!(leaves_visited(&mut it), leaves);
     }
 }

@@ -30,7 +30,7 @@
 //! misconfiguration), in IA-32e a reserved bit (a #PF with RSVD); both carry
 //! the memslot generation so a memslot change invalidates them all at once.
 
-use crate::addr::Pfn;
+use crate::addr::{Level, Pfn};
 use crate::arch::bits;
 use crate::arch::ept::{EPT_ACCESSED, EPT_DIRTY, EPT_EXEC, EPT_LARGE, EPT_MT_SHIFT, EPT_READ, EPT_WRITE, MemType};
 use crate::arch::pte::{
@@ -192,14 +192,14 @@ impl SpteFormat {
     /// mapping the guest has not used).
     pub fn make_leaf(
         self,
-        level: u8,
+        level: Level,
         pfn: Pfn,
         access: SpteAccess,
         host_writable: bool,
         mmu_writable: bool,
         prefault: bool,
     ) -> Spte {
-        debug_assert!((1..=3).contains(&level));
+        debug_assert!(level <= Level::L3);
         let mut v = ((pfn.raw() << 12) & SPTE_ADDR_MASK) | SPTE_MMU_PRESENT;
         let writable = access.write && host_writable && mmu_writable;
         match self {
@@ -208,7 +208,7 @@ impl SpteFormat {
                 if access.exec {
                     v |= EPT_EXEC;
                 }
-                if level > 1 {
+                if level > Level::L1 {
                     v |= EPT_LARGE;
                 }
                 if !ad {
@@ -223,7 +223,7 @@ impl SpteFormat {
                 if !access.exec {
                     v |= PT64_NX;
                 }
-                if level > 1 {
+                if level > Level::L1 {
                     v |= PT_PAGE_SIZE;
                 }
             }
@@ -298,14 +298,14 @@ impl Spte {
 
     /// Whether a present SPTE at `level` is a leaf.
     #[inline(always)]
-    pub fn is_leaf(self, level: u8) -> bool {
-        level == 1 || self.0 & PT_PAGE_SIZE != 0
+    pub fn is_leaf(self, level: Level) -> bool {
+        level == Level::L1 || self.0 & PT_PAGE_SIZE != 0
     }
 
     /// Whether this is a present huge leaf at `level` > 1.
     #[inline(always)]
-    pub fn is_large(self, level: u8) -> bool {
-        level > 1 && self.is_mmu_present() && self.0 & PT_PAGE_SIZE != 0
+    pub fn is_large(self, level: Level) -> bool {
+        level > Level::L1 && self.is_mmu_present() && self.0 & PT_PAGE_SIZE != 0
     }
 
     /// The host frame (a leaf's page base, or a non-leaf's table).
@@ -460,11 +460,11 @@ impl Spte {
     /// host-writable, access tracking, memory type), the frame advances,
     /// and a 4K child loses the large bit. So a split changes no
     /// translation and no right: it needs no TLB flush and loses no D bit.
-    pub fn split_child(self, level: u8, index: u64, child_pages: u64) -> Spte {
-        debug_assert!(level > 1 && self.is_large(level));
+    pub fn split_child(self, level: Level, index: u64, child_pages: u64) -> Spte {
+        debug_assert!(self.is_large(level));
         let pfn = self.pfn().raw() + index * child_pages;
         let mut v = (self.0 & !SPTE_ADDR_MASK) | ((pfn << 12) & SPTE_ADDR_MASK);
-        if level - 1 == 1 {
+        if level == Level::L2 {
             v &= !PT_PAGE_SIZE;
         }
         Spte(v)
@@ -515,13 +515,13 @@ mod tests {
     #[test]
     fn leaves_round_trip_their_frame_and_rights() {
         for fmt in FMTS {
-            for level in 1..=3u8 {
-                let pfn = Pfn::new(0x12_3400 & !((1 << (9 * (level - 1))) - 1));
+            for level in [Level::L1, Level::L2, Level::L3] {
+                let pfn = Pfn::new(0x12_3400 & !(level.pages() - 1));
                 let s = fmt.make_leaf(level, pfn, SpteAccess::ALL, true, true, false);
                 assert!(s.is_mmu_present() && !s.is_mmio(fmt) && !s.is_frozen());
                 assert_eq!(s.pfn(), pfn);
                 assert!(s.is_leaf(level));
-                assert_eq!(s.is_large(level), level > 1);
+                assert_eq!(s.is_large(level), level > Level::L1);
                 assert!(s.is_writable(fmt) && s.is_mmu_writable() && s.is_host_writable());
                 assert!(s.is_accessed(fmt));
             }
@@ -531,15 +531,15 @@ mod tests {
     #[test]
     fn write_permission_needs_host_and_mmu() {
         for fmt in FMTS {
-            let s = fmt.make_leaf(1, Pfn::new(5), SpteAccess::ALL, false, true, false);
+            let s = fmt.make_leaf(Level::L1, Pfn::new(5), SpteAccess::ALL, false, true, false);
             assert!(!s.is_writable(fmt) && !s.is_mmu_writable() && !s.is_host_writable());
-            let s = fmt.make_leaf(1, Pfn::new(5), SpteAccess::ALL, true, false, false);
+            let s = fmt.make_leaf(Level::L1, Pfn::new(5), SpteAccess::ALL, true, false, false);
             assert!(!s.is_writable(fmt) && !s.is_mmu_writable() && s.is_host_writable());
             let ro = SpteAccess {
                 write: false,
                 ..SpteAccess::ALL
             };
-            let s = fmt.make_leaf(1, Pfn::new(5), ro, true, true, false);
+            let s = fmt.make_leaf(Level::L1, Pfn::new(5), ro, true, true, false);
             assert!(!s.is_writable(fmt));
         }
     }
@@ -547,7 +547,7 @@ mod tests {
     #[test]
     fn write_protect_and_fast_path_restore() {
         for fmt in FMTS {
-            let s = fmt.make_leaf(1, Pfn::new(5), SpteAccess::ALL, true, true, false);
+            let s = fmt.make_leaf(Level::L1, Pfn::new(5), SpteAccess::ALL, true, true, false);
             let cleared = s.clear_writable(fmt);
             assert!(!cleared.is_writable(fmt) && cleared.is_mmu_writable());
             let back = cleared.make_writable(fmt);
@@ -563,7 +563,7 @@ mod tests {
     #[should_panic(expected = "writable but not MMU-writable")]
     fn writable_without_mmu_writable_is_caught() {
         let fmt = SpteFormat::Legacy;
-        let s = fmt.make_leaf(1, Pfn::new(5), SpteAccess::ALL, true, false, false);
+        let s = fmt.make_leaf(Level::L1, Pfn::new(5), SpteAccess::ALL, true, false, false);
         Spte(s.0 | PT_WRITABLE).check_leaf_writable_invariants(fmt);
     }
 
@@ -571,14 +571,14 @@ mod tests {
     #[should_panic(expected = "MMU-writable but not host-writable")]
     fn mmu_writable_without_host_writable_is_caught() {
         let fmt = SpteFormat::Ept { ad: true };
-        let s = fmt.make_leaf(1, Pfn::new(5), SpteAccess::ALL, true, true, false);
+        let s = fmt.make_leaf(Level::L1, Pfn::new(5), SpteAccess::ALL, true, true, false);
         Spte(s.0 & !SPTE_HOST_WRITABLE).check_leaf_writable_invariants(fmt);
     }
 
     #[test]
     fn access_tracking_saves_and_restores_rx() {
         let fmt = SpteFormat::Ept { ad: false };
-        let s = fmt.make_leaf(1, Pfn::new(9), SpteAccess::ALL, true, true, false);
+        let s = fmt.make_leaf(Level::L1, Pfn::new(9), SpteAccess::ALL, true, true, false);
         let t = s.mark_access_tracked();
         assert!(t.is_access_tracked(fmt) && !t.is_accessed(fmt));
         assert!(t.is_mmu_present() && t.0 & 7 == 0, "not present to hardware");
@@ -600,7 +600,7 @@ mod tests {
             }
             // Ordinary SPTEs are never MMIO.
             assert!(
-                !fmt.make_leaf(1, Pfn::new(3), SpteAccess::ALL, true, true, false)
+                !fmt.make_leaf(Level::L1, Pfn::new(3), SpteAccess::ALL, true, true, false)
                     .is_mmio(fmt)
             );
             assert!(!fmt.make_nonleaf(Pfn::new(3)).is_mmio(fmt));

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 
+use crate::addr::Level;
 use crate::percpu::{SHARDS, shard_index};
 
 use serde::Serialize;
@@ -145,11 +146,11 @@ stats!(
 impl MmuStats {
     /// Counts a leaf installed (`delta` = 1) or removed (-1) at `level`.
     #[inline]
-    pub fn account_leaf(&self, level: u8, delta: i64) {
+    pub fn account_leaf(&self, level: Level, delta: i64) {
         let shard = self.local();
         let counter = match level {
-            1 => &shard.pages_4k,
-            2 => &shard.pages_2m,
+            Level::L1 => &shard.pages_4k,
+            Level::L2 => &shard.pages_2m,
             _ => &shard.pages_1g,
         };
         counter.fetch_add(delta, Ordering::Relaxed);

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::addr::Gfn;
+use crate::addr::{Gfn, Level};
 use crate::arch::control::CpuFeatures;
 use crate::cpu::vcpu::{PREV_ROOTS, Vcpu, VcpuError};
 use crate::host::HostAddressSpace;
@@ -161,8 +161,8 @@ impl Mmu {
                 let mut tree = 1u64;
                 for s in slots.load(0).iter() {
                     let (a, b) = (s.base_gfn().raw(), s.base_gfn().raw() + s.npages());
-                    for level in 1..g.levels {
-                        let span = g.pages(level + 1);
+                    for level in 2..=g.levels {
+                        let span = g.pages(Level::new(level).expect("a tree level"));
                         tree += (b - 1) / span - a / span + 1;
                     }
                 }

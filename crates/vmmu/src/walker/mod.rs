@@ -31,7 +31,7 @@ pub use sparse::SparseMemory;
 
 use std::marker::PhantomData;
 
-use crate::addr::{Gfn, Gpa, PAGE_SHIFT, PageSize};
+use crate::addr::{Gfn, Gpa, Gva, PAGE_SHIFT, PageSize};
 use crate::arch::control::{
     CR3_32_ROOT_MASK, CR3_LM_ROOT_MASK, CR3_PAE_PDPT_MASK, CpuFeatures, Cr0, Cr4, Efer, PagingMode,
 };
@@ -58,7 +58,7 @@ pub struct WalkEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Walk {
     /// The address translated (truncated to 32 bits in legacy modes).
-    pub va: u64,
+    pub va: Gva,
     /// The level of the root table.
     pub root_level: u8,
     /// The level of the leaf (1 for a 4 KiB page).
@@ -340,7 +340,7 @@ impl<F: PteFormat> Paging<F> {
         &self,
         mem: &M,
         root: &Root,
-        va: u64,
+        va: Gva,
         access: Access,
         pkru: u32,
     ) -> Result<Walk, WalkError<M::Error>> {
@@ -354,7 +354,7 @@ impl<F: PteFormat> Paging<F> {
         &self,
         mem: &M,
         root: &Root,
-        va: u64,
+        va: Gva,
         access: Access,
         pkru: u32,
     ) -> Result<Walk, WalkError<M::Error>> {
@@ -366,15 +366,15 @@ impl<F: PteFormat> Paging<F> {
         &self,
         mem: &M,
         root: &Root,
-        va: u64,
+        va: Gva,
         access: Access,
         pkru: u32,
         ad: AdMode,
     ) -> Result<Walk, WalkError<M::Error>> {
-        if self.canonical_bits != 0 && !crate::arch::control::is_canonical(va, self.canonical_bits) {
+        if self.canonical_bits != 0 && !crate::arch::control::is_canonical(va.raw(), self.canonical_bits) {
             return Err(WalkError::NonCanonical);
         }
-        let va = va & self.va_mask;
+        let va = va.raw() & self.va_mask;
         'restart: loop {
             let mut entries = [WalkEntry::default(); 5];
             let mut rights = AccessRights::all();
@@ -481,7 +481,7 @@ impl<F: PteFormat> Paging<F> {
             };
             let gpa = F::leaf_addr(leaf_pte, level) | (va & (size - 1));
             return Ok(Walk {
-                va,
+                va: Gva::new(va),
                 root_level: self.root_level,
                 level,
                 page_size,
@@ -552,7 +552,7 @@ impl GuestPaging {
         &self,
         mem: &M,
         root: &Root,
-        va: u64,
+        va: Gva,
         access: Access,
         pkru: u32,
     ) -> Result<Walk, WalkError<M::Error>> {
@@ -568,7 +568,7 @@ impl GuestPaging {
         &self,
         mem: &M,
         root: &Root,
-        va: u64,
+        va: Gva,
         access: Access,
         pkru: u32,
     ) -> Result<Walk, WalkError<M::Error>> {
@@ -580,10 +580,10 @@ impl GuestPaging {
     }
 }
 
-fn identity_walk(va: u64) -> Walk {
-    let va = va & 0xffff_ffff;
+fn identity_walk(va: Gva) -> Walk {
+    let va = va.raw() & 0xffff_ffff;
     Walk {
-        va,
+        va: Gva::new(va),
         root_level: 0,
         level: 1,
         page_size: PageSize::Size4K,

@@ -1,5 +1,6 @@
 //! Walker tests, written from the x86 point of view (SDM vol. 3A ch. 4).
 
+use crate::addr::Gva;
 use std::cell::Cell;
 
 use proptest::prelude::*;
@@ -73,7 +74,7 @@ fn entry(mem: &SparseMemory, gpa: u64) -> u64 {
 fn successful_read_sets_accessed_on_every_level_and_no_dirty() {
     let (mem, root, va) = four_level(P | W | U, P | W | U);
     let w = lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-        .walk(&mem, &root, va, read(3), 0)
+        .walk(&mem, &root, Gva::new(va), read(3), 0)
         .unwrap();
     assert_eq!(w.gpa, Gpa::new(0x1000_0234));
     assert_eq!(w.level, 1);
@@ -94,7 +95,7 @@ fn successful_read_sets_accessed_on_every_level_and_no_dirty() {
 fn successful_write_sets_dirty_on_the_leaf_only() {
     let (mem, root, va) = four_level(P | W | U, P | W | U);
     let w = lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-        .walk(&mem, &root, va, write(3), 0)
+        .walk(&mem, &root, Gva::new(va), write(3), 0)
         .unwrap();
     assert!(w.dirty);
     for gpa in [0x1000, 0x2008, 0x3000] {
@@ -107,7 +108,7 @@ fn successful_write_sets_dirty_on_the_leaf_only() {
 fn faulting_walk_changes_nothing() {
     let (mem, root, va) = four_level(P | W | U, P | U);
     let err = lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-        .walk(&mem, &root, va, write(3), 0)
+        .walk(&mem, &root, Gva::new(va), write(3), 0)
         .unwrap_err();
     assert_eq!(
         err.error_code(),
@@ -124,7 +125,7 @@ fn not_present_at_each_level_reports_that_level() {
         let (mem, root, va) = four_level(P | W | U, P | W | U);
         mem.write_uint(Gpa::new(gpa), 8, 0xdead_b000); // P = 0, other bits ignored
         let err = lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-            .walk(&mem, &root, va, write(3), 0)
+            .walk(&mem, &root, Gva::new(va), write(3), 0)
             .unwrap_err();
         match err {
             WalkError::PageFault(pf) => {
@@ -141,13 +142,13 @@ fn not_present_at_each_level_reports_that_level() {
 fn reserved_bits_report_rsvd_with_present() {
     let (mem, root, va) = four_level(P | W | U, P | W | U | (1 << 45));
     let err = lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-        .walk(&mem, &root, va, read(0), 0)
+        .walk(&mem, &root, Gva::new(va), read(0), 0)
         .unwrap_err();
     assert_eq!(err.error_code(), Some(PfErrorCode::PRESENT | PfErrorCode::RSVD));
     // A not-present entry is never checked for reserved bits.
     let (mem, root, va) = four_level(P | W | U, (1 << 45) | W);
     let err = lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-        .walk(&mem, &root, va, read(0), 0)
+        .walk(&mem, &root, Gva::new(va), read(0), 0)
         .unwrap_err();
     assert_eq!(err.error_code(), Some(PfErrorCode::empty()));
 }
@@ -156,7 +157,7 @@ fn reserved_bits_report_rsvd_with_present() {
 fn execute_disable_needs_efer_nxe() {
     let (mem, root, va) = four_level(P | W | U, P | W | U | NX);
     let err = lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-        .walk(&mem, &root, va, fetch(3), 0)
+        .walk(&mem, &root, Gva::new(va), fetch(3), 0)
         .unwrap_err();
     assert_eq!(
         err.error_code(),
@@ -165,12 +166,12 @@ fn execute_disable_needs_efer_nxe() {
     // Reads are fine.
     assert!(
         lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-            .walk(&mem, &root, va, read(3), 0)
+            .walk(&mem, &root, Gva::new(va), read(3), 0)
             .is_ok()
     );
     // Without NXE, bit 63 is reserved, and I/D is not reported without SMEP.
     let err = lm4(Cr0::WP, Cr4::empty(), Efer::empty())
-        .walk(&mem, &root, va, fetch(3), 0)
+        .walk(&mem, &root, Gva::new(va), fetch(3), 0)
         .unwrap_err();
     assert_eq!(
         err.error_code(),
@@ -188,12 +189,12 @@ fn fetch_reports_id_only_with_nx_or_smep() {
     let f = CpuFeatures::default();
     let p = GuestPaging::new(&regs(PagingMode::Bits32, Cr0::WP, Cr4::empty(), Efer::NXE), &f);
     assert_eq!(
-        p.walk(&mem, &root, 0, fetch(3), 0).unwrap_err().error_code(),
+        p.walk(&mem, &root, Gva::new(0), fetch(3), 0).unwrap_err().error_code(),
         Some(PfErrorCode::PRESENT | PfErrorCode::USER)
     );
     let p = GuestPaging::new(&regs(PagingMode::Bits32, Cr0::WP, Cr4::SMEP, Efer::empty()), &f);
     assert_eq!(
-        p.walk(&mem, &root, 0, fetch(3), 0).unwrap_err().error_code(),
+        p.walk(&mem, &root, Gva::new(0), fetch(3), 0).unwrap_err().error_code(),
         Some(PfErrorCode::PRESENT | PfErrorCode::USER | PfErrorCode::FETCH)
     );
 }
@@ -203,11 +204,11 @@ fn smap_and_smep_against_user_pages() {
     let (mem, root, va) = four_level(P | W | U, P | W | U);
     let p = lm4(Cr0::WP, Cr4::SMAP | Cr4::SMEP, Efer::NXE);
     assert_eq!(
-        p.walk(&mem, &root, va, read(0), 0).unwrap_err().error_code(),
+        p.walk(&mem, &root, Gva::new(va), read(0), 0).unwrap_err().error_code(),
         Some(PfErrorCode::PRESENT)
     );
     assert!(
-        p.walk(&mem, &root, va, Access::new(AccessKind::Read, 0, true), 0)
+        p.walk(&mem, &root, Gva::new(va), Access::new(AccessKind::Read, 0, true), 0)
             .is_ok()
     );
     let implicit = Access {
@@ -216,11 +217,11 @@ fn smap_and_smep_against_user_pages() {
         rflags_ac: true,
     };
     assert_eq!(
-        p.walk(&mem, &root, va, implicit, 0).unwrap_err().error_code(),
+        p.walk(&mem, &root, Gva::new(va), implicit, 0).unwrap_err().error_code(),
         Some(PfErrorCode::PRESENT)
     );
     assert_eq!(
-        p.walk(&mem, &root, va, fetch(0), 0).unwrap_err().error_code(),
+        p.walk(&mem, &root, Gva::new(va), fetch(0), 0).unwrap_err().error_code(),
         Some(PfErrorCode::PRESENT | PfErrorCode::FETCH)
     );
 }
@@ -236,10 +237,10 @@ fn user_bit_must_be_set_on_every_level() {
     mem.write_uint(Gpa::new(0x4008), 8, 0x9000 | P | W | U);
     let p = lm4(Cr0::WP, Cr4::empty(), Efer::NXE);
     assert_eq!(
-        p.walk(&mem, &root, va2, read(3), 0).unwrap_err().error_code(),
+        p.walk(&mem, &root, Gva::new(va2), read(3), 0).unwrap_err().error_code(),
         Some(PfErrorCode::PRESENT | PfErrorCode::USER)
     );
-    let w = p.walk(&mem, &root, va2, read(0), 0).unwrap();
+    let w = p.walk(&mem, &root, Gva::new(va2), read(0), 0).unwrap();
     assert_eq!(w.rights, AccessRights::WRITE | AccessRights::EXEC);
     assert_eq!(w.entry(3).unwrap().rights, AccessRights::WRITE | AccessRights::EXEC);
     assert_eq!(w.entry(4).unwrap().rights, AccessRights::all());
@@ -253,34 +254,40 @@ fn protection_keys() {
     let pkru_ad5 = 1 << 10;
     let p = lm4(Cr0::WP, Cr4::PKE, Efer::NXE);
     assert_eq!(
-        p.walk(&mem, &root, va, read(3), pkru_ad5).unwrap_err().error_code(),
+        p.walk(&mem, &root, Gva::new(va), read(3), pkru_ad5)
+            .unwrap_err()
+            .error_code(),
         Some(PfErrorCode::PRESENT | PfErrorCode::USER | PfErrorCode::PK)
     );
     // Supervisor data access to a user page is checked too.
     assert_eq!(
-        p.walk(&mem, &root, va, read(0), pkru_ad5).unwrap_err().error_code(),
+        p.walk(&mem, &root, Gva::new(va), read(0), pkru_ad5)
+            .unwrap_err()
+            .error_code(),
         Some(PfErrorCode::PRESENT | PfErrorCode::PK)
     );
     // Fetches are not subject to protection keys.
-    assert!(p.walk(&mem, &root, va, fetch(3), pkru_ad5).is_ok());
+    assert!(p.walk(&mem, &root, Gva::new(va), fetch(3), pkru_ad5).is_ok());
     // Without CR4.PKE nothing happens.
     assert!(
         lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-            .walk(&mem, &root, va, read(3), pkru_ad5)
+            .walk(&mem, &root, Gva::new(va), read(3), pkru_ad5)
             .is_ok()
     );
     // WD5: user write denied; supervisor write only with WP.
     let pkru_wd5 = 1 << 11;
-    assert!(p.walk(&mem, &root, va, write(3), pkru_wd5).is_err());
+    assert!(p.walk(&mem, &root, Gva::new(va), write(3), pkru_wd5).is_err());
     assert!(
         lm4(Cr0::empty(), Cr4::PKE, Efer::NXE)
-            .walk(&mem, &root, va, write(0), pkru_wd5)
+            .walk(&mem, &root, Gva::new(va), write(0), pkru_wd5)
             .is_ok()
     );
     // A PK violation combined with another one reports both.
     let (mem, root, va) = four_level(P | W | U, P | U | (5u64 << PT64_PKEY_SHIFT));
     assert_eq!(
-        p.walk(&mem, &root, va, write(3), pkru_ad5).unwrap_err().error_code(),
+        p.walk(&mem, &root, Gva::new(va), write(3), pkru_ad5)
+            .unwrap_err()
+            .error_code(),
         Some(PfErrorCode::PRESENT | PfErrorCode::WRITE | PfErrorCode::USER | PfErrorCode::PK)
     );
 }
@@ -291,11 +298,11 @@ fn non_canonical_is_gp_without_reading_memory() {
     mem.start_read_log();
     let p = lm4(Cr0::WP, Cr4::empty(), Efer::NXE);
     assert_eq!(
-        p.walk(&mem, &root, 0x0000_8000_0000_0000, read(0), 0),
+        p.walk(&mem, &root, Gva::new(0x0000_8000_0000_0000), read(0), 0),
         Err(WalkError::NonCanonical)
     );
     assert_eq!(
-        p.walk(&mem, &root, 0xfff0_0000_0000_0000, fetch(3), 0),
+        p.walk(&mem, &root, Gva::new(0xfff0_0000_0000_0000), fetch(3), 0),
         Err(WalkError::NonCanonical)
     );
     assert!(mem.take_read_log().is_empty());
@@ -305,11 +312,11 @@ fn non_canonical_is_gp_without_reading_memory() {
         &CpuFeatures::default(),
     );
     assert!(matches!(
-        p5.walk(&mem, &root, 0x0000_8000_0000_0000, read(0), 0),
+        p5.walk(&mem, &root, Gva::new(0x0000_8000_0000_0000), read(0), 0),
         Err(WalkError::PageFault(_))
     ));
     assert_eq!(
-        p5.walk(&mem, &root, 0x0100_0000_0000_0000, read(0), 0),
+        p5.walk(&mem, &root, Gva::new(0x0100_0000_0000_0000), read(0), 0),
         Err(WalkError::NonCanonical)
     );
 }
@@ -321,7 +328,7 @@ fn large_pages_2m_and_1g() {
     mem.write_uint(Gpa::new(0x2010), 8, 0x8000_0000 | P | W | PS); // PDPTE 2: 1 GiB
     let p = lm4(Cr0::WP, Cr4::empty(), Efer::NXE);
     let w = p
-        .walk(&mem, &root, (1 << 30) | (1 << 21) | 0x12345, write(0), 0)
+        .walk(&mem, &root, Gva::new((1 << 30) | (1 << 21) | 0x12345), write(0), 0)
         .unwrap();
     assert_eq!(
         (w.level, w.page_size, w.gpa),
@@ -329,14 +336,18 @@ fn large_pages_2m_and_1g() {
     );
     assert_eq!(entry(&mem, 0x3008) & (A | D), A | D);
     assert_eq!(w.page_base_gfn(), Gfn::new(0x40200));
-    let w = p.walk(&mem, &root, (2 << 30) | 0x3456_789a, read(0), 0).unwrap();
+    let w = p
+        .walk(&mem, &root, Gva::new((2 << 30) | 0x3456_789a), read(0), 0)
+        .unwrap();
     assert_eq!(
         (w.level, w.page_size, w.gpa),
         (3, PageSize::Size1G, Gpa::new(0x8000_0000 + 0x3456_789a))
     );
     // A 2 MiB PDE with bit 13 set has a reserved bit.
     mem.write_uint(Gpa::new(0x3008), 8, 0x4020_2000 | P | W | PS);
-    let err = p.walk(&mem, &root, (1 << 30) | (1 << 21), read(0), 0).unwrap_err();
+    let err = p
+        .walk(&mem, &root, Gva::new((1 << 30) | (1 << 21)), read(0), 0)
+        .unwrap_err();
     assert_eq!(err.error_code(), Some(PfErrorCode::PRESENT | PfErrorCode::RSVD));
     // Without 1 GiB page support, PS in a PDPTE is reserved.
     let f = CpuFeatures {
@@ -344,7 +355,7 @@ fn large_pages_2m_and_1g() {
         ..CpuFeatures::default()
     };
     let p = GuestPaging::new(&regs(PagingMode::Level4, Cr0::WP, Cr4::empty(), Efer::NXE), &f);
-    let err = p.walk(&mem, &root, 2 << 30, read(0), 0).unwrap_err();
+    let err = p.walk(&mem, &root, Gva::new(2 << 30), read(0), 0).unwrap_err();
     assert_eq!(err.error_code(), Some(PfErrorCode::PRESENT | PfErrorCode::RSVD));
 }
 
@@ -357,7 +368,7 @@ fn pse_4m_pages_in_32_bit_paging() {
     let f = CpuFeatures::default().with_maxphyaddr(40);
     let pse = GuestPaging::new(&regs(PagingMode::Bits32, Cr0::WP, Cr4::PSE, Efer::empty()), &f);
     let va = (5 << 22) | 0x12_3456;
-    let w = pse.walk(&mem, &root, va, read(0), 0).unwrap();
+    let w = pse.walk(&mem, &root, Gva::new(va), read(0), 0).unwrap();
     assert_eq!(
         (w.page_size, w.gpa),
         (PageSize::Size4M, Gpa::new(0x7_0080_0000 + 0x12_3456))
@@ -365,11 +376,11 @@ fn pse_4m_pages_in_32_bit_paging() {
     // PSE-36 address bits at or above MAXPHYADDR are reserved.
     let f34 = CpuFeatures::default().with_maxphyaddr(34);
     let p34 = GuestPaging::new(&regs(PagingMode::Bits32, Cr0::WP, Cr4::PSE, Efer::empty()), &f34);
-    let err = p34.walk(&mem, &root, va, read(0), 0).unwrap_err();
+    let err = p34.walk(&mem, &root, Gva::new(va), read(0), 0).unwrap_err();
     assert_eq!(err.error_code(), Some(PfErrorCode::PRESENT | PfErrorCode::RSVD));
     // Without CR4.PSE the PDE points to a page table.
     let nopse = GuestPaging::new(&regs(PagingMode::Bits32, Cr0::WP, Cr4::empty(), Efer::empty()), &f);
-    let w = nopse.walk(&mem, &root, va, read(0), 0).unwrap_err();
+    let w = nopse.walk(&mem, &root, Gva::new(va), read(0), 0).unwrap_err();
     assert_eq!(w.error_code(), Some(PfErrorCode::empty())); // the 'table' is empty
 }
 
@@ -384,15 +395,17 @@ fn pae_pdptes_are_registers() {
     let p = GuestPaging::new(&regs(PagingMode::Pae, Cr0::WP, Cr4::empty(), Efer::NXE), &f);
     let pdptes = load_pdptes(&mem, 0x1020, &f).unwrap();
     let root = p.root(0x1020, pdptes);
-    let w = p.walk(&mem, &root, 0x4000_0abc, write(3), 0).unwrap();
+    let w = p.walk(&mem, &root, Gva::new(0x4000_0abc), write(3), 0).unwrap();
     assert_eq!(w.gpa, Gpa::new(0x7abc));
     assert_eq!(entry(&mem, 0x1028), 0x2000 | P, "a PDPTE is never written back");
     // Changing the PDPT in memory has no effect until the next CR3 load.
     mem.write_uint(Gpa::new(0x1028), 8, 0);
-    assert!(p.walk(&mem, &root, 0x4000_0abc, read(3), 0).is_ok());
+    assert!(p.walk(&mem, &root, Gva::new(0x4000_0abc), read(3), 0).is_ok());
     let root = p.root(0x1020, load_pdptes(&mem, 0x1020, &f).unwrap());
     assert_eq!(
-        p.walk(&mem, &root, 0x4000_0abc, read(3), 0).unwrap_err().error_code(),
+        p.walk(&mem, &root, Gva::new(0x4000_0abc), read(3), 0)
+            .unwrap_err()
+            .error_code(),
         Some(PfErrorCode::USER)
     );
     // A present PDPTE with reserved bits fails the load (#GP at MOV CR3).
@@ -411,7 +424,7 @@ fn a_table_that_points_at_itself_terminates() {
     mem.write_uint(Gpa::new(0x1000), 8, 0x1000 | P | W | U);
     let root = Root::Table(Gpa::new(0x1000));
     let p = lm4(Cr0::WP, Cr4::empty(), Efer::NXE);
-    let w = p.walk(&mem, &root, 0x18, write(3), 0).unwrap();
+    let w = p.walk(&mem, &root, Gva::new(0x18), write(3), 0).unwrap();
     assert_eq!(w.gpa, Gpa::new(0x1018));
     assert_eq!(entry(&mem, 0x1000), 0x1000 | P | W | U | A | D);
     // The same, with every entry of the table pointing at the table.
@@ -419,7 +432,7 @@ fn a_table_that_points_at_itself_terminates() {
         mem.write_uint(Gpa::new(0x1000 + 8 * i), 8, 0x1000 | P | W | U);
     }
     for va in [0u64, 0x7fff_ffff_f000, 0x1234_5678_9000] {
-        let w = p.walk(&mem, &root, va, read(3), 0).unwrap();
+        let w = p.walk(&mem, &root, Gva::new(va), read(3), 0).unwrap();
         assert_eq!(w.gpa.frame(), Gfn::new(1));
     }
 }
@@ -457,7 +470,7 @@ fn walk_restarts_when_an_entry_changes_under_it() {
         fired: Cell::new(false),
     };
     let w = lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-        .walk(&mem, &root, va, write(3), 0)
+        .walk(&mem, &root, Gva::new(va), write(3), 0)
         .unwrap();
     assert_eq!(w.gpa, Gpa::new(0x2222_0234), "the restarted walk sees the new entry");
     assert_eq!(entry(&mem.inner, 0x4008), 0x2222_0000 | P | W | U | A | D);
@@ -467,7 +480,7 @@ fn walk_restarts_when_an_entry_changes_under_it() {
 fn peek_has_no_side_effects() {
     let (mem, root, va) = four_level(P | W | U, P | W | U);
     let w = lm4(Cr0::WP, Cr4::empty(), Efer::NXE)
-        .peek(&mem, &root, va, write(3), 0)
+        .peek(&mem, &root, Gva::new(va), write(3), 0)
         .unwrap();
     assert_eq!(w.gpa, Gpa::new(0x1000_0234));
     for gpa in [0x1000, 0x2008, 0x3000, 0x4008] {
@@ -489,11 +502,17 @@ fn ept_walk_permissions_misconfig_and_ad() {
     let ept = Paging::ept(4, true, &f);
     // EPT accesses are presented as user accesses (USER = readable).
     let r = Access::new(AccessKind::Read, 3, false);
-    let w = ept.walk(&mem, &root, 0x123, r, 0).unwrap();
+    let w = ept.walk(&mem, &root, Gva::new(0x123), r, 0).unwrap();
     assert_eq!(w.gpa, Gpa::new(0x9123));
     assert_eq!(entry(&mem, 0x4000) & (EPT_ACCESSED | EPT_DIRTY), EPT_ACCESSED);
     let err = ept
-        .walk(&mem, &root, 0x123, Access::new(AccessKind::Write, 3, false), 0)
+        .walk(
+            &mem,
+            &root,
+            Gva::new(0x123),
+            Access::new(AccessKind::Write, 3, false),
+            0,
+        )
         .unwrap_err();
     match err {
         WalkError::PageFault(pf) => {
@@ -504,12 +523,14 @@ fn ept_walk_permissions_misconfig_and_ad() {
     }
     // Write-only is a misconfiguration (reported as RSVD).
     mem.write_uint(Gpa::new(0x4000), 8, 0x9000 | EPT_WRITE | (6 << EPT_MT_SHIFT));
-    let err = ept.walk(&mem, &root, 0x123, r, 0).unwrap_err();
+    let err = ept.walk(&mem, &root, Gva::new(0x123), r, 0).unwrap_err();
     assert!(err.error_code().unwrap().contains(PfErrorCode::RSVD));
     // Without A/D enabled nothing is written.
     mem.write_uint(Gpa::new(0x4000), 8, 0x9000 | rwx | (6 << EPT_MT_SHIFT));
     let before = entry(&mem, 0x1000);
-    Paging::ept(4, false, &f).walk(&mem, &root, 0x123, r, 0).unwrap();
+    Paging::ept(4, false, &f)
+        .walk(&mem, &root, Gva::new(0x123), r, 0)
+        .unwrap();
     assert_eq!(entry(&mem, 0x1000), before);
 }
 
@@ -645,9 +666,9 @@ proptest! {
     #[test]
     fn accessed_dirty_updates_are_idempotent(path in arb_path()) {
         let (mem, root, p) = path.build();
-        let first = p.walk(&mem, &root, path.va, path.access, path.pkru);
+        let first = p.walk(&mem, &root, Gva::new(path.va), path.access, path.pkru);
         let after_first = snapshot(&mem);
-        let second = p.walk(&mem, &root, path.va, path.access, path.pkru);
+        let second = p.walk(&mem, &root, Gva::new(path.va), path.access, path.pkru);
         prop_assert_eq!(first.map(|w| w.gpa), second.map(|w| w.gpa));
         prop_assert_eq!(after_first, snapshot(&mem));
     }
@@ -658,7 +679,7 @@ proptest! {
     fn walks_only_set_accessed_and_dirty(path in arb_path()) {
         let (mem, root, p) = path.build();
         let before = snapshot(&mem);
-        let r = p.walk(&mem, &root, path.va, path.access, path.pkru);
+        let r = p.walk(&mem, &root, Gva::new(path.va), path.access, path.pkru);
         let after = snapshot(&mem);
         match r {
             Err(_) => prop_assert_eq!(before, after),
@@ -679,7 +700,7 @@ proptest! {
     fn walk_reads_only_the_tables_it_names(path in arb_path()) {
         let (mem, root, p) = path.build();
         mem.start_read_log();
-        let _ = p.peek(&mem, &root, path.va, path.access, path.pkru);
+        let _ = p.peek(&mem, &root, Gva::new(path.va), path.access, path.pkru);
         let log = mem.take_read_log();
         prop_assert!(log.len() <= 4);
         let mut table = path.tables[0] << 12;
@@ -694,11 +715,11 @@ proptest! {
     #[test]
     fn granting_a_right_never_removes_one(path in arb_path(), level in 0usize..4, grant_w in any::<bool>()) {
         let (mem, root, p) = path.build();
-        let Ok(before) = p.peek(&mem, &root, path.va, path.access, path.pkru) else { return Ok(()) };
+        let Ok(before) = p.peek(&mem, &root, Gva::new(path.va), path.access, path.pkru) else { return Ok(()) };
         let Some(e) = before.entry(4 - level as u8) else { return Ok(()) };
         let granted = if grant_w { e.pte | W } else { e.pte & !NX };
         mem.write_uint(e.pte_gpa, 8, granted);
-        let after = p.peek(&mem, &root, path.va, path.access, path.pkru);
+        let after = p.peek(&mem, &root, Gva::new(path.va), path.access, path.pkru);
         prop_assert_eq!(after.map(|w| w.gpa), Ok(before.gpa));
     }
 
@@ -708,10 +729,10 @@ proptest! {
         let mut path = path;
         path.access.privilege = Privilege::User;
         let (mem, root, p) = path.build();
-        let Ok(before) = p.peek(&mem, &root, path.va, path.access, path.pkru) else { return Ok(()) };
+        let Ok(before) = p.peek(&mem, &root, Gva::new(path.va), path.access, path.pkru) else { return Ok(()) };
         let Some(e) = before.entry(4 - level as u8) else { return Ok(()) };
         mem.write_uint(e.pte_gpa, 8, e.pte | U);
-        prop_assert_eq!(p.peek(&mem, &root, path.va, path.access, path.pkru).map(|w| w.gpa), Ok(before.gpa));
+        prop_assert_eq!(p.peek(&mem, &root, Gva::new(path.va), path.access, path.pkru).map(|w| w.gpa), Ok(before.gpa));
     }
 }
 

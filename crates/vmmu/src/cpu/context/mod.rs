@@ -24,7 +24,7 @@ use std::sync::Arc;
 use super::hw::EptExit;
 use super::state::{AccessResult, CpuState, VcpuError};
 use super::tlb::{Flush, TlbEntry};
-use crate::addr::{Gpa, Pfn};
+use crate::addr::{Gpa, Gva, Pfn};
 use crate::arch::perm::Access;
 use crate::host::FrameArena;
 use crate::mem::DirtyRing;
@@ -50,7 +50,7 @@ pub(crate) enum GuestFlush {
     /// one PCID).
     Addr {
         /// The linear address.
-        va: u64,
+        va: Gva,
         /// The PCID whose roots, or every root.
         pcid: Option<u16>,
     },
@@ -128,7 +128,7 @@ pub(crate) trait VcpuMmu {
     /// take the fast path: nothing pending for the MMU's sake (no root
     /// dropped, no full dirty ring to exit for) and no remote flush the
     /// vCPU has not seen. One call, so that the fast path dispatches once.
-    fn fast_path_va(&self, cpu: &CpuState, gva: u64) -> Option<u64>;
+    fn fast_path_va(&self, cpu: &CpuState, gva: Gva) -> Option<u64>;
     /// The vCPU's dirty ring, when the MMU logs into rings.
     fn dirty_ring(&self) -> Option<&Arc<DirtyRing>>;
     /// The TDP root the vCPU runs on, on the TDP MMU.
@@ -151,13 +151,13 @@ pub(crate) trait VcpuMmu {
     /// One try of a one-page access in guest mode: the TLB, else the
     /// hardware walk of this MMU's tables. `gva` is as the instruction
     /// gave it.
-    fn attempt(&mut self, cpu: &mut CpuState, gva: u64, access: Access, size: usize, value: u64) -> Attempt;
+    fn attempt(&mut self, cpu: &mut CpuState, gva: Gva, access: Access, size: usize, value: u64) -> Attempt;
     /// Handles an exit of [`VcpuMmu::attempt`], outside guest mode.
     fn handle_exit(
         &mut self,
         cpu: &mut CpuState,
         exit: Exit,
-        gva: u64,
+        gva: Gva,
         access: Access,
         size: usize,
         value: u64,
@@ -218,7 +218,7 @@ impl VcpuMmu for MmuContext {
         dispatch!(self, c => c.roots_changed())
     }
     #[inline]
-    fn fast_path_va(&self, cpu: &CpuState, gva: u64) -> Option<u64> {
+    fn fast_path_va(&self, cpu: &CpuState, gva: Gva) -> Option<u64> {
         dispatch!(self, c => c.fast_path_va(cpu, gva))
     }
     #[inline]
@@ -244,14 +244,14 @@ impl VcpuMmu for MmuContext {
         dispatch!(self, c => c.reload(cpu))
     }
     #[inline]
-    fn attempt(&mut self, cpu: &mut CpuState, gva: u64, access: Access, size: usize, value: u64) -> Attempt {
+    fn attempt(&mut self, cpu: &mut CpuState, gva: Gva, access: Access, size: usize, value: u64) -> Attempt {
         dispatch!(self, c => c.attempt(cpu, gva, access, size, value))
     }
     fn handle_exit(
         &mut self,
         cpu: &mut CpuState,
         exit: Exit,
-        gva: u64,
+        gva: Gva,
         access: Access,
         size: usize,
         value: u64,

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::{Attempt, Exit, ExitAnswer, GuestFlush, VcpuMmu};
-use crate::addr::{Gpa, Hpa, PageSize, Pfn};
+use crate::addr::{Gpa, Gva, Hpa, PageSize, Pfn};
 use crate::arch::control::{CR3_PCID_MASK, CpuFeatures, Cr0, Cr4, Efer, PagingMode};
 use crate::arch::perm::Access;
 use crate::arch::pte::{PT_GLOBAL, Pte64};
@@ -60,7 +60,7 @@ struct SyncRequests {
     pcids: Vec<u16>,
     /// Sync one address in the roots of a PCID, or every root (INVLPG,
     /// INVPCID of one address).
-    addrs: Vec<(u64, Option<u16>)>,
+    addrs: Vec<(Gva, Option<u16>)>,
 }
 
 /// A vCPU's view of the shadow MMU: its current roots and the
@@ -76,7 +76,7 @@ pub(crate) struct ShadowContext {
     string_op: bool,
     /// Where the last unprotect-and-retry happened (KVM's
     /// `last_retry_addr`): a second fault there is emulated.
-    last_retry: Option<u64>,
+    last_retry: Option<Gva>,
     /// The hardware's paging configuration for walking the shadow tables.
     hw: Paging<Pte64>,
     /// Frames for the shadow pages its faults and root loads create,
@@ -160,9 +160,9 @@ impl VcpuMmu for ShadowContext {
     }
 
     #[inline]
-    fn fast_path_va(&self, cpu: &CpuState, gva: u64) -> Option<u64> {
+    fn fast_path_va(&self, cpu: &CpuState, gva: Gva) -> Option<u64> {
         let pending = self.roots_changed() || self.mmu.remote_tlb().requested() != cpu.seen_flush_gen;
-        (!pending).then(|| cpu.linear(gva))
+        (!pending).then(|| cpu.linear(gva).raw())
     }
 
     fn dirty_ring(&self) -> Option<&Arc<DirtyRing>> {
@@ -309,7 +309,7 @@ impl VcpuMmu for ShadowContext {
 
     /// One try: TLB, else the hardware walk of the shadow tables; a fault
     /// of that walk ends it.
-    fn attempt(&mut self, cpu: &mut CpuState, gva: u64, access: Access, size: usize, value: u64) -> Attempt {
+    fn attempt(&mut self, cpu: &mut CpuState, gva: Gva, access: Access, size: usize, value: u64) -> Attempt {
         let gva = cpu.linear(gva);
         let tag = cpu.tag(0);
         let write = access.is_write();
@@ -342,10 +342,10 @@ impl VcpuMmu for ShadowContext {
         let Some(gfn) = self.mmu.translation_of(ptr) else {
             return Attempt::Exit(Exit::ShadowPageFault); // zapped under the walk
         };
-        let gpa = Gpa::new(gfn.raw() << 12 | (gva & 0xfff));
+        let gpa = Gpa::new(gfn.raw() << 12 | gva.page_offset());
         let global = cpu.regs.cr4.contains(Cr4::PGE) && leaf.pte & PT_GLOBAL != 0;
         cpu.tlb.insert(TlbEntry {
-            va_base: gva & !0xfff,
+            va_base: gva.align_down(4096).raw(),
             size: PageSize::Size4K,
             tag,
             global,
@@ -365,7 +365,7 @@ impl VcpuMmu for ShadowContext {
         &mut self,
         cpu: &mut CpuState,
         exit: Exit,
-        gva: u64,
+        gva: Gva,
         access: Access,
         size: usize,
         value: u64,

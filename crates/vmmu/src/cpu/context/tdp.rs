@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{Attempt, Exit, ExitAnswer, GuestFlush, VcpuMmu};
-use crate::addr::{Gpa, Hpa, Pfn};
+use crate::addr::{Gpa, Gva, Hpa, Pfn};
 use crate::arch::control::{CpuFeatures, Cr4, PagingMode};
 use crate::arch::ept::EptViolationQual;
 use crate::arch::ept::PteEpt;
@@ -129,11 +129,11 @@ impl VcpuMmu for TdpContext {
     }
 
     #[inline]
-    fn fast_path_va(&self, cpu: &CpuState, gva: u64) -> Option<u64> {
+    fn fast_path_va(&self, cpu: &CpuState, gva: Gva) -> Option<u64> {
         let pending = self.roots_changed()
             || self.dirty_ring.as_ref().is_some_and(|r| r.soft_full())
             || self.mmu.remote_tlb().requested() != cpu.seen_flush_gen;
-        (!pending).then_some(gva)
+        (!pending).then_some(gva.raw())
     }
 
     fn dirty_ring(&self) -> Option<&Arc<DirtyRing>> {
@@ -189,7 +189,10 @@ impl VcpuMmu for TdpContext {
                 }
             }
         }
-        Err(VcpuError::NoProgress { gva: base, last })
+        Err(VcpuError::NoProgress {
+            gva: Gva::new(base),
+            last,
+        })
     }
 
     /// Processes the obsolete-root request: drops an invalidated root and
@@ -213,7 +216,7 @@ impl VcpuMmu for TdpContext {
     }
 
     /// One try: TLB, else the two-dimensional walk; an EPT exit ends it.
-    fn attempt(&mut self, cpu: &mut CpuState, gva: u64, access: Access, size: usize, value: u64) -> Attempt {
+    fn attempt(&mut self, cpu: &mut CpuState, gva: Gva, access: Access, size: usize, value: u64) -> Attempt {
         let tag = cpu.tag(self.eptp());
         let write = access.is_write();
         // A TLB hit reads the data frame without an epoch: no frame a
@@ -283,7 +286,7 @@ impl VcpuMmu for TdpContext {
             let global =
                 cpu.regs.cr4.contains(Cr4::PGE) && leaf & PT_GLOBAL != 0 && cpu.paging.mode() != PagingMode::None;
             cpu.tlb.insert(TlbEntry {
-                va_base: walk.va & !mask,
+                va_base: walk.va.raw() & !mask,
                 size: size_cached,
                 tag,
                 global,
@@ -307,7 +310,7 @@ impl VcpuMmu for TdpContext {
         &mut self,
         cpu: &mut CpuState,
         exit: Exit,
-        _gva: u64,
+        _gva: Gva,
         _access: Access,
         _size: usize,
         _value: u64,

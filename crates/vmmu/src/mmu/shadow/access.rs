@@ -86,6 +86,7 @@ pub fn leaf_rights(role: &Role, pte_access: AccessRights, guest_dirty: bool, fau
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::Level;
     use crate::arch::control::{Cr0, Cr4, Efer, PagingMode};
     use crate::arch::perm::{AccessKind, Permissions, pkru_denies};
     use crate::mmu::shadow::role::GuestContext;
@@ -128,8 +129,8 @@ mod tests {
         }
         fn leaf_role(&self) -> Role {
             let ctx = GuestContext::new(&self.regs(), false);
-            let mut r = Role::root(&ctx, if ctx.root_level() == 3 { 2 } else { ctx.root_level() }, 0);
-            while r.level() > 1 {
+            let mut r = Role::root(&ctx, ctx.root_page_level(), 0);
+            while r.level() > Level::L1 {
                 r = r.child(0, false, AccessRights::all());
             }
             r

@@ -9,7 +9,7 @@ use std::fmt;
 use super::page::{ENTRIES, Pages, SptePtr};
 use super::sync::{GuestTable, gpte_still_valid};
 use super::{FMT, ShadowMmu};
-use crate::addr::Gfn;
+use crate::addr::{Gfn, Level};
 use crate::mmu::tdp::AuditViolation;
 
 /// One way the shadow MMU's state is wrong.
@@ -20,7 +20,7 @@ pub enum ShadowAuditViolation {
         /// The guest table.
         gfn: Gfn,
         /// Its level.
-        level: u8,
+        level: Level,
     },
     /// An unsync-children bit disagrees with the child it names, or the
     /// count with the bits.
@@ -28,7 +28,7 @@ pub enum ShadowAuditViolation {
         /// The guest table of the parent.
         gfn: Gfn,
         /// The parent's level.
-        level: u8,
+        level: Level,
         /// The entry (`None`: the count is wrong).
         index: Option<usize>,
     },
@@ -116,7 +116,7 @@ impl ShadowMmu {
             } else if !p.role.is_direct() && !p.invalid {
                 sync_tables.insert(p.gfn);
             }
-            if p.role.level() > 1 {
+            if p.role.level() > Level::L1 {
                 self.audit_bitmap(pages, id, &mut out);
             } else if pages.leaf(id).is_some() && !p.is_unsync() {
                 self.audit_sync_page(pages, id, &mut out);

@@ -10,14 +10,11 @@
 //! stays MMU-writable, KVM's `spte_write_protect` without `pt_protect`);
 //! guest page tables keep their own, stronger protection.
 
-use std::sync::atomic::Ordering;
-
 use super::page::Pages;
 use super::{FMT, ShadowMmu};
 use crate::addr::Gfn;
 use crate::mem::{Memslot, MemslotError};
 use crate::mmu::flush::PendingFlush;
-use crate::mmu::spte::Spte;
 
 impl ShadowMmu {
     /// `KVM_GET_DIRTY_LOG`: the slot's dirty bitmap; without manual protect
@@ -84,13 +81,7 @@ impl ShadowMmu {
     fn clear_writable_range(&self, pages: &Pages, start: Gfn, end: Gfn) -> PendingFlush {
         let mut flush = PendingFlush::none();
         for (_, ptr) in pages.rmap_range(start, end) {
-            let a = ptr.get(&self.arena);
-            let old = Spte::from_raw(a.load(Ordering::Acquire));
-            if old.is_mmu_present() && old.is_writable(FMT) {
-                // Only the bit: hardware may set A/D meanwhile.
-                a.fetch_and(!FMT.writable_mask(), Ordering::AcqRel);
-                flush.require();
-            }
+            flush |= self.clear_leaf_bits(ptr, |s| s.clear_writable(FMT));
         }
         flush
     }

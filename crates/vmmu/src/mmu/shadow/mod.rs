@@ -6,6 +6,9 @@
 //! - [`access`]: the rights of a leaf SPTE, with the CR0.WP = 0 emulation.
 //! - [`page`]: shadow pages, the page hash, parent pointers, rmaps, gfn
 //!   write tracking.
+//! - `change`: every write of an SPTE, and the one handler that keeps
+//!   rmaps, parent pointers, unsync-children bits, counts and dirty logging
+//!   in step with it.
 //! - [`roots`]: a vCPU's roots for its guest context and CR3.
 //! - this module: the MMU, its page fault, write emulation and zaps.
 //!
@@ -32,6 +35,7 @@
 
 pub mod access;
 pub mod audit;
+mod change;
 mod dirty;
 pub mod page;
 pub mod prefetch;
@@ -43,10 +47,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use self::access::{Leaf, leaf_rights};
+use self::change::NewSpte;
 use self::page::{ENTRIES, PageId, Pages, SptePtr, Translations};
 use self::role::Role;
 use self::roots::ShadowRoots;
-use crate::addr::{Gfn, Gpa};
+use crate::addr::{Gfn, Gpa, Gva, Level};
 use crate::arch::perm::{Access, AccessRights};
 use crate::arch::pfec::PfErrorCode;
 use crate::host::{FrameArena, FrameError, HostAddressSpace, MmuNotifier, NotifierRange};
@@ -55,7 +60,7 @@ use crate::mem::{
 };
 use crate::mmu::cache::MmuMemoryCache;
 use crate::mmu::flush::{PendingFlush, RemoteTlb};
-use crate::mmu::spte::{Spte, SpteAccess, SpteFormat};
+use crate::mmu::spte::{SpteAccess, SpteFormat};
 use crate::mmu::stats::MmuStats;
 use crate::sync::MmuLock;
 use crate::walker::{EntrySize, GuestPaging, PtMemory, Root, WalkError};
@@ -337,13 +342,13 @@ impl ShadowMmu {
         roots: &ShadowRoots,
         paging: &GuestPaging,
         groot: &Root,
-        gva: u64,
+        gva: Gva,
         access: Access,
         pkru: u32,
         tables: &mut MmuMemoryCache,
     ) -> Result<ShadowOutcome, ShadowError> {
         MmuStats::inc(&self.stats.local().pf_taken);
-        tracing::trace!(target: "kvm_page_fault", gva, write = access.is_write(), fetch = access.is_fetch());
+        tracing::trace!(target: "kvm_page_fault", gva = gva.raw(), write = access.is_write(), fetch = access.is_fetch());
         let walk = match paging.walk(&WalkerMemory(&self.memory), groot, gva, access, pkru) {
             Ok(w) => w,
             Err(WalkError::PageFault(pf)) => return Ok(ShadowOutcome::GuestPageFault(pf.error_code)),
@@ -414,13 +419,14 @@ impl ShadowMmu {
         let mut sp = roots.root_for(gva);
         loop {
             let page = pages.page(sp);
-            let level = page.role.level();
-            if level == 1 {
+            let lvl = page.role.level();
+            if lvl == Level::L1 {
                 break;
             }
+            let level = lvl.get();
             let role = page.role;
             let table = page.pfn;
-            let index = ((gva >> (12 + 9 * (u32::from(level) - 1))) & 511) as u16;
+            let index = lvl.table_index(gva.raw()) as u16;
             let ptr = SptePtr { table, index };
             let (child_gfn, child_role) = if !role.is_direct() && level > walk.level {
                 let e = walk.entry(level - 1).expect("the walk visited the guest table below");
@@ -448,7 +454,7 @@ impl ShadowMmu {
                 Some(c) => c,
                 None => {
                     if spte.is_mmu_present() {
-                        flush |= self.drop_spte(pages, ptr, level);
+                        flush |= self.drop_spte(pages, ptr, lvl);
                     }
                     let (c, wp) = self.get_page(pages, child_gfn, child_role, tables);
                     flush |= wp;
@@ -457,7 +463,7 @@ impl ShadowMmu {
                     if pages.page(c).has_unsync() {
                         flush |= self.sync_before_link(pages, c);
                     }
-                    self.link(pages, ptr, c);
+                    flush |= self.link(pages, ptr, lvl, c);
                     c
                 }
             };
@@ -469,7 +475,7 @@ impl ShadowMmu {
         let page = pages.page(sp);
         let ptr = SptePtr {
             table: page.pfn,
-            index: ((gva >> 12) & 511) as u16,
+            index: Level::L1.table_index(gva.raw()) as u16,
         };
         let role = page.role;
         // PKRU write-disables the translation's key now: the hardware
@@ -509,7 +515,7 @@ impl ShadowMmu {
         }
         let pfn = valid.pfn_at(crate::addr::Level::L1);
         let mut leaf = FMT.make_leaf(
-            1,
+            Level::L1,
             pfn,
             SpteAccess {
                 read: true,
@@ -522,10 +528,6 @@ impl ShadowMmu {
             false,
         );
         leaf = leaf.with_pkey(walk.pkey);
-        let old = Pages::spte(&self.arena, ptr);
-        if old.is_mmu_present() {
-            flush |= self.drop_spte(pages, ptr, 1);
-        }
         if pages.rmap_len(gfn) >= RMAP_RECYCLE_THRESHOLD {
             // A gfn mapped by very many SPTEs (a guest mapping one page
             // everywhere): drop them all rather than let the chain grow
@@ -533,17 +535,11 @@ impl ShadowMmu {
             tracing::trace!(target: "kvm_mmu_rmap_recycle", gfn = gfn.raw());
             flush |= self.zap_gfn_range(pages, gfn, gfn.add(1));
         }
-        ptr.get(&self.arena).store(leaf.raw(), Ordering::Release);
+        flush |= self.set_spte(pages, ptr, Level::L1, NewSpte::Leaf { spte: leaf, gfn, slot });
         if let Some(e) = walk.entry(1).filter(|_| !role.is_direct()) {
             // What the SPTE assumed of the guest entry, for sync.
             let d = if walk.dirty { GPTE_D } else { 0 };
             pages.record_gpte(sp, ptr.index as usize, e.pte | GPTE_A | d);
-        }
-        pages.rmap_add(gfn, ptr, &self.translations);
-        self.stats.account_leaf(1, 1);
-        if leaf.is_writable(FMT) && slot.logs_dirty_pages() {
-            // Writable from now on: logged now (KVM's `make_spte`).
-            slot.mark_page_dirty(gfn);
         }
         self.prefetch(pages, sp, ptr.index as usize, gva, paging, groot, roots.as_id());
         self.discharge(flush);
@@ -568,12 +564,12 @@ impl ShadowMmu {
                 .fetch_max(others as u64, Ordering::Relaxed);
         }
         if let Some(id) = pages.find(gfn, role) {
-            tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level(), direct = role.is_direct(), created = false);
+            tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level().get(), direct = role.is_direct(), created = false);
             return (id, PendingFlush::none());
         }
         MmuStats::inc(&self.stats.local().mmu_cache_miss);
         let mut flush = PendingFlush::none();
-        if !role.is_direct() && role.level() > 1 {
+        if !role.is_direct() && role.level() > Level::L1 {
             // The guest table becomes an upper-level table: it must be
             // write-protected, so its unsync 4K pages go (KVM's
             // `kvm_mmu_find_shadow_page`; only 4K pages may be unsync).
@@ -588,7 +584,7 @@ impl ShadowMmu {
             .expect("the cache was topped up with a page for every level a fault or a root load may create");
         let id = pages.create(&self.translations, pfn, gfn, role);
         self.stats.account_tables(1);
-        tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level(), direct = role.is_direct(), created = true);
+        tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level().get(), direct = role.is_direct(), created = true);
         if !role.is_direct() {
             self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
             // Write-protect every mapping of the guest table's gfn (also
@@ -604,56 +600,9 @@ impl ShadowMmu {
     fn write_protect_gfn(&self, pages: &Pages, gfn: Gfn) -> PendingFlush {
         let mut flush = PendingFlush::none();
         for ptr in pages.rmap_of(gfn) {
-            let a = ptr.get(&self.arena);
-            let old = Spte::from_raw(a.load(Ordering::Acquire));
-            let new = old.write_protect(FMT);
-            if new != old {
-                // Clear only the bits: hardware may set A/D meanwhile.
-                a.fetch_and(new.raw() | !old.raw(), Ordering::AcqRel);
-                flush.require();
-            }
+            flush |= self.clear_leaf_bits(ptr, |s| s.write_protect(FMT));
         }
         flush
-    }
-
-    /// Points the SPTE at `ptr` to `child`.
-    fn link(&self, pages: &mut Pages, ptr: SptePtr, child: PageId) {
-        let c = pages.page_mut(child);
-        c.parents.push(ptr);
-        ptr.get(&self.arena)
-            .store(FMT.make_nonleaf(c.pfn).raw(), Ordering::Release);
-        pages.note_link(ptr, child);
-    }
-
-    /// Clears the SPTE at `ptr` (at `level`), unlinking a child page or
-    /// forgetting a leaf. Returns whether something was present (a flush is
-    /// owed). A child left with no parent and no root use is zapped.
-    fn drop_spte(&self, pages: &mut Pages, ptr: SptePtr, level: u8) -> PendingFlush {
-        let entry = ptr.get(&self.arena);
-        // Only the MMU, under the lock, makes an entry present: an empty
-        // one needs no (cache-line-dirtying) swap.
-        if !Spte::from_raw(entry.load(Ordering::Acquire)).is_mmu_present() {
-            return PendingFlush::none();
-        }
-        let old = Spte::from_raw(entry.swap(0, Ordering::AcqRel));
-        if !old.is_mmu_present() {
-            return PendingFlush::none();
-        }
-        if level == 1 {
-            if let Some(gfn) = self.translations.get(ptr) {
-                pages.rmap_remove(gfn, ptr, &self.translations);
-            }
-            self.stats.account_leaf(1, -1);
-            MmuStats::inc(&self.stats.local().mmu_zapped);
-        } else if let Some(child) = pages.by_pfn(old.pfn()) {
-            pages.note_unlink(ptr);
-            let c = pages.page_mut(child);
-            c.parents.retain(|&p| p != ptr);
-            if c.parents.is_empty() && c.root_count == 0 {
-                return self.zap_page(pages, child);
-            }
-        }
-        PendingFlush::new(true)
     }
 
     /// Zaps a shadow page (KVM's `kvm_mmu_prepare_zap_page` and commit):
@@ -667,7 +616,7 @@ impl ShadowMmu {
             let p = pages.page(id);
             (p.pfn, p.role.level(), p.gfn)
         };
-        tracing::trace!(target: "kvm_mmu_prepare_zap_page", gfn = gfn.raw(), level);
+        tracing::trace!(target: "kvm_mmu_prepare_zap_page", gfn = gfn.raw(), level = level.get());
         MmuStats::inc(&self.stats.local().mmu_shadow_zapped);
         let was_indirect = !pages.page(id).role.is_direct();
         if pages.page(id).is_unsync() {
@@ -684,11 +633,7 @@ impl ShadowMmu {
             };
             flush |= self.drop_spte(pages, ptr, level);
         }
-        let parents = std::mem::take(&mut pages.page_mut(id).parents);
-        for ptr in parents {
-            ptr.get(&self.arena).store(0, Ordering::Release);
-            pages.note_unlink(ptr);
-        }
+        self.unlink_parents(pages, id);
         if pages.page(id).root_count > 0 {
             pages.page_mut(id).invalid = true;
             self.root_generation.fetch_add(1, Ordering::AcqRel);
@@ -804,7 +749,7 @@ impl ShadowMmu {
             }
             let role = pages.page(id).role;
             let misaligned = detect_write_misaligned(&role, gpa, size);
-            let flooded = role.level() > 1 && {
+            let flooded = role.level() > Level::L1 && {
                 let p = pages.page_mut(id);
                 p.write_flooding = p.write_flooding.saturating_add(1);
                 p.write_flooding >= 3
@@ -819,7 +764,7 @@ impl ShadowMmu {
             for index in written_sptes(&role, gpa) {
                 let ptr = SptePtr { table: pfn, index };
                 if Pages::spte(&self.arena, ptr).is_mmu_present() {
-                    if role.level() > 1 {
+                    if role.level() > Level::L1 {
                         MmuStats::inc(&self.stats.local().mmu_pde_zapped);
                     }
                     flush |= self.drop_spte(pages, ptr, role.level());
@@ -866,7 +811,7 @@ impl ShadowMmu {
     fn zap_gfn_range(&self, pages: &mut Pages, start: Gfn, end: Gfn) -> PendingFlush {
         let mut flush = PendingFlush::none();
         for (_, ptr) in pages.rmap_range(start, end) {
-            flush |= self.drop_spte(pages, ptr, 1);
+            flush |= self.drop_spte(pages, ptr, Level::L1);
         }
         flush
     }
@@ -897,7 +842,7 @@ fn written_sptes(role: &Role, gpa: Gpa) -> Vec<u16> {
     let mut n = 1;
     if role.has_4_byte_gpte() {
         offset <<= 1;
-        if role.level() == 2 {
+        if role.level() == Level::L2 {
             offset &= !7;
             offset <<= 1;
             n = 2;
@@ -978,7 +923,7 @@ mod tests {
             efer: Efer::empty(),
         };
         let ctx = GuestContext::new(&regs, false);
-        let pd_q1 = Role::root(&ctx, 2, 1);
+        let pd_q1 = Role::root(&ctx, Level::L2, 1);
         // Guest PDE 256 (the first of the second GiB) at offset 0x400.
         assert_eq!(written_sptes(&pd_q1, Gpa::new(0x5400)), vec![0, 1]);
         assert!(written_sptes(&pd_q1, Gpa::new(0x5000)).is_empty(), "quadrant 0's PDE");

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::role::Role;
-use crate::addr::{Gfn, Pfn};
+use crate::addr::{Gfn, Level, Pfn};
 use crate::host::FrameArena;
 use crate::mmu::spte::Spte;
 
@@ -240,6 +240,13 @@ impl Pages {
         v.into_iter().take(n).map(|(_, id)| id).collect()
     }
 
+    /// Whether `id` is the page the hash finds for its (gfn, role): false
+    /// once it is being zapped.
+    pub fn is_hashed(&self, id: PageId) -> bool {
+        let p = self.page(id);
+        self.hash.get(&(p.gfn, p.role)) == Some(&id)
+    }
+
     /// Whether `id` names a live page.
     pub fn is_live(&self, id: PageId) -> bool {
         self.slab.get(id.0).is_some_and(Option::is_some)
@@ -279,7 +286,7 @@ impl Pages {
             unsync: false,
             unsync_children: [0; BITMAP_WORDS],
             unsync_child_count: 0,
-            gptes: (role.level() == 1 && !role.is_direct()).then(|| Box::new([0; ENTRIES])),
+            gptes: (role.level() == Level::L1 && !role.is_direct()).then(|| Box::new([0; ENTRIES])),
         };
         self.created += 1;
         let id = match self.free_ids.pop() {
@@ -295,7 +302,7 @@ impl Pages {
         self.peak = self.peak.max(self.len());
         self.hash.insert((gfn, role), id);
         self.by_pfn.insert(pfn, id);
-        if role.level() == 1 {
+        if role.level() == Level::L1 {
             translations.add(pfn);
         }
         if !role.is_direct() {
@@ -330,7 +337,7 @@ impl Pages {
         let page = self.slab[id.0].take().expect("a live page id");
         self.free_ids.push(id.0);
         self.by_pfn.remove(&page.pfn);
-        if page.role.level() == 1 {
+        if page.role.level() == Level::L1 {
             translations.remove(page.pfn);
         }
         page.pfn
@@ -387,7 +394,7 @@ impl Pages {
     /// The page as a [`LeafPage`], if it is an indirect 4K page.
     pub fn leaf(&self, id: PageId) -> Option<LeafPage> {
         let role = self.page(id).role;
-        (role.level() == 1 && !role.is_direct()).then_some(LeafPage(id))
+        (role.level() == Level::L1 && !role.is_direct()).then_some(LeafPage(id))
     }
 
     /// Marks a 4K page unsync and its parents, up to the roots, as having
@@ -396,7 +403,7 @@ impl Pages {
     pub fn mark_unsync(&mut self, leaf: LeafPage) -> bool {
         let p = self.page_mut(leaf.0);
         // The type proves it; the assertion guards this module's own code.
-        assert_eq!(p.role.level(), 1, "only 4K shadow pages may be unsync");
+        assert_eq!(p.role.level(), Level::L1, "only 4K shadow pages may be unsync");
         if p.unsync {
             return false;
         }
@@ -441,7 +448,7 @@ impl Pages {
         // ends the propagation.
         let Some(parent) = self.by_pfn(ptr.table) else { return };
         let p = self.page_mut(parent);
-        assert!(p.role.level() > 1, "an unsync-children bit in a 4K page");
+        assert!(p.role.level() > Level::L1, "an unsync-children bit in a 4K page");
         let (word, bit) = (ptr.index as usize / 64, 1u64 << (ptr.index % 64));
         if p.unsync_children[word] & bit != 0 {
             return;

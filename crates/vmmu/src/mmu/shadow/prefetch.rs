@@ -9,11 +9,11 @@
 //! host range whose invalidation is in progress (an invalidation that
 //! starts later takes the MMU lock, held here, and zaps what this installs).
 
-use std::sync::atomic::Ordering;
-
 use super::access::{Leaf, leaf_rights};
+use super::change::NewSpte;
 use super::page::{PageId, Pages, SptePtr};
 use super::{FMT, GPTE_A, GPTE_D, LockedMemory, RMAP_RECYCLE_THRESHOLD, ShadowMmu};
+use crate::addr::{Gva, Level};
 use crate::arch::perm::{Access, AccessKind, AccessRights};
 use crate::mmu::spte::SpteAccess;
 use crate::walker::{GuestPaging, Root};
@@ -30,13 +30,13 @@ impl ShadowMmu {
         pages: &mut Pages,
         sp: PageId,
         index: usize,
-        gva: u64,
+        gva: Gva,
         paging: &GuestPaging,
         groot: &Root,
         as_id: u16,
     ) {
         let page = pages.page(sp);
-        if page.role.is_direct() || page.role.level() != 1 {
+        if page.role.is_direct() || page.role.level() != Level::L1 {
             return;
         }
         let (table, role, table_gfn) = (page.pfn, page.role, page.gfn);
@@ -64,7 +64,7 @@ impl ShadowMmu {
             if j == index || !used(j - first) || Pages::spte(&self.arena, ptr).is_mmu_present() {
                 continue;
             }
-            let va = (gva & !(0x1ff << 12)) | (j as u64) << 12;
+            let va = Gva::new((gva.raw() & !(0x1ff << 12)) | (j as u64) << 12);
             // A read as the kernel with AC set: the walk's rights are what
             // the guest's entries grant; nothing is written.
             let read = Access::new(AccessKind::Read, 0, true);
@@ -95,7 +95,7 @@ impl ShadowMmu {
                 rights.remove(AccessRights::WRITE);
             }
             let leaf = FMT.make_leaf(
-                1,
+                Level::L1,
                 host.pfn,
                 SpteAccess {
                     read: true,
@@ -108,11 +108,12 @@ impl ShadowMmu {
                 true,
             );
             let leaf = leaf.with_pkey(walk.pkey);
-            ptr.get(&self.arena).store(leaf.raw(), Ordering::Release);
+            let new = NewSpte::Leaf { spte: leaf, gfn, slot };
+            // Only empty entries are prefetched: nothing to flush.
+            self.set_spte(pages, ptr, Level::L1, new)
+                .waive("a prefetch fills an empty entry");
             let d = if walk.dirty { GPTE_D } else { 0 };
             pages.record_gpte(sp, j, e.pte | GPTE_A | d);
-            pages.rmap_add(gfn, ptr, &self.translations);
-            self.stats.account_leaf(1, 1);
             tracing::trace!(target: "kvm_mmu_prefetch", gfn = gfn.raw(), index = j);
         }
     }

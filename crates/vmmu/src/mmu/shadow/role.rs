@@ -33,6 +33,7 @@
 //! With paging off the guest has no protections at all: every bit but
 //! level, direct, access and the address space is meaningless and zero.
 
+use crate::addr::Level;
 use crate::arch::control::{Cr0, Cr4, Efer, PagingMode};
 use crate::arch::perm::AccessRights as Acc;
 use crate::walker::ControlRegs;
@@ -84,11 +85,20 @@ impl GuestContext {
     /// Levels of the shadow tree: 5 or 4 for 5- and 4-level guests, 3 for
     /// PAE and 32-bit guests (shadowed with PAE-format tables under a
     /// 4-entry root table) and for paging off (identity map of 4 GiB).
-    pub fn root_level(&self) -> u8 {
+    pub fn root_level(&self) -> Level {
         match self.mode {
-            PagingMode::Level5 => 5,
-            PagingMode::Level4 => 4,
-            PagingMode::Pae | PagingMode::Bits32 | PagingMode::None => 3,
+            PagingMode::Level5 => Level::L5,
+            PagingMode::Level4 => Level::L4,
+            PagingMode::Pae | PagingMode::Bits32 | PagingMode::None => Level::L3,
+        }
+    }
+
+    /// The level of the shadow page at the root of a tree: the root level,
+    /// or 2 for each of the four PAE roots below the 3-level tree's top.
+    pub fn root_page_level(&self) -> Level {
+        match self.root_level() {
+            Level::L3 => Level::L2,
+            l => l,
         }
     }
 
@@ -102,7 +112,7 @@ impl GuestContext {
 /// Always normalised; see the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Role {
-    level: u8,
+    level: Level,
     direct: bool,
     has_4_byte_gpte: bool,
     quadrant: u8,
@@ -121,7 +131,7 @@ impl Role {
     /// The role of a root for `ctx` at `level` (the root level, or 2 for
     /// each of the four PAE roots, with `quadrant` = the PDPTE index for a
     /// 32-bit guest). Direct when paging is off.
-    pub fn root(ctx: &GuestContext, level: u8, quadrant: u8) -> Role {
+    pub fn root(ctx: &GuestContext, level: Level, quadrant: u8) -> Role {
         Role::new(ctx, level, ctx.mode == PagingMode::None, quadrant, Acc::all())
     }
 
@@ -132,10 +142,9 @@ impl Role {
     /// 1024-entry table it covers: the parity of the parent's entry (two
     /// 2 MiB shadow PDEs per 4 MiB guest PDE).
     pub fn child(self, index: usize, direct: bool, access: Acc) -> Role {
-        debug_assert!(self.level > 1, "a 4K page has no children");
         let quadrant = if self.has_4_byte_gpte { (index & 1) as u8 } else { 0 };
         Role {
-            level: self.level - 1,
+            level: self.level.down().expect("a 4K page has no children"),
             direct: self.direct || direct,
             quadrant,
             access,
@@ -144,7 +153,7 @@ impl Role {
         .normalise()
     }
 
-    fn new(ctx: &GuestContext, level: u8, direct: bool, quadrant: u8, access: Acc) -> Role {
+    fn new(ctx: &GuestContext, level: Level, direct: bool, quadrant: u8, access: Acc) -> Role {
         Role {
             level,
             direct,
@@ -166,7 +175,6 @@ impl Role {
     /// The one normal form: clears every bit that means nothing for this
     /// page. Idempotent.
     fn normalise(mut self) -> Role {
-        debug_assert!((1..=5).contains(&self.level), "level {}", self.level);
         if self.direct {
             // A direct page's SPTEs are computed from the gfn and `access`,
             // never read from guest entries: entry size and quadrant are
@@ -180,8 +188,8 @@ impl Role {
             // Quadrants exist for the 4K table (2 halves) and the page
             // directory (4 quarters, one per PAE root); not above.
             let quadrants = match self.level {
-                1 => 2,
-                2 => 4,
+                Level::L1 => 2,
+                Level::L2 => 4,
                 _ => 1,
             };
             self.quadrant %= quadrants;
@@ -214,7 +222,7 @@ impl Role {
     }
 
     /// Level, 1 = 4K.
-    pub fn level(&self) -> u8 {
+    pub fn level(&self) -> Level {
         self.level
     }
     /// Shadows no guest table.
@@ -319,12 +327,11 @@ mod tests {
                     false,
                 );
                 assert_eq!(ctx.mode(), mode);
-                let top = ctx.root_level();
                 for q in 0..4 {
-                    let root = Role::root(&ctx, if top == 3 { 2 } else { top }, q);
+                    let root = Role::root(&ctx, ctx.root_page_level(), q);
                     out.push((ctx, root));
                     let mut r = root;
-                    while r.level() > 1 {
+                    while r.level() > Level::L1 {
                         for (index, direct, access) in
                             [(0, false, Acc::all()), (1, true, Acc::USER), (3, false, Acc::WRITE)]
                         {
@@ -361,18 +368,18 @@ mod tests {
     fn direct_pages_are_shared_across_guest_entry_sizes() {
         let c32 = GuestContext::new(&regs(PagingMode::Bits32, true, false, false, true), false);
         let cpae = GuestContext::new(&regs(PagingMode::Pae, true, false, false, true), false);
-        let d32 = Role::root(&c32, 2, 1).child(0, true, Acc::all());
-        let dpae = Role::root(&cpae, 2, 0).child(0, true, Acc::all());
+        let d32 = Role::root(&c32, Level::L2, 1).child(0, true, Acc::all());
+        let dpae = Role::root(&cpae, Level::L2, 0).child(0, true, Acc::all());
         assert_eq!(d32, dpae);
         assert_eq!(d32.gpte_size(), 0);
         // …while their indirect pages differ (4- vs 8-byte entries).
-        assert_ne!(Role::root(&c32, 2, 0), Role::root(&cpae, 2, 0));
+        assert_ne!(Role::root(&c32, Level::L2, 0), Role::root(&cpae, Level::L2, 0));
     }
 
     #[test]
     fn smep_and_smap_matter_only_without_wp() {
         let with_wp = |smep, smap| GuestContext::new(&regs(PagingMode::Level4, true, smep, smap, true), false);
-        let r = |c: GuestContext| Role::root(&c, 4, 0);
+        let r = |c: GuestContext| Role::root(&c, Level::L4, 0);
         assert_eq!(r(with_wp(false, false)), r(with_wp(true, true)));
         let no_wp = |smep, smap| GuestContext::new(&regs(PagingMode::Level4, false, smep, smap, true), false);
         assert_ne!(r(no_wp(false, false)), r(no_wp(true, false)));
@@ -391,7 +398,7 @@ mod tests {
             r.cr4.set(Cr4::PKE, pke);
             GuestContext::new(&r, false)
         };
-        let r = |c: GuestContext| Role::root(&c, c.root_level().min(4), 0);
+        let r = |c: GuestContext| Role::root(&c, c.root_level().min(Level::L4), 0);
         assert_eq!(
             r(ctx(PagingMode::Level4, true, false)),
             r(ctx(PagingMode::Level4, true, true))
@@ -414,7 +421,7 @@ mod tests {
     #[test]
     fn efer_nx_matters_only_for_8_byte_entries() {
         let ctx = |mode, nx| GuestContext::new(&regs(mode, true, false, false, nx), false);
-        let r = |c: GuestContext| Role::root(&c, 2, 0);
+        let r = |c: GuestContext| Role::root(&c, Level::L2, 0);
         assert_eq!(r(ctx(PagingMode::Bits32, false)), r(ctx(PagingMode::Bits32, true)));
         assert_ne!(r(ctx(PagingMode::Pae, false)), r(ctx(PagingMode::Pae, true)));
         assert_eq!(
@@ -427,22 +434,29 @@ mod tests {
     #[test]
     fn quadrants_follow_the_32_bit_table_halves() {
         let c32 = GuestContext::new(&regs(PagingMode::Bits32, true, false, false, false), false);
-        let pd = Role::root(&c32, 2, 3);
+        let pd = Role::root(&c32, Level::L2, 3);
         assert_eq!(pd.quadrant(), 3);
         assert_eq!(pd.child(6, false, Acc::all()).quadrant(), 0);
         assert_eq!(pd.child(7, false, Acc::all()).quadrant(), 1);
         let cpae = GuestContext::new(&regs(PagingMode::Pae, true, false, false, false), false);
-        assert_eq!(Role::root(&cpae, 2, 3).quadrant(), 0, "PAE tables have no quadrants");
-        assert_eq!(Role::root(&cpae, 2, 3).child(7, false, Acc::all()).quadrant(), 0);
+        assert_eq!(
+            Role::root(&cpae, Level::L2, 3).quadrant(),
+            0,
+            "PAE tables have no quadrants"
+        );
+        assert_eq!(
+            Role::root(&cpae, Level::L2, 3).child(7, false, Acc::all()).quadrant(),
+            0
+        );
     }
 
     #[test]
     fn invalid_and_smm_roles_are_distinct() {
         let ctx = GuestContext::new(&regs(PagingMode::Level4, true, false, false, true), false);
         let smm = GuestContext::new(&regs(PagingMode::Level4, true, false, false, true), true);
-        let r = Role::root(&ctx, 4, 0);
+        let r = Role::root(&ctx, Level::L4, 0);
         assert_ne!(r, r.invalidated());
-        assert_ne!(r, Role::root(&smm, 4, 0));
+        assert_ne!(r, Role::root(&smm, Level::L4, 0));
         assert!(r.invalidated().is_invalid());
     }
 }

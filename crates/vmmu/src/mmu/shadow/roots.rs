@@ -17,8 +17,8 @@ use std::sync::atomic::Ordering;
 
 use super::page::{PageId, SptePtr};
 use super::role::{GuestContext, Role};
-use super::{FMT, ShadowError, ShadowMmu};
-use crate::addr::{Gfn, Pfn};
+use super::{ShadowError, ShadowMmu};
+use crate::addr::{Gfn, Gva, Level, Pfn};
 use crate::arch::control::{CR3_32_ROOT_MASK, CR3_LM_ROOT_MASK, PagingMode};
 use crate::arch::pte::{PT_PRESENT, PT64_ADDR_MASK};
 use crate::mmu::cache::MmuMemoryCache;
@@ -80,17 +80,17 @@ impl ShadowRoots {
     }
 
     /// The root page whose tree translates `gva`.
-    pub(super) fn root_for(&self, gva: u64) -> PageId {
+    pub(super) fn root_for(&self, gva: Gva) -> PageId {
         self.try_root_for(gva)
             .expect("the guest walk went through a present PDPTE")
     }
 
     /// The root page whose tree translates `gva`, if any (a PAE guest's
     /// PDPTE may be not present).
-    pub(super) fn try_root_for(&self, gva: u64) -> Option<PageId> {
+    pub(super) fn try_root_for(&self, gva: Gva) -> Option<PageId> {
         match &self.kind {
             RootKind::Table(id) => Some(*id),
-            RootKind::Pae { roots, .. } => roots[((gva >> 30) & 3) as usize],
+            RootKind::Pae { roots, .. } => roots[((gva.raw() >> 30) & 3) as usize],
         }
     }
 }
@@ -136,7 +136,7 @@ impl ShadowMmu {
                     as_id,
                     generation,
                     hw_root: pages.page(id).pfn,
-                    levels: level,
+                    levels: level.get(),
                     kind: RootKind::Table(id),
                 }
             }
@@ -147,16 +147,21 @@ impl ShadowMmu {
                         .expect("the cache was topped up with every frame the roots may need")
                 };
                 let (pml4, pae) = (frame(), frame());
-                self.arena.table(pml4)[0].store(FMT.make_nonleaf(pae).raw(), Ordering::Release);
+                self.link_pae_table(pml4, pae);
                 let mut roots = [None; 4];
                 for (i, root) in roots.iter_mut().enumerate() {
                     let target = match mode {
-                        PagingMode::Pae => (pdptes[i] & PT_PRESENT != 0)
-                            .then(|| (Gfn::new((pdptes[i] & PT64_ADDR_MASK) >> 12), Role::root(ctx, 2, 0))),
-                        PagingMode::Bits32 => {
-                            Some((Gfn::new((cr3 & CR3_32_ROOT_MASK) >> 12), Role::root(ctx, 2, i as u8)))
-                        }
-                        _ => Some((Gfn::new((i as u64) << 18), Role::root(ctx, 2, 0))),
+                        PagingMode::Pae => (pdptes[i] & PT_PRESENT != 0).then(|| {
+                            (
+                                Gfn::new((pdptes[i] & PT64_ADDR_MASK) >> 12),
+                                Role::root(ctx, Level::L2, 0),
+                            )
+                        }),
+                        PagingMode::Bits32 => Some((
+                            Gfn::new((cr3 & CR3_32_ROOT_MASK) >> 12),
+                            Role::root(ctx, Level::L2, i as u8),
+                        )),
+                        _ => Some((Gfn::new((i as u64) << 18), Role::root(ctx, Level::L2, 0))),
                     };
                     if let Some((gfn, role)) = target {
                         let id = get(pages, gfn, role, tables);
@@ -164,7 +169,8 @@ impl ShadowMmu {
                             table: pae,
                             index: i as u16,
                         };
-                        self.link(pages, ptr, id);
+                        // Into the fresh PAE table: nothing was there.
+                        self.link(pages, ptr, Level::L3, id).waive("the entry was empty");
                         *root = Some(id);
                     }
                 }

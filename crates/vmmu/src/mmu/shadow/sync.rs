@@ -40,7 +40,7 @@ use std::sync::atomic::Ordering;
 use super::page::{ENTRIES, LeafPage, PageId, Pages, SptePtr};
 use super::roots::ShadowRoots;
 use super::{GPTE_A, GPTE_D, ShadowMmu};
-use crate::addr::Gpa;
+use crate::addr::{Gpa, Gva, Level};
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::stats::MmuStats;
 
@@ -175,7 +175,7 @@ impl ShadowMmu {
             let now = table.entry(&buf, index);
             let recorded = pages.page(leaf.id()).gpte(index).unwrap_or(0);
             if !gpte_still_valid(recorded, now) {
-                flush |= self.drop_spte(pages, ptr, 1);
+                flush |= self.drop_spte(pages, ptr, Level::L1);
             }
         }
         flush
@@ -204,7 +204,7 @@ impl ShadowMmu {
         if gpte_still_valid(recorded, now) {
             return PendingFlush::none();
         }
-        self.drop_spte(pages, ptr, 1)
+        self.drop_spte(pages, ptr, Level::L1)
     }
 
     /// Runs `sync` under the lock when some page is unsync and `roots` are
@@ -249,7 +249,7 @@ impl ShadowMmu {
     /// Syncs the SPTE translating `gva` below `roots`, if its page is
     /// unsync (KVM's `__kvm_mmu_invalidate_addr`), for INVLPG and friends.
     /// `gva` is the linear address (32 bits in legacy modes).
-    pub fn sync_addr(&self, roots: &ShadowRoots, gva: u64) {
+    pub fn sync_addr(&self, roots: &ShadowRoots, gva: Gva) {
         self.sync_under_lock(roots, |pages| {
             let Some(mut id) = roots.try_root_for(gva) else {
                 return PendingFlush::none();
@@ -257,8 +257,8 @@ impl ShadowMmu {
             loop {
                 let page = pages.page(id);
                 let level = page.role.level();
-                let index = ((gva >> (12 + 9 * (u32::from(level) - 1))) & 511) as usize;
-                if level == 1 {
+                let index = level.table_index(gva.raw());
+                if level == Level::L1 {
                     return match pages.leaf(id).filter(|_| page.is_unsync()) {
                         Some(leaf) => self.sync_leaf_entry(pages, leaf, index),
                         None => PendingFlush::none(),

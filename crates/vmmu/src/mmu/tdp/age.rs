@@ -9,7 +9,7 @@
 
 use super::TdpMmu;
 use super::change::DirtyBit;
-use crate::addr::Gfn;
+use crate::addr::{Gfn, Level};
 use crate::host::HvaRange;
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::iter::SpteIter;
@@ -43,8 +43,8 @@ impl TdpMmu {
         // the walk never reads a freed or reused frame.
         let epoch = crossbeam_epoch::pin();
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), 1, start.raw());
-            while it.valid() && it.gfn() < end.raw() {
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), Level::L1, start);
+            while it.valid() && it.gfn() < end {
                 let spte = it.old_spte();
                 let level = it.level();
                 if !(spte.is_mmu_present() && spte.is_leaf(level)) {

@@ -52,7 +52,7 @@ pub enum AuditViolation {
         /// The gfn.
         gfn: Gfn,
         /// The SPTE's level.
-        level: u8,
+        level: Level,
         /// The host mapping's level.
         host_level: Level,
     },
@@ -75,7 +75,7 @@ pub enum AuditViolation {
         /// The page whose bit is clear.
         page: Gfn,
         /// The SPTE's level.
-        level: u8,
+        level: Level,
         /// The SPTE.
         spte: Spte,
     },
@@ -103,7 +103,14 @@ impl TdpMmu {
         for root in roots {
             let slots = self.slots.load(root.as_id);
             let epoch = crossbeam_epoch::pin();
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn, 1, 0);
+            let mut it = SpteIter::new(
+                &epoch,
+                &self.arena,
+                self.config.geometry,
+                root.pfn,
+                Level::L1,
+                Gfn::new(0),
+            );
             while it.valid() {
                 let spte = it.old_spte();
                 let level = it.level();
@@ -111,10 +118,10 @@ impl TdpMmu {
                     it.next();
                     continue;
                 }
-                let gfn = Gfn::new(it.gfn());
+                let gfn = it.gfn();
                 let pages = self.config.geometry.pages(level);
                 it.skip_subtree();
-                if level > 1 && spte.is_writable(self.fmt) && !self.dirty_bit_logging() {
+                if level > Level::L1 && spte.is_writable(self.fmt) && !self.dirty_bit_logging() {
                     let unlogged = (0..pages).map(|i| gfn.add(i)).find(|&g| {
                         slots.lookup(g).is_some_and(|s| {
                             s.dirty_bitmap().is_some_and(|b| {
@@ -157,7 +164,7 @@ impl TdpMmu {
                         });
                         break;
                     };
-                    if (level as usize) > host.level.get() as usize {
+                    if level > host.level {
                         out.push(AuditViolation::TooLarge {
                             gfn: g,
                             level,

@@ -38,7 +38,7 @@ use std::sync::atomic::Ordering;
 use crossbeam_epoch::Guard;
 
 use super::TdpMmu;
-use crate::addr::{Gfn, PageSize, Pfn};
+use crate::addr::{Gfn, Level, PageSize, Pfn};
 use crate::mmu::iter::SpteIter;
 use crate::mmu::spte::{FROZEN_SPTE, Spte};
 use crate::mmu::stats::MmuStats;
@@ -78,7 +78,7 @@ impl TdpMmu {
     /// the handler has nothing to react to (see the module documentation):
     /// both present leaves of the same frame, and no D bit cleared that
     /// D-bit logging still needs (`dirty` says whether it does).
-    pub(super) fn bits_only(&self, level: u8, old: Spte, new: Spte, dirty: DirtyBit) -> bool {
+    pub(super) fn bits_only(&self, level: Level, old: Spte, new: Spte, dirty: DirtyBit) -> bool {
         old.is_mmu_present()
             && old.is_leaf(level)
             && new.is_mmu_present()
@@ -131,7 +131,7 @@ impl TdpMmu {
                 match slot.compare_exchange(cur, new.raw(), Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
                         // Write-protection: nothing for the change handler.
-                        debug_assert!(self.bits_only(1, spte, new, DirtyBit::Keep));
+                        debug_assert!(self.bits_only(Level::L1, spte, new, DirtyBit::Keep));
                         protected = true;
                         break;
                     }
@@ -160,8 +160,8 @@ impl TdpMmu {
         &self,
         epoch: &Guard,
         as_id: u16,
-        gfn: u64,
-        level: u8,
+        gfn: Gfn,
+        level: Level,
         old: Spte,
         new: Spte,
         dirty: DirtyBit,
@@ -175,7 +175,7 @@ impl TdpMmu {
             // Empty, MMIO or frozen to one another: nothing is mapped.
             return;
         }
-        tracing::trace!(target: "kvm_tdp_mmu_spte_changed", as_id, gfn, level, old = old.raw(), new = new.raw());
+        tracing::trace!(target: "kvm_tdp_mmu_spte_changed", as_id, gfn = gfn.raw(), level = level.get(), old = old.raw(), new = new.raw());
         let was_leaf = was_present && old.is_leaf(level);
         let is_leaf = is_present && new.is_leaf(level);
         if is_leaf {
@@ -198,7 +198,13 @@ impl TdpMmu {
             self.log_dirty_pages(as_id, gfn, self.config.geometry.pages(level));
         }
         if was_present && !was_leaf && (!is_present || is_leaf || new.pfn() != old.pfn()) {
-            self.handle_removed_table(epoch, as_id, gfn, level - 1, old.pfn());
+            self.handle_removed_table(
+                epoch,
+                as_id,
+                gfn,
+                level.down().expect("a table is above level 1"),
+                old.pfn(),
+            );
         }
     }
 
@@ -206,14 +212,14 @@ impl TdpMmu {
     /// (KVM's `handle_removed_pt`): every entry is frozen and its change
     /// handled (leaves counted and logged, tables below torn down the same
     /// way), then the table is freed once no walker can be inside it.
-    fn handle_removed_table(&self, epoch: &Guard, as_id: u16, gfn: u64, level: u8, table: Pfn) {
+    fn handle_removed_table(&self, epoch: &Guard, as_id: u16, gfn: Gfn, level: Level, table: Pfn) {
         let g = self.config.geometry;
         for (i, slot) in self.arena.table(table).iter().take(g.entries() as usize).enumerate() {
             // A fault that walked in before the unlink may still try to
             // install here: the frozen value fails its compare-exchange.
             sync::sched_point();
             let old = Spte::from_raw(slot.swap(FROZEN_SPTE, Ordering::AcqRel));
-            let child_gfn = gfn + i as u64 * g.pages(level);
+            let child_gfn = gfn.add(i as u64 * g.pages(level));
             self.handle_changed_spte(
                 epoch,
                 as_id,
@@ -233,8 +239,8 @@ impl TdpMmu {
 
     /// D-bit logging: marks `pages` gfns from `gfn` dirty in every slot of
     /// `as_id` that logs dirty pages (a huge leaf may span slots).
-    pub(super) fn log_dirty_pages(&self, as_id: u16, gfn: u64, pages: u64) {
-        let (start, end) = (gfn, gfn + pages);
+    pub(super) fn log_dirty_pages(&self, as_id: u16, gfn: Gfn, pages: u64) {
+        let (start, end) = (gfn.raw(), gfn.raw() + pages);
         let slots = self.slots.load(as_id);
         for slot in slots.iter().filter(|s| s.logs_dirty_pages()) {
             let from = start.max(slot.base_gfn().raw());

@@ -79,14 +79,14 @@ impl TdpMmu {
         let mut protected = false;
         let entries = self.config.geometry.entries();
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), 1, start.raw());
-            while it.valid() && it.gfn() < end.raw() {
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), Level::L1, start);
+            while it.valid() && it.gfn() < end {
                 let level = it.level();
                 let spte = it.old_spte();
-                if level == 1
+                if level == Level::L1
                     && !self.dirty_bit_logging()
-                    && it.gfn().is_multiple_of(entries)
-                    && it.gfn() + entries <= end.raw()
+                    && it.gfn().raw().is_multiple_of(entries)
+                    && it.gfn().add(entries) <= end
                 {
                     // A whole 4K table in range: one tight pass over its
                     // slots (the cursor's per-entry bookkeeping would cost
@@ -102,7 +102,7 @@ impl TdpMmu {
                     it.next();
                     continue;
                 }
-                if level > 1 {
+                if level > Level::L1 {
                     if huge == Huge::Split {
                         if self.split_for_logging(guard, &mut it, as_id, &mut protected) == Split::NoFrame {
                             // Best effort: what cannot be split from here
@@ -166,7 +166,7 @@ impl TdpMmu {
             return if topped.is_ok() {
                 Split::Restarted
             } else {
-                tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn(), errno = "ENOMEM");
+                tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn().raw(), errno = "ENOMEM");
                 Split::NoFrame
             };
         }
@@ -242,8 +242,8 @@ impl TdpMmu {
         let (start, end) = (slot.base_gfn(), slot.base_gfn().add(slot.npages()));
         let mut cleaned = false;
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), 1, start.raw());
-            while it.valid() && it.gfn() < end.raw() {
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), Level::L1, start);
+            while it.valid() && it.gfn() < end {
                 let spte = it.old_spte();
                 let level = it.level();
                 if spte.is_mmu_present() && spte.is_leaf(level) {
@@ -347,17 +347,17 @@ impl TdpMmu {
         let max = Level::new(self.config.max_level.clamp(1, 3)).expect("clamped to a leaf level");
         let mut flush = false;
         for root in self.roots_of(slot.as_id()) {
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), 2, start.raw());
-            while it.valid() && it.gfn() < end.raw() {
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), Level::L2, start);
+            while it.valid() && it.gfn() < end {
                 let spte = it.old_spte();
                 let level = it.level();
-                if level > 3 || !spte.is_mmu_present() || spte.is_leaf(level) {
+                if level > Level::L3 || !spte.is_mmu_present() || spte.is_leaf(level) {
                     it.next();
                     continue;
                 }
                 let pages = self.config.geometry.pages(level);
-                let gfn = Gfn::new(it.gfn());
-                let huge = Level::new(level).expect("2 or 3 here");
+                let gfn = it.gfn();
+                let huge = level;
                 if gfn.raw() >= start.raw()
                     && gfn.raw() + pages <= end.raw()
                     && slot.max_mapping_level(gfn, max) >= huge

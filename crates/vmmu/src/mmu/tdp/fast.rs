@@ -4,7 +4,7 @@
 
 use super::change::DirtyBit;
 use super::{FaultOutcome, RootRef, TdpFault, TdpMmu};
-use crate::addr::Gfn;
+use crate::addr::{Gfn, Level};
 use crate::mem::{DirtyRing, Memslot};
 use crate::mmu::iter::SpteIter;
 use crate::mmu::stats::MmuStats;
@@ -32,8 +32,8 @@ impl TdpMmu {
             &self.arena,
             self.config.geometry,
             root.root().pfn(),
-            1,
-            gfn.raw(),
+            Level::L1,
+            gfn,
         );
         while it.step_down() {}
         let spte = it.old_spte();
@@ -47,7 +47,7 @@ impl TdpMmu {
         let made_writable = write && !new.is_writable(self.fmt);
         if made_writable {
             if !new.is_mmu_writable()
-                || (it.level() > 1
+                || (it.level() > Level::L1
                     && slot.logs_dirty_pages()
                     && !crate::sync::bug(crate::sync::Bug::FastPathHugeWritable))
             {

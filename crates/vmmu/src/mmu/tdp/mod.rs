@@ -225,7 +225,7 @@ fn count_tables(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) -
     if level > 1 {
         for slot in arena.table(table).iter().take(geometry.entries() as usize) {
             let spte = Spte::from_raw(slot.load(Ordering::Acquire));
-            if spte.is_mmu_present() && !spte.is_leaf(level) {
+            if spte.is_mmu_present() && !spte.is_leaf(Level::new(level).expect("a table level")) {
                 n += count_tables(arena, geometry, spte.pfn(), level - 1);
             }
         }
@@ -554,7 +554,14 @@ impl TdpMmu {
         );
         let mut zapped = 0;
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn, 1, 0);
+        let mut it = SpteIter::new(
+            &epoch,
+            &self.arena,
+            self.config.geometry,
+            root.pfn,
+            Level::L1,
+            Gfn::new(0),
+        );
         while it.valid() {
             let spte = it.old_spte();
             let level = it.level();
@@ -657,7 +664,7 @@ impl TdpMmu {
         };
         let mut level = valid.mapping_level(slot.max_mapping_level(gfn, max));
         if self.config.nx_huge_pages && level > Level::L1 {
-            let region = (root.root.as_id, gfn.align_down(level.pages()), level.get());
+            let region = (root.root.as_id, gfn.align_down(level.pages()), level);
             let mut split = self.nx_split.lock();
             if fault.exec {
                 // Executable pages are mapped 4K: remember the huge region
@@ -679,7 +686,7 @@ impl TdpMmu {
             exec: true,
             user: true,
         };
-        let mut leaf = self.make_leaf(level.get(), pfn, access, valid.writable());
+        let mut leaf = self.make_leaf(level, pfn, access, valid.writable());
         if logging && !fault.write {
             leaf = if self.dirty_bit_logging() {
                 // Writable and clean: the hardware's D bit logs the write.
@@ -693,7 +700,7 @@ impl TdpMmu {
             &guard,
             root,
             gfn.align_down(level.pages()),
-            level.get(),
+            level,
             leaf,
             &mut caches.pages,
         );
@@ -719,8 +726,8 @@ impl TdpMmu {
 
     /// A leaf SPTE of this MMU (KVM's `make_spte`): at a huge level under
     /// the NX huge page mitigation, never executable.
-    pub(super) fn make_leaf(&self, level: u8, pfn: Pfn, access: SpteAccess, host_writable: bool) -> Spte {
-        let exec = access.exec && !(level > 1 && self.config.nx_huge_pages);
+    pub(super) fn make_leaf(&self, level: Level, pfn: Pfn, access: SpteAccess, host_writable: bool) -> Spte {
+        let exec = access.exec && !(level > Level::L1 && self.config.nx_huge_pages);
         self.fmt
             .make_leaf(level, pfn, SpteAccess { exec, ..access }, host_writable, true, false)
     }
@@ -740,7 +747,7 @@ impl TdpMmu {
         tables.topup(self.tables_per_fault())?;
         let guard = self.lock.read();
         let mmio = self.fmt.make_mmio(gfn.raw(), generation);
-        match self.install(&guard, root, gfn, 1, mmio, tables) {
+        match self.install(&guard, root, gfn, Level::L1, mmio, tables) {
             FaultOutcome::Fixed => {
                 tracing::trace!(target: "mark_mmio_spte", gfn = gfn.raw(), generation);
                 MmuStats::inc(&self.stats.local().pf_mmio_spte_created);
@@ -760,7 +767,7 @@ impl TdpMmu {
         guard: &MmuLockReadGuard<'_, ()>,
         root: &RootRef,
         gfn: Gfn,
-        level: u8,
+        level: Level,
         leaf: Spte,
         tables: &mut MmuMemoryCache,
     ) -> FaultOutcome {
@@ -777,7 +784,7 @@ impl TdpMmu {
         let as_id = root.root.as_id;
         let g = self.config.geometry;
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, &self.arena, g, root.root.pfn, level, gfn.raw());
+        let mut it = SpteIter::new(&epoch, &self.arena, g, root.root.pfn, level, gfn);
         while it.level() > level {
             let spte = it.old_spte();
             if spte.is_frozen() {
@@ -831,7 +838,7 @@ impl TdpMmu {
             self.flush_remote_tlbs();
         }
         if leaf.is_mmu_present() {
-            tracing::trace!(target: "kvm_mmu_set_spte", gfn = gfn.raw(), level, spte = leaf.raw(), old = old.raw());
+            tracing::trace!(target: "kvm_mmu_set_spte", gfn = gfn.raw(), level = level.get(), spte = leaf.raw(), old = old.raw());
         }
         MmuStats::inc(&self.stats.local().pf_fixed);
         FaultOutcome::Fixed
@@ -873,8 +880,12 @@ impl TdpMmu {
         let table = self.take_table(tables);
         let g = self.config.geometry;
         for (i, slot) in self.arena.table(table).iter().take(g.entries() as usize).enumerate() {
-            let mut child = huge.split_child(level, i as u64, g.pages(level - 1));
-            if level - 1 == 1 && self.config.nx_huge_pages {
+            let mut child = huge.split_child(
+                level,
+                i as u64,
+                g.pages(level.down().expect("a huge leaf is above level 1")),
+            );
+            if level == Level::L2 && self.config.nx_huge_pages {
                 child = child.make_executable(self.fmt);
             }
             slot.store(child.raw(), Ordering::Relaxed);
@@ -883,9 +894,10 @@ impl TdpMmu {
             self.give_back_table(tables, table);
             return false;
         }
-        self.stats.account_leaf(level - 1, g.entries() as i64);
+        self.stats
+            .account_leaf(level.down().expect("a huge leaf is above level 1"), g.entries() as i64);
         MmuStats::inc(&self.stats.local().huge_pages_split);
-        tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn(), level);
+        tracing::trace!(target: "kvm_mmu_split_huge_page", gfn = it.gfn().raw(), level = level.get());
         true
     }
 
@@ -897,11 +909,11 @@ impl TdpMmu {
         let mut zapped = false;
         for root in self.roots_of(as_id) {
             let epoch = crossbeam_epoch::pin();
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn, 1, start.raw());
-            while it.valid() && it.gfn() < end.raw() {
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn, Level::L1, start);
+            while it.valid() && it.gfn() < end {
                 let spte = it.old_spte();
                 let level = it.level();
-                let covered = it.gfn() >= start.raw() && it.gfn() + self.config.geometry.pages(level) <= end.raw();
+                let covered = it.gfn() >= start && it.gfn().add(self.config.geometry.pages(level)) <= end;
                 if spte.is_mmu_present() && spte.is_leaf(level) {
                     // A huge leaf only partly in the range is zapped whole.
                     zapped |= self.zap_spte(guard, &mut it, as_id).is_mmu_present();
@@ -923,7 +935,14 @@ impl TdpMmu {
         let roots: Vec<Arc<TdpRoot>> = self.roots.lock().all().cloned().collect();
         for root in roots {
             let epoch = crossbeam_epoch::pin();
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn, 1, 0);
+            let mut it = SpteIter::new(
+                &epoch,
+                &self.arena,
+                self.config.geometry,
+                root.pfn,
+                Level::L1,
+                Gfn::new(0),
+            );
             while it.valid() {
                 if it.old_spte().is_mmio(self.fmt) {
                     self.zap_spte(guard, &mut it, root.as_id);
@@ -935,11 +954,11 @@ impl TdpMmu {
 
     /// The leaf mapping `gfn` of `as_id` in each root, with its level (for
     /// diagnostics: what a checker reports beside a violation).
-    pub fn leaves_of(&self, as_id: u16, gfn: Gfn) -> Vec<(bool, u8, Spte)> {
+    pub fn leaves_of(&self, as_id: u16, gfn: Gfn) -> Vec<(bool, Level, Spte)> {
         let epoch = crossbeam_epoch::pin();
         let mut out = Vec::new();
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), 1, gfn.raw());
+            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), Level::L1, gfn);
             while it.step_down() {}
             out.push((root.is_valid(), it.level(), it.old_spte()));
         }
@@ -1026,7 +1045,7 @@ fn free_tree(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) {
     if level > 1 {
         for slot in arena.table(table).iter().take(geometry.entries() as usize) {
             let spte = Spte::from_raw(slot.load(Ordering::Acquire));
-            if spte.is_mmu_present() && !spte.is_leaf(level) {
+            if spte.is_mmu_present() && !spte.is_leaf(Level::new(level).expect("a table level")) {
                 free_tree(arena, geometry, spte.pfn(), level - 1);
             }
         }

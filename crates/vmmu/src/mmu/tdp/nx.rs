@@ -21,7 +21,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 
 use super::TdpMmu;
-use crate::addr::Gfn;
+use crate::addr::{Gfn, Level};
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::iter::SpteIter;
 
@@ -29,7 +29,7 @@ use crate::mmu::iter::SpteIter;
 pub const NX_HUGE_PAGES_RECOVERY_RATIO: u32 = 60;
 
 /// A huge region: address space, first gfn, level of the huge page.
-pub(super) type Region = (u16, Gfn, u8);
+pub(super) type Region = (u16, Gfn, Level);
 
 /// The tracked regions, oldest first (KVM's `possible_nx_huge_pages`).
 #[derive(Debug, Default)]
@@ -98,7 +98,7 @@ impl TdpMmu {
             }
             for root in self.roots_of(as_id) {
                 let epoch = crossbeam_epoch::pin();
-                let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), level, gfn.raw());
+                let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), level, gfn);
                 while it.level() > level && it.step_down() {}
                 let spte = it.old_spte();
                 if it.level() == level && spte.is_mmu_present() && !spte.is_leaf(level) {
@@ -116,8 +116,9 @@ impl TdpMmu {
 
     /// The table at `level` covering `gfn` is gone: its region, if
     /// tracked, no longer is.
-    pub(super) fn nx_untrack_table(&self, as_id: u16, gfn: u64, level: u8) {
-        if self.nx_split.lock().untrack(&(as_id, Gfn::new(gfn), level + 1)) {
+    pub(super) fn nx_untrack_table(&self, as_id: u16, gfn: Gfn, level: Level) {
+        let Some(region_level) = level.up() else { return };
+        if self.nx_split.lock().untrack(&(as_id, gfn, region_level)) {
             self.stats.account_nx_lpage_splits(-1);
         }
     }
