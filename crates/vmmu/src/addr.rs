@@ -233,6 +233,14 @@ impl Level {
         if n >= 1 && n <= 5 { Some(Level(n)) } else { None }
     }
 
+    /// A level from a number the caller knows is in 1..=5 (a cursor's or
+    /// a role's own level): no check in release builds, for hot paths.
+    #[inline(always)]
+    pub(crate) const fn from_known(n: u8) -> Level {
+        debug_assert!(n >= 1 && n <= 5);
+        Level(n)
+    }
+
     /// The level number, 1..=5.
     #[inline(always)]
     pub const fn get(self) -> u8 {

@@ -166,7 +166,7 @@ impl<'a> SpteIter<'a> {
     /// The current level.
     #[inline(always)]
     pub fn level(&self) -> Level {
-        Level::new(self.level).expect("the cursor's level is 1..=5")
+        Level::from_known(self.level)
     }
 
     /// The first gfn the current SPTE covers.

@@ -74,19 +74,34 @@ impl ShadowMmu {
             NewSpte::Table(child) => FMT.make_nonleaf(pages.page(child).pfn).raw(),
         };
         let entry = ptr.get(&self.arena);
-        // Only the MMU, under the lock, makes an entry present: clearing an
-        // empty one needs no (cache-line-dirtying) exchange.
-        if raw == 0 && !Spte::from_raw(entry.load(Ordering::Acquire)).is_mmu_present() {
-            return PendingFlush::none();
-        }
-        // An exchange: hardware A/D updates racing with it stay in `old`.
-        let old = Spte::from_raw(entry.swap(raw, Ordering::AcqRel));
+        // Only the MMU, under the lock, makes an entry present, and hardware
+        // sets A/D only in present ones: an entry found not present is
+        // written with a plain store (KVM's `mmu_spte_set`), and clearing
+        // one needs no write at all.
+        let cur = Spte::from_raw(entry.load(Ordering::Acquire));
+        let old = if !cur.is_mmu_present() {
+            if raw == 0 {
+                return PendingFlush::none();
+            }
+            entry.store(raw, Ordering::Release);
+            cur
+        } else {
+            // An exchange: hardware A/D updates racing with it stay in `old`
+            // (KVM's `mmu_spte_clear_track_bits`).
+            Spte::from_raw(entry.swap(raw, Ordering::AcqRel))
+        };
         self.handle_changed_spte(pages, ptr, level, old, new)
     }
 
     /// Clears the SPTE at `ptr`: [`ShadowMmu::set_spte`] with
     /// [`NewSpte::Empty`] (KVM's `drop_spte` and `mmu_page_zap_pte`).
+    #[inline]
     pub(super) fn drop_spte(&self, pages: &mut Pages, ptr: SptePtr, level: Level) -> PendingFlush {
+        // Most entries of a page being zapped are empty: skip them without
+        // a call (the load is `set_spte`'s first step anyway).
+        if !Spte::from_raw(ptr.get(&self.arena).load(Ordering::Acquire)).is_mmu_present() {
+            return PendingFlush::none();
+        }
         self.set_spte(pages, ptr, level, NewSpte::Empty)
     }
 
