@@ -79,6 +79,20 @@ pub fn read_cases(path: &Path) -> Result<Vec<Case>, String> {
 /// Every physical address of `case`'s memory (initial, after and final
 /// entries) must be below 2^MAXPHYADDR: no entry can live above it.
 fn check_addresses(case: &Case) -> Result<(), String> {
+    let (maxphyaddr, pas): (u8, Vec<u64>) = match case {
+        Case::Npt(c) => (c.maxphyaddr, c.memory.iter().map(|e| e.hpa.0).collect()),
+        Case::Ept(c) => (c.maxphyaddr, c.memory.iter().map(|e| e.hpa.0).collect()),
+        _ => (0, Vec::new()),
+    };
+    if maxphyaddr != 0 {
+        let limit = 1u64 << maxphyaddr;
+        return match pas.into_iter().find(|&pa| pa >= limit) {
+            Some(pa) => Err(format!(
+                "memory entry at host-physical {pa:#x} is above MAXPHYADDR ({maxphyaddr} bits: addresses below {limit:#x})"
+            )),
+            None => Ok(()),
+        };
+    }
     let (control, pas): (_, Vec<u64>) = match case {
         Case::Single(c) => (&c.control, c.memory.iter().chain(&c.after).map(|e| e.pa.0).collect()),
         Case::Steps(c) => (
@@ -89,6 +103,7 @@ fn check_addresses(case: &Case) -> Result<(), String> {
                 .chain(c.final_entries.iter().map(|e| e.pa.0))
                 .collect(),
         ),
+        Case::Npt(_) | Case::Ept(_) => unreachable!("checked above"),
     };
     // Case::parse checked maxphyaddr is in 32..=52, so the shift fits.
     let limit = 1u64 << control.maxphyaddr;

@@ -374,6 +374,14 @@ fn run_conform(args: ConformArgs) -> ExitCode {
             }
         }
     }
+    if !matches!(args.mmu, ConformMmu::Walker)
+        && let Some((file, _)) = files.iter().find(|(_, cases)| cases.iter().any(|c| c.is_nested()))
+    {
+        eprintln!(
+            "vmmu conform: {file} holds nested-paging cases (NPT/EPT), which replay through the two-dimensional walk: use --mmu walker"
+        );
+        return ExitCode::from(2);
+    }
     let mut replayer: Box<dyn Replayer> = match args.mmu {
         ConformMmu::Walker => Box::new(conform::WalkerReplayer),
         ConformMmu::Shadow => Box::new(conform::ShadowReplayer),

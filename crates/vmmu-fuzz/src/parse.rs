@@ -24,6 +24,8 @@ fn case_json(case: &Case) -> serde_json::Value {
     let value = match case {
         Case::Single(c) => serde_json::to_value(c),
         Case::Steps(c) => serde_json::to_value(c),
+        Case::Npt(c) => serde_json::to_value(c),
+        Case::Ept(c) => serde_json::to_value(c),
     };
     value.unwrap_or_else(|e| panic!("a parsed case does not serialize: {e}"))
 }

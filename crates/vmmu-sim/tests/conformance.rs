@@ -1,11 +1,29 @@
-//! Every vendored conformance case through the guest walker.
+//! Every vendored conformance case through the guest walker, the shadow
+//! MMU and the TDP MMU; the nested-paging cases (AMD NPT, Intel EPT)
+//! through the two-dimensional walk.
 
 use std::path::PathBuf;
+
 use vmmu::addr::Gva;
+use vmmu_sim::conform::{Case, Replayer, Report, ShadowReplayer, TdpReplayer, WalkerReplayer, read_cases, run_cases};
 
-use vmmu_sim::conform::{Replayer, Report, ShadowReplayer, TdpReplayer, WalkerReplayer, read_cases, run_cases};
+/// Whether a vendored file holds nested-paging cases.
+fn is_nested_file(p: &std::path::Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.starts_with("public-npt-") || name.starts_with("public-ept")
+}
 
+/// The single-level files (single-access, steps, TLB steps).
 fn corpus() -> Vec<PathBuf> {
+    all_files().into_iter().filter(|p| !is_nested_file(p)).collect()
+}
+
+/// The nested-paging files.
+fn nested_corpus() -> Vec<PathBuf> {
+    all_files().into_iter().filter(|p| is_nested_file(p)).collect()
+}
+
+fn all_files() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/conformance");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("the corpus is vendored at {}: {e}", dir.display()))
@@ -36,6 +54,94 @@ fn assert_every_case_passes(replayer: &mut dyn Replayer) {
         total += report.passed;
     }
     assert_eq!(total, 7667);
+}
+
+/// The nested-paging cases through the two-dimensional walk: 3,973 NPT
+/// cases (QEMU's SVM) and 988 EPT cases (Bochs's VMX).
+#[test]
+fn the_2d_walk_passes_every_nested_case() {
+    let files = nested_corpus();
+    assert_eq!(files.len(), 5, "4 NPT files (one per guest mode) and the EPT file");
+    let mut total = 0;
+    for file in files {
+        let cases = read_cases(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert!(cases.iter().all(Case::is_nested), "{}", file.display());
+        let mut report = Report::default();
+        run_cases(&mut WalkerReplayer, &cases, &mut report);
+        assert_eq!(
+            report.failed,
+            0,
+            "{}: {:?}",
+            file.display(),
+            &report.failures[..report.failures.len().min(5)]
+        );
+        total += report.passed;
+    }
+    assert_eq!(total, 4961);
+}
+
+/// The nested replay can fail: an altered exit, address or entry
+/// afterwards is reported, for both vendors.
+#[test]
+fn an_altered_nested_case_fails() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/conformance");
+    let mut cases = read_cases(&dir.join("public-npt-lm4.jsonl")).unwrap();
+    cases.truncate(60);
+    let mut ept = read_cases(&dir.join("public-ept.jsonl")).unwrap();
+    ept.truncate(60);
+    cases.extend(ept);
+    let mut altered = 0;
+    for (i, case) in cases.iter_mut().enumerate() {
+        match case {
+            // Every third case: an entry afterwards (a D bit that must, or
+            // must not, be there).
+            Case::Npt(c) if i % 3 == 0 => {
+                let e = c
+                    .after
+                    .iter_mut()
+                    .find(|e| e.mask.0 & (1 << 6) != 0)
+                    .expect("a D bit compared");
+                e.value.0 ^= 1 << 6;
+                altered += 1;
+            }
+            Case::Npt(c) => {
+                let r = &mut c.result;
+                if let Some(pa) = r.pa.as_mut() {
+                    pa.0 ^= 0x1000;
+                } else if let Some(x) = r.exitinfo1.as_mut() {
+                    // bit 32 <-> bit 33: which stage faulted
+                    x.0 ^= 3 << 32;
+                }
+                altered += 1;
+            }
+            Case::Ept(c) if i % 3 == 0 => {
+                let e = c
+                    .after
+                    .iter_mut()
+                    .find(|e| e.dont_care.is_none())
+                    .expect("an exact entry");
+                e.value.0 ^= 1 << 9;
+                altered += 1;
+            }
+            Case::Ept(c) => {
+                let r = &mut c.result;
+                if let Some(q) = r.qualification.as_mut() {
+                    q.0 ^= 1 << 8;
+                } else if let Some(g) = r.gpa.as_mut() {
+                    g.0 ^= 0x1000;
+                } else if let Some(v) = r.value_read.as_mut() {
+                    v.0 ^= 1;
+                } else {
+                    r.exit = "ept_misconfig".to_string();
+                }
+                altered += 1;
+            }
+            _ => unreachable!("nested files"),
+        }
+    }
+    let mut report = Report::default();
+    run_cases(&mut WalkerReplayer, &cases, &mut report);
+    assert_eq!((report.failed, report.passed), (altered, 0));
 }
 
 #[test]

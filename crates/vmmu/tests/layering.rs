@@ -185,7 +185,14 @@ fn no_two_files_import_each_other() {
 #[test]
 fn spte_writes_live_in_each_mmus_change_module() {
     let mods = modules();
-    let writes = [".swap(", "fetch_and(", "fetch_or(", ".try_set(", ".sptep()", "ptr.get(&self.arena)"];
+    let writes = [
+        ".swap(",
+        "fetch_and(",
+        "fetch_or(",
+        ".try_set(",
+        ".sptep()",
+        "ptr.get(&self.arena)",
+    ];
     let mut wrong = Vec::new();
     let mut seen_in_change = 0;
     for (m, code) in &mods {

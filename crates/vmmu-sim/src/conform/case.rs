@@ -295,6 +295,10 @@ pub enum Case {
     Single(SingleCase),
     /// A multi-step case.
     Steps(StepCase),
+    /// An AMD nested-paging case.
+    Npt(Box<super::nested::NptCase>),
+    /// An Intel EPT case.
+    Ept(Box<super::nested::EptCase>),
 }
 
 impl Case {
@@ -303,7 +307,15 @@ impl Case {
         match self {
             Case::Single(c) => c.id,
             Case::Steps(c) => c.id,
+            Case::Npt(c) => c.id,
+            Case::Ept(c) => c.id,
         }
+    }
+
+    /// Whether this is a nested-paging case (NPT or EPT), replayed by the
+    /// two-dimensional walk.
+    pub fn is_nested(&self) -> bool {
+        matches!(self, Case::Npt(_) | Case::Ept(_))
     }
 
     /// Parses one line, telling the kinds apart by the presence of `steps`,
@@ -326,6 +338,19 @@ impl Case {
                 }
             })
         }
+        fn nested<T: serde::de::DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T, String> {
+            serde_path_to_error::deserialize(value).map_err(|e| format!("bad {what}: {}: {}", e.path(), e.inner()))
+        }
+        if obj.contains_key("npt") {
+            let c: super::nested::NptCase = nested(value, "NPT case")?;
+            c.validate()?;
+            return Ok(Case::Npt(Box::new(c)));
+        }
+        if obj.contains_key("eptp") {
+            let c: super::nested::EptCase = nested(value, "EPT case")?;
+            c.validate()?;
+            return Ok(Case::Ept(Box::new(c)));
+        }
         let case = if obj.contains_key("steps") {
             Case::Steps(typed(value, "step case")?)
         } else {
@@ -339,6 +364,8 @@ impl Case {
         let control = match self {
             Case::Single(c) => &c.control,
             Case::Steps(c) => &c.control,
+            Case::Npt(c) => return c.validate(),
+            Case::Ept(c) => return c.validate(),
         };
         if !(32..=52).contains(&control.maxphyaddr) {
             return Err(format!("maxphyaddr {} is outside 32..=52", control.maxphyaddr));
@@ -385,6 +412,7 @@ impl Case {
                     }
                 }
             }
+            Case::Npt(_) | Case::Ept(_) => unreachable!("validated by their own rules above"),
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! with a fresh walk at every access and stores written straight to memory.
 
 pub mod case;
+pub mod nested;
 pub mod tdp;
 
 use std::fmt;
@@ -312,6 +313,9 @@ pub fn replay(m: &mut impl StepMachine, case: &Case) -> Result<(), Failure> {
             }
             check_final(c, |pa| m.read_entry(pa, esize))
         }
+        Case::Npt(_) | Case::Ept(_) => Err(fail(
+            "a nested-paging case, which only the two-dimensional walk replays (--mmu walker)".to_string(),
+        )),
     }
 }
 
@@ -369,6 +373,8 @@ impl Replayer for WalkerReplayer {
         let (control, memory) = match case {
             Case::Single(c) => (&c.control, &c.memory),
             Case::Steps(c) => (&c.control, &c.memory),
+            Case::Npt(c) => return nested::replay_npt(c),
+            Case::Ept(c) => return nested::replay_ept(c),
         };
         let mem = SparseMemory::new();
         load_memory(&mem, memory, control.mode.entry_size());

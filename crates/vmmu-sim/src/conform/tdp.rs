@@ -38,6 +38,9 @@ fn vm(case: &Case, shadow: bool) -> Result<Vm, String> {
     let control = match case {
         Case::Single(c) => &c.control,
         Case::Steps(c) => &c.control,
+        Case::Npt(_) | Case::Ept(_) => {
+            return Err("a nested-paging case, which only the two-dimensional walk replays (--mmu walker)".to_string());
+        }
     };
     let (mem, vcpu) = if shadow {
         let vm = vmmu::vm::ShadowVm::new(RAM, Hva::new(RAM_HVA), VmaFlags::WRITE).map_err(|e| e.to_string())?;
@@ -154,6 +157,7 @@ fn replay_on(case: &Case, shadow: bool) -> Result<(), Failure> {
     let (control, memory) = match case {
         Case::Single(c) => (&c.control, &c.memory),
         Case::Steps(c) => (&c.control, &c.memory),
+        Case::Npt(_) | Case::Ept(_) => unreachable!("vm() refused a nested case"),
     };
     let esize = control.mode.entry_size();
     for e in memory {

@@ -24,6 +24,7 @@
 //! itself, or the same table used at every level, cannot make it loop.
 
 mod memory;
+pub mod nested;
 pub mod sparse;
 
 pub use memory::{EntrySize, PtMemory};
