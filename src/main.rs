@@ -132,6 +132,9 @@ struct ConformArgs {
     /// The path under test.
     #[arg(long, value_enum, default_value = "walker")]
     mmu: ConformMmu,
+    /// The TDP MMU's host: intel (EPT) or amd (NPT); --mmu tdp only.
+    #[arg(long, value_enum, default_value = "intel")]
+    vendor: run::VendorArg,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -382,10 +385,16 @@ fn run_conform(args: ConformArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if args.vendor != run::VendorArg::Intel && !matches!(args.mmu, ConformMmu::Tdp) {
+        eprintln!("vmmu conform: --vendor chooses the TDP MMU's table format: it needs --mmu tdp");
+        return ExitCode::from(2);
+    }
     let mut replayer: Box<dyn Replayer> = match args.mmu {
         ConformMmu::Walker => Box::new(conform::WalkerReplayer),
         ConformMmu::Shadow => Box::new(conform::ShadowReplayer),
-        ConformMmu::Tdp => Box::new(conform::TdpReplayer),
+        ConformMmu::Tdp => Box::new(conform::TdpReplayer {
+            vendor: args.vendor.into(),
+        }),
     };
     let mut total = conform::Report::default();
     let mut per_file = Vec::new();

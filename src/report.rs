@@ -47,6 +47,14 @@ pub fn table(reports: &[MmuRunReport]) -> String {
                 percent(r.tlb_hits as f64, r.accesses as f64)
             )
         }),
+        ("hardware walks", |r| num(r.walks)),
+        ("references per walk", |r| {
+            if r.walks > 0 {
+                format!("{:.1}", r.walk_refs as f64 / r.walks as f64)
+            } else {
+                "-".into()
+            }
+        }),
         ("exits", |r| num(r.exits)),
         ("guest #PF", |r| num(r.guest_faults)),
         ("pf_taken", |r| inum(r.stats.pf_taken)),

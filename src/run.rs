@@ -155,6 +155,24 @@ pub enum ConfigSource {
     Random,
 }
 
+/// The host's vendor, as the command line names it.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VendorArg {
+    /// Intel VMX with EPT.
+    Intel,
+    /// AMD SVM with NPT.
+    Amd,
+}
+
+impl From<VendorArg> for vmmu::arch::control::Vendor {
+    fn from(v: VendorArg) -> Self {
+        match v {
+            VendorArg::Intel => vmmu::arch::control::Vendor::Intel,
+            VendorArg::Amd => vmmu::arch::control::Vendor::Amd,
+        }
+    }
+}
+
 /// The VM's configuration: every MMU, memslot and CPU knob (see
 /// docs/SIMULATOR.md). Each overrides the workload's `[vm]` table.
 #[derive(clap::Args, Clone, Debug)]
@@ -163,7 +181,10 @@ pub struct VmArgs {
     /// Where the configuration comes from: the workload and flags, or drawn from --seed.
     #[arg(long, value_enum, default_value = "given")]
     config: ConfigSource,
-    /// EPT accessed/dirty flags (kvm_intel.eptad) [default: on].
+    /// The host: intel (the TDP MMU builds EPT) or amd (NPT, kvm_amd) [default: intel].
+    #[arg(long, value_enum)]
+    vendor: Option<VendorArg>,
+    /// EPT accessed/dirty flags (kvm_intel.eptad; NPT always has them) [default: on].
     #[arg(long, value_enum)]
     ept_ad: Option<Switch>,
     /// Dirty logging by EPT dirty bits (kvm_intel.pml; needs --ept-ad on) [default: off].
@@ -222,6 +243,9 @@ impl VmArgs {
                 *v = s.on();
             }
         };
+        if let Some(v) = self.vendor {
+            c.vendor = v.into();
+        }
         set(&mut c.ept_ad, self.ept_ad);
         set(&mut c.pml, self.pml);
         set(&mut c.manual_protect, self.manual_protect);

@@ -238,6 +238,7 @@ fn run_flags() {
     ] {
         cases.extend(flag_cases(&r, switch, &[EMPTY, "yes", "1", "true", "ON2"], switch));
     }
+    cases.extend(flag_cases(&r, "--vendor", &[EMPTY, "arm", "AMD64", "via"], "--vendor"));
     for number in ["--dirty-ring", "--nx-recovery-ratio", "--nx-recovery-period-ms"] {
         cases.extend(flag_cases(&r, number, &BAD_UINTS[..5], number));
     }
@@ -307,6 +308,19 @@ fn run_impossible_vm_configurations() {
             &["--pml", "ring"],
         ),
         case(&["run", "--ept-levels", "3"], &["--ept-levels", "4 or 5"]),
+        case(&["run", "--vendor", "amd", "--ept-ad", "off"], &["--ept-ad", "AMD"]),
+        case(&["run", "--vendor", "amd", "--pml", "on"], &["--pml", "AMD"]),
+        case(
+            &[
+                "conform",
+                "--mmu",
+                "shadow",
+                "--vendor",
+                "amd",
+                "tests/data/conformance/public-lm4.jsonl",
+            ],
+            &["--vendor", "--mmu tdp"],
+        ),
         case(&["run", "--mmu-pages", "10"], &["--mmu-pages", "64"]),
         case(&["run", "--paging", "5-level", "--la57", "off"], &["--la57", "5-level"]),
         // A random configuration with an impossible flag on top.

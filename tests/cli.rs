@@ -206,6 +206,9 @@ fn migrate_runs_the_matrix_and_ends_with_the_check_line() {
         "dbit+manual/ad",
         "ring4096/noad",
         "ring128/ad",
+        "wp/npt",
+        "wp+manual+init/npt",
+        "ring128/npt",
     ] {
         let row = out
             .lines()
@@ -214,7 +217,7 @@ fn migrate_runs_the_matrix_and_ends_with_the_check_line() {
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cols.last(), Some(&"0"), "{row}");
     }
-    assert!(out.contains("13 configurations, 13 runs"), "{out}");
+    assert!(out.contains("18 configurations, 18 runs"), "{out}");
     // One configuration, replayed by name, in JSON: the same figures.
     let o = vmmu(&[
         "migrate",

@@ -5,6 +5,7 @@
 
 use rand::Rng;
 
+use vmmu::arch::control::Vendor;
 use vmmu::vm::MmuKind;
 use vmmu::vm::config::VmConfig;
 
@@ -20,7 +21,8 @@ pub fn random(rng: &mut impl Rng, mmu: Option<MmuKind>) -> (VmConfig, PagingForm
     let ring = mmu == Some(MmuKind::Tdp) && !pml && rng.random_bool(0.25);
     let manual_protect = !ring && rng.random_bool(0.5);
     let la57 = rng.random_bool(0.8);
-    let c = VmConfig {
+    let mut c = VmConfig {
+        vendor: Vendor::Intel,
         ept_ad,
         pml,
         dirty_ring: if ring {
@@ -46,6 +48,13 @@ pub fn random(rng: &mut impl Rng, mmu: Option<MmuKind>) -> (VmConfig, PagingForm
         smap: rng.random_bool(0.5),
         la57,
     };
+    // Drawn last, so a seed's other knobs stay what they were before AMD
+    // hosts existed; NPT always has A/D and no PML.
+    if rng.random_bool(0.3) {
+        c.vendor = Vendor::Amd;
+        c.ept_ad = true;
+        c.pml = false;
+    }
     let modes: &[&str] = if la57 {
         &["32-bit", "pae", "4-level", "5-level"]
     } else {
@@ -75,6 +84,7 @@ mod tests {
         let mut seen_ring = false;
         let mut seen_init = false;
         let mut seen_5 = false;
+        let mut seen_amd = false;
         for _ in 0..500 {
             for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
                 let (c, paging) = random(&mut rng, Some(mmu));
@@ -83,9 +93,10 @@ mod tests {
                 seen_ring |= c.dirty_ring != 0;
                 seen_init |= c.initially_set;
                 seen_5 |= paging.mode() == PagingMode::Level5;
+                seen_amd |= c.vendor == Vendor::Amd;
             }
         }
-        assert!(seen_ring && seen_init && seen_5);
+        assert!(seen_ring && seen_init && seen_5 && seen_amd);
     }
 
     #[test]

@@ -379,7 +379,10 @@ pub fn run_matrix(spec: &MatrixSpec, progress: &dyn Fn(&MatrixRow, u64)) -> Resu
     let mut rows = Vec::new();
     for &mmu in &spec.mmus {
         for c in VmConfig::dirty_log_matrix(mmu) {
+            // The matrix's knobs: the dirty-logging ones and the host's
+            // vendor (which decides what dirty logging can use).
             let config = VmConfig {
+                vendor: c.vendor,
                 ept_ad: c.ept_ad,
                 pml: c.pml,
                 dirty_ring: c.dirty_ring,

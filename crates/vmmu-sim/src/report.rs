@@ -70,6 +70,10 @@ pub struct MmuRunReport {
     pub accesses_per_sec: f64,
     /// Accesses served by a TLB hit.
     pub tlb_hits: u64,
+    /// Hardware page walks of the TLB misses.
+    pub walks: u64,
+    /// Memory references of those walks (both dimensions under TDP).
+    pub walk_refs: u64,
     /// Exits to the MMU (EPT violations and misconfigurations, or shadow
     /// page faults).
     pub exits: u64,

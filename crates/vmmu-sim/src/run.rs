@@ -565,6 +565,8 @@ fn finish(
     for c in &cpus {
         let s = c.g.vcpu.stats();
         vs.tlb_hits += s.tlb_hits;
+        vs.walks += s.walks;
+        vs.walk_refs += s.walk_refs;
         vs.ept_violations += s.ept_violations;
         vs.ept_misconfigs += s.ept_misconfigs;
         vs.shadow_exits += s.shadow_exits;
@@ -605,6 +607,8 @@ fn finish(
         seconds,
         accesses_per_sec: if seconds > 0.0 { accesses as f64 / seconds } else { 0.0 },
         tlb_hits: vs.tlb_hits,
+        walks: vs.walks,
+        walk_refs: vs.walk_refs,
         exits: vs.ept_violations + vs.ept_misconfigs + vs.shadow_exits,
         guest_faults: os.stats.guest_faults.load(Ordering::Relaxed),
         guest_tlb_flushes: os.stats.flushes.load(Ordering::Relaxed),

@@ -156,7 +156,15 @@ fn shadow_mmu_passes_every_vendored_case() {
 
 #[test]
 fn tdp_mmu_passes_every_vendored_case() {
-    assert_every_case_passes(&mut TdpReplayer);
+    assert_every_case_passes(&mut TdpReplayer::default());
+}
+
+/// The TDP MMU on an AMD host: NPT-format tables walked as NPT.
+#[test]
+fn tdp_mmu_on_amd_passes_every_vendored_case() {
+    assert_every_case_passes(&mut TdpReplayer {
+        vendor: vmmu::arch::control::Vendor::Amd,
+    });
 }
 
 /// The replayer can fail: a case whose recorded result is altered is reported.
@@ -179,7 +187,10 @@ fn an_altered_case_fails() {
     }
     for replayer in [
         &mut WalkerReplayer as &mut dyn Replayer,
-        &mut TdpReplayer,
+        &mut TdpReplayer::default(),
+        &mut TdpReplayer {
+            vendor: vmmu::arch::control::Vendor::Amd,
+        },
         &mut ShadowReplayer,
     ] {
         let mut report = Report::default();

@@ -753,3 +753,52 @@ fn an_invalid_max_level_is_an_error_not_a_panic() {
         "{r:?}"
     );
 }
+
+/// On an AMD host the TDP MMU builds NPT: tables in the x86-64 long-mode
+/// format (present, writable, user; A at bit 5 and D at bit 6), which the
+/// vCPU walks as NPT; a write sets up a writable, dirty 4K leaf.
+#[test]
+fn an_amd_host_builds_and_walks_npt() {
+    use vmmu::arch::control::Vendor;
+    use vmmu::mmu::spte::SpteFormat;
+    let config = TdpConfig {
+        vendor: Vendor::Amd,
+        max_level: 1,
+        ..TdpConfig::default()
+    };
+    let vm = Vm::new(4 * MB, Hva::new(0x4000_0000), VmaFlags::WRITE, config).unwrap();
+    assert_eq!(vm.mmu.format(), SpteFormat::Legacy);
+    let mut v = vcpu(&vm, 1);
+    write(&mut v, 0x5008, 9);
+    assert_eq!(read(&mut v, 0x5008).0, 9);
+    let leaves = vm.mmu.leaves_of(0, vmmu::addr::Gfn::new(5));
+    let (_, level, spte) = leaves[0];
+    assert_eq!(level, vmmu::addr::Level::L1);
+    // P | R/W | U | A | D in the long-mode format; not EPT's bits 8/9.
+    assert_eq!(spte.raw() & 0x67, 0x67, "{spte:?}");
+    assert_eq!(spte.raw() & 0x300, 0, "{spte:?}");
+    // NPT has no A/D switch: a vCPU refuses the configuration.
+    let no_ad = TdpConfig { ad: false, ..config };
+    let vm = Vm::new(4 * MB, Hva::new(0x4000_0000), VmaFlags::WRITE, no_ad).unwrap();
+    assert!(Vcpu::new(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1).is_err());
+}
+
+/// MMIO on an AMD host: the MMIO SPTE has reserved bits, so the second
+/// access exits with a reserved-bit #NPF (counted with the misconfigurations,
+/// the same exit on Intel) instead of a violation.
+#[test]
+fn mmio_on_amd_exits_with_a_reserved_bit_npf() {
+    let config = TdpConfig {
+        vendor: vmmu::arch::control::Vendor::Amd,
+        ..TdpConfig::default()
+    };
+    let vm = Vm::new(4 * MB, Hva::new(0x4000_0000), VmaFlags::WRITE, config).unwrap();
+    let mut v = vcpu(&vm, 1);
+    assert_eq!(read(&mut v, 0x1000_0000), (0, true));
+    assert_eq!(vm.mmu.stats().snapshot().pf_mmio_spte_created, 1);
+    let before = v.stats();
+    assert_eq!(read(&mut v, 0x1000_0008), (0, true));
+    let after = v.stats();
+    assert_eq!(after.ept_misconfigs, before.ept_misconfigs + 1);
+    assert_eq!(after.ept_violations, before.ept_violations);
+}

@@ -7,6 +7,7 @@
 use super::{Case, Failure, Hex, Outcome, Replayer, StepMachine, case_features, case_regs, replay};
 use vmmu::addr::Gva;
 use vmmu::addr::{Gpa, Hva};
+use vmmu::arch::control::Vendor;
 use vmmu::arch::perm::Access;
 use vmmu::arch::perm::AccessKind;
 use vmmu::arch::pfec::GP_VECTOR;
@@ -20,9 +21,20 @@ use vmmu::mmu::tdp::TdpConfig;
 const RAM: u64 = 64 << 20;
 const RAM_HVA: u64 = 0x7000_0000;
 
-/// Replays cases on the TDP MMU.
+/// Replays cases on the TDP MMU, building the tables of `vendor` (EPT on
+/// Intel, NPT on AMD) and walking them as that vendor's hardware does.
 #[derive(Debug, Default)]
-pub struct TdpReplayer;
+pub struct TdpReplayer {
+    /// Whose tables.
+    pub vendor: Vendor,
+}
+
+/// The path each replay takes: the shadow MMU, or the TDP MMU of a vendor.
+#[derive(Clone, Copy)]
+enum Path {
+    Shadow,
+    Tdp(Vendor),
+}
 
 /// Replays cases on the shadow MMU.
 #[derive(Debug, Default)]
@@ -34,7 +46,7 @@ struct Vm {
     access_size: usize,
 }
 
-fn vm(case: &Case, shadow: bool) -> Result<Vm, String> {
+fn vm(case: &Case, path: Path) -> Result<Vm, String> {
     let control = match case {
         Case::Single(c) => &c.control,
         Case::Steps(c) => &c.control,
@@ -42,14 +54,17 @@ fn vm(case: &Case, shadow: bool) -> Result<Vm, String> {
             return Err("a nested-paging case, which only the two-dimensional walk replays (--mmu walker)".to_string());
         }
     };
-    let (mem, vcpu) = if shadow {
-        let vm = vmmu::vm::ShadowVm::new(RAM, Hva::new(RAM_HVA), VmaFlags::WRITE).map_err(|e| e.to_string())?;
-        let vcpu = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), case_features(control), 1);
+    let (mem, vcpu) = if let Path::Tdp(vendor) = path {
+        let config = TdpConfig {
+            vendor,
+            ..TdpConfig::default()
+        };
+        let vm = vmmu::vm::Vm::new(RAM, Hva::new(RAM_HVA), VmaFlags::WRITE, config).map_err(|e| e.to_string())?;
+        let vcpu = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), case_features(control), 1).map_err(|e| e.to_string())?;
         (vm.memory(), vcpu)
     } else {
-        let vm = vmmu::vm::Vm::new(RAM, Hva::new(RAM_HVA), VmaFlags::WRITE, TdpConfig::default())
-            .map_err(|e| e.to_string())?;
-        let vcpu = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), case_features(control), 1).map_err(|e| e.to_string())?;
+        let vm = vmmu::vm::ShadowVm::new(RAM, Hva::new(RAM_HVA), VmaFlags::WRITE).map_err(|e| e.to_string())?;
+        let vcpu = Vcpu::new_shadow(vm.mmu.clone(), vm.slots.clone(), case_features(control), 1);
         (vm.memory(), vcpu)
     };
     Ok(Vm {
@@ -132,7 +147,7 @@ impl Replayer for TdpReplayer {
     }
 
     fn replay(&mut self, case: &Case) -> Result<(), Failure> {
-        replay_on(case, false)
+        replay_on(case, Path::Tdp(self.vendor))
     }
 }
 
@@ -142,18 +157,18 @@ impl Replayer for ShadowReplayer {
     }
 
     fn replay(&mut self, case: &Case) -> Result<(), Failure> {
-        replay_on(case, true)
+        replay_on(case, Path::Shadow)
     }
 }
 
-fn replay_on(case: &Case, shadow: bool) -> Result<(), Failure> {
+fn replay_on(case: &Case, path: Path) -> Result<(), Failure> {
     let id = case.id();
     let fail = |what: String| Failure {
         id,
         expected: "the replay to run".to_string(),
         got: what,
     };
-    let mut vm = vm(case, shadow).map_err(fail)?;
+    let mut vm = vm(case, path).map_err(fail)?;
     let (control, memory) = match case {
         Case::Single(c) => (&c.control, &c.memory),
         Case::Steps(c) => (&c.control, &c.memory),

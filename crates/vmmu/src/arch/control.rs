@@ -145,6 +145,30 @@ pub fn is_canonical(va: u64, bits: u32) -> bool {
     (((va << shift) as i64) >> shift) as u64 == va
 }
 
+/// The processor vendor, which decides the virtualization extension and
+/// with it the format of the TDP MMU's tables and its exits: Intel VMX with
+/// EPT (EPT violations and misconfigurations, VPIDs) or AMD SVM with NPT
+/// (tables in the x86-64 long-mode format, #NPF with EXITINFO1/2, ASIDs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Vendor {
+    /// Intel: VMX, EPT.
+    #[default]
+    Intel,
+    /// AMD: SVM, NPT.
+    Amd,
+}
+
+impl Vendor {
+    /// The name the command line uses (`intel`, `amd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Vendor::Intel => "intel",
+            Vendor::Amd => "amd",
+        }
+    }
+}
+
 /// The processor features that change paging (CPUID), with MAXPHYADDR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CpuFeatures {

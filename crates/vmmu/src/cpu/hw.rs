@@ -2,27 +2,30 @@
 //! format, read from host frames.
 //!
 //! For TDP, the walk is two-dimensional: the guest's own walk
-//! ([`crate::walker`]) runs over [`EptGuestMemory`], which translates every
-//! guest paging-structure access through EPT ([`EptTranslator`]) before it
-//! reads or compare-exchanges host memory; then the final gpa is translated.
-//! EPT translation is the same generic walker with the EPT entry format,
-//! over [`HostPhys`] (host-physical memory). A failed EPT translation is an
-//! exit: an EPT violation with the SDM's exit qualification, or an EPT
-//! misconfiguration.
+//! ([`crate::walker`]) runs over [`TdpGuestMemory`], which translates every
+//! guest paging-structure access through the MMU's tables
+//! ([`TdpTranslator`]) before it reads or compare-exchanges host memory;
+//! then the final gpa is translated. The translation is the foundation's
+//! nested walk ([`crate::walker::nested`]) in the vendor's format (Intel
+//! EPT, AMD NPT) over [`HostPhys`] (host-physical memory), so a failed
+//! translation is the exit that vendor's hardware takes
+//! ([`NestedFault`]): an EPT violation with the SDM's exit qualification
+//! or an EPT misconfiguration, or a #NPF with EXITINFO1/2.
 //!
 //! Callers pin a `crossbeam-epoch` guard for the duration of an access, so
 //! that page tables the MMU unlinks are not freed while this walker is
 //! inside them.
 
-use crate::addr::{Gpa, Gva, Hpa};
-use crate::arch::control::CpuFeatures;
-use crate::arch::ept::EptViolationQual;
-use crate::arch::ept::PteEpt;
-use crate::arch::perm::{Access, AccessKind, AccessRights, Privilege};
+use crate::addr::{Gpa, Hpa};
+use crate::arch::perm::AccessKind;
 use crate::arch::pfec::PfErrorCode;
 use crate::host::FrameArena;
 use crate::mem::MemslotTable;
-use crate::walker::{EntrySize, Paging, PtMemory, Root, Walk, WalkError};
+use crate::walker::nested::{
+    NPF_FINAL_TRANSLATION, NPF_GUEST_PAGE_TABLE, NestedError, NestedFault, NestedMemory, NestedPaging, NestedStage,
+    NestedVendor,
+};
+use crate::walker::{CountingMemory, EntrySize, PtMemory, Walk};
 
 /// Host-physical memory, for walking SPTE tables: entries are read and
 /// compare-exchanged (hardware A/D updates) directly in host frames.
@@ -43,90 +46,39 @@ impl PtMemory for HostPhys<'_> {
             .0
             .try_table(crate::addr::Pfn::new(hpa.raw() >> 12))
             .ok_or(OutsideArena(Hpa::new(hpa.raw())))?;
-        debug_assert_eq!(size, EntrySize::Eight);
-        Ok(table[(hpa.raw() as usize & 0xfff) / 8].load(std::sync::atomic::Ordering::Acquire))
+        let word = table[(hpa.raw() as usize & 0xfff) / 8].load(std::sync::atomic::Ordering::Acquire);
+        Ok(match size {
+            EntrySize::Eight => word,
+            // A 4-byte guest entry: its half of the 8-byte word.
+            EntrySize::Four => (word >> (8 * (hpa.raw() & 4))) & 0xffff_ffff,
+        })
     }
 
     #[inline]
-    fn cmpxchg_entry(&self, hpa: Gpa, _size: EntrySize, old: u64, new: u64) -> Result<Result<(), u64>, OutsideArena> {
-        let table = self
+    fn cmpxchg_entry(&self, hpa: Gpa, size: EntrySize, old: u64, new: u64) -> Result<Result<(), u64>, OutsideArena> {
+        let pfn = crate::addr::Pfn::new(hpa.raw() >> 12);
+        if self.0.try_table(pfn).is_none() {
+            return Err(OutsideArena(Hpa::new(hpa.raw())));
+        }
+        Ok(self
             .0
-            .try_table(crate::addr::Pfn::new(hpa.raw() >> 12))
-            .ok_or(OutsideArena(Hpa::new(hpa.raw())))?;
-        Ok(table[(hpa.raw() as usize & 0xfff) / 8]
-            .compare_exchange(
-                old,
-                new,
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-            )
-            .map(|_| ()))
+            .cmpxchg_value(pfn, hpa.raw() as usize & 0xfff, size.bytes() as usize, old, new))
     }
 }
 
-/// A TDP exit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EptExit {
-    /// EPT violation at `gpa`.
-    Violation {
-        /// The guest-physical address.
-        gpa: Gpa,
-        /// The exit qualification.
-        qual: EptViolationQual,
-    },
-    /// EPT misconfiguration at `gpa` (e.g. an MMIO SPTE).
-    Misconfig {
-        /// The guest-physical address.
-        gpa: Gpa,
-    },
-}
-
-impl EptExit {
-    /// The faulting guest-physical address.
-    pub fn gpa(&self) -> Gpa {
-        match self {
-            EptExit::Violation { gpa, .. } | EptExit::Misconfig { gpa } => *gpa,
-        }
-    }
-}
-
-/// Where in a two-dimensional walk an EPT access happens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EptStage {
-    /// Translating a guest paging-structure entry's address.
-    GuestPagingStructure,
-    /// Translating the final gpa of the access.
-    FinalTranslation,
-    /// Not on behalf of a linear address (e.g. loading PAE PDPTEs).
-    NoLinearAddress,
-}
-
-/// EPT translation of guest-physical addresses through one EPT root.
+/// The translation of guest-physical addresses through one tree of the
+/// TDP MMU, as the vendor's hardware walks it.
 #[derive(Clone, Copy, Debug)]
-pub struct EptTranslator<'a> {
+pub struct TdpTranslator<'a> {
     arena: &'a FrameArena,
-    paging: Paging<PteEpt>,
-    root: Root,
+    paging: NestedPaging,
 }
 
-impl<'a> EptTranslator<'a> {
-    /// A translator for the EPT tree at `root` (`levels` deep, A/D as `ad`).
-    pub fn new(arena: &'a FrameArena, root: Hpa, levels: u8, ad: bool) -> EptTranslator<'a> {
-        let features = CpuFeatures::default();
-        EptTranslator {
-            arena,
-            paging: Paging::ept(levels, ad, &features),
-            root: Root::Table(Gpa::new(root.raw())),
-        }
-    }
-
-    /// A translator with a precomputed EPT paging configuration.
-    pub fn with_paging(arena: &'a FrameArena, root: Hpa, paging: Paging<PteEpt>) -> EptTranslator<'a> {
-        EptTranslator {
-            arena,
-            paging,
-            root: Root::Table(Gpa::new(root.raw())),
-        }
+impl<'a> TdpTranslator<'a> {
+    /// A translator for the tree `paging` describes (its format and root),
+    /// whose tables and pages are frames of `arena`.
+    pub fn new(arena: &'a FrameArena, paging: NestedPaging) -> TdpTranslator<'a> {
+        TdpTranslator { arena, paging }
     }
 
     /// The arena holding the tables and the guest's memory.
@@ -134,137 +86,111 @@ impl<'a> EptTranslator<'a> {
         self.arena
     }
 
-    /// Translates `gpa` for an access of `kind`; the returned walk's `gpa`
-    /// is the host-physical address.
-    pub fn translate(&self, gpa: u64, kind: AccessKind, stage: EptStage) -> Result<Walk, EptExit> {
-        // EPT rights are checked as "user" accesses: USER stands for readable.
-        let access = Access {
-            kind,
-            privilege: Privilege::User,
-            rflags_ac: false,
-        };
-        // A gpa above what the EPT levels translate (bits 63:48 with
-        // 4-level EPT) has no translation: the walk would otherwise index
-        // with its low bits and alias another gpa.
-        let reach = 12 + 9 * u32::from(self.paging.root_level());
-        let walk = if reach < 64 && gpa >> reach != 0 {
-            Err(WalkError::PageFault(crate::walker::PageFault {
-                error_code: PfErrorCode::empty(),
-                level: self.paging.root_level(),
-                pte: 0,
-                pte_gpa: Gpa::new(0),
-                rights: AccessRights::empty(),
-            }))
-        } else {
-            self.paging
-                .walk(&HostPhys(self.arena), &self.root, Gva::new(gpa), access, 0)
-        };
-        match walk {
-            Ok(w) => Ok(w),
-            Err(WalkError::PageFault(pf)) if pf.error_code.contains(PfErrorCode::RSVD) => {
-                Err(EptExit::Misconfig { gpa: Gpa::new(gpa) })
-            }
-            Err(WalkError::PageFault(pf)) => {
-                let rights = if pf.error_code.contains(PfErrorCode::PRESENT) {
-                    pf.rights
-                } else {
-                    AccessRights::empty()
-                };
-                let mut qual = match kind {
-                    AccessKind::Read => EptViolationQual::READ,
-                    AccessKind::Write => EptViolationQual::WRITE,
-                    AccessKind::Fetch => EptViolationQual::FETCH,
-                };
-                for (r, q) in [
-                    (AccessRights::USER, EptViolationQual::READABLE),
-                    (AccessRights::WRITE, EptViolationQual::WRITABLE),
-                    (AccessRights::EXEC, EptViolationQual::EXECUTABLE),
-                ] {
-                    if rights.contains(r) {
-                        qual |= q;
-                    }
-                }
-                match stage {
-                    EptStage::GuestPagingStructure => qual |= EptViolationQual::GLA_VALID,
-                    EptStage::FinalTranslation => {
-                        qual |= EptViolationQual::GLA_VALID | EptViolationQual::GLA_TRANSLATION;
-                    }
-                    EptStage::NoLinearAddress => {}
-                }
-                Err(EptExit::Violation {
-                    gpa: Gpa::new(gpa),
-                    qual,
-                })
-            }
-            // EPT has no canonicality rule; an SPTE outside the arena is an
-            // MMU bug the checker reports as a misconfiguration.
-            Err(WalkError::NonCanonical) | Err(WalkError::Memory { .. }) => {
-                Err(EptExit::Misconfig { gpa: Gpa::new(gpa) })
-            }
+    /// Translates `gpa` for an access of `kind` at `stage`; the returned
+    /// walk's `gpa` is the host-physical address.
+    pub fn translate(&self, gpa: Gpa, kind: AccessKind, stage: NestedStage) -> Result<Walk, NestedFault> {
+        self.translate_in(&HostPhys(self.arena), gpa, kind, stage)
+    }
+
+    /// [`TdpTranslator::translate`] over `host`, a view of this arena (one
+    /// that counts the references, say).
+    pub fn translate_in<M: PtMemory<Error = OutsideArena>>(
+        &self,
+        host: &M,
+        gpa: Gpa,
+        kind: AccessKind,
+        stage: NestedStage,
+    ) -> Result<Walk, NestedFault> {
+        self.paging
+            .translate(host, gpa, kind, stage)
+            .map_err(|e| self.fault_of(gpa, stage, e))
+    }
+
+    /// An SPTE that points outside the arena is an MMU bug; the hardware
+    /// reports it as a reserved-bit fault (what the checker then flags).
+    fn fault_of(&self, gpa: Gpa, stage: NestedStage, e: NestedError<OutsideArena>) -> NestedFault {
+        match e {
+            NestedError::Fault(f) => f,
+            NestedError::Host { .. } => match self.paging.vendor() {
+                NestedVendor::Ept => NestedFault::EptMisconfig { gpa },
+                NestedVendor::Npt => NestedFault::Npf {
+                    exitinfo1: u64::from((PfErrorCode::PRESENT | PfErrorCode::RSVD | PfErrorCode::USER).bits())
+                        | match stage {
+                            NestedStage::Final { .. } => NPF_FINAL_TRANSLATION,
+                            _ => NPF_GUEST_PAGE_TABLE,
+                        },
+                    exitinfo2: gpa.raw(),
+                },
+            },
         }
     }
 }
 
 /// Guest-physical memory as the guest's page walk sees it under TDP: each
-/// entry's gpa is translated through EPT, then host memory is accessed.
-/// A paging-structure gpa without a memslot (MMIO) reads as zero, and
-/// writes to it are dropped, as the VMM's MMIO emulation would answer.
-pub struct EptGuestMemory<'a> {
-    /// The EPT translation.
-    pub ept: EptTranslator<'a>,
-    /// The memslots, to tell MMIO from memory on a misconfiguration.
+/// entry's gpa is translated through the MMU's tables (a guest
+/// paging-structure access, as the vendor makes it), then host memory is
+/// accessed. A paging-structure gpa without a memslot (MMIO) reads as
+/// zero, and writes to it are dropped, as the VMM's MMIO emulation would
+/// answer. Every entry read of host memory, at either level, is counted:
+/// the memory references of the two-dimensional walk.
+pub struct TdpGuestMemory<'a> {
+    /// The translation.
+    pub tdp: TdpTranslator<'a>,
+    /// Host memory, counting the references made of it.
+    pub host: CountingMemory<HostPhys<'a>>,
+    /// The memslots, to tell MMIO from memory on a reserved-bit exit.
     pub slots: &'a MemslotTable,
     /// The address space.
     pub as_id: u16,
-    /// Whether paging-structure reads are on behalf of a linear address.
-    pub stage: EptStage,
+    /// On whose behalf the entries are accessed.
+    pub stage: NestedStage,
 }
 
-impl EptGuestMemory<'_> {
-    fn is_mmio(&self, gpa: Gpa) -> bool {
-        self.slots.load(self.as_id).lookup(gpa.frame()).is_none()
+impl TdpGuestMemory<'_> {
+    /// The final translation of the access to `gla` at `gpa`, counted with
+    /// the walk's references.
+    pub fn translate_final(&self, gpa: Gpa, kind: AccessKind, gla: crate::addr::Gva) -> Result<Walk, NestedFault> {
+        self.tdp.translate_in(&self.host, gpa, kind, NestedStage::Final { gla })
+    }
+
+    /// Memory references made so far.
+    pub fn references(&self) -> u64 {
+        self.host.reads()
+    }
+
+    /// Whether `e` is the MMIO exit for a gpa without a memslot.
+    fn is_mmio(&self, gpa: Gpa, e: &NestedError<OutsideArena>) -> bool {
+        let f = self.tdp.fault_of(gpa, self.stage, *e);
+        f.is_reserved_bit() && self.slots.load(self.as_id).lookup(f.gpa().frame()).is_none()
     }
 }
 
-impl PtMemory for EptGuestMemory<'_> {
-    type Error = EptExit;
+impl PtMemory for TdpGuestMemory<'_> {
+    type Error = NestedFault;
 
-    fn read_entry(&self, gpa: Gpa, size: EntrySize) -> Result<u64, EptExit> {
-        match self.ept.translate(gpa.raw(), AccessKind::Read, self.stage) {
-            Ok(w) => {
-                Ok(self
-                    .ept
-                    .arena
-                    .read_value(w.gpa.frame_pfn(), w.gpa.page_offset() as usize, size.bytes() as usize))
-            }
-            Err(EptExit::Misconfig { gpa }) if self.is_mmio(gpa) => Ok(0),
-            Err(e) => Err(e),
+    fn read_entry(&self, gpa: Gpa, size: EntrySize) -> Result<u64, NestedFault> {
+        let mem = NestedMemory {
+            nested: &self.tdp.paging,
+            host: &self.host,
+            stage: self.stage,
+        };
+        match mem.read_entry(gpa, size) {
+            Ok(v) => Ok(v),
+            Err(e) if self.is_mmio(gpa, &e) => Ok(0),
+            Err(e) => Err(self.tdp.fault_of(gpa, self.stage, e)),
         }
     }
 
-    fn cmpxchg_entry(&self, gpa: Gpa, size: EntrySize, old: u64, new: u64) -> Result<Result<(), u64>, EptExit> {
-        match self.ept.translate(gpa.raw(), AccessKind::Write, self.stage) {
-            Ok(w) => Ok(self.ept.arena.cmpxchg_value(
-                w.gpa.frame_pfn(),
-                w.gpa.page_offset() as usize,
-                size.bytes() as usize,
-                old,
-                new,
-            )),
-            Err(EptExit::Misconfig { gpa }) if self.is_mmio(gpa) => Ok(Ok(())),
-            Err(e) => Err(e),
+    fn cmpxchg_entry(&self, gpa: Gpa, size: EntrySize, old: u64, new: u64) -> Result<Result<(), u64>, NestedFault> {
+        let mem = NestedMemory {
+            nested: &self.tdp.paging,
+            host: &self.host,
+            stage: self.stage,
+        };
+        match mem.cmpxchg_entry(gpa, size, old, new) {
+            Ok(r) => Ok(r),
+            Err(e) if self.is_mmio(gpa, &e) => Ok(Ok(())),
+            Err(e) => Err(self.tdp.fault_of(gpa, self.stage, e)),
         }
-    }
-}
-
-/// Reinterpreting a walk's output address as host-physical.
-trait AsHostFrame {
-    fn frame_pfn(self) -> crate::addr::Pfn;
-}
-
-impl AsHostFrame for Gpa {
-    /// An EPT walk's output "gpa" is a host-physical address.
-    fn frame_pfn(self) -> crate::addr::Pfn {
-        crate::addr::Pfn::new(self.raw() >> 12)
     }
 }

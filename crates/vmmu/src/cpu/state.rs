@@ -18,7 +18,7 @@ use crate::mmu::shadow::ShadowError;
 use crate::mmu::tdp::TdpError;
 use crate::walker::{ControlRegs, GuestPaging};
 
-use super::hw::EptExit;
+use crate::walker::nested::NestedFault;
 
 /// A fault the guest sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +62,12 @@ pub struct VcpuStats {
     pub accesses: u64,
     /// Accesses served by a TLB hit.
     pub tlb_hits: u64,
+    /// Hardware page walks (TLB misses that walked the MMU's tables).
+    pub walks: u64,
+    /// Memory references those walks made: entry reads at every level of
+    /// both dimensions (the guest's tables and the MMU's), A/D updates not
+    /// counted.
+    pub walk_refs: u64,
     /// EPT-violation exits.
     pub ept_violations: u64,
     /// EPT-misconfiguration exits.
@@ -122,7 +128,7 @@ pub enum VcpuError {
         /// The linear address.
         gva: Gva,
         /// The last exit.
-        last: Option<EptExit>,
+        last: Option<NestedFault>,
     },
     /// The MMU answered the same exit as fixed [`LIVELOCK_EXITS`] times in
     /// a row and the hardware took it again every time: an access that can

@@ -25,6 +25,7 @@ use crate::arch::perm::{Access, AccessKind};
 use crate::mem::{DirtyRing, MemslotTable};
 use crate::mmu::shadow::ShadowMmu;
 use crate::mmu::tdp::{RootRef, TdpError, TdpMmu};
+use crate::walker::nested::NestedFault;
 use crate::walker::{ControlRegs, GuestPaging};
 
 pub use super::context::PREV_ROOTS;
@@ -550,12 +551,12 @@ impl Vcpu {
             if fixed == Some(exit) {
                 stuck += 1;
                 if stuck >= LIVELOCK_EXITS {
-                    return Err(self.livelock(gva, access, stuck, exit.ept()));
+                    return Err(self.livelock(gva, access, stuck, exit.tdp()));
                 }
             } else {
                 stuck = 0;
             }
-            if let Some(e) = exit.ept() {
+            if let Some(e) = exit.tdp() {
                 last = Some(e);
             }
             let answered_fixed = match self.ctx.handle_exit(&mut self.cpu, exit, gva, access, size, value)? {
@@ -571,7 +572,7 @@ impl Vcpu {
     /// The error of an access the MMU keeps answering as fixed while the
     /// hardware keeps exiting, with the state that caused it.
     #[cold]
-    fn livelock(&self, gva: Gva, access: Access, exits: u32, exit: Option<super::hw::EptExit>) -> VcpuError {
+    fn livelock(&self, gva: Gva, access: Access, exits: u32, exit: Option<NestedFault>) -> VcpuError {
         let state = format!(
             "CR0 {:?}, CR4 {:?}, EFER {:?}, CR3 {:#x}, PKRU {:#x}, paging {:?}, {} MMU, last exit {}",
             self.cpu.regs.cr0,

@@ -7,8 +7,9 @@
 //!
 //! | knob | KVM's name | default |
 //! |---|---|---|
-//! | `ept_ad` | `kvm_intel.eptad`: EPT accessed/dirty flags | on |
-//! | `pml` | `kvm_intel.pml`: dirty logging by EPT dirty bits (needs `ept_ad`) | off |
+//! | `vendor` | the host: `intel` (VMX, EPT) or `amd` (SVM, NPT: `kvm_amd`) | `intel` |
+//! | `ept_ad` | `kvm_intel.eptad`: EPT accessed/dirty flags (NPT always has them: on with `amd`) | on |
+//! | `pml` | `kvm_intel.pml`: dirty logging by EPT dirty bits (needs `ept_ad`; Intel only) | off |
 //! | `dirty_ring` | `KVM_CAP_DIRTY_LOG_RING`: per-vCPU rings of this many entries, 0 = the bitmap | 0 |
 //! | `manual_protect` | `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` (bitmap only) | off |
 //! | `initially_set` | `KVM_DIRTY_LOG_INITIALLY_SET` (with `manual_protect`) | off |
@@ -17,7 +18,7 @@
 //! | `nx_recovery_ratio` | `kvm.nx_huge_pages_recovery_ratio` (0: no recovery) | 60 |
 //! | `nx_recovery_period_ms` | `kvm.nx_huge_pages_recovery_period_ms` (0: an hour / ratio) | 0 |
 //! | `max_page_size` | the largest TDP leaf (`4K`, `2M`, `1G`) | `1G` |
-//! | `ept_levels` | 4- or 5-level EPT | 4 |
+//! | `ept_levels` | 4- or 5-level EPT (NPT on `amd`: the host's paging levels) | 4 |
 //! | `mmu_pages` | `KVM_SET_NR_MMU_PAGES`: the shadow MMU's page limit, 0 = 2% of RAM | 0 |
 //! | `pku`, `smep`, `smap` | CPUID features the guest may use (it enables each it sees) | off |
 //! | `la57` | CPUID.LA57: 5-level paging allowed | on |
@@ -27,7 +28,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::control::PagingMode;
+use crate::arch::control::{PagingMode, Vendor};
 use crate::mem::MemslotConfig;
 use crate::mmu::iter::Geometry;
 use crate::mmu::tdp::{DirtyLogMode, NX_HUGE_PAGES_RECOVERY_RATIO, TdpConfig};
@@ -40,6 +41,8 @@ pub const MAX_DIRTY_RING: u32 = crate::mmu::tdp::DIRTY_RING_MAX_ENTRIES;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmConfig {
+    /// The host's vendor: the TDP MMU builds EPT (Intel) or NPT (AMD).
+    pub vendor: Vendor,
     /// EPT accessed/dirty flags.
     pub ept_ad: bool,
     /// D-bit dirty logging (KVM with PML).
@@ -78,6 +81,7 @@ pub struct VmConfig {
 impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
+            vendor: Vendor::Intel,
             ept_ad: true,
             pml: false,
             dirty_ring: 0,
@@ -157,6 +161,18 @@ impl VmConfig {
     /// workload file's `[vm]` table is checked with this).
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         let err = |k: &'static str, m: &str| Err((k, m.to_string()));
+        if self.vendor == Vendor::Amd && !self.ept_ad {
+            return err(
+                "ept-ad",
+                "AMD NPT always has accessed/dirty flags: --ept-ad off is Intel's (kvm_intel.eptad)",
+            );
+        }
+        if self.vendor == Vendor::Amd && self.pml {
+            return err(
+                "pml",
+                "PML is Intel's (kvm_intel.pml): on AMD, dirty logging write-protects (--pml off)",
+            );
+        }
         if self.pml && !self.ept_ad {
             return err(
                 "pml",
@@ -216,6 +232,7 @@ impl VmConfig {
     /// The TDP MMU's configuration.
     pub fn tdp(&self) -> TdpConfig {
         TdpConfig {
+            vendor: self.vendor,
             geometry: if self.ept_levels == 5 {
                 Geometry::X86_5LEVEL
             } else {
@@ -261,9 +278,10 @@ impl VmConfig {
     /// before a run, so any run can be repeated.
     pub fn flags(&self) -> String {
         format!(
-            "--ept-ad {} --pml {} --dirty-ring {} --manual-protect {} --initially-set {} --eager-split {} \
+            "--vendor {} --ept-ad {} --pml {} --dirty-ring {} --manual-protect {} --initially-set {} --eager-split {} \
              --nx-huge-pages {} --nx-recovery-ratio {} --nx-recovery-period-ms {} --max-page-size {} \
              --ept-levels {} --mmu-pages {} --pku {} --smep {} --smap {} --la57 {}",
+            self.vendor.name(),
             on(self.ept_ad),
             on(self.pml),
             self.dirty_ring,
@@ -284,14 +302,17 @@ impl VmConfig {
     }
 
     /// Every dirty-logging configuration a KVM user can choose for `mmu`
-    /// (the migration checker's matrix), each once. On the TDP MMU (13):
+    /// (the migration checker's matrix), each once. On the TDP MMU (18),
+    /// on Intel (13):
     /// write-protect logging × {no manual protect, manual protect, manual
     /// protect + initially set} × EPT A/D on and off (6); D-bit logging
     /// (PML) × the same three (3; it needs EPT A/D, as KVM's `enable_pml`
     /// does: D-bit logging without A/D *is* write-protect logging); the
     /// dirty ring at KVM's usual 4096 entries and at 128 (a ring that fills
     /// up and exits to the VMM to be reaped) × EPT A/D on and off (4; the
-    /// ring has no manual protect). On the shadow MMU (3): the three
+    /// ring has no manual protect); on AMD (5), where NPT always has A/D
+    /// and there is no PML: write-protect logging × the three bitmap
+    /// protocols, and the two rings. On the shadow MMU (3): the three
     /// bitmap protocols.
     pub fn dirty_log_matrix(mmu: MmuKind) -> Vec<VmConfig> {
         let mut out = Vec::new();
@@ -328,6 +349,20 @@ impl VmConfig {
                         });
                     }
                 }
+                let amd = VmConfig {
+                    vendor: Vendor::Amd,
+                    ..d
+                };
+                for (manual_protect, initially_set) in protect {
+                    out.push(VmConfig {
+                        manual_protect,
+                        initially_set,
+                        ..amd
+                    });
+                }
+                for dirty_ring in [4096, 128] {
+                    out.push(VmConfig { dirty_ring, ..amd });
+                }
             }
         }
         out
@@ -335,9 +370,9 @@ impl VmConfig {
 
     /// A short name of the dirty-logging part, for tables and for
     /// `vmmu migrate --log`: `wp`, `dbit` or `ring<entries>`, then
-    /// `+manual`, `+init`, then `/ad` or `/noad` (EPT A/D), e.g.
-    /// `wp+manual+init/noad`, `ring128/ad` (no A/D part on the shadow MMU,
-    /// which has no EPT).
+    /// `+manual`, `+init`, then `/ad` or `/noad` (EPT A/D) or `/npt`
+    /// (AMD), e.g. `wp+manual+init/noad`, `ring128/ad`, `wp/npt` (no part
+    /// on the shadow MMU, which has no EPT or NPT).
     pub fn dirty_log_name(&self, mmu: MmuKind) -> String {
         let mut s = if self.dirty_ring != 0 {
             format!("ring{}", self.dirty_ring)
@@ -353,7 +388,11 @@ impl VmConfig {
             s.push_str("+init");
         }
         if mmu == MmuKind::Tdp {
-            s.push_str(if self.ept_ad { "/ad" } else { "/noad" });
+            s.push_str(match (self.vendor, self.ept_ad) {
+                (Vendor::Amd, _) => "/npt",
+                (Vendor::Intel, true) => "/ad",
+                (Vendor::Intel, false) => "/noad",
+            });
         }
         s
     }
@@ -378,7 +417,8 @@ mod tests {
     #[test]
     fn the_matrix_has_every_dirty_log_configuration_once() {
         let tdp = VmConfig::dirty_log_matrix(MmuKind::Tdp);
-        assert_eq!(tdp.len(), 13);
+        assert_eq!(tdp.len(), 18);
+        assert_eq!(tdp.iter().filter(|c| c.vendor == Vendor::Amd).count(), 5);
         let shadow = VmConfig::dirty_log_matrix(MmuKind::Shadow);
         assert_eq!(shadow.len(), 3);
         let paging = PagingMode::Level4;

@@ -40,3 +40,42 @@ impl<M: PtMemory + ?Sized> PtMemory for &M {
         (**self).cmpxchg_entry(gpa, size, old, new)
     }
 }
+
+/// A memory that counts the entry reads made through it: the memory
+/// references of a page walk (a TLB miss's cost as the hardware pays it;
+/// A/D updates are not counted, as the classic figures do not count them).
+#[derive(Debug)]
+pub struct CountingMemory<M> {
+    inner: M,
+    reads: std::cell::Cell<u64>,
+}
+
+impl<M> CountingMemory<M> {
+    /// Counts the reads made of `inner`.
+    pub fn new(inner: M) -> CountingMemory<M> {
+        CountingMemory {
+            inner,
+            reads: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Entry reads so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.get()
+    }
+}
+
+impl<M: PtMemory> PtMemory for CountingMemory<M> {
+    type Error = M::Error;
+
+    #[inline(always)]
+    fn read_entry(&self, gpa: Gpa, size: EntrySize) -> Result<u64, Self::Error> {
+        self.reads.set(self.reads.get() + 1);
+        self.inner.read_entry(gpa, size)
+    }
+
+    #[inline(always)]
+    fn cmpxchg_entry(&self, gpa: Gpa, size: EntrySize, old: u64, new: u64) -> Result<Result<(), u64>, Self::Error> {
+        self.inner.cmpxchg_entry(gpa, size, old, new)
+    }
+}

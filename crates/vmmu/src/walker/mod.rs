@@ -27,7 +27,7 @@ mod memory;
 pub mod nested;
 pub mod sparse;
 
-pub use memory::{EntrySize, PtMemory};
+pub use memory::{CountingMemory, EntrySize, PtMemory};
 pub use sparse::SparseMemory;
 
 use std::marker::PhantomData;

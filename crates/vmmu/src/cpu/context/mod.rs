@@ -21,7 +21,6 @@
 
 use std::sync::Arc;
 
-use super::hw::EptExit;
 use super::state::{AccessResult, CpuState, VcpuError};
 use super::tlb::{Flush, TlbEntry};
 use crate::addr::{Gpa, Gva, Pfn};
@@ -30,6 +29,7 @@ use crate::host::FrameArena;
 use crate::mem::DirtyRing;
 use crate::mmu::flush::RemoteTlb;
 use crate::mmu::tdp::RootRef;
+use crate::walker::nested::NestedFault;
 
 mod shadow;
 mod tdp;
@@ -64,10 +64,11 @@ pub(crate) enum GuestFlush {
 /// Why one try of an access left guest mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Exit {
-    /// An EPT exit; `final_gpa` is set when the final translation exited.
-    Ept {
+    /// A TDP exit (an EPT violation or misconfiguration, or a #NPF);
+    /// `final_gpa` is set when the final translation exited.
+    Tdp {
         /// The exit.
-        exit: EptExit,
+        exit: NestedFault,
         /// The guest-physical address of the access, when the walk of the
         /// guest's tables completed.
         final_gpa: Option<Gpa>,
@@ -78,10 +79,10 @@ pub(crate) enum Exit {
 }
 
 impl Exit {
-    /// The EPT exit, if it is one.
-    pub(crate) fn ept(&self) -> Option<EptExit> {
+    /// The TDP exit, if it is one.
+    pub(crate) fn tdp(&self) -> Option<NestedFault> {
         match self {
-            Exit::Ept { exit, .. } => Some(*exit),
+            Exit::Tdp { exit, .. } => Some(*exit),
             Exit::ShadowPageFault => None,
         }
     }

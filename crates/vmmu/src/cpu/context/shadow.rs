@@ -25,7 +25,7 @@ use crate::mmu::shadow::roots::ShadowRoots;
 use crate::mmu::shadow::{ShadowMmu, ShadowOutcome};
 use crate::mmu::stats::MmuStats;
 use crate::mmu::tdp::RootRef;
-use crate::walker::{ControlRegs, Paging, Root, WalkError};
+use crate::walker::{ControlRegs, CountingMemory, Paging, Root, WalkError};
 
 /// Roots kept besides the current ones (KVM's `KVM_MMU_NUM_PREV_ROOTS`).
 pub const PREV_ROOTS: usize = 3;
@@ -325,7 +325,13 @@ impl VcpuMmu for ShadowContext {
             cpu.stats.invalid_root_uses += 1;
         }
         let root = Root::Table(Gpa::new(roots.hw_root().raw() << 12));
-        let walk = match self.hw.walk(&HostPhys(self.mmu.arena()), &root, gva, access, cpu.pkru) {
+        let host = CountingMemory::new(HostPhys(self.mmu.arena()));
+        let walk = self.hw.walk(&host, &root, gva, access, cpu.pkru);
+        // A TLB miss: the hardware walk of the shadow tables and its memory
+        // references.
+        cpu.stats.walks += 1;
+        cpu.stats.walk_refs += host.reads();
+        let walk = match walk {
             Ok(w) => w,
             Err(WalkError::NonCanonical) => {
                 cpu.stats.guest_faults += 1;

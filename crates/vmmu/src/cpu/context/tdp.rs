@@ -1,17 +1,16 @@
 //! A vCPU's context on the TDP MMU: its root, its memory caches and dirty
-//! ring, the two-dimensional walk the hardware makes through EPT, and the
-//! EPT exits handed to `kvm_tdp_mmu_page_fault`.
+//! ring, the two-dimensional walk the hardware makes through the MMU's
+//! tables (EPT on Intel, NPT on AMD), and the exits (EPT violations and
+//! misconfigurations, #NPFs) handed to `kvm_tdp_mmu_page_fault`.
 
 use std::sync::Arc;
 
 use super::{Attempt, Exit, ExitAnswer, GuestFlush, VcpuMmu};
 use crate::addr::{Gpa, Gva, Hpa, Pfn};
-use crate::arch::control::{CpuFeatures, Cr4, PagingMode};
-use crate::arch::ept::EptViolationQual;
-use crate::arch::ept::PteEpt;
+use crate::arch::control::{CpuFeatures, Cr4, PagingMode, Vendor};
 use crate::arch::perm::{Access, AccessRights};
 use crate::arch::pte::PT_GLOBAL;
-use crate::cpu::hw::{EptExit, EptGuestMemory, EptStage, EptTranslator};
+use crate::cpu::hw::{HostPhys, TdpGuestMemory, TdpTranslator};
 use crate::cpu::state::{AccessResult, CpuState, GuestFault, MAX_RETRIES, VcpuError};
 use crate::cpu::tlb::{Flush, TlbEntry};
 use crate::host::FrameArena;
@@ -19,15 +18,16 @@ use crate::mem::DirtyRing;
 use crate::mmu::cache::MmuCaches;
 use crate::mmu::flush::RemoteTlb;
 use crate::mmu::tdp::{FaultOutcome, RootRef, TdpError, TdpFault, TdpMmu};
-use crate::walker::{EntrySize, GuestPaging, Paging, PtMemory, WalkError};
+use crate::walker::nested::{NestedFault, NestedPaging, NestedStage};
+use crate::walker::{CountingMemory, EntrySize, GuestPaging, PtMemory, WalkError};
 
 /// A vCPU's view of the TDP MMU.
 pub(crate) struct TdpContext {
     mmu: Arc<TdpMmu>,
     root: RootRef,
-    /// The EPT paging configuration (precomputed once: it only depends on
-    /// the MMU's configuration).
-    ept_paging: Paging<PteEpt>,
+    /// How the hardware walks the tree (the vendor's format, precomputed
+    /// once: it only depends on the MMU's configuration), at the root.
+    nested: NestedPaging,
     seen_root_gen: u64,
     /// Its memslot cache and the frames its faults link as tables.
     caches: MmuCaches,
@@ -39,12 +39,21 @@ impl TdpContext {
     pub(crate) fn new(mmu: Arc<TdpMmu>) -> Result<TdpContext, TdpError> {
         let geometry = mmu.config().geometry;
         if geometry.bits_per_level != 9 || !matches!(geometry.levels, 4 | 5) {
-            // The hardware model walks the tree as EPT.
+            // The hardware model walks the tree as EPT or NPT.
             return Err(TdpError::NotEptGeometry { geometry });
         }
+        let c = mmu.config();
+        let features = CpuFeatures::default();
+        let root = mmu.get_root(0)?;
+        let at = Hpa::new(root.root().pfn().raw() << 12);
+        let nested = match c.vendor {
+            Vendor::Intel => NestedPaging::ept(at, geometry.levels, c.ad, &features),
+            Vendor::Amd if !c.ad => return Err(TdpError::NptWithoutAd),
+            Vendor::Amd => NestedPaging::npt(at, geometry.levels, true, &features),
+        };
         Ok(TdpContext {
-            root: mmu.get_root(0)?,
-            ept_paging: Paging::ept(geometry.levels, mmu.config().ad, &CpuFeatures::default()),
+            root,
+            nested,
             dirty_ring: mmu.dirty_ring_size().map(|size| Arc::new(DirtyRing::new(size))),
             seen_root_gen: mmu.root_generation(),
             caches: mmu.vcpu_caches(),
@@ -52,41 +61,32 @@ impl TdpContext {
         })
     }
 
-    fn ept(&self) -> EptTranslator<'_> {
-        EptTranslator::with_paging(
-            self.mmu.arena(),
-            Hpa::new(self.root.root().pfn().raw() << 12),
-            self.ept_paging,
-        )
+    fn tdp(&self) -> TdpTranslator<'_> {
+        TdpTranslator::new(self.mmu.arena(), self.nested)
     }
 
-    fn guest_memory<'a>(&'a self, cpu: &'a CpuState, stage: EptStage) -> EptGuestMemory<'a> {
-        EptGuestMemory {
-            ept: self.ept(),
+    fn guest_memory<'a>(&'a self, cpu: &'a CpuState, stage: NestedStage) -> TdpGuestMemory<'a> {
+        TdpGuestMemory {
+            tdp: self.tdp(),
+            host: CountingMemory::new(HostPhys(self.mmu.arena())),
             slots: &cpu.slots,
             as_id: self.root.root().as_id(),
             stage,
         }
     }
 
-    /// Hands an EPT exit to the MMU (outside guest mode).
-    fn page_fault(&mut self, cpu: &mut CpuState, exit: EptExit) -> Result<FaultOutcome, VcpuError> {
-        let (write, exec, present) = match exit {
-            EptExit::Violation { qual, .. } => {
-                cpu.stats.ept_violations += 1;
-                (
-                    qual.contains(EptViolationQual::WRITE),
-                    qual.contains(EptViolationQual::FETCH),
-                    qual.intersects(
-                        EptViolationQual::READABLE | EptViolationQual::WRITABLE | EptViolationQual::EXECUTABLE,
-                    ),
-                )
-            }
-            EptExit::Misconfig { .. } => {
-                cpu.stats.ept_misconfigs += 1;
-                (false, false, true)
-            }
-        };
+    /// Hands a TDP exit to the MMU (outside guest mode): KVM's
+    /// `handle_ept_violation`, `handle_ept_misconfig` and
+    /// `npf_interception`, each reduced to the fault's gpa and access.
+    fn page_fault(&mut self, cpu: &mut CpuState, exit: NestedFault) -> Result<FaultOutcome, VcpuError> {
+        // Counted as the exit a VMX host would take (a #NPF with RSVD is
+        // the AMD host's MMIO exit, as a misconfiguration is Intel's).
+        if exit.is_reserved_bit() {
+            cpu.stats.ept_misconfigs += 1;
+        } else {
+            cpu.stats.ept_violations += 1;
+        }
+        let (write, exec, present) = exit.access_bits();
         let fault = TdpFault {
             gpa: exit.gpa(),
             write,
@@ -166,7 +166,7 @@ impl VcpuMmu for TdpContext {
             let _epoch = crossbeam_epoch::pin();
             let mut pdptes = [0u64; 4];
             let exit = {
-                let mem = self.guest_memory(cpu, EptStage::NoLinearAddress);
+                let mem = self.guest_memory(cpu, NestedStage::NoLinearAddress);
                 pdptes.iter_mut().enumerate().find_map(|(i, p)| {
                     match mem.read_entry(Gpa::new(base + 8 * i as u64), EntrySize::Eight) {
                         Ok(v) => {
@@ -207,6 +207,7 @@ impl VcpuMmu for TdpContext {
                 // rather than running on the invalid root, whose faults
                 // retry forever.
                 self.root = self.mmu.get_root(self.root.root().as_id())?;
+                self.nested = self.nested.with_root(Hpa::new(self.root.root().pfn().raw() << 12));
                 cpu.tlb.flush(Flush::Eptp(old));
                 cpu.stats.root_reloads += 1;
             }
@@ -233,10 +234,18 @@ impl VcpuMmu for TdpContext {
             cpu.stats.invalid_root_uses += 1;
         }
         let root = cpu.paging.root(cpu.cr3, cpu.pdptes);
-        let walk = {
-            let mem = self.guest_memory(cpu, EptStage::GuestPagingStructure);
-            cpu.paging.walk(&mem, &root, gva, access, cpu.pkru)
+        let (walk, last, refs) = {
+            let mem = self.guest_memory(cpu, NestedStage::GuestPagingStructure { gla: gva });
+            let walk = cpu.paging.walk(&mem, &root, gva, access, cpu.pkru);
+            let last = walk
+                .as_ref()
+                .ok()
+                .map(|w| mem.translate_final(w.gpa, access.kind, w.va));
+            (walk, last, mem.references())
         };
+        // A TLB miss: the hardware walk and its memory references.
+        cpu.stats.walks += 1;
+        cpu.stats.walk_refs += refs;
         let walk = match walk {
             Ok(w) => w,
             Err(WalkError::PageFault(pf)) => {
@@ -251,19 +260,16 @@ impl VcpuMmu for TdpContext {
                 return Attempt::Done(AccessResult::Fault(GuestFault::GeneralProtection));
             }
             Err(WalkError::Memory { error, .. }) => {
-                return Attempt::Exit(Exit::Ept {
+                return Attempt::Exit(Exit::Tdp {
                     exit: error,
                     final_gpa: None,
                 });
             }
         };
-        let ept_walk = match self
-            .ept()
-            .translate(walk.gpa.raw(), access.kind, EptStage::FinalTranslation)
-        {
+        let ept_walk = match last.expect("the guest walk completed") {
             Ok(w) => w,
             Err(exit) => {
-                return Attempt::Exit(Exit::Ept {
+                return Attempt::Exit(Exit::Tdp {
                     exit,
                     final_gpa: Some(walk.gpa),
                 });
@@ -315,7 +321,7 @@ impl VcpuMmu for TdpContext {
         _size: usize,
         _value: u64,
     ) -> Result<ExitAnswer, VcpuError> {
-        let Exit::Ept { exit, final_gpa } = exit else {
+        let Exit::Tdp { exit, final_gpa } = exit else {
             unreachable!("a shadow page fault on the TDP MMU")
         };
         let outcome = self.page_fault(cpu, exit)?;

@@ -38,6 +38,7 @@ use super::iter::{Geometry, SpteIter};
 use super::spte::{Spte, SpteAccess, SpteFormat};
 use super::stats::MmuStats;
 use crate::addr::{Gfn, Gpa, Level, PageSize, Pfn};
+use crate::arch::control::Vendor;
 use crate::host::{FrameArena, FrameError, HostAddressSpace, HvaRange, MmuNotifier, NotifierRange};
 use crate::mem::{DirtyRing, FaultinError, InvalidateState, MemslotTable, faultin_gfn};
 use crate::sync;
@@ -46,9 +47,13 @@ use crate::sync::{MmuLock, MmuLockHeld, MmuLockReadGuard, MmuWriteLockHeld};
 /// Configuration of a TDP MMU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TdpConfig {
-    /// Tree shape (4-level EPT by default).
+    /// Whose tables: Intel EPT, or AMD NPT (the x86-64 entry format, as
+    /// KVM's TDP MMU builds them on AMD hosts).
+    pub vendor: Vendor,
+    /// Tree shape (4-level by default).
     pub geometry: Geometry,
-    /// Whether the EPTP enables accessed/dirty flags.
+    /// Whether the EPTP enables accessed/dirty flags. NPT always has them:
+    /// on AMD this must be true (a vCPU refuses the MMU otherwise).
     pub ad: bool,
     /// The largest leaf the MMU installs (1 = 4K only, 2 = 2M, 3 = 1G).
     pub max_level: u8,
@@ -85,6 +90,7 @@ pub enum DirtyLogMode {
 impl Default for TdpConfig {
     fn default() -> Self {
         TdpConfig {
+            vendor: Vendor::Intel,
             geometry: Geometry::X86_4LEVEL,
             ad: true,
             max_level: 3,
@@ -281,13 +287,16 @@ pub enum TdpError {
         /// The configured value.
         max_level: u8,
     },
-    /// The tree's geometry cannot be walked as EPT by a vCPU (EPT is 4 or
-    /// 5 levels of 512-entry tables).
-    #[error("a vCPU needs 4- or 5-level EPT with 512-entry tables, not {geometry:?}")]
+    /// The tree's geometry cannot be walked by a vCPU (EPT and NPT are 4
+    /// or 5 levels of 512-entry tables).
+    #[error("a vCPU needs 4- or 5-level EPT/NPT with 512-entry tables, not {geometry:?}")]
     NotEptGeometry {
         /// The configured geometry.
         geometry: Geometry,
     },
+    /// AMD NPT has no switch for accessed and dirty flags: `ad` must be on.
+    #[error("AMD NPT always has accessed and dirty flags: `ad` cannot be off on AMD")]
+    NptWithoutAd,
     /// A fault at a guest-physical address the tree cannot map: above the
     /// reach of its levels (e.g. MAXPHYADDR 52 with 4-level EPT, which
     /// KVM never configures: it caps the guest's MAXPHYADDR at 48).
@@ -371,7 +380,10 @@ impl TdpMmu {
             host: host.clone(),
             slots,
             config,
-            fmt: SpteFormat::Ept { ad: config.ad },
+            fmt: match config.vendor {
+                Vendor::Intel => SpteFormat::Ept { ad: config.ad },
+                Vendor::Amd => SpteFormat::Legacy,
+            },
             lock: MmuLock::new(()),
             invalidate: InvalidateState::default(),
             roots: Mutex::new(RootList::default()),
