@@ -2,10 +2,9 @@
 //! four dependent 8-byte loads over the same tables.
 
 use std::hint::black_box;
-use vmmu::addr::Gva;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use vmmu::addr::Gpa;
+use vmmu::addr::{Gpa, Gva};
 use vmmu::arch::perm::Access;
 use vmmu::walker::Root;
 use vmmu_bench::walk::{WalkSetup, lm4_paging, reference_loads};

@@ -4,11 +4,9 @@
 
 use super::tdp::{Backing, BenchError, TdpBenchConfig};
 use super::{BenchResult, Figure, Phase, Report, best_ns_per_iter};
-use vmmu::addr::Gva;
-use vmmu::addr::{Gpa, Hva};
+use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
-use vmmu::arch::perm::Access;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, PREV_ROOTS, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mem::GuestMemory;

@@ -18,13 +18,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
-use vmmu::addr::Gva;
-use vmmu::arch::perm::Access;
 
 use super::{BenchResult, Figure, Phase, Report};
-use vmmu::addr::{Gfn, Gpa, Hva, Level, Pfn};
+use vmmu::addr::{Gfn, Gpa, Gva, Hva, Level, Pfn};
 use vmmu::arch::control::CpuFeatures;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::host::{FrameArena, HostAddressSpace, HvaRange, VmaFlags};
 use vmmu::mem::{MemslotFlags, MemslotTable};

@@ -16,15 +16,13 @@
 //! hit cannot avoid.
 
 use std::hint::black_box;
-use vmmu::addr::Gva;
-use vmmu::arch::perm::Access;
 
 use super::shadow::{regs, space};
 use super::tdp::BenchError;
 use super::{BenchResult, Figure, Phase, Report, best_ns_per_iter};
-use vmmu::addr::{Hva, Pfn};
+use vmmu::addr::{Gva, Hva, Pfn};
 use vmmu::arch::control::CpuFeatures;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, Vcpu, VcpuError};
 use vmmu::host::{FrameArena, HostAddressSpace, VmaFlags};
 use vmmu::mmu::tdp::TdpConfig;

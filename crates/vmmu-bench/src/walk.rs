@@ -3,10 +3,9 @@
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
-use vmmu::addr::Gva;
 
 use super::{BenchResult, Phase, best_ns_per_iter};
-use vmmu::addr::Gpa;
+use vmmu::addr::{Gpa, Gva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer, PagingMode};
 use vmmu::arch::perm::Access;
 use vmmu::arch::pte::{PT_ACCESSED, PT_DIRTY, PT_PRESENT, PT_WRITABLE, PT64_ADDR_MASK};

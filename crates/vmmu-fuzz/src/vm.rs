@@ -44,11 +44,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
-use vmmu::addr::Gva;
 
 use arbitrary::{Arbitrary, Unstructured};
 
-use vmmu::addr::{Gfn, Gpa, Hva};
+use vmmu::addr::{Gfn, Gpa, Gva, Hva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
 use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::arch::pte::PT_GLOBAL;

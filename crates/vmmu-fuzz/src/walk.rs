@@ -19,12 +19,11 @@
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::fmt;
-use vmmu::addr::Gva;
 
 use arbitrary::{Arbitrary, Unstructured};
 
 use super::reference::{self, Deviation, RefAccess, RefCpu, RefKind, RefOutcome};
-use vmmu::addr::Gpa;
+use vmmu::addr::{Gpa, Gva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer, PagingMode};
 use vmmu::arch::perm::{Access, AccessKind, Privilege};
 use vmmu::walker::{ControlRegs, EntrySize, GuestPaging, PdpteLoadError, PtMemory, Walk, WalkError, load_pdptes};

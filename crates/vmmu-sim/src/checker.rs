@@ -22,11 +22,10 @@
 //! actual) and makes the run exit 1.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use vmmu::addr::Gva;
 
 use parking_lot::Mutex;
 
-use vmmu::addr::Gpa;
+use vmmu::addr::{Gpa, Gva};
 use vmmu::arch::control::CpuFeatures;
 use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::arch::pfec::PfErrorCode;

@@ -20,11 +20,9 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use vmmu::addr::Gva;
-use vmmu::arch::perm::Access;
 
-use vmmu::addr::{Gpa, Hva};
-use vmmu::arch::perm::AccessKind;
+use vmmu::addr::{Gpa, Gva, Hva};
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::host::HvaRange;
 use vmmu::mem::MemslotFlags;

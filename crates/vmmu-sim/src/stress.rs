@@ -21,14 +21,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use vmmu::addr::Gva;
-use vmmu::arch::perm::Access;
 
 use serde::Serialize;
 
-use vmmu::addr::{Gpa, Hva};
+use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::CpuFeatures;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mem::{MemoryRegion, MemslotFlags, MemslotTable};

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use vmmu::addr::Gva;
 use vmmu_sim::conform::{Case, Replayer, Report, ShadowReplayer, TdpReplayer, WalkerReplayer, read_cases, run_cases};
 
 /// Whether a vendored file holds nested-paging cases.
@@ -204,7 +203,7 @@ fn an_altered_case_fails() {
 /// sparse memory.
 #[test]
 fn walker_over_guest_memory_passes_the_single_access_cases() {
-    use vmmu::addr::{Gpa, Hva};
+    use vmmu::addr::{Gpa, Gva, Hva};
     use vmmu::arch::perm::Access;
     use vmmu::host::VmaFlags;
     use vmmu::walker::{GuestPaging, load_pdptes};

@@ -19,8 +19,7 @@
 //! zaps, emulates or leaves unsync underneath.
 
 use proptest::prelude::*;
-use vmmu::addr::Gva;
-use vmmu::addr::{Gpa, Hva};
+use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
 use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};

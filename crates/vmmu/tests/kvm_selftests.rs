@@ -26,14 +26,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use vmmu::addr::Gva;
-use vmmu::arch::perm::Access;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use vmmu::addr::{Gpa, Hva};
+use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::CpuFeatures;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, Vcpu, VcpuError};
 use vmmu::host::{HvaRange, VmaFlags};
 use vmmu::mem::{MemslotConfig, MemslotFlags};

@@ -2,11 +2,9 @@
 //! `prev_roots` cache, edits of a cached address space's tables, CR0.WP
 //! and SMEP, write flooding, and a guest using its page table as data.
 
-use vmmu::addr::Gva;
-use vmmu::addr::{Gpa, Hva};
+use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
-use vmmu::arch::perm::Access;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mem::GuestMemory;

@@ -6,11 +6,9 @@
 //! live-migration checker over the whole configuration matrix; each failed
 //! before its fix.
 
-use vmmu::addr::Gva;
-use vmmu::addr::{Hva, Pfn};
+use vmmu::addr::{Gva, Hva, Pfn};
 use vmmu::arch::control::CpuFeatures;
-use vmmu::arch::perm::Access;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::host::{HvaRange, VmaFlags};
 use vmmu::mem::{DirtyGfn, MemslotConfig, MemslotFlags};

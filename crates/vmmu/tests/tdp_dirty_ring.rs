@@ -5,12 +5,10 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use vmmu::addr::Gva;
-use vmmu::arch::perm::Access;
 
-use vmmu::addr::{Gpa, Hva};
+use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::CpuFeatures;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mem::{DirtyRing, GuestMemory, MemslotError, MemslotFlags};

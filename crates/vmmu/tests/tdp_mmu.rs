@@ -2,11 +2,9 @@
 //! about EPT alone: huge pages sized by the host mapping, memslot alignment,
 //! MMU-notifier zaps (migration, THP split), MMIO, and concurrent faults.
 
-use vmmu::addr::Gva;
-use vmmu::addr::{Gpa, Hva};
+use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::CpuFeatures;
-use vmmu::arch::perm::Access;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mem::MemslotFlags;

@@ -4,12 +4,10 @@
 //! subscriber would make this one flaky.
 
 use std::sync::Arc;
-use vmmu::addr::Gva;
-use vmmu::arch::perm::Access;
 
-use vmmu::addr::Hva;
+use vmmu::addr::{Gva, Hva};
 use vmmu::arch::control::CpuFeatures;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mem::MemslotFlags;

@@ -6,12 +6,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use vmmu::addr::Gva;
-use vmmu::arch::perm::Access;
 
-use vmmu::addr::{Gpa, Hva};
+use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::{CpuFeatures, Cr0, Cr4, Efer};
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
 use vmmu::host::{HostAddressSpace, VmaFlags};
 use vmmu::mem::GuestMemory;

@@ -13,13 +13,12 @@ pub mod tdp;
 use std::fmt;
 use std::io::BufRead;
 use std::path::Path;
-use vmmu::addr::Gva;
 
 use serde::Serialize;
 
 pub use case::{Case, CaseControl, Hex, Outcome, SingleCase, Step, StepCase};
 pub use tdp::{ShadowReplayer, TdpReplayer};
-use vmmu::addr::Gpa;
+use vmmu::addr::{Gpa, Gva};
 use vmmu::arch::control::{CR3_NOFLUSH, CpuFeatures, Cr0, Cr4, Efer, PagingMode};
 use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::arch::pfec::GP_VECTOR;

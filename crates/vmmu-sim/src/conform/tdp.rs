@@ -5,11 +5,9 @@
 //! emulated by the shadow MMU).
 
 use super::{Case, Failure, Hex, Outcome, Replayer, StepMachine, case_features, case_regs, replay};
-use vmmu::addr::Gva;
-use vmmu::addr::{Gpa, Hva};
+use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::Vendor;
-use vmmu::arch::perm::Access;
-use vmmu::arch::perm::AccessKind;
+use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::arch::pfec::GP_VECTOR;
 use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu};
 use vmmu::host::VmaFlags;
