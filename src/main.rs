@@ -125,6 +125,10 @@ enum ConformMmu {
     Shadow,
     /// A one-vCPU VM on the TDP MMU: TLB, two-dimensional walk, EPT exits.
     Tdp,
+    /// An L2 guest's vCPU on the nested MMU, which shadows L1's nested
+    /// tables (NPT cases): TLB, walk over the shadow NPT02, #NPF reflected
+    /// to L1.
+    Nested,
 }
 
 #[derive(clap::Args)]
@@ -377,11 +381,21 @@ fn run_conform(args: ConformArgs) -> ExitCode {
             }
         }
     }
-    if !matches!(args.mmu, ConformMmu::Walker)
+    if matches!(args.mmu, ConformMmu::Shadow | ConformMmu::Tdp)
         && let Some((file, _)) = files.iter().find(|(_, cases)| cases.iter().any(|c| c.is_nested()))
     {
         eprintln!(
-            "vmmu conform: {file} holds nested-paging cases (NPT/EPT), which replay through the two-dimensional walk: use --mmu walker"
+            "vmmu conform: {file} holds nested-paging cases (NPT/EPT), which replay through the two-dimensional walk (--mmu walker) or the nested MMU (--mmu nested)"
+        );
+        return ExitCode::from(2);
+    }
+    if matches!(args.mmu, ConformMmu::Nested)
+        && let Some((file, _)) = files
+            .iter()
+            .find(|(_, cases)| cases.iter().any(|c| !matches!(c, conform::Case::Npt(_))))
+    {
+        eprintln!(
+            "vmmu conform: {file} holds cases other than NPT ones: the nested MMU replays the AMD NPT cases (public-npt-*.jsonl); shadowing EPT12 is not built yet"
         );
         return ExitCode::from(2);
     }
@@ -395,6 +409,7 @@ fn run_conform(args: ConformArgs) -> ExitCode {
         ConformMmu::Tdp => Box::new(conform::TdpReplayer {
             vendor: args.vendor.into(),
         }),
+        ConformMmu::Nested => Box::new(conform::NestedReplayer),
     };
     let mut total = conform::Report::default();
     let mut per_file = Vec::new();

@@ -321,6 +321,14 @@ fn run_impossible_vm_configurations() {
             ],
             &["--vendor", "--mmu tdp"],
         ),
+        case(
+            &["conform", "--mmu", "nested", "tests/data/conformance/public-ept.jsonl"],
+            &["public-ept.jsonl", "NPT"],
+        ),
+        case(
+            &["conform", "--mmu", "tdp", "tests/data/conformance/public-npt-lm4.jsonl"],
+            &["public-npt-lm4.jsonl", "--mmu nested"],
+        ),
         case(&["run", "--mmu-pages", "10"], &["--mmu-pages", "64"]),
         case(&["run", "--paging", "5-level", "--la57", "off"], &["--la57", "5-level"]),
         // A random configuration with an impossible flag on top.

@@ -1303,6 +1303,11 @@ impl Runner {
             AccessResult::Fault(GuestFault::PageFault { error_code, .. }) => Seen::Fault(error_code.bits()),
             AccessResult::Fault(GuestFault::GeneralProtection) => Seen::Gp,
             AccessResult::DirtyRingFull => self.fail(step, op, format_args!("a dirty-ring exit without a dirty ring")),
+            AccessResult::VmExit(e) => self.fail(
+                step,
+                op,
+                format_args!("an exit to an L1 hypervisor, where there is none: {e:?}"),
+            ),
         };
         if got != fresh {
             let cur = self.m.pcid();

@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use vmmu_sim::conform::{Case, Replayer, Report, ShadowReplayer, TdpReplayer, WalkerReplayer, read_cases, run_cases};
+use vmmu_sim::conform::{
+    Case, NestedReplayer, Replayer, Report, ShadowReplayer, TdpReplayer, WalkerReplayer, read_cases, run_cases,
+};
 
 /// Whether a vendored file holds nested-paging cases.
 fn is_nested_file(p: &std::path::Path) -> bool {
@@ -79,6 +81,38 @@ fn the_2d_walk_passes_every_nested_case() {
     assert_eq!(total, 4961);
 }
 
+/// The NPT cases on the nested MMU: an L2 vCPU whose accesses go through
+/// NPT02, the shadow of the case's NPT12; every #NPF the nested MMU
+/// reflects to L1, every address reached and every entry afterwards as the
+/// case recorded.
+#[test]
+fn the_nested_mmu_passes_every_npt_case() {
+    let files: Vec<_> = nested_corpus()
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("public-npt-"))
+        })
+        .collect();
+    assert_eq!(files.len(), 4);
+    let mut total = 0;
+    for file in files {
+        let cases = read_cases(&file).unwrap_or_else(|e| panic!("{e}"));
+        let mut report = Report::default();
+        run_cases(&mut NestedReplayer, &cases, &mut report);
+        assert_eq!(
+            report.failed,
+            0,
+            "{}: {:?}",
+            file.display(),
+            &report.failures[..report.failures.len().min(5)]
+        );
+        total += report.passed;
+    }
+    assert_eq!(total, 3973);
+}
+
 /// The nested replay can fail: an altered exit, address or entry
 /// afterwards is reported, for both vendors.
 #[test]
@@ -141,6 +175,11 @@ fn an_altered_nested_case_fails() {
     let mut report = Report::default();
     run_cases(&mut WalkerReplayer, &cases, &mut report);
     assert_eq!((report.failed, report.passed), (altered, 0));
+    // The NPT ones on the nested MMU too.
+    let npt: Vec<Case> = cases.into_iter().filter(|c| matches!(c, Case::Npt(_))).collect();
+    let mut report = Report::default();
+    run_cases(&mut NestedReplayer, &npt, &mut report);
+    assert_eq!((report.failed, report.passed), (npt.len() as u64, 0));
 }
 
 #[test]

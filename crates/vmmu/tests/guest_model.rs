@@ -149,6 +149,7 @@ fn seen(r: AccessResult) -> Seen {
         AccessResult::Fault(GuestFault::PageFault { error_code, .. }) => Seen::Fault(error_code.bits()),
         AccessResult::Fault(GuestFault::GeneralProtection) => Seen::Gp,
         AccessResult::DirtyRingFull => panic!("no dirty ring here"),
+        AccessResult::VmExit(e) => panic!("no L1 hypervisor here: {e:?}"),
     }
 }
 

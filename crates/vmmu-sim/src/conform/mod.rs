@@ -17,6 +17,7 @@ use std::path::Path;
 use serde::Serialize;
 
 pub use case::{Case, CaseControl, Hex, Outcome, SingleCase, Step, StepCase};
+pub use nested::NestedReplayer;
 pub use tdp::{ShadowReplayer, TdpReplayer};
 use vmmu::addr::{Gpa, Gva};
 use vmmu::arch::control::{CR3_NOFLUSH, CpuFeatures, Cr0, Cr4, Efer, PagingMode};

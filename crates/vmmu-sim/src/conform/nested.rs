@@ -601,3 +601,224 @@ fn describe(e: &Ended) -> String {
         Ended::EntryFail => "VM-entry failure (PDPTE)".to_string(),
     }
 }
+
+/// Replays the NPT cases on the nested MMU (`--mmu nested`): L1's memory
+/// is the case's host memory, given to a VM as one memslot covering every
+/// L1-physical address (what the case calls host-physical); the L2 guest's
+/// vCPU runs on the nested MMU, which shadows the case's NPT12, and its
+/// access goes through the hardware model's two-dimensional walk over
+/// NPT02. A #NPF the nested MMU reflects to L1 is compared with the case's;
+/// an access that completes must reach the case's `pa` (a marker placed
+/// there is what a read returns, a write's value is what lands there).
+/// The EPT cases need the nested MMU for EPT12, which is not built yet.
+#[derive(Debug, Default)]
+pub struct NestedReplayer;
+
+impl super::Replayer for NestedReplayer {
+    fn name(&self) -> &'static str {
+        "nested"
+    }
+
+    fn replay(&mut self, case: &super::Case) -> Result<(), Failure> {
+        match case {
+            super::Case::Npt(c) => replay_npt_nested(c),
+            other => Err(Failure {
+                id: other.id(),
+                expected: "an NPT case".to_string(),
+                got: "a case the nested MMU does not replay (EPT12 shadowing is not built; single-level cases have no L1)"
+                    .to_string(),
+            }),
+        }
+    }
+}
+
+/// The memslots that give L1 its memory, 2 MiB each.
+const SLOT: u64 = 2 << 20;
+
+/// Where L1's memory is mapped in the host.
+const L1_HVA: u64 = 0x1000_0000_0000;
+
+/// The value placed at the case's `pa` before a read or fetch that
+/// completes there: the access must return it.
+const MARKER: u64 = 0x5a5a_c0de_0bad_f00d;
+
+fn replay_npt_nested(c: &NptCase) -> Result<(), Failure> {
+    use std::sync::Arc;
+    use vmmu::cpu::vcpu::{AccessResult, GuestFault, L1Npt, Vcpu};
+    use vmmu::host::{FrameArena, HostAddressSpace, VmaFlags};
+    use vmmu::mem::{GuestMemory, MemoryRegion, MemslotFlags, MemslotTable};
+    use vmmu::mmu::shadow::ShadowMmu;
+
+    let id = c.id;
+    let fail = |expected: String, got: String| Failure { id, expected, got };
+    let setup = |e: &dyn std::fmt::Display| fail("the replay to run".to_string(), e.to_string());
+    // Every L1-physical address is memory: 2 MiB memslots are added where
+    // the case writes, and wherever an access finds none (the nested MMU
+    // reports the L1-physical address of an access without a memslot).
+    let arena = Arc::new(FrameArena::with_reserve(256 << 20).map_err(|e| setup(&e))?);
+    let host = Arc::new(HostAddressSpace::new(arena).map_err(|e| setup(&e))?);
+    let slots = Arc::new(MemslotTable::new(Default::default()));
+    let regions = std::cell::RefCell::new(Vec::<u64>::new());
+    let ensure_slot = |l1_gpa: u64| -> Result<(), String> {
+        let base = l1_gpa & !(SLOT - 1);
+        let mut regions = regions.borrow_mut();
+        if regions.contains(&base) {
+            return Ok(());
+        }
+        let hva = vmmu::addr::Hva::new(L1_HVA + SLOT * regions.len() as u64);
+        host.mmap(hva, SLOT, VmaFlags::WRITE).map_err(|e| e.to_string())?;
+        slots
+            .create(MemoryRegion {
+                as_id: 0,
+                id: regions.len() as u16,
+                flags: MemslotFlags::empty(),
+                guest_phys_addr: Gpa::new(base),
+                memory_size: SLOT,
+                userspace_addr: hva,
+            })
+            .map_err(|e| e.to_string())?;
+        regions.push(base);
+        Ok(())
+    };
+    for e in &c.memory {
+        ensure_slot(e.hpa.0).map_err(|e| setup(&e))?;
+    }
+    let mmu = ShadowMmu::new(host.clone(), slots.clone());
+    let mem = GuestMemory::new(host.clone(), slots.clone());
+    for e in &c.memory {
+        let size = if e.table == "l2" { c.mode.entry_size() } else { 8 };
+        mem.write_value(Gpa::new(e.hpa.0), size, e.value.0)
+            .map_err(|e| setup(&e))?;
+    }
+    let size = c.mode.access_size();
+    let done = c.result.exit == "none";
+    // The marker goes where the access should land, unless that is one of
+    // the case's entries (a read of a live paging entry): then the read
+    // must return that entry as it is afterwards.
+    let pa = c.result.pa.map_or(0, |h| h.0);
+    let pa_is_entry = c.memory.iter().any(|e| e.hpa.0 & !7 == pa & !7);
+    let marked = done && c.access != CaseAccess::Write && !pa_is_entry;
+    if marked {
+        ensure_slot(pa).map_err(|e| setup(&e))?;
+        mem.write_value(Gpa::new(pa), size, MARKER).map_err(|e| setup(&e))?;
+    }
+    let features = CpuFeatures::default().with_maxphyaddr(c.maxphyaddr);
+    let npt = L1Npt {
+        ncr3: c.npt.ncr3.0,
+        levels: c.npt.levels,
+        nxe: c.npt.host_nxe,
+    };
+    let mut vcpu = Vcpu::new_nested(mmu, slots.clone(), features, 1, npt);
+    let mode = c.mode.paging_mode();
+    let mut cr4 = Cr4::empty();
+    for (on, bit) in [
+        (c.cr4_pse, Cr4::PSE),
+        (mode.has_pae(), Cr4::PAE),
+        (mode == PagingMode::Level5, Cr4::LA57),
+        (c.cr4_smep, Cr4::SMEP),
+        (c.cr4_smap, Cr4::SMAP),
+        (c.cr4_pke, Cr4::PKE),
+    ] {
+        if on {
+            cr4 |= bit;
+        }
+    }
+    let mut efer = Efer::empty();
+    if mode.is_long() {
+        efer |= Efer::LME | Efer::LMA;
+    }
+    if c.efer_nxe {
+        efer |= Efer::NXE;
+    }
+    let mut cr0 = Cr0::PE | Cr0::PG;
+    if c.cr0_wp {
+        cr0 |= Cr0::WP;
+    }
+    vcpu.set_state(ControlRegs { cr0, cr4, efer }, c.cr3.0, c.pkru.0 as u32)
+        .map_err(|e| setup(&e))?;
+    let value = if c.access == CaseAccess::Write { MARKER } else { 0 };
+    let mut got;
+    let mut tries = 0;
+    loop {
+        got = vcpu
+            .access(
+                Gva::new(c.va.0),
+                case_access(c.access, c.cpl, c.rflags_ac),
+                size,
+                value & (u64::MAX >> (64 - 8 * size)),
+            )
+            .map_err(|e| setup(&e))?;
+        match got {
+            // Memory there too: a slot, and the access again.
+            AccessResult::Done { gpa, mmio: true, .. } if tries < 16 => {
+                ensure_slot(gpa.raw()).map_err(|e| setup(&e))?;
+                tries += 1;
+            }
+            _ => break,
+        }
+    }
+    let r = &c.result;
+    let marker = MARKER & (u64::MAX >> (64 - 8 * size));
+    let ok = match (r.exit.as_str(), got) {
+        (
+            "none",
+            AccessResult::Done {
+                gpa,
+                value,
+                mmio: false,
+            },
+        ) => {
+            let there = mem.read_value(Gpa::new(pa), size).unwrap_or(0);
+            let landed = match c.access {
+                // The write's value is at `pa`.
+                CaseAccess::Write => there == marker,
+                // The read (or the fetch) returned what is at `pa`: the
+                // marker, or the live entry it read.
+                CaseAccess::Read | CaseAccess::Fetch => value == there && (!marked || there == marker),
+            };
+            r.gpa == Some(Hex(gpa.raw())) && landed
+        }
+        // The #PF is intercepted by L1: EXITINFO1 is the error code,
+        // EXITINFO2 the linear address.
+        ("pf", AccessResult::Fault(GuestFault::PageFault { error_code, gva })) => {
+            r.error_code == Some(error_code.bits())
+                && r.exitinfo1 == Some(Hex(u64::from(error_code.bits())))
+                && r.exitinfo2 == Some(Hex(gva.raw()))
+        }
+        ("npf", AccessResult::VmExit(NestedFault::Npf { exitinfo1, exitinfo2 })) => {
+            r.exitinfo1 == Some(Hex(exitinfo1)) && r.exitinfo2 == Some(Hex(exitinfo2))
+        }
+        _ => false,
+    };
+    if !ok {
+        let expected = match r.exit.as_str() {
+            "none" => format!(
+                "done at gpa {:#x}, pa {:#x}",
+                r.gpa.map_or(0, |h| h.0),
+                r.pa.map_or(0, |h| h.0)
+            ),
+            "pf" => format!("#PF error code {:#x}", r.error_code.unwrap_or(0)),
+            _ => format!(
+                "#NPF exitinfo1 {:#x} exitinfo2 {:#x}",
+                r.exitinfo1.map_or(0, |h| h.0),
+                r.exitinfo2.map_or(0, |h| h.0)
+            ),
+        };
+        return Err(fail(expected, format!("{got:?}")));
+    }
+    for (i, e) in c.after.iter().enumerate() {
+        let esize = c
+            .memory
+            .get(i)
+            .filter(|m| m.hpa == e.hpa && m.table == "l2")
+            .map_or(8, |_| c.mode.entry_size());
+        let now = mem.read_value(Gpa::new(e.hpa.0), esize).unwrap_or(u64::MAX);
+        if now & e.mask.0 != e.value.0 {
+            return Err(fail(
+                format!("entry {:#x} = {:#x} under mask {:#x}", e.hpa.0, e.value.0, e.mask.0),
+                format!("{:#x}", now & e.mask.0),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -93,6 +93,7 @@ fn outcome(r: AccessResult) -> Result<Outcome, String> {
             pa: None,
         },
         AccessResult::DirtyRingFull => return Err(NO_RING.to_string()),
+        AccessResult::VmExit(e) => return Err(format!("an exit to an L1 hypervisor, where there is none: {e:?}")),
     })
 }
 
@@ -115,6 +116,7 @@ impl StepMachine for Vm {
             Ok(AccessResult::Done { .. }) => Ok(()),
             Ok(AccessResult::Fault(f)) => Err(format!("the kernel's store faulted: {f:?}")),
             Ok(AccessResult::DirtyRingFull) => Err(NO_RING.to_string()),
+            Ok(AccessResult::VmExit(e)) => Err(format!("an exit to an L1 hypervisor, where there is none: {e:?}")),
             Err(e) => Err(e.to_string()),
         }
     }

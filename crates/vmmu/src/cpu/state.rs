@@ -53,6 +53,10 @@ pub enum AccessResult {
     /// ([`crate::mmu::tdp::TdpMmu::reset_dirty_rings`]) and issue the
     /// access again.
     DirtyRingFull,
+    /// An L2 vCPU's access exits to its L1 hypervisor: L1's nested tables
+    /// do not allow it (a #NPF with L1's EXITINFO1/2, or an EPT violation
+    /// or misconfiguration), as the hardware would report it to L1.
+    VmExit(crate::walker::nested::NestedFault),
 }
 
 /// Counters of one vCPU.

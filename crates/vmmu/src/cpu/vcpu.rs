@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use super::context::{Attempt, ExitAnswer, GuestFlush, MmuContext, ShadowContext, TdpContext, VcpuMmu};
+use super::context::{Attempt, ExitAnswer, GuestFlush, MmuContext, NestedContext, ShadowContext, TdpContext, VcpuMmu};
 use super::state::{CpuState, MAX_RETRIES, YIELD_AFTER};
 use super::tlb::{Flush, Tlb, TlbConfig, TlbTag, access_class};
 use crate::addr::{Gpa, Gva, Pfn};
@@ -28,7 +28,7 @@ use crate::mmu::tdp::{RootRef, TdpError, TdpMmu};
 use crate::walker::nested::NestedFault;
 use crate::walker::{ControlRegs, GuestPaging};
 
-pub use super::context::PREV_ROOTS;
+pub use super::context::{L1Npt, NESTED_PREV_ROOTS, PREV_ROOTS};
 pub use super::state::{AccessResult, GuestFault, LIVELOCK_EXITS, VcpuError, VcpuStats};
 
 /// The registers of a `rep stosq` ([`Vcpu::rep_stos`]): RDI, the next
@@ -166,6 +166,36 @@ impl Vcpu {
             features,
             vpid,
         )
+    }
+
+    /// A vCPU of an L2 guest whose L1 hypervisor gives it nested paging
+    /// `npt` (NPT12 in L1's memory), on the nested MMU `mmu`: a shadow MMU
+    /// over L1's memslots `slots`, address space 0. Paging off; NPT02's
+    /// roots are loaded at the first access.
+    pub fn new_nested(
+        mmu: Arc<ShadowMmu>,
+        slots: Arc<MemslotTable>,
+        features: CpuFeatures,
+        asid: u16,
+        npt: L1Npt,
+    ) -> Vcpu {
+        Vcpu::with_context(
+            MmuContext::Nested(NestedContext::new(mmu, npt, &features)),
+            slots,
+            features,
+            asid,
+        )
+    }
+
+    /// A VMRUN with other nested paging (L1 switching to another L2 guest,
+    /// or changing its nCR3): the nested MMU switches roots before the
+    /// next access, from its `prev_roots` when it can. Ignored on a vCPU
+    /// that is not an L2 guest's.
+    pub fn set_l1_npt(&mut self, npt: L1Npt) {
+        if let MmuContext::Nested(c) = &mut self.ctx {
+            c.set_npt(npt, &self.cpu.features);
+            self.cpu.settled = false;
+        }
     }
 
     fn with_context(ctx: MmuContext, slots: Arc<MemslotTable>, features: CpuFeatures, vpid: u16) -> Vcpu {

@@ -232,6 +232,29 @@ impl NestedPaging {
         }
     }
 
+    /// The nested tables as guest paging, for a shadow MMU that shadows
+    /// them (KVM's nested MMU): NPT's long-mode format with its own
+    /// configuration (user accesses, no canonical form); `None` for EPT,
+    /// whose tables are not in a guest paging format.
+    pub fn guest_paging(&self) -> Option<GuestPaging> {
+        match self.kind {
+            NestedKind::Npt { paging } => {
+                let mode = if paging.root_level() == 5 {
+                    PagingMode::Level5
+                } else {
+                    PagingMode::Level4
+                };
+                Some(GuestPaging::Pae64(paging, mode))
+            }
+            NestedKind::Ept { .. } => None,
+        }
+    }
+
+    /// The root (host-physical, or L1-physical for an L1 hypervisor's tables).
+    pub fn root(&self) -> Root {
+        self.root
+    }
+
     /// The vendor.
     pub fn vendor(&self) -> NestedVendor {
         match self.kind {

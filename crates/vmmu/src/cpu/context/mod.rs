@@ -31,9 +31,12 @@ use crate::mmu::flush::RemoteTlb;
 use crate::mmu::tdp::RootRef;
 use crate::walker::nested::NestedFault;
 
+mod nested;
 mod shadow;
 mod tdp;
 
+pub(crate) use nested::NestedContext;
+pub use nested::{L1Npt, NESTED_PREV_ROOTS};
 pub use shadow::PREV_ROOTS;
 pub(crate) use shadow::ShadowContext;
 pub(crate) use tdp::TdpContext;
@@ -181,6 +184,8 @@ pub(crate) enum MmuContext {
     Tdp(TdpContext),
     /// On the shadow MMU.
     Shadow(ShadowContext),
+    /// An L2 guest's vCPU on the nested MMU.
+    Nested(NestedContext),
 }
 
 /// Calls `$call` on the context, whichever MMU it is.
@@ -189,6 +194,7 @@ macro_rules! dispatch {
         match $self {
             MmuContext::Tdp($c) => $call,
             MmuContext::Shadow($c) => $call,
+            MmuContext::Nested($c) => $call,
         }
     };
 }

@@ -50,6 +50,10 @@ pub struct GuestContext {
     /// CR4.PKE in IA-32e paging (protection keys apply).
     pke: bool,
     smm: bool,
+    /// The tables shadowed are an L1 hypervisor's nested tables for its L2
+    /// guest (KVM's `role.guest_mode`): their pages never share a hash
+    /// entry with the pages of L1's own tables.
+    guest_mode: bool,
 }
 
 impl GuestContext {
@@ -64,6 +68,7 @@ impl GuestContext {
                 efer_nx: true,
                 pke: false,
                 smm,
+                guest_mode: false,
             };
         }
         GuestContext {
@@ -74,7 +79,36 @@ impl GuestContext {
             efer_nx: regs.efer.contains(Efer::NXE),
             pke: regs.mode().is_long() && regs.cr4.contains(Cr4::PKE),
             smm,
+            guest_mode: false,
         }
+    }
+
+    /// The context of an L1 hypervisor's NPT for its L2 guest (KVM's
+    /// `kvm_init_shadow_npt_mmu`): the x86-64 format with `levels` (4 or 5)
+    /// levels, the host's EFER.NXE as `nxe`, and nothing else of the
+    /// guest's: NPT accesses are user accesses, so CR0.WP, SMEP, SMAP and
+    /// protection keys play no part (CR0.WP is set, the form in which it
+    /// changes nothing).
+    pub fn nested_npt(levels: u8, nxe: bool) -> GuestContext {
+        GuestContext {
+            mode: if levels == 5 {
+                PagingMode::Level5
+            } else {
+                PagingMode::Level4
+            },
+            cr0_wp: true,
+            smep: false,
+            smap: false,
+            efer_nx: nxe,
+            pke: false,
+            smm: false,
+            guest_mode: true,
+        }
+    }
+
+    /// Whether the tables are an L1 hypervisor's nested tables.
+    pub fn guest_mode(&self) -> bool {
+        self.guest_mode
     }
 
     /// The guest paging mode.
@@ -166,7 +200,7 @@ impl Role {
             pke_andnot_wp: ctx.pke && !ctx.cr0_wp,
             efer_nx: ctx.efer_nx,
             smm: ctx.smm,
-            guest_mode: false,
+            guest_mode: ctx.guest_mode,
             invalid: false,
         }
         .normalise()
