@@ -188,7 +188,7 @@ pub fn run(config: StressConfig, progress: &(dyn Fn(f64) + Sync)) -> Result<Stre
         )));
     }
     let setup = |e: &dyn std::fmt::Display| StressError::Setup(e.to_string());
-    let Vm { host, slots, mmu } = Vm::new(
+    let Vm { host, slots, mmu, .. } = Vm::new(
         config.memory,
         Hva::new(HVA),
         VmaFlags::WRITE | VmaFlags::THP,

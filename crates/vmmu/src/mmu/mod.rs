@@ -2,7 +2,8 @@
 //! cursor over SPTE tables in host frames ([`iter`]), remote TLB flushes
 //! and flush obligations ([`flush`]), frames set aside for page tables
 //! before `mmu_lock` ([`cache`]), KVM-named counters ([`stats`]), the TDP
-//! MMU ([`tdp`]) and the shadow MMU ([`shadow`]).
+//! MMU ([`tdp`]), the shadow MMU ([`shadow`]), and the gfn write tracking
+//! between them ([`track`]).
 
 pub mod cache;
 pub mod flush;
@@ -11,3 +12,4 @@ pub mod shadow;
 pub mod spte;
 pub mod stats;
 pub mod tdp;
+pub mod track;

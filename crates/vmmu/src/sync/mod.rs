@@ -151,6 +151,10 @@ pub enum Bug {
     /// ring resets) flushes no TLB: vCPUs keep writable translations of the
     /// pages it write-protected.
     SkipDirtyLogFlush = 1 << 16,
+    /// The TDP MMU ignores the nested MMU's gfn write tracking: L1's
+    /// writes to its nested tables are not trapped, and the nested MMU's
+    /// shadow of them goes stale.
+    UntrackedNestedTables = 1 << 17,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**

@@ -136,7 +136,12 @@ impl VmBuilder {
     pub fn tdp(self, config: TdpConfig) -> Result<Vm, VmError> {
         let (host, slots) = self.memory(self.memslots.unwrap_or_default())?;
         let mmu = TdpMmu::new(host.clone(), slots.clone(), config);
-        Ok(Vm { host, slots, mmu })
+        Ok(Vm {
+            host,
+            slots,
+            mmu,
+            nested: std::sync::OnceLock::new(),
+        })
     }
 
     /// A VM on the shadow MMU.
@@ -169,9 +174,30 @@ pub struct Vm {
     pub slots: Arc<MemslotTable>,
     /// The MMU.
     pub mmu: Arc<TdpMmu>,
+    /// The nested MMU, once an L1 hypervisor runs a guest with nested
+    /// paging ([`Vm::nested_mmu`]).
+    nested: std::sync::OnceLock<Arc<ShadowMmu>>,
 }
 
 impl Vm {
+    /// The nested MMU (KVM's shadow MMU for an L1 hypervisor's nested
+    /// tables), created at the first call: a shadow MMU over the same host
+    /// memory and memslots (L1's physical memory), linked with the TDP MMU
+    /// by gfn write tracking ([`crate::mmu::track`]) so that L1's writes
+    /// to the tables it shadows are trapped. L2 vCPUs run on it
+    /// ([`Vcpu::new_nested`]).
+    pub fn nested_mmu(&self) -> Arc<ShadowMmu> {
+        self.nested
+            .get_or_init(|| {
+                let nested = ShadowMmu::new(self.host.clone(), self.slots.clone());
+                let protector: Arc<dyn crate::mmu::track::WriteProtector> = self.mmu.clone();
+                nested.add_write_protector(Arc::downgrade(&protector));
+                self.mmu.set_write_tracker(nested.clone());
+                nested
+            })
+            .clone()
+    }
+
     /// A VM whose guest-physical `0..ram` is memslot 0, backed by an
     /// anonymous host mapping at `hva` with `flags`, and a TDP MMU with
     /// `config` ([`VmBuilder`] in one line).
@@ -195,7 +221,11 @@ impl Vm {
     /// receiving events once dropped).
     pub fn with_mmu(self, config: TdpConfig) -> Vm {
         let mmu = TdpMmu::new(self.host.clone(), self.slots.clone(), config);
-        Vm { mmu, ..self }
+        Vm {
+            mmu,
+            nested: std::sync::OnceLock::new(),
+            ..self
+        }
     }
 
     /// The VMM's access to guest memory.

@@ -318,13 +318,36 @@ impl VcpuMmu for TdpContext {
         exit: Exit,
         _gva: Gva,
         _access: Access,
-        _size: usize,
-        _value: u64,
+        size: usize,
+        value: u64,
     ) -> Result<ExitAnswer, VcpuError> {
         let Exit::Tdp { exit, final_gpa } = exit else {
             unreachable!("a shadow page fault on the TDP MMU")
         };
         let outcome = self.page_fault(cpu, exit)?;
+        if outcome == FaultOutcome::WriteTracked {
+            let tracker = self
+                .mmu
+                .write_tracker()
+                .expect("only a tracker makes a gfn write-tracked");
+            return Ok(match final_gpa {
+                // L1 writes one of its nested tables: the nested MMU
+                // emulates the write (and zaps what it shadowed).
+                Some(gpa) => {
+                    tracker.track_write(gpa, size, value);
+                    ExitAnswer::Done(AccessResult::Done {
+                        gpa,
+                        value: 0,
+                        mmio: false,
+                    })
+                }
+                // A page walk's A/D update there: unprotect and retry.
+                None => {
+                    tracker.unprotect(exit.gpa());
+                    ExitAnswer::Retry
+                }
+            });
+        }
         if let (FaultOutcome::Mmio | FaultOutcome::ReadOnlySlot, Some(gpa)) = (outcome, final_gpa) {
             // The VMM emulates the access: reads see 0, writes are dropped.
             return Ok(ExitAnswer::Done(AccessResult::Done {

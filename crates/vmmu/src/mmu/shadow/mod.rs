@@ -200,6 +200,11 @@ pub struct ShadowMmu {
     /// The page limit (KVM's `n_max_mmu_pages`).
     max_pages: AtomicU64,
     stats: MmuStats,
+    /// The gfns its indirect pages shadow, for the other MMUs of the VM
+    /// (a leaf lock: never held while taking another).
+    tracked: parking_lot::Mutex<std::collections::HashSet<Gfn>>,
+    /// The MMUs that map those gfns for someone else (the TDP MMU, for L1).
+    protectors: parking_lot::Mutex<Vec<std::sync::Weak<dyn crate::mmu::track::WriteProtector>>>,
 }
 
 impl std::fmt::Debug for ShadowMmu {
@@ -232,10 +237,19 @@ impl ShadowMmu {
             emulating: AtomicU64::new(0),
             max_pages: AtomicU64::new(default_max_pages(&slots)),
             stats: MmuStats::default(),
+            tracked: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            protectors: parking_lot::Mutex::new(Vec::new()),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
         slots.register_observer(Arc::new(Notifier(Arc::downgrade(&mmu))));
         mmu
+    }
+
+    /// Registers `protector`, an MMU mapping gfns this one may shadow (the
+    /// TDP MMU of a VM with a nested MMU): it write-protects each gfn as
+    /// this MMU starts to shadow it ([`crate::mmu::track`]).
+    pub fn add_write_protector(&self, protector: std::sync::Weak<dyn crate::mmu::track::WriteProtector>) {
+        self.protectors.lock().push(protector);
     }
 
     /// The frame arena (SPTE tables and guest memory).
@@ -586,6 +600,20 @@ impl ShadowMmu {
         self.stats.account_tables(1);
         tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level().get(), direct = role.is_direct(), created = true);
         if !role.is_direct() {
+            if self.tracked.lock().insert(gfn) {
+                // First shadowed here: no other MMU may map it writable
+                // from now on (tracked first, so a racing fault there maps
+                // it read-only or is zapped by this).
+                let protectors: Vec<_> = self
+                    .protectors
+                    .lock()
+                    .iter()
+                    .filter_map(std::sync::Weak::upgrade)
+                    .collect();
+                for p in protectors {
+                    p.write_protect_gfn(gfn);
+                }
+            }
             self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
             // Write-protect every mapping of the guest table's gfn (also
             // when other pages of it exist: they may be unsync, and it
@@ -622,9 +650,12 @@ impl ShadowMmu {
         if pages.page(id).is_unsync() {
             self.unsync_pages.fetch_sub(1, Ordering::Relaxed);
         }
-        pages.unhash(id);
+        let last = pages.unhash(id);
         if was_indirect {
             self.indirect_shadow_pages.fetch_sub(1, Ordering::Relaxed);
+            if last {
+                self.tracked.lock().remove(&gfn);
+            }
         }
         for index in 0..ENTRIES {
             let ptr = SptePtr {
@@ -905,6 +936,31 @@ impl MemslotObserver for Notifier {
         {
             mmu.start_dirty_logging(new);
         }
+    }
+}
+
+impl crate::mmu::track::WriteTracker for ShadowMmu {
+    fn any_tracked(&self) -> bool {
+        // Seed 002: a heuristic read without the lock.
+        self.indirect_shadow_pages.load(Ordering::Relaxed) != 0
+    }
+
+    fn is_tracked(&self, start: Gfn, end: Gfn) -> bool {
+        let tracked = self.tracked.lock();
+        if end.raw() - start.raw() == 1 {
+            return tracked.contains(&start);
+        }
+        tracked.iter().any(|g| (start..end).contains(g))
+    }
+
+    fn track_write(&self, gpa: Gpa, size: usize, value: u64) {
+        if let Err(e) = self.emulate_write(gpa, size, value) {
+            tracing::warn!(target: "kvm_mmu", gpa = gpa.raw(), %e, "an emulated write to a tracked gfn failed");
+        }
+    }
+
+    fn unprotect(&self, gpa: Gpa) -> bool {
+        self.unprotect_gfn_and_retry(gpa)
     }
 }
 

@@ -361,6 +361,11 @@ impl TdpMmu {
                 if gfn.raw() >= start.raw()
                     && gfn.raw() + pages <= end.raw()
                     && slot.max_mapping_level(gfn, max) >= huge
+                    // No huge leaf over a gfn the nested MMU tracks.
+                    && !self
+                        .tracker
+                        .get()
+                        .is_some_and(|t| t.any_tracked() && t.is_tracked(gfn, gfn.add(pages)))
                     && let Some(hva) = slot.gfn_to_hva(gfn)
                     && matches!(stable_host_level(&self.host, &self.invalidate, &guard, hva), Ok(Some(l)) if l >= huge)
                     && let Some(host) = self.host.lookup(hva)

@@ -265,6 +265,10 @@ pub enum FaultOutcome {
     Mmio,
     /// A write to a read-only memslot: exit to the VMM.
     ReadOnlySlot,
+    /// A write to a gfn the nested MMU tracks (one of an L1 hypervisor's
+    /// nested tables): not mapped; the write is emulated through the
+    /// tracker ([`TdpMmu::write_tracker`]).
+    WriteTracked,
 }
 
 /// Why a fault could not be handled.
@@ -360,6 +364,8 @@ pub struct TdpMmu {
     split_cache: Mutex<MmuMemoryCache>,
     /// The NX recovery worker, when the mitigation and recovery are on.
     nx_worker: Mutex<Option<NxRecoveryWorker>>,
+    /// The nested MMU's gfn write tracking, when the VM has one.
+    tracker: std::sync::OnceLock<Arc<dyn crate::mmu::track::WriteTracker>>,
     stats: Arc<MmuStats>,
 }
 
@@ -393,6 +399,7 @@ impl TdpMmu {
             dirty_ring: std::sync::OnceLock::new(),
             split_cache: Mutex::new(MmuMemoryCache::new(host.arena().clone())),
             nx_worker: Mutex::new(None),
+            tracker: std::sync::OnceLock::new(),
             stats: Arc::new(MmuStats::default()),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
@@ -644,6 +651,15 @@ impl TdpMmu {
         if fault.write && slot.is_readonly() {
             return Ok(FaultOutcome::ReadOnlySlot);
         }
+        // A gfn the nested MMU shadows as a table: never writable here.
+        let tracker = self
+            .tracker
+            .get()
+            .filter(|t| t.any_tracked() && !sync::bug(sync::Bug::UntrackedNestedTables));
+        let tracked = tracker.is_some_and(|t| t.is_tracked(gfn, gfn.add(1)));
+        if tracked && fault.write {
+            return Ok(FaultOutcome::WriteTracked);
+        }
         let logging = slot.logs_dirty_pages();
         // Without A/D, access-tracked SPTEs look absent to hardware: the
         // fast path must be tried for them.
@@ -675,6 +691,16 @@ impl TdpMmu {
                 })?
         };
         let mut level = valid.mapping_level(slot.max_mapping_level(gfn, max));
+        // No huge leaf over a tracked gfn (KVM's `kvm_mmu_gfn_disallow_lpage`).
+        while level > Level::L1
+            && let Some(t) = tracker
+            && t.is_tracked(
+                gfn.align_down(level.pages()),
+                gfn.align_down(level.pages()).add(level.pages()),
+            )
+        {
+            level = level.down().expect("above level 1");
+        }
         if self.config.nx_huge_pages && level > Level::L1 {
             let region = (root.root.as_id, gfn.align_down(level.pages()), level);
             let mut split = self.nx_split.lock();
@@ -699,6 +725,11 @@ impl TdpMmu {
             user: true,
         };
         let mut leaf = self.make_leaf(level, pfn, access, valid.writable());
+        if tracked {
+            // Read-only, and not MMU-writable: the fast path must not make
+            // it writable either.
+            leaf = leaf.write_protect(self.fmt);
+        }
         if logging && !fault.write {
             leaf = if self.dirty_bit_logging() {
                 // Writable and clean: the hardware's D bit logs the write.
@@ -987,6 +1018,18 @@ impl TdpMmu {
         self.roots.lock().all().filter(|r| r.as_id == as_id).cloned().collect()
     }
 
+    /// Makes the nested MMU's gfn write tracking this MMU's: tracked gfns
+    /// are mapped read-only at 4K and their writes emulated through it
+    /// ([`crate::mmu::track`]). Set once, when the VM gets a nested MMU.
+    pub fn set_write_tracker(&self, tracker: Arc<dyn crate::mmu::track::WriteTracker>) {
+        let _ = self.tracker.set(tracker);
+    }
+
+    /// The nested MMU's gfn write tracking, if the VM has one.
+    pub fn write_tracker(&self) -> Option<&Arc<dyn crate::mmu::track::WriteTracker>> {
+        self.tracker.get()
+    }
+
     /// Takes `mmu_lock` for write.
     pub fn write_lock(&self) -> crate::sync::MmuLockWriteGuard<'_, ()> {
         self.lock.write()
@@ -1064,4 +1107,14 @@ fn free_tree(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) {
     }
     // A double free would be an MMU bug; the arena reports it and nothing is freed.
     let _ = arena.free(table, PageSize::Size4K);
+}
+
+impl crate::mmu::track::WriteProtector for TdpMmu {
+    /// Zaps every mapping of `gfn` in address space 0 under the write lock,
+    /// and flushes: the next access faults and maps it read-only, at 4K.
+    fn write_protect_gfn(&self, gfn: Gfn) {
+        let guard = self.lock.write();
+        let flush = self.zap_gfn_range(&guard, 0, gfn, gfn.add(1));
+        self.discharge(flush);
+    }
 }

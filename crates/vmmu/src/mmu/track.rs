@@ -1,0 +1,54 @@
+//! Gfn write tracking across the MMUs (KVM's `page_track.c` and the
+//! `indirect_shadow_pages` heuristic of `reexecute_instruction`).
+//!
+//! When the VM's nested MMU shadows an L1 hypervisor's nested tables, the
+//! gfns of those tables hold entries that L1 writes through the TDP MMU,
+//! which would otherwise map them writable: the shadow pages would go
+//! stale without anyone noticing. So the shadow MMU, which knows which
+//! gfns it shadows, is the [`WriteTracker`] of the TDP MMU, and the TDP MMU,
+//! which maps them for L1, is a [`WriteProtector`] of the shadow MMU:
+//!
+//! - a gfn becomes tracked when the shadow MMU creates its first indirect
+//!   page: the set is updated first, then every TDP mapping of the gfn goes
+//!   (with its TLB entries) before the shadow page is used;
+//! - a TDP fault on a tracked gfn maps it read-only and at 4K (KVM's
+//!   `kvm_mmu_gfn_disallow_lpage`: no huge leaf covers a tracked gfn);
+//!   a write is not mapped but emulated by the tracker, which writes the
+//!   memory and zaps the shadow SPTEs built from the old entry (KVM's
+//!   `kvm_mmu_track_write`); a page walk's A/D update there unprotects the
+//!   gfn instead (KVM's `kvm_mmu_unprotect_gfn_and_retry`);
+//! - the TDP fault path asks first whether anything is tracked at all, a
+//!   lockless read of the count of indirect shadow pages (seed 002: a
+//!   false answer either way is harmless, the tracked set itself is what
+//!   decides).
+//!
+//! Lock order: the shadow MMU's `mmu_lock` may be held while a
+//! [`WriteProtector`] takes the TDP MMU's; the TDP MMU never holds its own
+//! while it calls the tracker (its queries take only the tracked set's
+//! leaf lock).
+
+use crate::addr::{Gfn, Gpa};
+
+/// Which gfns must not be written without a trap, and what a trapped
+/// write does (the shadow MMU).
+pub trait WriteTracker: Send + Sync {
+    /// Whether anything may be tracked: a lockless heuristic, true when in
+    /// doubt is not needed (a false negative is a race the protector
+    /// closes).
+    fn any_tracked(&self) -> bool;
+    /// Whether a gfn in `start..end` is tracked.
+    fn is_tracked(&self, start: Gfn, end: Gfn) -> bool;
+    /// A write of `size` bytes of `value` at `gpa`, trapped: the tracker
+    /// writes it and zaps what shadowed the old contents.
+    fn track_write(&self, gpa: Gpa, size: usize, value: u64);
+    /// The page-walk update of an entry at `gpa` trapped: stop tracking
+    /// the gfn (its shadow pages go); whether anything was unprotected.
+    fn unprotect(&self, gpa: Gpa) -> bool;
+}
+
+/// An MMU that maps gfns another MMU tracks (the TDP MMU).
+pub trait WriteProtector: Send + Sync {
+    /// Removes every writable mapping of `gfn` (address space 0), and the
+    /// TLB entries made from them, before it returns.
+    fn write_protect_gfn(&self, gfn: Gfn);
+}

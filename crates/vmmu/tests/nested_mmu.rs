@@ -1,0 +1,207 @@
+//! The nested MMU on an AMD host: an L1 hypervisor (a vCPU on the TDP MMU,
+//! paging off) writes NPT12 for its L2 guest into its own memory; an L2
+//! vCPU runs on the nested MMU, whose NPT02 shadows NPT12. What L1 changes
+//! in NPT12 the L2 guest sees (L1's writes to the tables are trapped and
+//! emulated through the TDP MMU's write tracking), what NPT12 refuses goes
+//! to L1 as a #NPF, and L1 switching between its L2 guests reuses NPT02
+//! roots.
+
+use std::sync::Arc;
+
+use vmmu::addr::{Gfn, Gva, Hva};
+use vmmu::arch::control::{CpuFeatures, Vendor};
+use vmmu::arch::perm::{Access, AccessKind};
+use vmmu::cpu::vcpu::{AccessResult, L1Npt, Vcpu};
+use vmmu::host::VmaFlags;
+use vmmu::mmu::tdp::TdpConfig;
+use vmmu::vm::Vm;
+use vmmu::walker::ControlRegs;
+use vmmu::walker::nested::{NPF_FINAL_TRANSLATION, NestedFault};
+
+const MB: u64 = 1 << 20;
+/// NPT12 of the first L2 guest: PML4, PDPT, PD, PT in L1's memory.
+const NPT: [u64; 4] = [0x10000, 0x11000, 0x12000, 0x13000];
+/// Two L1 pages L2's page 5 is mapped to, in turn.
+const PAGE_A: u64 = 0x100000;
+const PAGE_B: u64 = 0x101000;
+/// P | R/W | U.
+const URW: u64 = 0x7;
+
+fn amd_vm() -> Vm {
+    let config = TdpConfig {
+        vendor: Vendor::Amd,
+        ..TdpConfig::default()
+    };
+    Vm::new(8 * MB, Hva::new(0x4000_0000), VmaFlags::WRITE, config).unwrap()
+}
+
+fn l1(vm: &Vm) -> Vcpu {
+    let mut v = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1).unwrap();
+    v.set_state(ControlRegs::default(), 0, 0).unwrap();
+    v
+}
+
+fn l2(vm: &Vm, asid: u16, ncr3: u64) -> Vcpu {
+    let npt = L1Npt {
+        ncr3,
+        levels: 4,
+        nxe: true,
+    };
+    let mut v = Vcpu::new_nested(vm.nested_mmu(), vm.slots.clone(), CpuFeatures::default(), asid, npt);
+    v.set_state(ControlRegs::default(), 0, 0).unwrap();
+    v
+}
+
+fn write(v: &mut Vcpu, gpa: u64, value: u64) {
+    let r = v
+        .access(Gva::new(gpa), Access::new(AccessKind::Write, 0, false), 8, value)
+        .unwrap();
+    assert!(matches!(r, AccessResult::Done { mmio: false, .. }), "{r:?}");
+}
+
+fn read(v: &mut Vcpu, gpa: u64) -> AccessResult {
+    v.access(Gva::new(gpa), Access::new(AccessKind::Read, 0, false), 8, 0)
+        .unwrap()
+}
+
+fn value(r: AccessResult) -> u64 {
+    match r {
+        AccessResult::Done { value, mmio: false, .. } => value,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// L1 builds NPT12 mapping L2's page 5 to `PAGE_A`, writing it as any
+/// guest writes its memory.
+fn build_npt12(l1: &mut Vcpu, tables: [u64; 4]) {
+    for l in 0..3 {
+        write(l1, tables[l], tables[l + 1] | URW);
+    }
+    write(l1, tables[3] + 8 * 5, PAGE_A | URW);
+    write(l1, PAGE_A, 0xaaaa);
+    write(l1, PAGE_B, 0xbbbb);
+}
+
+#[test]
+fn l2_sees_what_l1_writes_into_its_nested_tables() {
+    let vm = amd_vm();
+    let mut l1 = l1(&vm);
+    build_npt12(&mut l1, NPT);
+    let mut l2 = l2(&vm, 2, NPT[0]);
+    assert_eq!(value(read(&mut l2, 0x5008 - 8)), 0xaaaa);
+    // L1 remaps L2's page 5 to B: its store to NPT12 must be trapped (the
+    // table is shadowed), or L2 would keep reading A through a stale NPT02.
+    let emulated = vm.nested_mmu().stats().snapshot().mmu_pte_write;
+    write(&mut l1, NPT[3] + 8 * 5, PAGE_B | URW);
+    assert_eq!(vm.nested_mmu().stats().snapshot().mmu_pte_write, emulated + 1);
+    assert_eq!(value(read(&mut l2, 0x5000)), 0xbbbb);
+    // L1 still reads and writes its tables (read-only mappings, emulated
+    // writes), and its data pages are its own.
+    // (with A set: the nested MMU walked the entry as the hardware would).
+    assert_eq!(value(read(&mut l1, NPT[3] + 8 * 5)) & !0x60, PAGE_B | URW);
+    write(&mut l1, PAGE_B, 0xbbb2);
+    assert_eq!(value(read(&mut l2, 0x5000)), 0xbbb2);
+}
+
+/// The negative control: with the TDP MMU ignoring the write tracking, L1's
+/// store goes straight to memory and L2 keeps the stale translation.
+#[cfg(feature = "shuttle")]
+#[test]
+fn without_write_tracking_l2_reads_through_a_stale_npt02() {
+    use vmmu::sync::{Bug, with_bugs};
+    let stale = with_bugs(&[Bug::UntrackedNestedTables], || {
+        let vm = amd_vm();
+        let mut l1 = l1(&vm);
+        build_npt12(&mut l1, NPT);
+        let mut l2 = l2(&vm, 2, NPT[0]);
+        assert_eq!(value(read(&mut l2, 0x5000)), 0xaaaa);
+        write(&mut l1, NPT[3] + 8 * 5, PAGE_B | URW);
+        value(read(&mut l2, 0x5000))
+    });
+    assert_eq!(stale, 0xaaaa, "the control must see the stale translation");
+}
+
+#[test]
+fn what_npt12_refuses_exits_to_l1_as_a_nested_page_fault() {
+    let vm = amd_vm();
+    let mut l1 = l1(&vm);
+    build_npt12(&mut l1, NPT);
+    let mut l2 = l2(&vm, 2, NPT[0]);
+    // Page 6 is not present in NPT12: a user read, final translation.
+    let r = read(&mut l2, 0x6010);
+    assert_eq!(
+        r,
+        AccessResult::VmExit(NestedFault::Npf {
+            exitinfo1: 0x4 | NPF_FINAL_TRANSLATION,
+            exitinfo2: 0x6010,
+        })
+    );
+    // L1 maps it read-only: reads complete, a write exits (P | W | U).
+    write(&mut l1, NPT[3] + 8 * 6, PAGE_A | 0x5);
+    assert_eq!(value(read(&mut l2, 0x6000)), 0xaaaa);
+    let w = l2
+        .access(Gva::new(0x6000), Access::new(AccessKind::Write, 0, false), 8, 1)
+        .unwrap();
+    assert_eq!(
+        w,
+        AccessResult::VmExit(NestedFault::Npf {
+            exitinfo1: 0x7 | NPF_FINAL_TRANSLATION,
+            exitinfo2: 0x6000,
+        })
+    );
+}
+
+/// L1 switching its vCPU between two L2 guests (two nCR3s) reuses the
+/// NPT02 roots from `prev_roots` (seed 001's case) instead of rebuilding.
+#[test]
+fn switching_between_l2_guests_reuses_npt02_roots() {
+    let vm = amd_vm();
+    let mut l1 = l1(&vm);
+    build_npt12(&mut l1, NPT);
+    let other = [0x20000, 0x21000, 0x22000, 0x23000];
+    build_npt12(&mut l1, other);
+    write(&mut l1, other[3] + 8 * 5, PAGE_B | URW);
+    let mut l2 = l2(&vm, 2, NPT[0]);
+    let stats = || vm.nested_mmu().stats().snapshot();
+    let npt = |ncr3| L1Npt {
+        ncr3,
+        levels: 4,
+        nxe: true,
+    };
+    assert_eq!(value(read(&mut l2, 0x5000)), 0xaaaa);
+    let before = stats();
+    for _ in 0..10 {
+        l2.set_l1_npt(npt(other[0]));
+        assert_eq!(value(read(&mut l2, 0x5000)), 0xbbbb);
+        l2.set_l1_npt(npt(NPT[0]));
+        assert_eq!(value(read(&mut l2, 0x5000)), 0xaaaa);
+    }
+    let after = stats();
+    // One miss (the first switch to the other guest), then only hits.
+    assert_eq!(after.prev_roots_hit - before.prev_roots_hit, 19);
+    assert_eq!(after.prev_roots_miss - before.prev_roots_miss, 1);
+}
+
+/// The nested MMU's pages exist only while L2 runs on them: the TDP MMU
+/// maps a tracked gfn read-only at 4K, and once the tables are gone
+/// (zapped) L1's writes are plain writes again.
+#[test]
+fn the_tracked_gfns_follow_the_nested_mmus_pages() {
+    let vm = amd_vm();
+    let mut l1 = l1(&vm);
+    build_npt12(&mut l1, NPT);
+    let mut l2 = l2(&vm, 2, NPT[0]);
+    assert_eq!(value(read(&mut l2, 0x5000)), 0xaaaa);
+    let tracker = vm.mmu.write_tracker().expect("the nested MMU tracks").clone();
+    for t in NPT {
+        assert!(tracker.is_tracked(Gfn::new(t >> 12), Gfn::new((t >> 12) + 1)), "{t:#x}");
+    }
+    assert!(!tracker.is_tracked(Gfn::new(PAGE_A >> 12), Gfn::new((PAGE_A >> 12) + 1)));
+    drop(l2);
+    vm.nested_mmu().zap_all();
+    assert!(!tracker.any_tracked());
+    let emulated = vm.nested_mmu().stats().snapshot().mmu_pte_write;
+    write(&mut l1, NPT[3] + 8 * 5, PAGE_B | URW);
+    assert_eq!(vm.nested_mmu().stats().snapshot().mmu_pte_write, emulated);
+    let _keep: Arc<_> = vm.nested_mmu();
+}
