@@ -590,6 +590,7 @@ fn bench_flags() {
         case(&["bench", "dirty-log", "--mmu", "shadow"], &["--mmu shadow"]),
         case(&["bench", "walk", "--mmu", "shadow"], &["--mmu shadow"]),
         case(&["bench", "tlb-hit", "--mmu", "tdp"], &["--mmu", "both MMUs"]),
+        case(&["bench", "nested-fault", "--mmu", "shadow"], &["--mmu", "nested MMU"]),
         case(
             &["bench", "populate", "--mmu", "shadow", "-s", "thp"],
             &["4K pages only"],

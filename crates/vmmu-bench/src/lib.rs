@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod nested;
 pub mod registry;
 pub mod shadow;
 pub mod tdp;

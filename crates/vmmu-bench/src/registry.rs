@@ -29,6 +29,9 @@ pub enum Benchmark {
     Cr3Switch,
     /// A guest store to its own page table on the shadow MMU, emulated.
     WpEmulate,
+    /// An L2 guest's fault on the nested MMU against its L1 hypervisor's
+    /// on the TDP MMU (AMD).
+    NestedFault,
 }
 
 /// Which MMUs a benchmark measures.
@@ -36,7 +39,8 @@ pub enum Benchmark {
 pub enum Mmus {
     /// No MMU (the walker alone).
     None,
-    /// Both, in one run, each phase named by its MMU.
+    /// Both, in one run, each phase named by its MMU (`nested-fault`: the
+    /// TDP MMU for L1 and the nested MMU for L2).
     Both,
     /// Either, the one asked for (the TDP MMU unless told).
     Either,
@@ -48,7 +52,7 @@ pub enum Mmus {
 
 impl Benchmark {
     /// Every benchmark, in the order `vmmu bench all` runs them.
-    pub const ALL: [Benchmark; 8] = [
+    pub const ALL: [Benchmark; 9] = [
         Benchmark::Walk,
         Benchmark::TlbHit,
         Benchmark::Populate,
@@ -57,13 +61,14 @@ impl Benchmark {
         Benchmark::AccessTracking,
         Benchmark::Cr3Switch,
         Benchmark::WpEmulate,
+        Benchmark::NestedFault,
     ];
 
     /// Which MMUs it measures.
     pub fn mmus(self) -> Mmus {
         match self {
             Benchmark::Walk => Mmus::None,
-            Benchmark::TlbHit => Mmus::Both,
+            Benchmark::TlbHit | Benchmark::NestedFault => Mmus::Both,
             Benchmark::Populate => Mmus::Either,
             Benchmark::DirtyLog | Benchmark::ZapAll | Benchmark::AccessTracking => Mmus::Tdp,
             Benchmark::Cr3Switch | Benchmark::WpEmulate => Mmus::Shadow,
@@ -92,9 +97,10 @@ impl Benchmark {
             (Mmus::Shadow, Some(MmuKind::Tdp)) => Err(format!(
                 "{self:?} measures the shadow MMU: under TDP neither a CR3 switch (no prev_roots) nor a guest page-table store reaches the MMU"
             )),
-            (Mmus::Both, Some(_)) => {
-                Err("--mmu has no effect on tlb-hit: it measures both MMUs, each phase named by its MMU".into())
-            }
+            (Mmus::Both, Some(_)) => Err(match self {
+                Benchmark::NestedFault => "--mmu has no effect on nested-fault: it measures both MMUs of a nested VM in one run (the TDP MMU for L1, the nested MMU for L2)".into(),
+                _ => "--mmu has no effect on tlb-hit: it measures both MMUs, each phase named by its MMU".into(),
+            }),
             (Mmus::Tdp | Mmus::None, Some(MmuKind::Shadow)) => Err(format!(
                 "--mmu shadow: only populate, cr3-switch and wp-emulate measure the shadow MMU; {self:?} runs on the TDP MMU"
             )),
@@ -121,6 +127,7 @@ impl Benchmark {
         match self {
             Benchmark::Walk | Benchmark::TlbHit => 100_000_000,
             Benchmark::Cr3Switch | Benchmark::WpEmulate => 20_000_000,
+            Benchmark::NestedFault => 100,
             Benchmark::Populate | Benchmark::DirtyLog | Benchmark::ZapAll | Benchmark::AccessTracking => 100,
         }
     }
@@ -145,6 +152,7 @@ impl Benchmark {
             Benchmark::AccessTracking => crate::tdp::access_tracking(cfg, progress),
             Benchmark::Cr3Switch => crate::shadow::cr3_switch(iterations),
             Benchmark::WpEmulate => crate::shadow::wp_emulate(iterations),
+            Benchmark::NestedFault => crate::nested::run(iterations),
         }
     }
 }

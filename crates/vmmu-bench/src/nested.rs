@@ -1,0 +1,182 @@
+//! `nested-fault`: what a fault costs an L2 guest on the nested MMU against
+//! what it costs its L1 hypervisor on the TDP MMU, in one run, on an AMD
+//! host. L1 (paging off) writes fresh pages of its own memory: each a TDP
+//! fault (#NPF, `kvm_tdp_mmu_page_fault`, retry). L2 (paging off) writes
+//! fresh pages of its memory, which NPT12 maps to other L1 pages: each a
+//! nested fault (#NPF of NPT02, NPT12 walked in L1's memory, shadow pages
+//! found or made, the NPT02 leaf installed, retry). Both touch host pages
+//! that are resident, so neither pays a host fault; every round starts from
+//! empty tables (both MMUs zapped). The memory references of each TLB miss
+//! are reported beside: a 1-D NPT walk for L1, and for L2 (paging off) a
+//! 1-D walk of NPT02.
+
+use std::time::Instant;
+
+use vmmu::addr::{Gpa, Gva, Hva};
+use vmmu::arch::control::{CpuFeatures, Vendor};
+use vmmu::arch::perm::{Access, AccessKind};
+use vmmu::cpu::vcpu::{AccessResult, L1Npt, Vcpu};
+use vmmu::host::VmaFlags;
+use vmmu::mmu::tdp::TdpConfig;
+use vmmu::vm::Vm;
+use vmmu::walker::ControlRegs;
+
+use crate::tdp::BenchError;
+use crate::{BenchResult, Figure, Phase, Report};
+
+const MB: u64 = 1 << 20;
+/// Pages each phase faults in per round.
+const PAGES: u64 = 4096;
+/// L1's memory.
+const RAM: u64 = 64 * MB;
+/// NPT12: PML4, PDPT, PD at these L1 addresses, then the PTs.
+const NPT12: u64 = 0x10000;
+/// L2's pages map to L1's from here.
+const L2_BACKING: u64 = 16 * MB;
+/// L1's own fresh pages, from here.
+const L1_PAGES: u64 = 32 * MB;
+/// P | R/W | U.
+const URW: u64 = 0x7;
+
+fn write(v: &mut Vcpu, gpa: u64) -> Result<(), BenchError> {
+    match v.access(Gva::new(gpa), Access::new(AccessKind::Write, 0, false), 8, gpa) {
+        Ok(AccessResult::Done { mmio: false, .. }) => Ok(()),
+        other => Err(BenchError::Run(format!("a write to {gpa:#x} gave {other:?}"))),
+    }
+}
+
+/// Runs the benchmark: the best of `rounds` (3 unless given) per phase.
+pub fn run(rounds: Option<u64>) -> Result<Report, BenchError> {
+    let rounds = rounds.unwrap_or(3).max(1);
+    let config = TdpConfig {
+        vendor: Vendor::Amd,
+        // 4K leaves for L1 too, so both phases install one leaf per page.
+        max_level: 1,
+        ..TdpConfig::default()
+    };
+    let vm =
+        Vm::new(RAM, Hva::new(0x4000_0000), VmaFlags::WRITE, config).map_err(|e| BenchError::Run(e.to_string()))?;
+    let mem = vm.memory();
+    let run = |e: &dyn std::fmt::Display| BenchError::Run(e.to_string());
+    // Every host page resident; NPT12 written by the VMM on L1's behalf.
+    for off in (0..RAM).step_by(4096) {
+        mem.write_value(Gpa::new(off), 8, 0).map_err(|e| run(&e))?;
+    }
+    let pts = PAGES.div_ceil(512);
+    let (pml4, pdpt, pd) = (NPT12, NPT12 + 0x1000, NPT12 + 0x2000);
+    let pt = |i: u64| NPT12 + 0x3000 + 0x1000 * i;
+    mem.write_value(Gpa::new(pml4), 8, pdpt | URW).map_err(|e| run(&e))?;
+    mem.write_value(Gpa::new(pdpt), 8, pd | URW).map_err(|e| run(&e))?;
+    for i in 0..pts {
+        mem.write_value(Gpa::new(pd + 8 * i), 8, pt(i) | URW)
+            .map_err(|e| run(&e))?;
+    }
+    // NPT12's leaves, Accessed clear: the nested MMU prefetches only
+    // entries the guest has used, so every page is a fault of its own.
+    let write_leaves = || -> Result<(), BenchError> {
+        for p in 0..PAGES {
+            mem.write_value(Gpa::new(pt(p / 512) + 8 * (p % 512)), 8, (L2_BACKING + 4096 * p) | URW)
+                .map_err(|e| run(&e))?;
+        }
+        Ok(())
+    };
+    let features = CpuFeatures::default();
+    let mut l1 = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), features, 1).map_err(|e| run(&e))?;
+    l1.set_state(ControlRegs::default(), 0, 0).map_err(|e| run(&e))?;
+    let nested = vm.nested_mmu();
+    let npt = L1Npt {
+        ncr3: NPT12,
+        levels: 4,
+        nxe: true,
+    };
+    let mut l2 = Vcpu::new_nested(nested.clone(), vm.slots.clone(), features, 2, npt);
+    l2.set_state(ControlRegs::default(), 0, 0).map_err(|e| run(&e))?;
+    let (mut best_l1, mut best_l2) = (f64::INFINITY, f64::INFINITY);
+    let mut seconds = 0.0;
+    let (mut l1_faults, mut l2_faults) = (0i64, 0i64);
+    let (mut l1_refs, mut l2_refs) = ((0u64, 0u64), (0u64, 0u64));
+    for _ in 0..rounds {
+        // Empty tables for both, NPT12 as new.
+        vm.mmu.zap_all_fast();
+        nested.zap_all();
+        write_leaves()?;
+        let (s1, w1) = (vm.mmu.stats().snapshot().pf_fixed, l1.stats());
+        let t = Instant::now();
+        for p in 0..PAGES {
+            write(&mut l1, L1_PAGES + 4096 * p)?;
+        }
+        let l1_ns = t.elapsed().as_secs_f64() * 1e9 / PAGES as f64;
+        let (e1, x1) = (vm.mmu.stats().snapshot().pf_fixed, l1.stats());
+        let (s2, w2) = (nested.stats().snapshot().pf_fixed, l2.stats());
+        let t = Instant::now();
+        for p in 0..PAGES {
+            write(&mut l2, 4096 * p)?;
+        }
+        let l2_elapsed = t.elapsed().as_secs_f64();
+        let l2_ns = l2_elapsed * 1e9 / PAGES as f64;
+        let (e2, x2) = (nested.stats().snapshot().pf_fixed, l2.stats());
+        seconds += l2_elapsed;
+        best_l1 = best_l1.min(l1_ns);
+        best_l2 = best_l2.min(l2_ns);
+        l1_faults = e1 - s1;
+        l2_faults = e2 - s2;
+        l1_refs = (x1.walk_refs - w1.walk_refs, x1.walks - w1.walks);
+        l2_refs = (x2.walk_refs - w2.walk_refs, x2.walks - w2.walks);
+    }
+    // The phases measured faults, one per page.
+    if l1_faults < PAGES as i64 || l2_faults < PAGES as i64 {
+        return Err(BenchError::Run(format!(
+            "expected a fault per page: {l1_faults} L1 faults, {l2_faults} nested faults for {PAGES} pages"
+        )));
+    }
+    let per = |(refs, walks): (u64, u64)| refs as f64 / walks.max(1) as f64;
+    let result = BenchResult {
+        bench: "nested-fault",
+        mmu: "nested",
+        vcpus: 1,
+        pages: PAGES,
+        seconds,
+        per_op_ns: best_l2,
+        reference_ns: best_l1,
+        ratio: best_l2 / best_l1,
+        reference: "per 4K write fault: the same write fault of the L1 hypervisor on the TDP MMU (AMD, NPT)",
+        goal_ratio: None,
+        phases: vec![
+            Phase {
+                phase: "nested fault",
+                per_op_ns: best_l2,
+                reference_ns: best_l1,
+                ratio: best_l2 / best_l1,
+            },
+            Phase {
+                phase: "L1 fault",
+                per_op_ns: best_l1,
+                reference_ns: best_l1,
+                ratio: 1.0,
+            },
+        ],
+    };
+    Ok(Report {
+        result,
+        backing: Some("anon"),
+        figures: vec![
+            Figure {
+                name: "memory references per TLB miss, L2 on NPT02".into(),
+                unit: "refs",
+                value: per(l2_refs),
+                reference: Some(per(l1_refs)),
+                goal: None,
+            },
+            Figure {
+                name: "memory references per TLB miss, L1 on NPT".into(),
+                unit: "refs",
+                value: per(l1_refs),
+                reference: None,
+                goal: None,
+            },
+        ],
+        notes: vec![format!(
+            "{PAGES} pages per phase, best of {rounds} rounds, both MMUs zapped before each; paging off in L1 and L2 (each TLB miss is one walk of the MMU's 4-level tables)"
+        )],
+    })
+}
