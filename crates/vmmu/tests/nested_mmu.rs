@@ -205,3 +205,40 @@ fn the_tracked_gfns_follow_the_nested_mmus_pages() {
     assert_eq!(vm.nested_mmu().stats().snapshot().mmu_pte_write, emulated);
     let _keep: Arc<_> = vm.nested_mmu();
 }
+
+/// The classic cost of a nested TLB miss: an L2 guest with 4-level paging,
+/// over 4-level NPT02, makes 4 x (4 + 1) + 4 = 24 memory references per
+/// walk (Bhargava et al., ASPLOS 2008), counted by the hardware model.
+#[test]
+fn a_4_level_l2_walk_over_npt02_makes_24_references() {
+    use vmmu::arch::control::{Cr0, Cr4, Efer};
+    let vm = amd_vm();
+    let mut l1 = l1(&vm);
+    // NPT12: L2's first 2 MiB at L1's 4 MiB.
+    for l in 0..3 {
+        write(&mut l1, NPT[l], NPT[l + 1] | URW);
+    }
+    for p in 0..512 {
+        write(&mut l1, NPT[3] + 8 * p, (4 * MB + 4096 * p) | URW);
+    }
+    let mut l2 = l2(&vm, 2, NPT[0]);
+    // L2's own tables (written by L2 with paging off): PML4 at 0x1000, PDPT
+    // 0x2000, PD 0x3000, PT 0x4000; va 0x5000 maps gpa 0x5000.
+    for (at, next) in [(0x1000, 0x2000), (0x2000, 0x3000), (0x3000, 0x4000), (0x4000 + 8 * 5, 0x5000)] {
+        write(&mut l2, at, next | URW);
+    }
+    let regs = ControlRegs {
+        cr0: Cr0::PE | Cr0::PG | Cr0::WP,
+        cr4: Cr4::PAE,
+        efer: Efer::LME | Efer::LMA | Efer::NXE,
+    };
+    l2.set_state(regs, 0x1000, 0).unwrap();
+    // The first walk faults NPT02 in and sets the A bits of both levels.
+    value(read(&mut l2, 0x5000));
+    l2.invlpg(Gva::new(0x5000));
+    let before = l2.stats();
+    value(read(&mut l2, 0x5000));
+    let after = l2.stats();
+    assert_eq!(after.walks - before.walks, 1);
+    assert_eq!(after.walk_refs - before.walk_refs, 24);
+}

@@ -235,6 +235,43 @@ pub struct EptCase {
 }
 
 impl NptCase {
+    /// The L2 guest's control state, as a single-level case's (the same
+    /// fields, with `cr3` guest-physical).
+    pub fn control(&self) -> super::CaseControl {
+        super::CaseControl {
+            mode: self.mode,
+            cr0_wp: self.cr0_wp,
+            cr4_pse: self.cr4_pse,
+            cr4_smep: self.cr4_smep,
+            cr4_smap: self.cr4_smap,
+            cr4_pke: self.cr4_pke,
+            efer_nxe: self.efer_nxe,
+            cr4_pge: false,
+            cr4_pcide: false,
+            pkru: self.pkru,
+            maxphyaddr: self.maxphyaddr,
+            cr3: self.cr3,
+        }
+    }
+
+    /// The recorded outcome, for a failure line.
+    fn expected(&self) -> String {
+        let r = &self.result;
+        match r.exit.as_str() {
+            "none" => format!(
+                "done at gpa {:#x}, pa {:#x}",
+                r.gpa.map_or(0, |h| h.0),
+                r.pa.map_or(0, |h| h.0)
+            ),
+            "pf" => format!("#PF error code {:#x}", r.error_code.unwrap_or(0)),
+            _ => format!(
+                "#NPF exitinfo1 {:#x} exitinfo2 {:#x}",
+                r.exitinfo1.map_or(0, |h| h.0),
+                r.exitinfo2.map_or(0, |h| h.0)
+            ),
+        }
+    }
+
     /// Checks the values the format constrains.
     pub fn validate(&self) -> Result<(), String> {
         if !(32..=52).contains(&self.maxphyaddr) {
@@ -348,33 +385,7 @@ pub fn replay_npt(c: &NptCase) -> Result<(), Failure> {
     let features = CpuFeatures::default().with_maxphyaddr(c.maxphyaddr);
     let nested = NestedPaging::npt(Hpa::new(c.npt.ncr3.0), c.npt.levels, c.npt.host_nxe, &features);
     let mode = c.mode.paging_mode();
-    let mut cr4 = Cr4::empty();
-    if c.cr4_pse {
-        cr4 |= Cr4::PSE;
-    }
-    if mode.has_pae() {
-        cr4 |= Cr4::PAE;
-    }
-    if mode == PagingMode::Level5 {
-        cr4 |= Cr4::LA57;
-    }
-    for (on, bit) in [(c.cr4_smep, Cr4::SMEP), (c.cr4_smap, Cr4::SMAP), (c.cr4_pke, Cr4::PKE)] {
-        if on {
-            cr4 |= bit;
-        }
-    }
-    let mut efer = Efer::empty();
-    if mode.is_long() {
-        efer |= Efer::LME | Efer::LMA;
-    }
-    if c.efer_nxe {
-        efer |= Efer::NXE;
-    }
-    let mut cr0 = Cr0::PE | Cr0::PG;
-    if c.cr0_wp {
-        cr0 |= Cr0::WP;
-    }
-    let regs = ControlRegs { cr0, cr4, efer };
+    let regs = super::case_regs(&c.control());
     let paging = GuestPaging::new(&regs, &features);
     let va = Gva::new(c.va.0);
     let access = case_access(c.access, c.cpl, c.rflags_ac);
@@ -404,19 +415,7 @@ pub fn replay_npt(c: &NptCase) -> Result<(), Failure> {
         walk_2d_ended(walk_2d(&paging, &root, va, access, c.pkru.0 as u32, &nested, &host))
     })();
     let r = &c.result;
-    let expected = match r.exit.as_str() {
-        "none" => format!(
-            "done at gpa {:#x}, pa {:#x}",
-            r.gpa.map_or(0, |h| h.0),
-            r.pa.map_or(0, |h| h.0)
-        ),
-        "pf" => format!("#PF error code {:#x}", r.error_code.unwrap_or(0)),
-        _ => format!(
-            "#NPF exitinfo1 {:#x} exitinfo2 {:#x}",
-            r.exitinfo1.map_or(0, |h| h.0),
-            r.exitinfo2.map_or(0, |h| h.0)
-        ),
-    };
+    let expected = c.expected();
     let matches = match (r.exit.as_str(), ended) {
         ("none", Ended::Done { gpa, hpa }) => r.gpa == Some(Hex(gpa)) && r.pa == Some(Hex(hpa)),
         ("pf", Ended::Exception { vector: 14, error_code }) => {
@@ -709,32 +708,7 @@ fn replay_npt_nested(c: &NptCase) -> Result<(), Failure> {
         nxe: c.npt.host_nxe,
     };
     let mut vcpu = Vcpu::new_nested(mmu, slots.clone(), features, 1, npt);
-    let mode = c.mode.paging_mode();
-    let mut cr4 = Cr4::empty();
-    for (on, bit) in [
-        (c.cr4_pse, Cr4::PSE),
-        (mode.has_pae(), Cr4::PAE),
-        (mode == PagingMode::Level5, Cr4::LA57),
-        (c.cr4_smep, Cr4::SMEP),
-        (c.cr4_smap, Cr4::SMAP),
-        (c.cr4_pke, Cr4::PKE),
-    ] {
-        if on {
-            cr4 |= bit;
-        }
-    }
-    let mut efer = Efer::empty();
-    if mode.is_long() {
-        efer |= Efer::LME | Efer::LMA;
-    }
-    if c.efer_nxe {
-        efer |= Efer::NXE;
-    }
-    let mut cr0 = Cr0::PE | Cr0::PG;
-    if c.cr0_wp {
-        cr0 |= Cr0::WP;
-    }
-    vcpu.set_state(ControlRegs { cr0, cr4, efer }, c.cr3.0, c.pkru.0 as u32)
+    vcpu.set_state(super::case_regs(&c.control()), c.cr3.0, c.pkru.0 as u32)
         .map_err(|e| setup(&e))?;
     let value = if c.access == CaseAccess::Write { MARKER } else { 0 };
     let mut got;
@@ -791,19 +765,7 @@ fn replay_npt_nested(c: &NptCase) -> Result<(), Failure> {
         _ => false,
     };
     if !ok {
-        let expected = match r.exit.as_str() {
-            "none" => format!(
-                "done at gpa {:#x}, pa {:#x}",
-                r.gpa.map_or(0, |h| h.0),
-                r.pa.map_or(0, |h| h.0)
-            ),
-            "pf" => format!("#PF error code {:#x}", r.error_code.unwrap_or(0)),
-            _ => format!(
-                "#NPF exitinfo1 {:#x} exitinfo2 {:#x}",
-                r.exitinfo1.map_or(0, |h| h.0),
-                r.exitinfo2.map_or(0, |h| h.0)
-            ),
-        };
+        let expected = c.expected();
         return Err(fail(expected, format!("{got:?}")));
     }
     for (i, e) in c.after.iter().enumerate() {

@@ -287,7 +287,7 @@ impl VcpuMmu for NestedContext {
             return Attempt::Exit(Exit::ShadowPageFault);
         };
         let tag = cpu.tag(self.eptp());
-        if let Some(done) = cpu.tlb_hit(gva, tag, access, size, value, |cpu, e| check(cpu, access, e)) {
+        if let Some(done) = cpu.tlb_hit(gva, tag, access, size, value, |cpu, e| super::check_2d(cpu, access, e)) {
             return Attempt::Done(done);
         }
         let _epoch = crossbeam_epoch::pin();
@@ -443,7 +443,7 @@ impl VcpuMmu for NestedContext {
     }
 
     fn check(&self, cpu: &CpuState, access: Access, e: &TlbEntry) -> bool {
-        check(cpu, access, e)
+        super::check_2d(cpu, access, e)
     }
 
     fn set_string_op(&mut self, _on: bool) {}
@@ -453,17 +453,6 @@ impl VcpuMmu for NestedContext {
             self.mmu.release_roots(r);
         }
     }
-}
-
-/// L2's paging rules on a cached translation, NPT02's execute right folded
-/// into its rights and its write right into `dirty` (as on the TDP MMU).
-fn check(cpu: &CpuState, access: Access, e: &TlbEntry) -> bool {
-    let allowed = match &cpu.paging {
-        GuestPaging::None => !access.is_fetch() || e.rights.contains(AccessRights::EXEC),
-        GuestPaging::Bits32(p) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
-        GuestPaging::Pae64(p, _) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
-    };
-    allowed && (!access.is_write() || e.dirty)
 }
 
 /// NPT02 points only into the arena; an entry that does not is an MMU bug,

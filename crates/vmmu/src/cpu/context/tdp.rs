@@ -19,7 +19,7 @@ use crate::mmu::cache::MmuCaches;
 use crate::mmu::flush::RemoteTlb;
 use crate::mmu::tdp::{FaultOutcome, RootRef, TdpError, TdpFault, TdpMmu};
 use crate::walker::nested::{NestedFault, NestedPaging, NestedStage};
-use crate::walker::{CountingMemory, EntrySize, GuestPaging, PtMemory, WalkError};
+use crate::walker::{CountingMemory, EntrySize, PtMemory, WalkError};
 
 /// A vCPU's view of the TDP MMU.
 pub(crate) struct TdpContext {
@@ -363,17 +363,9 @@ impl VcpuMmu for TdpContext {
         })
     }
 
-    /// The guest's paging rules, EPT's execute right folded into the
-    /// entry's rights and its write right into `dirty`.
     #[inline]
     fn check(&self, cpu: &CpuState, access: Access, e: &TlbEntry) -> bool {
-        let allowed = match &cpu.paging {
-            // No guest paging, but EPT still applies.
-            GuestPaging::None => !access.is_fetch() || e.rights.contains(AccessRights::EXEC),
-            GuestPaging::Bits32(p) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
-            GuestPaging::Pae64(p, _) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
-        };
-        allowed && (!access.is_write() || e.dirty)
+        super::check_2d(cpu, access, e)
     }
 
     fn set_string_op(&mut self, _on: bool) {}
