@@ -83,7 +83,7 @@ pub fn run(rounds: Option<u64>) -> Result<Report, BenchError> {
     let features = CpuFeatures::default();
     let mut l1 = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), features, 1).map_err(|e| run(&e))?;
     l1.set_state(ControlRegs::default(), 0, 0).map_err(|e| run(&e))?;
-    let nested = vm.nested_mmu();
+    let nested = vm.nested_mmu().map_err(|e| BenchError::Run(e.to_string()))?;
     let npt = L1Npt {
         ncr3: NPT12,
         levels: 4,

@@ -47,7 +47,13 @@ fn l2(vm: &Vm, asid: u16, ncr3: u64) -> Vcpu {
         levels: 4,
         nxe: true,
     };
-    let mut v = Vcpu::new_nested(vm.nested_mmu(), vm.slots.clone(), CpuFeatures::default(), asid, npt);
+    let mut v = Vcpu::new_nested(
+        vm.nested_mmu().unwrap(),
+        vm.slots.clone(),
+        CpuFeatures::default(),
+        asid,
+        npt,
+    );
     v.set_state(ControlRegs::default(), 0, 0).unwrap();
     v
 }
@@ -91,9 +97,9 @@ fn l2_sees_what_l1_writes_into_its_nested_tables() {
     assert_eq!(value(read(&mut l2, 0x5008 - 8)), 0xaaaa);
     // L1 remaps L2's page 5 to B: its store to NPT12 must be trapped (the
     // table is shadowed), or L2 would keep reading A through a stale NPT02.
-    let emulated = vm.nested_mmu().stats().snapshot().mmu_pte_write;
+    let emulated = vm.nested_mmu().unwrap().stats().snapshot().mmu_pte_write;
     write(&mut l1, NPT[3] + 8 * 5, PAGE_B | URW);
-    assert_eq!(vm.nested_mmu().stats().snapshot().mmu_pte_write, emulated + 1);
+    assert_eq!(vm.nested_mmu().unwrap().stats().snapshot().mmu_pte_write, emulated + 1);
     assert_eq!(value(read(&mut l2, 0x5000)), 0xbbbb);
     // L1 still reads and writes its tables (read-only mappings, emulated
     // writes), and its data pages are its own.
@@ -162,7 +168,7 @@ fn switching_between_l2_guests_reuses_npt02_roots() {
     build_npt12(&mut l1, other);
     write(&mut l1, other[3] + 8 * 5, PAGE_B | URW);
     let mut l2 = l2(&vm, 2, NPT[0]);
-    let stats = || vm.nested_mmu().stats().snapshot();
+    let stats = || vm.nested_mmu().unwrap().stats().snapshot();
     let npt = |ncr3| L1Npt {
         ncr3,
         levels: 4,
@@ -198,12 +204,12 @@ fn the_tracked_gfns_follow_the_nested_mmus_pages() {
     }
     assert!(!tracker.is_tracked(Gfn::new(PAGE_A >> 12), Gfn::new((PAGE_A >> 12) + 1)));
     drop(l2);
-    vm.nested_mmu().zap_all();
+    vm.nested_mmu().unwrap().zap_all();
     assert!(!tracker.any_tracked());
-    let emulated = vm.nested_mmu().stats().snapshot().mmu_pte_write;
+    let emulated = vm.nested_mmu().unwrap().stats().snapshot().mmu_pte_write;
     write(&mut l1, NPT[3] + 8 * 5, PAGE_B | URW);
-    assert_eq!(vm.nested_mmu().stats().snapshot().mmu_pte_write, emulated);
-    let _keep: Arc<_> = vm.nested_mmu();
+    assert_eq!(vm.nested_mmu().unwrap().stats().snapshot().mmu_pte_write, emulated);
+    let _keep: Arc<_> = vm.nested_mmu().unwrap();
 }
 
 /// The classic cost of a nested TLB miss: an L2 guest with 4-level paging,
@@ -295,7 +301,7 @@ fn l2_against_a_fresh_npt12_walk(seed: u64, steps: usize) -> Result<(u64, u64), 
                 write(&mut l1, p, rng.random::<u32>() as u64);
             }
             // A zap of either MMU now and then.
-            4 if rng.random_bool(0.1) => vm.nested_mmu().zap_all(),
+            4 if rng.random_bool(0.1) => vm.nested_mmu().unwrap().zap_all(),
             4 => vm.mmu.zap_all_fast(),
             // L2 accesses the page.
             _ => {
@@ -365,4 +371,58 @@ fn the_random_check_catches_untracked_npt12_writes() {
         .is_err()
     });
     assert!(caught, "no seed caught the injected bug");
+}
+
+/// L1's memory that L2 writes is dirty-logged (KVM's
+/// `nested_dirty_log_test`): each harvest returns the L1 pages L2 wrote
+/// through NPT02 since the last one, also after a harvest protected them
+/// again, in each bitmap protocol.
+#[test]
+fn l2_writes_are_logged_in_l1s_dirty_bitmap() {
+    use vmmu::mem::{MemslotConfig, MemslotFlags};
+    for manual in [false, true] {
+        let config = TdpConfig {
+            vendor: Vendor::Amd,
+            ..TdpConfig::default()
+        };
+        let memslots = MemslotConfig {
+            manual_dirty_log_protect: manual,
+            ..MemslotConfig::default()
+        };
+        let vm = Vm::with_memslots(8 * MB, Hva::new(0x4000_0000), VmaFlags::WRITE, config, memslots).unwrap();
+        let mut l1 = l1(&vm);
+        build_npt12(&mut l1, NPT);
+        // L2's pages 0..8 map L1's 2 MiB + page.
+        for p in 0..8 {
+            write(&mut l1, NPT[3] + 8 * p, (2 * MB + 4096 * p) | URW);
+        }
+        let mut l2 = l2(&vm, 2, NPT[0]);
+        for p in 0..8 {
+            write(&mut l2, 4096 * p, 1);
+        }
+        vm.slots.update_flags(0, 0, MemslotFlags::LOG_DIRTY_PAGES).unwrap();
+        let page = |p: u64| ((2 * MB) >> 12) + p;
+        let harvest = |vm: &Vm| -> Vec<u64> {
+            let bits = vm.mmu.get_dirty_log(0, 0).unwrap();
+            if manual {
+                vm.mmu.clear_dirty_log(0, 0, 0, &bits).unwrap();
+            }
+            (0..bits.len() as u64 * 64)
+                .filter(|&i| bits[(i / 64) as usize] >> (i % 64) & 1 != 0)
+                .collect()
+        };
+        let _ = harvest(&vm);
+        for round in 0..4u64 {
+            // L2 writes pages 1 and 6 every round (after the first, through
+            // NPT02 leaves that were writable before the harvest), and one
+            // more: exactly those are dirty.
+            write(&mut l2, 4096, round);
+            write(&mut l2, 4096 * 6, round);
+            let more = [0, 2, 3, 7][round as usize];
+            write(&mut l2, 4096 * more, round);
+            let mut want = vec![page(1), page(6), page(more)];
+            want.sort();
+            assert_eq!(harvest(&vm), want, "round {round}, manual protect {manual}");
+        }
+    }
 }

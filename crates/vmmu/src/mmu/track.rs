@@ -22,6 +22,15 @@
 //!   false answer either way is harmless, the tracked set itself is what
 //!   decides).
 //!
+//! Dirty logging of L1's memory: L2 writes it through NPT02 too, so a
+//! harvest of the TDP MMU (`KVM_GET_DIRTY_LOG`, `KVM_CLEAR_DIRTY_LOG`)
+//! write-protects the harvested pages in the nested MMU as well
+//! ([`WriteTracker::protect_logged`], KVM's
+//! `kvm_arch_mmu_enable_log_dirty_pt_masked` over both MMUs) before it
+//! returns, so an L2 write after it faults and is logged (KVM's
+//! `nested_dirty_log_test`). The dirty ring has no path from the nested
+//! MMU yet: a VM with a nested MMU refuses it.
+//!
 //! Lock order: the shadow MMU's `mmu_lock` may be held while a
 //! [`WriteProtector`] takes the TDP MMU's; the TDP MMU never holds its own
 //! while it calls the tracker (its queries take only the tracked set's
@@ -44,6 +53,10 @@ pub trait WriteTracker: Send + Sync {
     /// The page-walk update of an entry at `gpa` trapped: stop tracking
     /// the gfn (its shadow pages go); whether anything was unprotected.
     fn unprotect(&self, gpa: Gpa) -> bool;
+    /// A dirty-log harvest took the bits `bits` of memslot `slot_id` (bit
+    /// 0 is page `first_page` of the slot): write-protects those pages in
+    /// the tracker's own tables, with TLBs flushed before it returns.
+    fn protect_logged(&self, as_id: u16, slot_id: u16, first_page: u64, bits: &[u64]);
 }
 
 /// An MMU that maps gfns another MMU tracks (the TDP MMU).

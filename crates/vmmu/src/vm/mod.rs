@@ -186,8 +186,17 @@ impl Vm {
     /// by gfn write tracking ([`crate::mmu::track`]) so that L1's writes
     /// to the tables it shadows are trapped. L2 vCPUs run on it
     /// ([`Vcpu::new_nested`]).
-    pub fn nested_mmu(&self) -> Arc<ShadowMmu> {
-        self.nested
+    ///
+    /// A VM with the dirty ring enabled has no nested MMU yet (its dirty
+    /// pages reach the memslot bitmap only): an error says so.
+    pub fn nested_mmu(&self) -> Result<Arc<ShadowMmu>, VmError> {
+        if let Some(size) = self.mmu.dirty_ring_size() {
+            return Err(VmError(format!(
+                "the dirty ring ({size} entries) is enabled: a nested MMU logs into the memslot bitmap only, and is not built for the ring"
+            )));
+        }
+        Ok(self
+            .nested
             .get_or_init(|| {
                 let nested = ShadowMmu::new(self.host.clone(), self.slots.clone());
                 let protector: Arc<dyn crate::mmu::track::WriteProtector> = self.mmu.clone();
@@ -195,7 +204,7 @@ impl Vm {
                 self.mmu.set_write_tracker(nested.clone());
                 nested
             })
-            .clone()
+            .clone())
     }
 
     /// A VM whose guest-physical `0..ram` is memslot 0, backed by an

@@ -44,6 +44,17 @@ impl ShadowMmu {
         Ok(())
     }
 
+    /// Write-protects the pages another MMU's harvest took (`bits`, bit 0
+    /// is page `first_page` of the slot), flushing before it returns (see
+    /// [`crate::mmu::track`]). A slot gone meanwhile has nothing to protect.
+    pub(crate) fn protect_logged_pages(&self, as_id: u16, slot_id: u16, first_page: u64, bits: &[u64]) {
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
+        if let Ok(flush) = self.protect_bitmap(pages, as_id, slot_id, first_page, bits) {
+            self.discharge(flush);
+        }
+    }
+
     /// Write-protects the pages whose bits are set in `bits` (bit 0 is page
     /// `first_page` of the slot). Returns whether a flush is owed: always
     /// when a bit is set.

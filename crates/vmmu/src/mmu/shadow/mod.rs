@@ -962,6 +962,10 @@ impl crate::mmu::track::WriteTracker for ShadowMmu {
     fn unprotect(&self, gpa: Gpa) -> bool {
         self.unprotect_gfn_and_retry(gpa)
     }
+
+    fn protect_logged(&self, as_id: u16, slot_id: u16, first_page: u64, bits: &[u64]) {
+        self.protect_logged_pages(as_id, slot_id, first_page, bits);
+    }
 }
 
 #[cfg(test)]

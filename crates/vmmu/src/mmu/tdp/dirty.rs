@@ -196,17 +196,27 @@ impl TdpMmu {
             return Err(MemslotError::DirtyRingEnabled);
         }
         let mut guard = self.lock.write();
-        if self.dirty_bit_logging() {
+        let bitmap = if self.dirty_bit_logging() {
             // Move the hardware's D bits into the bitmap and clean them;
             // the flush makes every later write set D again.
             let flush = self.harvest_dirty_bits(&guard, as_id, slot_id)?;
             self.discharge_logging(flush);
-            return self.slots.get_dirty_log(as_id, slot_id);
-        }
-        let bitmap = self.slots.get_dirty_log(as_id, slot_id)?;
-        if !self.slots.config().manual_dirty_log_protect {
-            let flush = self.protect_bitmap(&mut guard, as_id, slot_id, 0, &bitmap)?;
-            self.discharge_logging(flush);
+            self.slots.get_dirty_log(as_id, slot_id)?
+        } else {
+            let bitmap = self.slots.get_dirty_log(as_id, slot_id)?;
+            if !self.slots.config().manual_dirty_log_protect {
+                let flush = self.protect_bitmap(&mut guard, as_id, slot_id, 0, &bitmap)?;
+                self.discharge_logging(flush);
+            }
+            bitmap
+        };
+        drop(guard);
+        // The nested MMU maps the same pages for L2 (after the lock: the
+        // nested MMU's lock comes first in the lock order).
+        if !self.slots.config().manual_dirty_log_protect
+            && let Some(t) = self.tracker.get()
+        {
+            t.protect_logged(as_id, slot_id, 0, &bitmap);
         }
         Ok(bitmap)
     }
@@ -221,6 +231,10 @@ impl TdpMmu {
         let cleared = self.slots.clear_dirty_log(as_id, slot_id, first_page, mask)?;
         let flush = self.protect_bitmap(&mut guard, as_id, slot_id, first_page, &cleared)?;
         self.discharge_logging(flush);
+        drop(guard);
+        if let Some(t) = self.tracker.get() {
+            t.protect_logged(as_id, slot_id, first_page, &cleared);
+        }
         Ok(())
     }
 

@@ -45,6 +45,11 @@ pub enum DirtyRingError {
     /// D-bit dirty logging has no path into a ring.
     #[error("the dirty ring needs write-protect dirty logging (D-bit mode has no PML buffer to feed it)")]
     DirtyBitMode,
+    /// The VM has a nested MMU, which logs into the memslot bitmap only.
+    #[error(
+        "the VM has a nested MMU, which logs L2's writes into the memslot bitmap only: the dirty ring is not built for it"
+    )]
+    NestedMmu,
 }
 
 impl TdpMmu {
@@ -56,6 +61,9 @@ impl TdpMmu {
         }
         if self.config.dirty_log == DirtyLogMode::DirtyBit {
             return Err(DirtyRingError::DirtyBitMode);
+        }
+        if self.tracker.get().is_some() {
+            return Err(DirtyRingError::NestedMmu);
         }
         let vcpus = self.remote_tlb.registered();
         if vcpus > 0 {
