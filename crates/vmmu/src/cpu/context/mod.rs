@@ -32,6 +32,7 @@ use crate::mmu::tdp::RootRef;
 use crate::walker::nested::NestedFault;
 
 mod nested;
+mod roots;
 mod shadow;
 mod tdp;
 

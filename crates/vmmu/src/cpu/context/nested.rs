@@ -19,9 +19,9 @@
 //! NPT02's roots are cached by NPT12 root, 3 besides the current (KVM's
 //! `prev_roots` across L1's switches between its L2 guests, seed 001).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::roots::{RootCache, Switch};
 use super::{Attempt, Exit, ExitAnswer, GuestFlush, VcpuMmu};
 use crate::addr::{Gpa, Gva, Hpa, Pfn};
 use crate::arch::control::{CpuFeatures, Cr4, PagingMode};
@@ -38,7 +38,6 @@ use crate::mmu::flush::RemoteTlb;
 use crate::mmu::shadow::role::GuestContext;
 use crate::mmu::shadow::roots::ShadowRoots;
 use crate::mmu::shadow::{ShadowMmu, ShadowOutcome};
-use crate::mmu::stats::MmuStats;
 use crate::mmu::tdp::RootRef;
 use crate::walker::nested::{
     NPF_FINAL_TRANSLATION, NPF_GUEST_PAGE_TABLE, NestedError, NestedFault, NestedMemory, NestedPaging, NestedStage,
@@ -80,8 +79,7 @@ pub(crate) struct NestedContext {
     npt12: GuestPaging,
     /// How the hardware walks NPT02, at the current root.
     hw: NestedPaging,
-    current: Option<(L1Npt, ShadowRoots)>,
-    prev: VecDeque<(L1Npt, ShadowRoots)>,
+    roots: RootCache<L1Npt>,
     seen_root_gen: u64,
     /// Frames for the shadow pages its faults and root loads create.
     tables: MmuMemoryCache,
@@ -105,8 +103,7 @@ impl NestedContext {
             npt,
             npt12,
             hw,
-            current: None,
-            prev: VecDeque::new(),
+            roots: RootCache::new(NESTED_PREV_ROOTS),
         }
     }
 
@@ -123,7 +120,7 @@ impl NestedContext {
     }
 
     fn roots(&self) -> Option<&ShadowRoots> {
-        self.current.as_ref().map(|(_, r)| r)
+        self.roots.current().map(|(_, r)| r)
     }
 
     /// The hardware's view of NPT02 at the current root.
@@ -134,7 +131,7 @@ impl NestedContext {
 
     /// Hands a #NPF of NPT02 to the nested MMU (outside guest mode).
     fn page_fault(&mut self, cpu: &mut CpuState, exitinfo1: u64, l2_gpa: u64) -> Result<ShadowOutcome, VcpuError> {
-        let Some((_, roots)) = self.current.as_ref() else {
+        let Some((_, roots)) = self.roots.current() else {
             return Ok(ShadowOutcome::Retry);
         };
         cpu.stats.shadow_exits += 1;
@@ -193,7 +190,7 @@ impl VcpuMmu for NestedContext {
     /// Roots dropped by the MMU, or not yet the ones L1's NPT12 names.
     #[inline]
     fn roots_changed(&self) -> bool {
-        self.mmu.root_generation() != self.seen_root_gen || self.current.as_ref().is_none_or(|(k, _)| *k != self.npt)
+        self.mmu.root_generation() != self.seen_root_gen || self.roots.current().is_none_or(|(k, _)| *k != self.npt)
     }
 
     #[inline]
@@ -236,46 +233,18 @@ impl VcpuMmu for NestedContext {
         let generation = self.mmu.root_generation();
         if generation != self.seen_root_gen {
             self.seen_root_gen = generation;
-            if self.roots().is_some_and(|r| self.mmu.roots_obsolete(r)) {
-                let (_, r) = self.current.take().expect("current roots were just seen");
-                self.mmu.release_roots(r);
+            if self.roots.drop_obsolete(&self.mmu) {
                 cpu.tlb.flush(Flush::Vpid(cpu.vpid));
                 cpu.stats.root_reloads += 1;
             }
-            let mmu = &self.mmu;
-            let (keep, drop): (Vec<_>, Vec<_>) = self.prev.drain(..).partition(|(_, r)| !mmu.roots_obsolete(r));
-            self.prev = keep.into();
-            for (_, r) in drop {
-                self.mmu.release_roots(r);
-            }
         }
-        if self.current.as_ref().map(|(k, _)| *k) != Some(self.npt) {
-            let key = self.npt;
-            let hit = self
-                .prev
-                .iter()
-                .position(|(k, _)| *k == key)
-                .and_then(|i| self.prev.remove(i));
-            if let Some(cur) = self.current.take() {
-                self.prev.push_front(cur);
-            }
-            let next = match hit {
-                Some(cached) => {
-                    MmuStats::inc(&self.mmu.stats().local().prev_roots_hit);
-                    cached
-                }
-                None => (
-                    key,
-                    self.mmu
-                        .load_roots(&key.context(), 0, key.root(), [0; 4], &mut self.tables)?,
-                ),
-            };
-            while self.prev.len() > NESTED_PREV_ROOTS {
-                let (_, r) = self.prev.pop_back().expect("more than NESTED_PREV_ROOTS cached");
-                self.mmu.release_roots(r);
-            }
+        let key = self.npt;
+        let (mmu, tables) = (&self.mmu, &mut self.tables);
+        let how = self.roots.switch(mmu, key, || {
+            mmu.load_roots(&key.context(), 0, key.root(), [0; 4], tables)
+        })?;
+        if how != Switch::Current {
             cpu.tlb.clear_l1();
-            self.current = Some(next);
         }
         Ok(())
     }
@@ -449,9 +418,7 @@ impl VcpuMmu for NestedContext {
     fn set_string_op(&mut self, _on: bool) {}
 
     fn release(&mut self) {
-        for (_, r) in self.current.take().into_iter().chain(self.prev.drain(..)) {
-            self.mmu.release_roots(r);
-        }
+        self.roots.release(&self.mmu);
     }
 }
 

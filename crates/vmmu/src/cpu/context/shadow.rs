@@ -4,9 +4,9 @@
 //! #PF exits handed to the shadow MMU's page fault (with the choice
 //! between unprotect-and-retry and emulation).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::roots::{RootCache, Switch};
 use super::{Attempt, Exit, ExitAnswer, GuestFlush, VcpuMmu};
 use crate::addr::{Gpa, Gva, Hpa, PageSize, Pfn};
 use crate::arch::control::{CR3_PCID_MASK, CpuFeatures, Cr0, Cr4, Efer, PagingMode};
@@ -23,7 +23,6 @@ use crate::mmu::shadow::page::SptePtr;
 use crate::mmu::shadow::role::GuestContext;
 use crate::mmu::shadow::roots::ShadowRoots;
 use crate::mmu::shadow::{ShadowMmu, ShadowOutcome};
-use crate::mmu::stats::MmuStats;
 use crate::mmu::tdp::RootRef;
 use crate::walker::{ControlRegs, CountingMemory, Paging, Root, WalkError};
 
@@ -67,8 +66,7 @@ struct SyncRequests {
 /// `prev_roots` cache, most recently used first.
 pub(crate) struct ShadowContext {
     mmu: Arc<ShadowMmu>,
-    current: Option<(RootKey, ShadowRoots)>,
-    prev: VecDeque<(RootKey, ShadowRoots)>,
+    roots: RootCache<RootKey>,
     seen_root_gen: u64,
     requests: SyncRequests,
     /// The store being made is a string instruction's (`rep stos`), which
@@ -92,8 +90,7 @@ impl ShadowContext {
         ShadowContext {
             seen_root_gen: mmu.root_generation(),
             mmu,
-            current: None,
-            prev: VecDeque::new(),
+            roots: RootCache::new(PREV_ROOTS),
             requests: SyncRequests::default(),
             string_op: false,
             last_retry: None,
@@ -103,7 +100,7 @@ impl ShadowContext {
     }
 
     fn roots(&self) -> Option<&ShadowRoots> {
-        self.current.as_ref().map(|(_, r)| r)
+        self.roots.current().map(|(_, r)| r)
     }
 
     /// Answers the guest's TLB flushes since the last access with syncs of
@@ -113,8 +110,7 @@ impl ShadowContext {
         if !r.current && !r.all && r.pcids.is_empty() && r.addrs.is_empty() {
             return;
         }
-        let current = self.current.iter().map(|c| (c, true));
-        for ((key, roots), is_current) in current.chain(self.prev.iter().map(|c| (c, false))) {
+        for ((key, roots), is_current) in self.roots.all() {
             if r.all || (is_current && r.current) || r.pcids.contains(&key.pcid) {
                 self.mmu.sync_roots(roots);
                 continue;
@@ -231,25 +227,12 @@ impl VcpuMmu for ShadowContext {
             // Some root was zapped: drop every obsolete one, the current
             // roots and the cached ones alike.
             self.seen_root_gen = generation;
-            if self.roots().is_some_and(|r| self.mmu.roots_obsolete(r))
-                && !crate::sync::bug(crate::sync::Bug::KeepObsoleteRoot)
-            {
-                let (_, r) = self
-                    .current
-                    .take()
-                    .expect("`roots().is_some_and(..)` just saw current roots");
-                self.mmu.release_roots(r);
+            if self.roots.drop_obsolete(&self.mmu) {
                 cpu.tlb.flush(Flush::Vpid(cpu.vpid));
                 cpu.stats.root_reloads += 1;
             }
-            let mmu = &self.mmu;
-            let (keep, drop): (Vec<_>, Vec<_>) = self.prev.drain(..).partition(|(_, r)| !mmu.roots_obsolete(r));
-            self.prev = keep.into();
-            for (_, r) in drop {
-                self.mmu.release_roots(r);
-            }
         }
-        let current_key = self.current.as_ref().map(|(k, _)| *k);
+        let current_key = self.roots.current().map(|(k, _)| *k);
         if current_key != Some(key) {
             // A new guest context (CR0.WP, SMEP, SMAP, EFER.NX, mode) means
             // new roles: translations cached from the old shadow pages may
@@ -270,38 +253,17 @@ impl VcpuMmu for ShadowContext {
             // reused without rebuilding (KVM keeps prev_roots for 4- and
             // 5-level guests only; here the PDPTEs are part of the key, so
             // PAE and 32-bit guests get them too).
-            let hit = self
-                .prev
-                .iter()
-                .position(|(k, _)| *k == key)
-                .and_then(|i| self.prev.remove(i));
-            if let Some(cur) = self.current.take() {
-                self.prev.push_front(cur);
+            let (mmu, tables) = (&self.mmu, &mut self.tables);
+            let how = self
+                .roots
+                .switch(mmu, key, || mmu.load_roots(&ctx, 0, key.pgd, cpu.pdptes, tables))?;
+            if how == Switch::Loaded {
+                // A root load syncs what it links (KVM's `kvm_mmu_load`).
+                self.requests.current = true;
             }
-            let next = match hit {
-                Some(cached) => {
-                    MmuStats::inc(&self.mmu.stats().local().prev_roots_hit);
-                    cached
-                }
-                None => {
-                    // A root load syncs what it links (KVM's `kvm_mmu_load`).
-                    self.requests.current = true;
-                    (
-                        key,
-                        self.mmu.load_roots(&ctx, 0, key.pgd, cpu.pdptes, &mut self.tables)?,
-                    )
-                }
-            };
-            while self.prev.len() > PREV_ROOTS {
-                let (_, r) = self
-                    .prev
-                    .pop_back()
-                    .expect("the loop runs only while prev holds more than PREV_ROOTS roots");
-                self.mmu.release_roots(r);
-            }
-            self.hw = hw_paging(&cpu.regs, &cpu.features, next.1.levels());
+            let levels = self.roots().expect("switched to current roots").levels();
+            self.hw = hw_paging(&cpu.regs, &cpu.features, levels);
             cpu.tlb.clear_l1();
-            self.current = Some(next);
         }
         self.process_sync_requests();
         Ok(())
@@ -380,7 +342,7 @@ impl VcpuMmu for ShadowContext {
         cpu.stats.shadow_exits += 1;
         let groot = cpu.paging.root(cpu.cr3, cpu.pdptes);
         let linear = cpu.linear(gva);
-        let Some((_, roots)) = self.current.as_ref() else {
+        let Some((_, roots)) = self.roots.current() else {
             return Ok(ExitAnswer::Retry);
         };
         let outcome = self
@@ -435,9 +397,7 @@ impl VcpuMmu for ShadowContext {
     }
 
     fn release(&mut self) {
-        for (_, r) in self.current.take().into_iter().chain(self.prev.drain(..)) {
-            self.mmu.release_roots(r);
-        }
+        self.roots.release(&self.mmu);
     }
 }
 
