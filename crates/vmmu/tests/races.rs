@@ -493,6 +493,99 @@ mod model {
         assert_found("acknowledge without flush", run);
     }
 
+    // ---- 7. L1 writes a table the nested MMU starts to shadow ----------------
+
+    /// An L1 vCPU (TDP MMU, AMD) writes an entry of its NPT12 page table
+    /// (gfn 11), which its TDP MMU maps writable, while an L2 vCPU's first
+    /// access makes the nested MMU shadow that table (and the three above
+    /// it). Whatever the order, a gfn the nested MMU tracks is never left
+    /// writable in the TDP MMU (else L1 writes its table unseen and NPT02
+    /// goes stale), and L2 reads what NPT12 maps.
+    fn l1_writes_a_table_the_nested_mmu_starts_to_shadow() {
+        let config = TdpConfig {
+            vendor: vmmu::arch::control::Vendor::Amd,
+            max_level: 1,
+            ..TdpConfig::default()
+        };
+        let vm = Vm::new(PAGES << 12, Hva::new(BASE), VmaFlags::WRITE, config).expect("a VM");
+        for gfn in 8..=12 {
+            vm.host.fault_in(hva(gfn), true).expect("a host page");
+        }
+        // NPT12: gfns 8 (PML4) .. 11 (PT); L2's page 0 is L1's gfn 12.
+        let mem = vm.memory();
+        for (table, next) in [(8u64, 9u64), (9, 10), (10, 11), (11, 12)] {
+            mem.write_value(Gpa::new(table << 12), 8, (next << 12) | 0x7)
+                .expect("NPT12");
+        }
+        mem.write_value(Gpa::new(12 << 12), 8, 0x1234).expect("L2's data");
+        let mut l1 = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1).expect("L1");
+        l1.set_state(ControlRegs::default(), 0, 0).expect("paging off");
+        // L1 maps its table page writable before the race.
+        let w = l1.access(
+            Gva::new((11 << 12) + 16),
+            Access::new(AccessKind::Write, 0, false),
+            8,
+            0,
+        );
+        assert!(matches!(w, Ok(AccessResult::Done { .. })), "{w:?}");
+        let npt = vmmu::cpu::vcpu::L1Npt {
+            ncr3: 8 << 12,
+            levels: 4,
+            nxe: true,
+        };
+        let nested = vm.nested_mmu().expect("a nested MMU");
+        let mut l2 = Vcpu::new_nested(nested, vm.slots.clone(), CpuFeatures::default(), 2, npt);
+        l2.set_state(ControlRegs::default(), 0, 0).expect("paging off");
+        let l1_thread = thread::spawn(move || {
+            for n in 0..2u64 {
+                let w = l1.access(
+                    Gva::new((11 << 12) + 24),
+                    Access::new(AccessKind::Write, 0, false),
+                    8,
+                    n,
+                );
+                assert!(matches!(w, Ok(AccessResult::Done { mmio: false, .. })), "{w:?}");
+            }
+        });
+        let l2_thread = thread::spawn(move || l2.access(Gva::new(0), Access::new(AccessKind::Read, 0, false), 8, 0));
+        l1_thread.join().expect("the L1 thread");
+        let read = l2_thread.join().expect("the L2 thread");
+        assert!(matches!(read, Ok(AccessResult::Done { value: 0x1234, .. })), "{read:?}");
+        let tracker = vm.mmu.write_tracker().expect("the nested MMU tracks");
+        for gfn in 8..=11u64 {
+            let g = vmmu::addr::Gfn::new(gfn);
+            assert!(tracker.is_tracked(g, g.add(1)), "gfn {gfn} is shadowed");
+            for (_, _, spte) in vm.mmu.leaves_of(0, g) {
+                assert!(
+                    !spte.is_mmu_present() || !spte.is_writable(vm.mmu.format()),
+                    "gfn {gfn}, tracked by the nested MMU, is writable in the TDP MMU: {spte:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn l1_writing_a_table_the_nested_mmu_starts_to_shadow() {
+        check_random(13, ITERATIONS / 10, l1_writes_a_table_the_nested_mmu_starts_to_shadow);
+        check_pct(
+            14,
+            ITERATIONS / 10,
+            3,
+            l1_writes_a_table_the_nested_mmu_starts_to_shadow,
+        );
+    }
+
+    #[test]
+    fn protecting_before_tracking_is_caught() {
+        let run = explore(
+            PctScheduler::new_from_seed(23, 3, BUG_LIMIT),
+            &[Bug::ProtectBeforeTrack],
+            false,
+            l1_writes_a_table_the_nested_mmu_starts_to_shadow,
+        );
+        assert_found("protect before track", run);
+    }
+
     // ---- How fast each injected bug is found ------------------------------
 
     /// For every injected bug and both schedulers: over 40 seeds, how many

@@ -155,6 +155,9 @@ pub enum Bug {
     /// writes to its nested tables are not trapped, and the nested MMU's
     /// shadow of them goes stale.
     UntrackedNestedTables = 1 << 17,
+    /// The nested MMU write-protects a gfn in the TDP MMU before it marks
+    /// the gfn tracked: a TDP fault in between maps it writable again.
+    ProtectBeforeTrack = 1 << 18,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**

@@ -600,10 +600,7 @@ impl ShadowMmu {
         self.stats.account_tables(1);
         tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level().get(), direct = role.is_direct(), created = true);
         if !role.is_direct() {
-            if self.tracked.lock().insert(gfn) {
-                // First shadowed here: no other MMU may map it writable
-                // from now on (tracked first, so a racing fault there maps
-                // it read-only or is zapped by this).
+            let protect = || {
                 let protectors: Vec<_> = self
                     .protectors
                     .lock()
@@ -613,6 +610,17 @@ impl ShadowMmu {
                 for p in protectors {
                     p.write_protect_gfn(gfn);
                 }
+            };
+            let protect_first = crate::sync::bug(crate::sync::Bug::ProtectBeforeTrack);
+            if protect_first {
+                protect();
+                crate::sync::sched_point();
+            }
+            if self.tracked.lock().insert(gfn) && !protect_first {
+                // First shadowed here: no other MMU may map it writable
+                // from now on (tracked first, so a racing fault there maps
+                // it read-only or is zapped by this).
+                protect();
             }
             self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
             // Write-protect every mapping of the guest table's gfn (also
