@@ -495,13 +495,23 @@ mod model {
 
     // ---- 7. L1 writes a table the nested MMU starts to shadow ----------------
 
-    /// An L1 vCPU (TDP MMU, AMD) writes an entry of its NPT12 page table
-    /// (gfn 11), which its TDP MMU maps writable, while an L2 vCPU's first
-    /// access makes the nested MMU shadow that table (and the three above
-    /// it). Whatever the order, a gfn the nested MMU tracks is never left
+    /// An L1 vCPU (TDP MMU, AMD) writes an unused entry of its NPT12 root
+    /// table (gfn 8, the first table the nested MMU tracks), which its TDP
+    /// MMU maps writable, while an L2 vCPU's first access makes the nested
+    /// MMU shadow that table (and the three below it). Whatever the order, a gfn the nested MMU tracks is never left
     /// writable in the TDP MMU (else L1 writes its table unseen and NPT02
     /// goes stale), and L2 reads what NPT12 maps.
     fn l1_writes_a_table_the_nested_mmu_starts_to_shadow() {
+        l1_writes_a_table_while_it_is_shadowed(true);
+    }
+
+    /// The same with the table not mapped for L1 yet: L1's write is a TDP
+    /// fault racing with the tracking.
+    fn l1_faults_on_a_table_the_nested_mmu_starts_to_shadow() {
+        l1_writes_a_table_while_it_is_shadowed(false);
+    }
+
+    fn l1_writes_a_table_while_it_is_shadowed(premapped: bool) {
         let config = TdpConfig {
             vendor: vmmu::arch::control::Vendor::Amd,
             max_level: 1,
@@ -520,14 +530,11 @@ mod model {
         mem.write_value(Gpa::new(12 << 12), 8, 0x1234).expect("L2's data");
         let mut l1 = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1).expect("L1");
         l1.set_state(ControlRegs::default(), 0, 0).expect("paging off");
-        // L1 maps its table page writable before the race.
-        let w = l1.access(
-            Gva::new((11 << 12) + 16),
-            Access::new(AccessKind::Write, 0, false),
-            8,
-            0,
-        );
-        assert!(matches!(w, Ok(AccessResult::Done { .. })), "{w:?}");
+        if premapped {
+            // L1 maps its table page writable before the race.
+            let w = l1.access(Gva::new((8 << 12) + 16), Access::new(AccessKind::Write, 0, false), 8, 0);
+            assert!(matches!(w, Ok(AccessResult::Done { .. })), "{w:?}");
+        }
         let npt = vmmu::cpu::vcpu::L1Npt {
             ncr3: 8 << 12,
             levels: 4,
@@ -538,12 +545,7 @@ mod model {
         l2.set_state(ControlRegs::default(), 0, 0).expect("paging off");
         let l1_thread = thread::spawn(move || {
             for n in 0..2u64 {
-                let w = l1.access(
-                    Gva::new((11 << 12) + 24),
-                    Access::new(AccessKind::Write, 0, false),
-                    8,
-                    n,
-                );
+                let w = l1.access(Gva::new((8 << 12) + 24), Access::new(AccessKind::Write, 0, false), 8, n);
                 assert!(matches!(w, Ok(AccessResult::Done { mmio: false, .. })), "{w:?}");
             }
         });
@@ -573,6 +575,28 @@ mod model {
             3,
             l1_writes_a_table_the_nested_mmu_starts_to_shadow,
         );
+        check_random(
+            15,
+            ITERATIONS / 10,
+            l1_faults_on_a_table_the_nested_mmu_starts_to_shadow,
+        );
+        check_pct(
+            16,
+            ITERATIONS / 10,
+            3,
+            l1_faults_on_a_table_the_nested_mmu_starts_to_shadow,
+        );
+    }
+
+    #[test]
+    fn counting_after_protecting_is_caught() {
+        let run = explore(
+            PctScheduler::new_from_seed(25, 3, BUG_LIMIT),
+            &[Bug::CountAfterProtect],
+            false,
+            l1_faults_on_a_table_the_nested_mmu_starts_to_shadow,
+        );
+        assert_found("count after protect", run);
     }
 
     #[test]

@@ -158,6 +158,11 @@ pub enum Bug {
     /// The nested MMU write-protects a gfn in the TDP MMU before it marks
     /// the gfn tracked: a TDP fault in between maps it writable again.
     ProtectBeforeTrack = 1 << 18,
+    /// The nested MMU counts a new indirect page (`indirect_shadow_pages`,
+    /// the lockless "anything tracked?") only after it zapped the TDP
+    /// mappings: a TDP fault in between sees nothing tracked and maps the
+    /// gfn writable.
+    CountAfterProtect = 1 << 19,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**

@@ -600,6 +600,12 @@ impl ShadowMmu {
         self.stats.account_tables(1);
         tracing::trace!(target: "kvm_mmu_get_page", gfn = gfn.raw(), level = role.level().get(), direct = role.is_direct(), created = true);
         if !role.is_direct() {
+            // Counted first: the other MMUs' lockless "anything tracked?"
+            // must not say no once the gfn is (seed 002).
+            let count_late = crate::sync::bug(crate::sync::Bug::CountAfterProtect);
+            if !count_late {
+                self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
+            }
             let protect = || {
                 let protectors: Vec<_> = self
                     .protectors
@@ -622,7 +628,10 @@ impl ShadowMmu {
                 // it read-only or is zapped by this).
                 protect();
             }
-            self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
+            if count_late {
+                crate::sync::sched_point();
+                self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
+            }
             // Write-protect every mapping of the guest table's gfn (also
             // when other pages of it exist: they may be unsync, and it
             // writable).

@@ -651,15 +651,6 @@ impl TdpMmu {
         if fault.write && slot.is_readonly() {
             return Ok(FaultOutcome::ReadOnlySlot);
         }
-        // A gfn the nested MMU shadows as a table: never writable here.
-        let tracker = self
-            .tracker
-            .get()
-            .filter(|t| t.any_tracked() && !sync::bug(sync::Bug::UntrackedNestedTables));
-        let tracked = tracker.is_some_and(|t| t.is_tracked(gfn, gfn.add(1)));
-        if tracked && fault.write {
-            return Ok(FaultOutcome::WriteTracked);
-        }
         let logging = slot.logs_dirty_pages();
         // Without A/D, access-tracked SPTEs look absent to hardware: the
         // fast path must be tried for them.
@@ -680,6 +671,18 @@ impl TdpMmu {
             MmuStats::inc(&self.stats.local().pf_retry);
             return Ok(FaultOutcome::Retry);
         };
+        // A gfn the nested MMU shadows as a table: never writable here.
+        // Asked under the lock: the nested MMU marks a gfn tracked before
+        // it zaps the gfn's mappings under the write lock, so a fault that
+        // saw it untracked installs before that zap, which removes it.
+        let tracker = self
+            .tracker
+            .get()
+            .filter(|t| t.any_tracked() && !sync::bug(sync::Bug::UntrackedNestedTables));
+        let tracked = tracker.is_some_and(|t| t.is_tracked(gfn, gfn.add(1)));
+        if tracked && fault.write {
+            return Ok(FaultOutcome::WriteTracked);
+        }
         // Dirty logging tracks 4K pages (KVM's hugepage adjust).
         let max = if logging {
             Level::L1
