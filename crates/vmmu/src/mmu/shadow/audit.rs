@@ -6,9 +6,9 @@
 use std::collections::HashSet;
 use std::fmt;
 
+use super::ShadowMmu;
 use super::page::{ENTRIES, Pages, SptePtr};
 use super::sync::{GuestTable, gpte_still_valid};
-use super::{FMT, ShadowMmu};
 use crate::addr::{Gfn, Level};
 use crate::mmu::tdp::AuditViolation;
 
@@ -212,7 +212,7 @@ impl ShadowMmu {
             if !spte.is_mmu_present() {
                 continue;
             }
-            let writable = spte.is_writable(FMT);
+            let writable = spte.is_writable(self.fmt);
             if writable && sync_tables.contains(&gfn) {
                 out.push(ShadowAuditViolation::WritableGuestTable { gfn });
             }

@@ -34,8 +34,8 @@
 
 use std::sync::atomic::Ordering;
 
+use super::ShadowMmu;
 use super::page::{PageId, Pages, SptePtr};
-use super::{FMT, ShadowMmu};
 use crate::addr::{Gfn, Level, Pfn};
 use crate::mem::Memslot;
 use crate::mmu::flush::PendingFlush;
@@ -71,7 +71,7 @@ impl ShadowMmu {
                 debug_assert_eq!(level, Level::L1, "every shadow leaf is 4K");
                 spte.raw()
             }
-            NewSpte::Table(child) => FMT.make_nonleaf(pages.page(child).pfn).raw(),
+            NewSpte::Table(child) => self.fmt.make_nonleaf(pages.page(child).pfn).raw(),
         };
         let entry = ptr.get(&self.arena);
         // Only the MMU, under the lock, makes an entry present, and hardware
@@ -152,7 +152,7 @@ impl ShadowMmu {
     /// holding them. Neither is a shadow page: they belong to the vCPU's
     /// roots and are freed with them.
     pub(super) fn link_pae_table(&self, pml4: Pfn, pae: Pfn) {
-        self.arena.table(pml4)[0].store(FMT.make_nonleaf(pae).raw(), Ordering::Release);
+        self.arena.table(pml4)[0].store(self.fmt.make_nonleaf(pae).raw(), Ordering::Release);
     }
 
     /// Reacts to the SPTE at `ptr`, in a table of `level`, changing from
@@ -191,10 +191,10 @@ impl ShadowMmu {
                 tracing::trace!(target: "kvm_mmu_spte_changed", table = ptr.table.raw(), index = ptr.index, level = level.get(), old = old.raw(), new = 0u64);
             }
             NewSpte::Leaf { spte, gfn, slot } => {
-                spte.check_leaf_writable_invariants(FMT);
+                spte.check_leaf_writable_invariants(self.fmt);
                 pages.rmap_add(gfn, ptr, &self.translations);
                 self.stats.account_leaf(Level::L1, 1);
-                if spte.is_writable(FMT) && slot.logs_dirty_pages() {
+                if spte.is_writable(self.fmt) && slot.logs_dirty_pages() {
                     // Writable from now on: logged now (KVM's `make_spte`).
                     slot.mark_page_dirty(gfn);
                 }

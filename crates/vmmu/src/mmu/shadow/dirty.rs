@@ -10,8 +10,8 @@
 //! stays MMU-writable, KVM's `spte_write_protect` without `pt_protect`);
 //! guest page tables keep their own, stronger protection.
 
+use super::ShadowMmu;
 use super::page::Pages;
-use super::{FMT, ShadowMmu};
 use crate::addr::Gfn;
 use crate::mem::{Memslot, MemslotError};
 use crate::mmu::flush::PendingFlush;
@@ -92,7 +92,7 @@ impl ShadowMmu {
     fn clear_writable_range(&self, pages: &Pages, start: Gfn, end: Gfn) -> PendingFlush {
         let mut flush = PendingFlush::none();
         for (_, ptr) in pages.rmap_range(start, end) {
-            flush |= self.clear_leaf_bits(ptr, |s| s.clear_writable(FMT));
+            flush |= self.clear_leaf_bits(ptr, |s| s.clear_writable(self.fmt));
         }
         flush
     }

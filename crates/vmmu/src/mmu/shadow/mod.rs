@@ -200,6 +200,10 @@ pub struct ShadowMmu {
     /// The page limit (KVM's `n_max_mmu_pages`).
     max_pages: AtomicU64,
     stats: MmuStats,
+    /// The format of its SPTEs (KVM's `shadow_*_mask`): the IA-32e format,
+    /// which the hardware walks for a guest's shadow tables and as AMD NPT
+    /// for the nested MMU's NPT02.
+    fmt: SpteFormat,
     /// The gfns its indirect pages shadow, for the other MMUs of the VM
     /// (a leaf lock: never held while taking another).
     tracked: parking_lot::Mutex<std::collections::HashSet<Gfn>>,
@@ -212,9 +216,6 @@ impl std::fmt::Debug for ShadowMmu {
         f.debug_struct("ShadowMmu").finish_non_exhaustive()
     }
 }
-
-/// The SPTE format of shadow pages.
-const FMT: SpteFormat = SpteFormat::Legacy;
 
 impl ShadowMmu {
     /// A shadow MMU over `host` memory and `slots`, registered as MMU
@@ -237,6 +238,7 @@ impl ShadowMmu {
             emulating: AtomicU64::new(0),
             max_pages: AtomicU64::new(default_max_pages(&slots)),
             stats: MmuStats::default(),
+            fmt: SpteFormat::Legacy,
             tracked: parking_lot::Mutex::new(std::collections::HashSet::new()),
             protectors: parking_lot::Mutex::new(Vec::new()),
         });
@@ -250,6 +252,11 @@ impl ShadowMmu {
     /// this MMU starts to shadow it ([`crate::mmu::track`]).
     pub fn add_write_protector(&self, protector: std::sync::Weak<dyn crate::mmu::track::WriteProtector>) {
         self.protectors.lock().push(protector);
+    }
+
+    /// The format of its SPTEs.
+    pub fn format(&self) -> SpteFormat {
+        self.fmt
     }
 
     /// The frame arena (SPTE tables and guest memory).
@@ -528,7 +535,7 @@ impl ShadowMmu {
             }
         }
         let pfn = valid.pfn_at(crate::addr::Level::L1);
-        let mut leaf = FMT.make_leaf(
+        let mut leaf = self.fmt.make_leaf(
             Level::L1,
             pfn,
             SpteAccess {
@@ -645,7 +652,7 @@ impl ShadowMmu {
     fn write_protect_gfn(&self, pages: &Pages, gfn: Gfn) -> PendingFlush {
         let mut flush = PendingFlush::none();
         for ptr in pages.rmap_of(gfn) {
-            flush |= self.clear_leaf_bits(ptr, |s| s.write_protect(FMT));
+            flush |= self.clear_leaf_bits(ptr, |s| s.write_protect(self.fmt));
         }
         flush
     }

@@ -12,7 +12,7 @@
 use super::access::{Leaf, leaf_rights};
 use super::change::NewSpte;
 use super::page::{PageId, Pages, SptePtr};
-use super::{FMT, GPTE_A, GPTE_D, LockedMemory, RMAP_RECYCLE_THRESHOLD, ShadowMmu};
+use super::{GPTE_A, GPTE_D, LockedMemory, RMAP_RECYCLE_THRESHOLD, ShadowMmu};
 use crate::addr::{Gva, Level};
 use crate::arch::perm::{Access, AccessKind, AccessRights};
 use crate::mmu::spte::SpteAccess;
@@ -94,7 +94,7 @@ impl ShadowMmu {
             if tracked || slot.is_readonly() {
                 rights.remove(AccessRights::WRITE);
             }
-            let leaf = FMT.make_leaf(
+            let leaf = self.fmt.make_leaf(
                 Level::L1,
                 host.pfn,
                 SpteAccess {
