@@ -140,6 +140,13 @@ stats!(
         prev_roots_hit: AtomicU64,
         /// CR3 loads that built or looked up a root.
         prev_roots_miss: AtomicU64,
+        /// TDP faults that found `indirect_shadow_pages` non-zero (read
+        /// without a lock, seed 002) and so asked the nested MMU whether
+        /// their gfn is tracked.
+        indirect_heuristic_hits: AtomicU64,
+        /// Of those, the faults whose gfn was tracked (the rest are the
+        /// heuristic's false positives: a set lookup for nothing).
+        indirect_tracked_gfns: AtomicU64,
     }
 );
 

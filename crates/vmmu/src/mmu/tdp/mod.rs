@@ -680,6 +680,12 @@ impl TdpMmu {
             .get()
             .filter(|t| t.any_tracked() && !sync::bug(sync::Bug::UntrackedNestedTables));
         let tracked = tracker.is_some_and(|t| t.is_tracked(gfn, gfn.add(1)));
+        if tracker.is_some() {
+            MmuStats::inc(&self.stats.local().indirect_heuristic_hits);
+            if tracked {
+                MmuStats::inc(&self.stats.local().indirect_tracked_gfns);
+            }
+        }
         if tracked && fault.write {
             return Ok(FaultOutcome::WriteTracked);
         }
