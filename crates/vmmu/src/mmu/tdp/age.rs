@@ -12,7 +12,6 @@ use super::change::DirtyBit;
 use crate::addr::{Gfn, Level};
 use crate::host::HvaRange;
 use crate::mmu::flush::PendingFlush;
-use crate::mmu::iter::SpteIter;
 use crate::mmu::spte::{Spte, SpteFormat};
 use crate::sync::MmuLockHeld;
 
@@ -43,7 +42,7 @@ impl TdpMmu {
         // the walk never reads a freed or reused frame.
         let epoch = crossbeam_epoch::pin();
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), Level::L1, start);
+            let mut it = self.cursor(&epoch, root.pfn(), Level::L1, start);
             while it.valid() && it.gfn() < end {
                 let spte = it.old_spte();
                 let level = it.level();

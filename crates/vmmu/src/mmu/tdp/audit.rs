@@ -6,7 +6,6 @@ use std::fmt;
 
 use super::TdpMmu;
 use crate::addr::{Gfn, Hva, Level, Pfn};
-use crate::mmu::iter::SpteIter;
 use crate::mmu::spte::Spte;
 
 /// One way an SPTE is wrong.
@@ -103,14 +102,7 @@ impl TdpMmu {
         for root in roots {
             let slots = self.slots.load(root.as_id);
             let epoch = crossbeam_epoch::pin();
-            let mut it = SpteIter::new(
-                &epoch,
-                &self.arena,
-                self.config.geometry,
-                root.pfn,
-                Level::L1,
-                Gfn::new(0),
-            );
+            let mut it = self.cursor(&epoch, root.pfn, Level::L1, Gfn::new(0));
             while it.valid() {
                 let spte = it.old_spte();
                 let level = it.level();

@@ -79,7 +79,7 @@ impl TdpMmu {
         let mut protected = false;
         let entries = self.config.geometry.entries();
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), Level::L1, start);
+            let mut it = self.cursor(&epoch, root.pfn(), Level::L1, start);
             while it.valid() && it.gfn() < end {
                 let level = it.level();
                 let spte = it.old_spte();
@@ -256,7 +256,7 @@ impl TdpMmu {
         let (start, end) = (slot.base_gfn(), slot.base_gfn().add(slot.npages()));
         let mut cleaned = false;
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), Level::L1, start);
+            let mut it = self.cursor(&epoch, root.pfn(), Level::L1, start);
             while it.valid() && it.gfn() < end {
                 let spte = it.old_spte();
                 let level = it.level();
@@ -361,7 +361,7 @@ impl TdpMmu {
         let max = Level::new(self.config.max_level.clamp(1, 3)).expect("clamped to a leaf level");
         let mut flush = false;
         for root in self.roots_of(slot.as_id()) {
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), Level::L2, start);
+            let mut it = self.cursor(&epoch, root.pfn(), Level::L2, start);
             while it.valid() && it.gfn() < end {
                 let spte = it.old_spte();
                 let level = it.level();

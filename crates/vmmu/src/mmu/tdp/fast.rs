@@ -6,7 +6,6 @@ use super::change::DirtyBit;
 use super::{FaultOutcome, RootRef, TdpFault, TdpMmu};
 use crate::addr::{Gfn, Level};
 use crate::mem::{DirtyRing, Memslot};
-use crate::mmu::iter::SpteIter;
 use crate::mmu::stats::MmuStats;
 
 impl TdpMmu {
@@ -27,14 +26,7 @@ impl TdpMmu {
     ) -> Option<FaultOutcome> {
         let write = fault.write;
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(
-            &epoch,
-            &self.arena,
-            self.config.geometry,
-            root.root().pfn(),
-            Level::L1,
-            gfn,
-        );
+        let mut it = self.cursor(&epoch, root.root().pfn(), Level::L1, gfn);
         while it.step_down() {}
         let spte = it.old_spte();
         if !spte.is_mmu_present() || !spte.is_leaf(it.level()) {

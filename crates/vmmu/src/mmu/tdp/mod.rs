@@ -219,20 +219,21 @@ fn put_root(root: &Arc<TdpRoot>, arena: &Arc<FrameArena>, geometry: Geometry, st
         assert!(!root.is_valid(), "the last reference to a valid root was dropped");
         // Nothing links into an invalid, unreferenced tree any more: its
         // tables can be counted now and freed after the grace period.
-        let tables = count_tables(arena, geometry, root.pfn, geometry.levels);
+        let top = Level::from_known(geometry.levels);
+        let tables = count_tables(arena, geometry, root.pfn, top);
         stats.account_tables(-(tables as i64));
-        defer_free_tree(&crossbeam_epoch::pin(), arena, geometry, root.pfn, geometry.levels);
+        defer_free_tree(&crossbeam_epoch::pin(), arena, geometry, root.pfn, top);
     }
 }
 
 /// The tables of a tree (the root included).
-fn count_tables(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) -> u64 {
+fn count_tables(arena: &FrameArena, geometry: Geometry, table: Pfn, level: Level) -> u64 {
     let mut n = 1;
-    if level > 1 {
+    if let Some(below) = level.down() {
         for slot in arena.table(table).iter().take(geometry.entries() as usize) {
             let spte = Spte::from_raw(slot.load(Ordering::Acquire));
-            if spte.is_mmu_present() && !spte.is_leaf(Level::new(level).expect("a table level")) {
-                n += count_tables(arena, geometry, spte.pfn(), level - 1);
+            if spte.is_mmu_present() && !spte.is_leaf(level) {
+                n += count_tables(arena, geometry, spte.pfn(), below);
             }
         }
     }
@@ -573,14 +574,7 @@ impl TdpMmu {
         );
         let mut zapped = 0;
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(
-            &epoch,
-            &self.arena,
-            self.config.geometry,
-            root.pfn,
-            Level::L1,
-            Gfn::new(0),
-        );
+        let mut it = self.cursor(&epoch, root.pfn, Level::L1, Gfn::new(0));
         while it.valid() {
             let spte = it.old_spte();
             let level = it.level();
@@ -834,9 +828,8 @@ impl TdpMmu {
             return FaultOutcome::Retry;
         }
         let as_id = root.root.as_id;
-        let g = self.config.geometry;
         let epoch = crossbeam_epoch::pin();
-        let mut it = SpteIter::new(&epoch, &self.arena, g, root.root.pfn, level, gfn);
+        let mut it = self.cursor(&epoch, root.root.pfn, level, gfn);
         while it.level() > level {
             let spte = it.old_spte();
             if spte.is_frozen() {
@@ -961,7 +954,7 @@ impl TdpMmu {
         let mut zapped = false;
         for root in self.roots_of(as_id) {
             let epoch = crossbeam_epoch::pin();
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn, Level::L1, start);
+            let mut it = self.cursor(&epoch, root.pfn, Level::L1, start);
             while it.valid() && it.gfn() < end {
                 let spte = it.old_spte();
                 let level = it.level();
@@ -987,14 +980,7 @@ impl TdpMmu {
         let roots: Vec<Arc<TdpRoot>> = self.roots.lock().all().cloned().collect();
         for root in roots {
             let epoch = crossbeam_epoch::pin();
-            let mut it = SpteIter::new(
-                &epoch,
-                &self.arena,
-                self.config.geometry,
-                root.pfn,
-                Level::L1,
-                Gfn::new(0),
-            );
+            let mut it = self.cursor(&epoch, root.pfn, Level::L1, Gfn::new(0));
             while it.valid() {
                 if it.old_spte().is_mmio(self.fmt) {
                     self.zap_spte(guard, &mut it, root.as_id);
@@ -1010,7 +996,7 @@ impl TdpMmu {
         let epoch = crossbeam_epoch::pin();
         let mut out = Vec::new();
         for root in self.roots_of(as_id) {
-            let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), Level::L1, gfn);
+            let mut it = self.cursor(&epoch, root.pfn(), Level::L1, gfn);
             while it.step_down() {}
             out.push((root.is_valid(), it.level(), it.old_spte()));
         }
@@ -1025,6 +1011,20 @@ impl TdpMmu {
     /// The roots of `as_id`, valid or invalidated (the list's snapshot).
     fn roots_of(&self, as_id: u16) -> Vec<Arc<TdpRoot>> {
         self.roots.lock().all().filter(|r| r.as_id == as_id).cloned().collect()
+    }
+
+    /// A walk cursor over this MMU's tree at `root` (its frames, its
+    /// geometry), from `gfn`, down to `min_level`, under `epoch` (KVM's
+    /// `for_each_tdp_pte` start).
+    #[inline]
+    pub(super) fn cursor<'a>(
+        &'a self,
+        epoch: &'a crossbeam_epoch::Guard,
+        root: Pfn,
+        min_level: Level,
+        gfn: Gfn,
+    ) -> SpteIter<'a> {
+        SpteIter::new(epoch, &self.arena, self.config.geometry, root, min_level, gfn)
     }
 
     /// Makes the nested MMU's gfn write tracking this MMU's: tracked gfns
@@ -1099,18 +1099,24 @@ impl MmuNotifier for Notifier {
 /// Frees a page-table tree after the grace period of `epoch`: the
 /// hardware model pins an epoch while it walks, so no walker can still be
 /// inside it.
-fn defer_free_tree(epoch: &crossbeam_epoch::Guard, arena: &Arc<FrameArena>, geometry: Geometry, table: Pfn, level: u8) {
+fn defer_free_tree(
+    epoch: &crossbeam_epoch::Guard,
+    arena: &Arc<FrameArena>,
+    geometry: Geometry,
+    table: Pfn,
+    level: Level,
+) {
     let arena = arena.clone();
     epoch.defer(move || free_tree(&arena, geometry, table, level));
     epoch.flush();
 }
 
-fn free_tree(arena: &FrameArena, geometry: Geometry, table: Pfn, level: u8) {
-    if level > 1 {
+fn free_tree(arena: &FrameArena, geometry: Geometry, table: Pfn, level: Level) {
+    if let Some(below) = level.down() {
         for slot in arena.table(table).iter().take(geometry.entries() as usize) {
             let spte = Spte::from_raw(slot.load(Ordering::Acquire));
-            if spte.is_mmu_present() && !spte.is_leaf(Level::new(level).expect("a table level")) {
-                free_tree(arena, geometry, spte.pfn(), level - 1);
+            if spte.is_mmu_present() && !spte.is_leaf(level) {
+                free_tree(arena, geometry, spte.pfn(), below);
             }
         }
     }

@@ -23,7 +23,6 @@ use parking_lot::{Condvar, Mutex};
 use super::TdpMmu;
 use crate::addr::{Gfn, Level};
 use crate::mmu::flush::PendingFlush;
-use crate::mmu::iter::SpteIter;
 
 /// KVM's default `nx_huge_pages_recovery_ratio`.
 pub const NX_HUGE_PAGES_RECOVERY_RATIO: u32 = 60;
@@ -98,7 +97,7 @@ impl TdpMmu {
             }
             for root in self.roots_of(as_id) {
                 let epoch = crossbeam_epoch::pin();
-                let mut it = SpteIter::new(&epoch, &self.arena, self.config.geometry, root.pfn(), level, gfn);
+                let mut it = self.cursor(&epoch, root.pfn(), level, gfn);
                 while it.level() > level && it.step_down() {}
                 let spte = it.old_spte();
                 if it.level() == level && spte.is_mmu_present() && !spte.is_leaf(level) {
