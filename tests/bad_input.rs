@@ -322,8 +322,8 @@ fn run_impossible_vm_configurations() {
             &["--vendor", "--mmu tdp"],
         ),
         case(
-            &["conform", "--mmu", "nested", "tests/data/conformance/public-ept.jsonl"],
-            &["public-ept.jsonl", "NPT"],
+            &["conform", "--mmu", "nested", "tests/data/conformance/public-lm4.jsonl"],
+            &["public-lm4.jsonl", "single-level"],
         ),
         case(
             &["conform", "--mmu", "tdp", "tests/data/conformance/public-npt-lm4.jsonl"],

@@ -177,9 +177,9 @@ fn switching_between_l2_guests_reuses_npt02_roots() {
     assert_eq!(value(read(&mut l2, 0x5000)), 0xaaaa);
     let before = stats();
     for _ in 0..10 {
-        l2.set_l1_npt(npt(other[0]));
+        l2.set_l1_nested(npt(other[0]));
         assert_eq!(value(read(&mut l2, 0x5000)), 0xbbbb);
-        l2.set_l1_npt(npt(NPT[0]));
+        l2.set_l1_nested(npt(NPT[0]));
         assert_eq!(value(read(&mut l2, 0x5000)), 0xaaaa);
     }
     let after = stats();

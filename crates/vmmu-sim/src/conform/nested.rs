@@ -452,11 +452,6 @@ pub fn replay_npt(c: &NptCase) -> Result<(), Failure> {
 
 /// Replays an EPT case through the two-dimensional walk.
 pub fn replay_ept(c: &EptCase) -> Result<(), Failure> {
-    let fail = |expected: String, got: String| Failure {
-        id: c.id,
-        expected,
-        got,
-    };
     let host = SparseMemory::new();
     for e in &c.memory {
         host.write_uint(Gpa::new(e.hpa.0), usize::from(e.size), e.value.0);
@@ -519,6 +514,23 @@ pub fn replay_ept(c: &EptCase) -> Result<(), Failure> {
             }
         }
     }
+    check_ept(c, ended, value_read, |hpa, size| host.read_uint(Gpa::new(hpa), size))
+}
+
+/// Compares how an EPT case ended (and what the access read) with the
+/// recording, then the entries afterwards as `read` reads them.
+fn check_ept(
+    c: &EptCase,
+    ended: Ended,
+    value_read: Option<u64>,
+    read: impl Fn(u64, usize) -> u64,
+) -> Result<(), Failure> {
+    let fail = |expected: String, got: String| Failure {
+        id: c.id,
+        expected,
+        got,
+    };
+    let va = Gva::new(c.va.0);
     let r = &c.result;
     let hex = |h: Option<Hex>| h.map_or("-".to_string(), |h| format!("{:#x}", h.0));
     let expected = format!(
@@ -561,7 +573,7 @@ pub fn replay_ept(c: &EptCase) -> Result<(), Failure> {
             .get(i)
             .filter(|m| m.hpa == e.hpa)
             .map_or(8, |m| usize::from(m.size));
-        let got = host.read_uint(Gpa::new(e.hpa.0), size);
+        let got = read(e.hpa.0, size);
         let dont_care = e.dont_care.map_or(0, |h| h.0);
         if (got ^ e.value.0) & !dont_care != 0 {
             return Err(fail(
@@ -571,7 +583,7 @@ pub fn replay_ept(c: &EptCase) -> Result<(), Failure> {
         }
     }
     for p in c.probe_after.iter().flatten() {
-        let got = host.read_uint(Gpa::new(p.hpa.0), usize::from(p.size));
+        let got = read(p.hpa.0, usize::from(p.size));
         if got != p.value.0 {
             return Err(fail(
                 format!("target {:#x} = {:#x} after the access", p.hpa.0, p.value.0),
@@ -609,7 +621,9 @@ fn describe(e: &Ended) -> String {
 /// NPT02. A #NPF the nested MMU reflects to L1 is compared with the case's;
 /// an access that completes must reach the case's `pa` (a marker placed
 /// there is what a read returns, a write's value is what lands there).
-/// The EPT cases need the nested MMU for EPT12, which is not built yet.
+/// The EPT cases run the same way on an Intel nested MMU shadowing the
+/// case's EPT12 with EPT02; VM entry's checks of the VMCS PDPTEs are made
+/// here, as L0 makes them for a nested VM entry.
 #[derive(Debug, Default)]
 pub struct NestedReplayer;
 
@@ -621,11 +635,11 @@ impl super::Replayer for NestedReplayer {
     fn replay(&mut self, case: &super::Case) -> Result<(), Failure> {
         match case {
             super::Case::Npt(c) => replay_npt_nested(c),
+            super::Case::Ept(c) => replay_ept_nested(c),
             other => Err(Failure {
                 id: other.id(),
-                expected: "an NPT case".to_string(),
-                got: "a case the nested MMU does not replay (EPT12 shadowing is not built; single-level cases have no L1)"
-                    .to_string(),
+                expected: "an NPT or EPT case".to_string(),
+                got: "a single-level case: it has no L1 whose tables the nested MMU could shadow".to_string(),
             }),
         }
     }
@@ -641,36 +655,47 @@ const L1_HVA: u64 = 0x1000_0000_0000;
 /// completes there: the access must return it.
 const MARKER: u64 = 0x5a5a_c0de_0bad_f00d;
 
-fn replay_npt_nested(c: &NptCase) -> Result<(), Failure> {
-    use std::sync::Arc;
-    use vmmu::cpu::vcpu::{AccessResult, GuestFault, L1Npt, Vcpu};
-    use vmmu::host::{FrameArena, HostAddressSpace, VmaFlags};
-    use vmmu::mem::{GuestMemory, MemoryRegion, MemslotFlags, MemslotTable};
-    use vmmu::mmu::shadow::ShadowMmu;
+/// L1's memory for a nested replay: the case's host memory, given to a VM
+/// as 2 MiB memslots added where the case writes and wherever an access
+/// finds none (the nested MMU reports the L1-physical address of an access
+/// without a memslot), so that every L1-physical address is memory.
+struct L1Host {
+    host: std::sync::Arc<vmmu::host::HostAddressSpace>,
+    slots: std::sync::Arc<vmmu::mem::MemslotTable>,
+    mem: vmmu::mem::GuestMemory,
+    regions: std::cell::RefCell<Vec<u64>>,
+}
 
-    let id = c.id;
-    let fail = |expected: String, got: String| Failure { id, expected, got };
-    let setup = |e: &dyn std::fmt::Display| fail("the replay to run".to_string(), e.to_string());
-    // Every L1-physical address is memory: 2 MiB memslots are added where
-    // the case writes, and wherever an access finds none (the nested MMU
-    // reports the L1-physical address of an access without a memslot).
-    let arena = Arc::new(FrameArena::with_reserve(256 << 20).map_err(|e| setup(&e))?);
-    let host = Arc::new(HostAddressSpace::new(arena).map_err(|e| setup(&e))?);
-    let slots = Arc::new(MemslotTable::new(Default::default()));
-    let regions = std::cell::RefCell::new(Vec::<u64>::new());
-    let ensure_slot = |l1_gpa: u64| -> Result<(), String> {
+impl L1Host {
+    fn new() -> Result<L1Host, String> {
+        use std::sync::Arc;
+        let arena = Arc::new(vmmu::host::FrameArena::with_reserve(256 << 20).map_err(|e| e.to_string())?);
+        let host = Arc::new(vmmu::host::HostAddressSpace::new(arena).map_err(|e| e.to_string())?);
+        let slots = Arc::new(vmmu::mem::MemslotTable::new(Default::default()));
+        Ok(L1Host {
+            mem: vmmu::mem::GuestMemory::new(host.clone(), slots.clone()),
+            host,
+            slots,
+            regions: std::cell::RefCell::new(Vec::new()),
+        })
+    }
+
+    /// A memslot covering `l1_gpa`.
+    fn ensure_slot(&self, l1_gpa: u64) -> Result<(), String> {
         let base = l1_gpa & !(SLOT - 1);
-        let mut regions = regions.borrow_mut();
+        let mut regions = self.regions.borrow_mut();
         if regions.contains(&base) {
             return Ok(());
         }
         let hva = vmmu::addr::Hva::new(L1_HVA + SLOT * regions.len() as u64);
-        host.mmap(hva, SLOT, VmaFlags::WRITE).map_err(|e| e.to_string())?;
-        slots
-            .create(MemoryRegion {
+        self.host
+            .mmap(hva, SLOT, vmmu::host::VmaFlags::WRITE)
+            .map_err(|e| e.to_string())?;
+        self.slots
+            .create(vmmu::mem::MemoryRegion {
                 as_id: 0,
                 id: regions.len() as u16,
-                flags: MemslotFlags::empty(),
+                flags: vmmu::mem::MemslotFlags::empty(),
                 guest_phys_addr: Gpa::new(base),
                 memory_size: SLOT,
                 userspace_addr: hva,
@@ -678,17 +703,41 @@ fn replay_npt_nested(c: &NptCase) -> Result<(), Failure> {
             .map_err(|e| e.to_string())?;
         regions.push(base);
         Ok(())
-    };
-    for e in &c.memory {
-        ensure_slot(e.hpa.0).map_err(|e| setup(&e))?;
     }
-    let mmu = ShadowMmu::new(host.clone(), slots.clone());
-    let mem = GuestMemory::new(host.clone(), slots.clone());
+
+    /// Writes `size` bytes of `value` at `l1_gpa`.
+    fn write(&self, l1_gpa: u64, size: usize, value: u64) -> Result<(), String> {
+        self.ensure_slot(l1_gpa)?;
+        self.mem
+            .write_value(Gpa::new(l1_gpa), size, value)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Reads `size` bytes at `l1_gpa`: zero where no memslot was needed
+    /// (the case's memory is zeroed pages).
+    fn read(&self, l1_gpa: u64, size: usize) -> u64 {
+        self.mem.read_value(Gpa::new(l1_gpa), size).unwrap_or(0)
+    }
+
+    /// A nested MMU over this memory in format `fmt`.
+    fn nested_mmu(&self, fmt: vmmu::mmu::spte::SpteFormat) -> std::sync::Arc<vmmu::mmu::shadow::ShadowMmu> {
+        vmmu::mmu::shadow::ShadowMmu::with_format(self.host.clone(), self.slots.clone(), fmt)
+    }
+}
+
+fn replay_npt_nested(c: &NptCase) -> Result<(), Failure> {
+    use vmmu::cpu::vcpu::{AccessResult, GuestFault, L1Npt, Vcpu};
+
+    let id = c.id;
+    let fail = |expected: String, got: String| Failure { id, expected, got };
+    let setup = |e: &dyn std::fmt::Display| fail("the replay to run".to_string(), e.to_string());
+    let l1 = L1Host::new().map_err(|e| setup(&e))?;
     for e in &c.memory {
         let size = if e.table == "l2" { c.mode.entry_size() } else { 8 };
-        mem.write_value(Gpa::new(e.hpa.0), size, e.value.0)
-            .map_err(|e| setup(&e))?;
+        l1.write(e.hpa.0, size, e.value.0).map_err(|e| setup(&e))?;
     }
+    let mmu = l1.nested_mmu(vmmu::mmu::spte::SpteFormat::Legacy);
+    let (slots, mem) = (&l1.slots, &l1.mem);
     let size = c.mode.access_size();
     let done = c.result.exit == "none";
     // The marker goes where the access should land, unless that is one of
@@ -698,8 +747,7 @@ fn replay_npt_nested(c: &NptCase) -> Result<(), Failure> {
     let pa_is_entry = c.memory.iter().any(|e| e.hpa.0 & !7 == pa & !7);
     let marked = done && c.access != CaseAccess::Write && !pa_is_entry;
     if marked {
-        ensure_slot(pa).map_err(|e| setup(&e))?;
-        mem.write_value(Gpa::new(pa), size, MARKER).map_err(|e| setup(&e))?;
+        l1.write(pa, size, MARKER).map_err(|e| setup(&e))?;
     }
     let features = CpuFeatures::default().with_maxphyaddr(c.maxphyaddr);
     let npt = L1Npt {
@@ -725,7 +773,7 @@ fn replay_npt_nested(c: &NptCase) -> Result<(), Failure> {
         match got {
             // Memory there too: a slot, and the access again.
             AccessResult::Done { gpa, mmio: true, .. } if tries < 16 => {
-                ensure_slot(gpa.raw()).map_err(|e| setup(&e))?;
+                l1.ensure_slot(gpa.raw()).map_err(|e| setup(&e))?;
                 tries += 1;
             }
             _ => break,
@@ -783,4 +831,108 @@ fn replay_npt_nested(c: &NptCase) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+fn replay_ept_nested(c: &EptCase) -> Result<(), Failure> {
+    use vmmu::arch::ept::Eptp;
+    use vmmu::cpu::vcpu::{AccessResult, GuestFault, Vcpu, VcpuError};
+
+    let id = c.id;
+    let fail = |expected: String, got: String| Failure { id, expected, got };
+    let setup = |e: &dyn std::fmt::Display| fail("the replay to run".to_string(), e.to_string());
+    let l1 = L1Host::new().map_err(|e| setup(&e))?;
+    for e in &c.memory {
+        l1.write(e.hpa.0, usize::from(e.size), e.value.0)
+            .map_err(|e| setup(&e))?;
+    }
+    let features = CpuFeatures::default().with_maxphyaddr(c.maxphyaddr);
+    let mmu = l1.nested_mmu(vmmu::mmu::spte::SpteFormat::Ept { ad: true });
+    let mut vcpu = Vcpu::new_nested(mmu, l1.slots.clone(), features, 1, Eptp(c.eptp.0));
+    let regs = ControlRegs {
+        cr0: Cr0::from_bits_truncate(c.guest.cr0.0),
+        cr4: Cr4::from_bits_truncate(c.guest.cr4.0),
+        efer: Efer::from_bits_truncate(c.guest.efer.0),
+    };
+    let va = Gva::new(c.va.0);
+    let size = usize::from(c.access_size);
+    let access = case_access(c.access, c.cpl, c.guest.rflags_ac);
+    let ended = (|| -> Result<(Ended, Option<u64>), Failure> {
+        let mut pdptes = [0u64; 4];
+        let pae = regs.mode() == PagingMode::Pae;
+        let rsvd = vmmu::arch::rsvd::RsvdBits::guest(PagingMode::Pae, &features, true, false);
+        let reserved = |p: &[u64; 4]| p.iter().any(|&p| p & 1 != 0 && rsvd.is_reserved(p, 3, false));
+        if pae {
+            for (slot, v) in pdptes.iter_mut().zip(c.guest.pdptes.iter().flatten()) {
+                *slot = v.0;
+            }
+            if reserved(&pdptes) {
+                return Ok((Ended::EntryFail, None));
+            }
+        }
+        vcpu.vm_entry(regs, c.guest.cr3.0, pdptes, 0);
+        if pae && c.guest.pdpte_reload {
+            // MOV to CR3: the PDPTEs from memory, through EPT.
+            match vcpu.mov_cr3(c.guest.cr3.0) {
+                Ok(()) => {}
+                Err(VcpuError::ExitToL1(f)) => return Ok((Ended::Nested(f), None)),
+                Err(e) => return Err(setup(&e)),
+            }
+            if reserved(&vcpu.pdptes()) {
+                return Ok((
+                    Ended::Exception {
+                        vector: 13,
+                        error_code: 0,
+                    },
+                    None,
+                ));
+            }
+        }
+        // A fetch runs the 8-byte stub; a write stores the case's value.
+        let (asize, value) = match c.access {
+            CaseAccess::Fetch => (8, 0),
+            CaseAccess::Write => (size, c.write_value.map_or(0, |v| v.0) & (u64::MAX >> (64 - 8 * size))),
+            CaseAccess::Read => (size, 0),
+        };
+        let mut tries = 0;
+        loop {
+            let got = vcpu.access(va, access, asize, value).map_err(|e| setup(&e))?;
+            return Ok(match got {
+                AccessResult::Done { gpa, mmio: true, .. } if tries < 16 => {
+                    l1.ensure_slot(gpa.raw()).map_err(|e| setup(&e))?;
+                    tries += 1;
+                    continue;
+                }
+                AccessResult::Done {
+                    gpa,
+                    value,
+                    mmio: false,
+                } => {
+                    let read = match c.access {
+                        // `mov $imm32,%ebx; vmcall`: the immediate follows the opcode.
+                        CaseAccess::Fetch => Some((value >> 8) & 0xffff_ffff),
+                        CaseAccess::Read => Some(value),
+                        CaseAccess::Write => None,
+                    };
+                    (Ended::Done { gpa: gpa.raw(), hpa: 0 }, read)
+                }
+                AccessResult::Fault(GuestFault::PageFault { error_code, .. }) => (
+                    Ended::Exception {
+                        vector: 14,
+                        error_code: error_code.bits(),
+                    },
+                    None,
+                ),
+                AccessResult::Fault(GuestFault::GeneralProtection) => (
+                    Ended::Exception {
+                        vector: 13,
+                        error_code: 0,
+                    },
+                    None,
+                ),
+                AccessResult::VmExit(f) => (Ended::Nested(f), None),
+                other => return Err(fail("an outcome the case records".to_string(), format!("{other:?}"))),
+            });
+        }
+    })()?;
+    check_ept(c, ended.0, ended.1, |hpa, size| l1.read(hpa, size))
 }

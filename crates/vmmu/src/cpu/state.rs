@@ -148,6 +148,12 @@ pub enum VcpuError {
         /// The vCPU state that caused it: registers, PKRU, the last exit.
         state: String,
     },
+    /// An L2 guest's instruction exited to its L1 hypervisor: a MOV to
+    /// CR3 loading PAE PDPTEs through EPT whose EPT12 refuses the read.
+    /// Not a failure of the vCPU: the exit L1 handles (an access's exits
+    /// to L1 are [`AccessResult::VmExit`]).
+    #[error("exit to L1: {0:?}")]
+    ExitToL1(NestedFault),
 }
 
 /// A vCPU's architectural state, TLB and guest-mode bookkeeping: all of

@@ -28,7 +28,7 @@ use crate::mmu::tdp::{RootRef, TdpError, TdpMmu};
 use crate::walker::nested::NestedFault;
 use crate::walker::{ControlRegs, GuestPaging};
 
-pub use super::context::{L1Npt, NESTED_PREV_ROOTS, PREV_ROOTS};
+pub use super::context::{L1Nested, L1Npt, NESTED_PREV_ROOTS, PREV_ROOTS};
 pub use super::state::{AccessResult, GuestFault, LIVELOCK_EXITS, VcpuError, VcpuStats};
 
 /// The registers of a `rep stosq` ([`Vcpu::rep_stos`]): RDI, the next
@@ -169,33 +169,39 @@ impl Vcpu {
     }
 
     /// A vCPU of an L2 guest whose L1 hypervisor gives it nested paging
-    /// `npt` (NPT12 in L1's memory), on the nested MMU `mmu`: a shadow MMU
-    /// over L1's memslots `slots`, address space 0. Paging off; NPT02's
-    /// roots are loaded at the first access.
+    /// `l1` (NPT12 or EPT12 in L1's memory), on the nested MMU `mmu`: a
+    /// shadow MMU over L1's memslots `slots`, address space 0, in the
+    /// vendor's format ([`crate::vm::Vm::nested_mmu`]). Paging off; the
+    /// shadow's roots are loaded at the first access.
     pub fn new_nested(
         mmu: Arc<ShadowMmu>,
         slots: Arc<MemslotTable>,
         features: CpuFeatures,
         asid: u16,
-        npt: L1Npt,
+        l1: impl Into<L1Nested>,
     ) -> Vcpu {
         Vcpu::with_context(
-            MmuContext::Nested(NestedContext::new(mmu, npt, &features)),
+            MmuContext::Nested(NestedContext::new(mmu, l1.into(), &features)),
             slots,
             features,
             asid,
         )
     }
 
-    /// A VMRUN with other nested paging (L1 switching to another L2 guest,
-    /// or changing its nCR3): the nested MMU switches roots before the
-    /// next access, from its `prev_roots` when it can. Ignored on a vCPU
-    /// that is not an L2 guest's.
-    pub fn set_l1_npt(&mut self, npt: L1Npt) {
+    /// A VM entry with other nested paging (L1 switching to another L2
+    /// guest, or changing its nCR3 or EPTP): the nested MMU switches roots
+    /// before the next access, from its `prev_roots` when it can. Ignored
+    /// on a vCPU that is not an L2 guest's.
+    pub fn set_l1_nested(&mut self, l1: impl Into<L1Nested>) {
         if let MmuContext::Nested(c) = &mut self.ctx {
-            c.set_npt(npt, &self.cpu.features);
+            c.set_l1(l1.into(), &self.cpu.features);
             self.cpu.settled = false;
         }
+    }
+
+    /// The PDPTE registers (PAE paging).
+    pub fn pdptes(&self) -> [u64; 4] {
+        self.cpu.pdptes
     }
 
     fn with_context(ctx: MmuContext, slots: Arc<MemslotTable>, features: CpuFeatures, vpid: u16) -> Vcpu {
@@ -274,6 +280,21 @@ impl Vcpu {
         self.cpu.tlb.flush(Flush::Everything);
         self.cpu.settled = false;
         self.mov_cr3(cr3)
+    }
+
+    /// A VM entry into an L2 guest with the VMCS guest state `regs`, `cr3`
+    /// and `pkru`, and, for PAE paging under EPT, the PDPTE registers
+    /// `pdptes` from the VMCS (not read from memory; their reserved-bit
+    /// check is VM entry's, before this). Nothing is read, nothing exits.
+    pub fn vm_entry(&mut self, regs: ControlRegs, cr3: u64, pdptes: [u64; 4], pkru: u32) {
+        self.cpu.regs = regs;
+        self.cpu.pkru = pkru;
+        self.cpu.paging = GuestPaging::new(&regs, &self.cpu.features);
+        self.cpu.tlb.flush(Flush::Everything);
+        self.cpu.cr3 = cr3;
+        self.cpu.pdptes = pdptes;
+        self.cpu.settled = false;
+        self.ctx.guest_flush(GuestFlush::Cr3);
     }
 
     /// MOV to CR0 changing only CR0.WP: no invalidation (rights are

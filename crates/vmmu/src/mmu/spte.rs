@@ -93,7 +93,7 @@ pub enum SpteFormat {
 /// Access the MMU grants in an SPTE (KVM's `ACC_*` for SPTEs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SpteAccess {
-    /// Readable (always true for a present SPTE in IA-32e format).
+    /// Readable (EPT; an IA-32e SPTE that is present is readable).
     pub read: bool,
     /// Writable.
     pub write: bool,
@@ -204,7 +204,12 @@ impl SpteFormat {
         let writable = access.write && host_writable && mmu_writable;
         match self {
             SpteFormat::Ept { ad } => {
-                v |= EPT_READ | (MemType::Wb as u64) << EPT_MT_SHIFT;
+                // Write without read is a misconfiguration, never built.
+                debug_assert!(access.read || !access.write, "an EPT leaf writable but not readable");
+                v |= (MemType::Wb as u64) << EPT_MT_SHIFT;
+                if access.read {
+                    v |= EPT_READ;
+                }
                 if access.exec {
                     v |= EPT_EXEC;
                 }

@@ -198,7 +198,13 @@ impl Vm {
         Ok(self
             .nested
             .get_or_init(|| {
-                let nested = ShadowMmu::new(self.host.clone(), self.slots.clone());
+                // L0's nested tables are in the vendor's format: EPT02 on
+                // Intel, NPT02 (the IA-32e format) on AMD.
+                let fmt = match self.mmu.config().vendor {
+                    crate::arch::control::Vendor::Intel => crate::mmu::spte::SpteFormat::Ept { ad: true },
+                    crate::arch::control::Vendor::Amd => crate::mmu::spte::SpteFormat::Legacy,
+                };
+                let nested = ShadowMmu::with_format(self.host.clone(), self.slots.clone(), fmt);
                 let protector: Arc<dyn crate::mmu::track::WriteProtector> = self.mmu.clone();
                 nested.add_write_protector(Arc::downgrade(&protector));
                 self.mmu.set_write_tracker(nested.clone());

@@ -489,7 +489,9 @@ impl<F: PteFormat> Paging<F> {
                 gpa: Gpa::new(gpa),
                 rights,
                 pkey,
-                dirty: (leaf_pte & F::DIRTY != 0) || (set_dirty && self.ad && ad == AdMode::Update),
+                // Without A/D flags there is no D to set: a write needs no
+                // walk to mark the page dirty.
+                dirty: !self.ad || (leaf_pte & F::DIRTY != 0) || (set_dirty && ad == AdMode::Update),
                 entries,
             });
         }
@@ -505,6 +507,66 @@ pub enum GuestPaging {
     Bits32(Paging<Pte32>),
     /// PAE, 4-level or 5-level paging.
     Pae64(Paging<Pte64>, PagingMode),
+    /// An L1 hypervisor's EPT, walked as the tables a shadow MMU shadows
+    /// (KVM's `PTTYPE_EPT` instance of `paging_tmpl.h`): addresses are
+    /// L2-physical, accesses user accesses (readable stands for user).
+    Ept(Paging<PteEpt>),
+}
+
+/// Where a guest paging format keeps the bits a shadow MMU compares when it
+/// checks that a guest entry still says what an SPTE was built from (KVM's
+/// `is_present_gpte`, `PT_GUEST_ACCESSED_MASK`, `PT_GUEST_DIRTY_MASK`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GpteBits {
+    /// Any of these set: present (P; EPT: R, W or X).
+    pub present: u64,
+    /// Accessed (0: the format keeps none, every entry counts as used).
+    pub accessed: u64,
+    /// Dirty (0: the format keeps none, every leaf counts as dirty).
+    pub dirty: u64,
+}
+
+impl GpteBits {
+    /// The x86 paging formats (32-bit, PAE, IA-32e, and AMD NPT).
+    pub const X86: GpteBits = GpteBits {
+        present: crate::arch::pte::PT_PRESENT,
+        accessed: crate::arch::pte::PT_ACCESSED,
+        dirty: crate::arch::pte::PT_DIRTY,
+    };
+
+    /// EPT, with accessed and dirty flags as `ad` (EPTP bit 6).
+    pub const fn ept(ad: bool) -> GpteBits {
+        GpteBits {
+            present: crate::arch::ept::EPT_RWX,
+            accessed: if ad { crate::arch::ept::EPT_ACCESSED } else { 0 },
+            dirty: if ad { crate::arch::ept::EPT_DIRTY } else { 0 },
+        }
+    }
+
+    /// Both A and D.
+    pub const fn ad(&self) -> u64 {
+        self.accessed | self.dirty
+    }
+
+    /// Whether the entry is present and used (accessed, where the format
+    /// says).
+    pub const fn is_used(&self, pte: u64) -> bool {
+        pte & self.present != 0 && pte & self.accessed == self.accessed
+    }
+
+    /// The entry as a successful walk left it: accessed, and dirty when
+    /// `dirty`.
+    pub const fn as_walked(&self, pte: u64, dirty: bool) -> u64 {
+        pte | self.accessed | if dirty { self.dirty } else { 0 }
+    }
+
+    /// Whether an SPTE built from `recorded` (as walked) still translates
+    /// as the guest entry `now` does: present and used, the same but for
+    /// A/D, and dirty if it was recorded dirty (a clean entry's SPTE is
+    /// read-only, so a D set since changes nothing it allows).
+    pub const fn still_valid(&self, recorded: u64, now: u64) -> bool {
+        self.is_used(now) && (now ^ recorded) & !self.ad() == 0 && (recorded & self.dirty == 0 || now & self.dirty != 0)
+    }
 }
 
 impl GuestPaging {
@@ -523,6 +585,16 @@ impl GuestPaging {
             GuestPaging::None => PagingMode::None,
             GuestPaging::Bits32(_) => PagingMode::Bits32,
             GuestPaging::Pae64(_, mode) => *mode,
+            GuestPaging::Ept(p) if p.root_level() == 5 => PagingMode::Level5,
+            GuestPaging::Ept(_) => PagingMode::Level4,
+        }
+    }
+
+    /// Where its entries keep present, accessed and dirty.
+    pub fn gpte_bits(&self) -> GpteBits {
+        match self {
+            GuestPaging::Ept(p) => GpteBits::ept(p.ad),
+            _ => GpteBits::X86,
         }
     }
 
@@ -534,9 +606,12 @@ impl GuestPaging {
         }
     }
 
-    /// The root for `cr3`: the table it names, or for PAE the PDPT and the
+    /// The root for `cr3` (for EPT, the EPTP): the table it names, or for PAE the PDPT and the
     /// PDPTE registers `pdptes` (see [`load_pdptes`]).
     pub fn root(&self, cr3: u64, pdptes: [u64; 4]) -> Root {
+        if let GuestPaging::Ept(_) = self {
+            return Root::Table(Gpa::new(cr3 & crate::arch::pte::PT64_ADDR_MASK));
+        }
         match self.mode() {
             PagingMode::None => Root::Table(Gpa::new(0)),
             PagingMode::Bits32 => Root::Table(Gpa::new(cr3 & CR3_32_ROOT_MASK)),
@@ -561,6 +636,7 @@ impl GuestPaging {
             GuestPaging::None => Ok(identity_walk(va)),
             GuestPaging::Bits32(p) => p.walk(mem, root, va, access, pkru),
             GuestPaging::Pae64(p, _) => p.walk(mem, root, va, access, pkru),
+            GuestPaging::Ept(p) => p.walk(mem, root, va, access, pkru),
         }
     }
 
@@ -577,6 +653,7 @@ impl GuestPaging {
             GuestPaging::None => Ok(identity_walk(va)),
             GuestPaging::Bits32(p) => p.peek(mem, root, va, access, pkru),
             GuestPaging::Pae64(p, _) => p.peek(mem, root, va, access, pkru),
+            GuestPaging::Ept(p) => p.peek(mem, root, va, access, pkru),
         }
     }
 }

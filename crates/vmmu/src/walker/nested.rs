@@ -234,9 +234,8 @@ impl NestedPaging {
 
     /// The nested tables as guest paging, for a shadow MMU that shadows
     /// them (KVM's nested MMU): NPT's long-mode format with its own
-    /// configuration (user accesses, no canonical form); `None` for EPT,
-    /// whose tables are not in a guest paging format.
-    pub fn guest_paging(&self) -> Option<GuestPaging> {
+    /// configuration (user accesses, no canonical form), or EPT.
+    pub fn guest_paging(&self) -> GuestPaging {
         match self.kind {
             NestedKind::Npt { paging } => {
                 let mode = if paging.root_level() == 5 {
@@ -244,9 +243,9 @@ impl NestedPaging {
                 } else {
                     PagingMode::Level4
                 };
-                Some(GuestPaging::Pae64(paging, mode))
+                GuestPaging::Pae64(paging, mode)
             }
-            NestedKind::Ept { .. } => None,
+            NestedKind::Ept { paging, .. } => GuestPaging::Ept(paging),
         }
     }
 
@@ -311,6 +310,72 @@ impl NestedPaging {
             AccessKind::Fetch => EptViolationQual::FETCH,
         };
         self.translate_as(host, gpa, NestedAccess { need: kind, qual }, stage)
+    }
+
+    /// Translates the address of `fault`, which other nested tables
+    /// reported, for the same access at the same stage: the fault these
+    /// tables give, or the translation if they allow it. This is how a
+    /// nested MMU builds the exit it reflects to L1 (KVM re-walks EPT12 or
+    /// NPT12 and injects what that walk found): the hardware faulted on
+    /// EPT02/NPT02, these are L1's EPT12/NPT12 over L1's memory `host`,
+    /// and the kind of access, the linear address and the stage come from
+    /// the hardware's report. An EPT misconfiguration says none of them: it
+    /// is retranslated as a read on behalf of no linear address.
+    pub fn retranslate<M: PtMemory>(&self, host: &M, fault: &NestedFault) -> Result<Walk, NestedError<M::Error>> {
+        let kinds = EptViolationQual::READ | EptViolationQual::WRITE | EptViolationQual::FETCH;
+        let (access, stage) = match *fault {
+            NestedFault::EptViolation { qual, gla, .. } => {
+                let need = if qual.contains(EptViolationQual::FETCH) {
+                    AccessKind::Fetch
+                } else if qual.contains(EptViolationQual::WRITE) {
+                    AccessKind::Write
+                } else {
+                    AccessKind::Read
+                };
+                let stage = match gla {
+                    Some(gla) if qual.contains(EptViolationQual::GLA_TRANSLATION) => NestedStage::Final { gla },
+                    Some(gla) => NestedStage::GuestPagingStructure { gla },
+                    None => NestedStage::NoLinearAddress,
+                };
+                (
+                    NestedAccess {
+                        need,
+                        qual: qual & kinds,
+                    },
+                    stage,
+                )
+            }
+            NestedFault::EptMisconfig { .. } => (
+                NestedAccess {
+                    need: AccessKind::Read,
+                    qual: EptViolationQual::READ,
+                },
+                NestedStage::NoLinearAddress,
+            ),
+            NestedFault::Npf { exitinfo1, .. } => {
+                let (write, fetch, _) = fault.access_bits();
+                let need = if fetch {
+                    AccessKind::Fetch
+                } else if write {
+                    AccessKind::Write
+                } else {
+                    AccessKind::Read
+                };
+                // Only the stage bit matters to NPT's report.
+                let stage = if exitinfo1 & NPF_FINAL_TRANSLATION != 0 {
+                    NestedStage::Final { gla: Gva::new(0) }
+                } else {
+                    NestedStage::GuestPagingStructure { gla: Gva::new(0) }
+                };
+                let qual = match need {
+                    AccessKind::Read => EptViolationQual::READ,
+                    AccessKind::Write => EptViolationQual::WRITE,
+                    AccessKind::Fetch => EptViolationQual::FETCH,
+                };
+                (NestedAccess { need, qual }, stage)
+            }
+        };
+        self.translate_as(host, fault.gpa(), access, stage)
     }
 
     fn translate_as<M: PtMemory>(

@@ -37,7 +37,7 @@ mod shadow;
 mod tdp;
 
 pub(crate) use nested::NestedContext;
-pub use nested::{L1Npt, NESTED_PREV_ROOTS};
+pub use nested::{L1Nested, L1Npt, NESTED_PREV_ROOTS};
 pub use shadow::PREV_ROOTS;
 pub(crate) use shadow::ShadowContext;
 pub(crate) use tdp::TdpContext;
@@ -291,6 +291,7 @@ pub(crate) fn check_2d(cpu: &CpuState, access: Access, e: &TlbEntry) -> bool {
         GuestPaging::None => !access.is_fetch() || e.rights.contains(AccessRights::EXEC),
         GuestPaging::Bits32(p) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
         GuestPaging::Pae64(p, _) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
+        GuestPaging::Ept(p) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
     };
     allowed && (!access.is_write() || e.dirty)
 }

@@ -39,6 +39,21 @@
 //!   exposes protection keys to guests only with TDP, and never meets it.)
 use super::role::Role;
 use crate::arch::perm::{Access, AccessRights};
+use crate::mmu::spte::SpteAccess;
+
+/// The SPTE access for a leaf with `rights` in a shadow page of `role`.
+/// In an IA-32e SPTE a present entry is readable and USER is the U/S bit;
+/// a page shadowing EPT reads USER as the EPT read bit (as the walker does
+/// for EPT), so an execute-only EPT12 page stays execute-only in EPT02.
+pub fn spte_access(role: &Role, rights: AccessRights) -> SpteAccess {
+    let user = rights.contains(AccessRights::USER);
+    SpteAccess {
+        read: !role.is_ept() || user,
+        write: rights.contains(AccessRights::WRITE),
+        exec: rights.contains(AccessRights::EXEC),
+        user,
+    }
+}
 
 /// How a fault the guest allows is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use std::fmt;
 
 use super::ShadowMmu;
 use super::page::{ENTRIES, Pages, SptePtr};
-use super::sync::{GuestTable, gpte_still_valid};
+use super::sync::GuestTable;
 use crate::addr::{Gfn, Level};
 use crate::mmu::tdp::AuditViolation;
 
@@ -194,7 +194,9 @@ impl ShadowMmu {
             // Checked after the read: an emulated write in flight has stored
             // the new entry and waits for the lock (held here) to zap the
             // SPTE built from the old one, and counts until it has.
-            if !gpte_still_valid(recorded, now) && self.emulating.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            if !p.role.gpte_bits().still_valid(recorded, now)
+                && self.emulating.load(std::sync::atomic::Ordering::Acquire) == 0
+            {
                 out.push(ShadowAuditViolation::StaleSyncSpte {
                     gfn: p.gfn,
                     index,

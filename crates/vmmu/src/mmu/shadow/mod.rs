@@ -46,7 +46,7 @@ mod sync;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use self::access::{Leaf, leaf_rights};
+use self::access::{Leaf, leaf_rights, spte_access};
 use self::change::NewSpte;
 use self::page::{ENTRIES, PageId, Pages, SptePtr, Translations};
 use self::role::Role;
@@ -60,7 +60,7 @@ use crate::mem::{
 };
 use crate::mmu::cache::MmuMemoryCache;
 use crate::mmu::flush::{PendingFlush, RemoteTlb};
-use crate::mmu::spte::{SpteAccess, SpteFormat};
+use crate::mmu::spte::SpteFormat;
 use crate::mmu::stats::MmuStats;
 use crate::sync::MmuLock;
 use crate::walker::{EntrySize, GuestPaging, PtMemory, Root, WalkError};
@@ -105,7 +105,7 @@ pub enum ShadowOutcome {
 /// The guest memory as the MMU's walker reads it: a gpa with no memslot
 /// reads as zero (like MMIO with nothing behind it) and A/D updates to it
 /// are dropped.
-struct WalkerMemory<'a>(&'a GuestMemory);
+pub(crate) struct WalkerMemory<'a>(pub(crate) &'a GuestMemory);
 
 /// The guest memory as the MMU reads it under `mmu_lock`: never faulting a
 /// page in (KVM's `kvm_vcpu_read_guest_atomic`), since a fault-in takes
@@ -162,13 +162,6 @@ fn default_max_pages(slots: &MemslotTable) -> u64 {
     (pages * 20 / 1000).max(MIN_MMU_PAGES)
 }
 
-/// The guest entry's Accessed bit (the same in every x86 format).
-const GPTE_A: u64 = 1 << 5;
-/// The guest entry's Dirty bit.
-const GPTE_D: u64 = 1 << 6;
-/// A/D bits, ignored when checking that a guest entry did not change.
-const GPTE_AD: u64 = GPTE_A | GPTE_D;
-
 /// The shadow MMU of one VM.
 pub struct ShadowMmu {
     arena: Arc<FrameArena>,
@@ -202,7 +195,7 @@ pub struct ShadowMmu {
     stats: MmuStats,
     /// The format of its SPTEs (KVM's `shadow_*_mask`): the IA-32e format,
     /// which the hardware walks for a guest's shadow tables and as AMD NPT
-    /// for the nested MMU's NPT02.
+    /// for the nested MMU's NPT02, or EPT for an Intel nested MMU's EPT02.
     fmt: SpteFormat,
     /// The gfns its indirect pages shadow, for the other MMUs of the VM
     /// (a leaf lock: never held while taking another).
@@ -221,6 +214,14 @@ impl ShadowMmu {
     /// A shadow MMU over `host` memory and `slots`, registered as MMU
     /// notifier and memslot observer.
     pub fn new(host: Arc<HostAddressSpace>, slots: Arc<MemslotTable>) -> Arc<ShadowMmu> {
+        ShadowMmu::with_format(host, slots, SpteFormat::Legacy)
+    }
+
+    /// A shadow MMU building SPTEs of format `fmt`: IA-32e for a guest's
+    /// shadow tables and for AMD's NPT02, EPT for Intel's EPT02 (with A/D
+    /// bits, which an EPTP without A/D ignores: KVM's EPT02 follows L1's
+    /// A/D setting and so does the hardware model's walk of it).
+    pub fn with_format(host: Arc<HostAddressSpace>, slots: Arc<MemslotTable>, fmt: SpteFormat) -> Arc<ShadowMmu> {
         let mmu = Arc::new(ShadowMmu {
             arena: host.arena().clone(),
             memory: GuestMemory::new(host.clone(), slots.clone()),
@@ -238,7 +239,7 @@ impl ShadowMmu {
             emulating: AtomicU64::new(0),
             max_pages: AtomicU64::new(default_max_pages(&slots)),
             stats: MmuStats::default(),
-            fmt: SpteFormat::Legacy,
+            fmt,
             tracked: parking_lot::Mutex::new(std::collections::HashSet::new()),
             protectors: parking_lot::Mutex::new(Vec::new()),
         });
@@ -414,6 +415,7 @@ impl ShadowMmu {
         // and the lock found no SPTE to zap yet) must not leave an SPTE
         // recorded with the bit the guest took away. Another walk may
         // have set more.
+        let gpte = paging.gpte_bits();
         for level in walk.level..=walk.root_level {
             let Some(e) = walk.entry(level) else { continue };
             if matches!(groot, Root::PaeRegs { .. }) && level == 3 {
@@ -425,12 +427,12 @@ impl ShadowMmu {
                 EntrySize::Eight
             };
             let Ok(now) = LockedMemory(&self.memory).read_entry(e.pte_gpa, size);
-            let seen = e.pte | GPTE_A | if level == walk.level && walk.dirty { GPTE_D } else { 0 };
-            if !sync::gpte_still_valid(seen, now) && !crate::sync::bug(crate::sync::Bug::GpteChangeIgnoresAd) {
+            let seen = gpte.as_walked(e.pte, level == walk.level && walk.dirty);
+            if !gpte.still_valid(seen, now) && !crate::sync::bug(crate::sync::Bug::GpteChangeIgnoresAd) {
                 MmuStats::inc(&self.stats.local().pf_retry);
                 return Ok(ShadowOutcome::Retry);
             }
-            if (now ^ e.pte) & !GPTE_AD != 0 {
+            if (now ^ e.pte) & !gpte.ad() != 0 {
                 MmuStats::inc(&self.stats.local().pf_retry);
                 return Ok(ShadowOutcome::Retry);
             }
@@ -538,12 +540,7 @@ impl ShadowMmu {
         let mut leaf = self.fmt.make_leaf(
             Level::L1,
             pfn,
-            SpteAccess {
-                read: true,
-                write: rights.contains(AccessRights::WRITE),
-                exec: rights.contains(AccessRights::EXEC),
-                user: rights.contains(AccessRights::USER),
-            },
+            spte_access(&role, rights),
             valid.writable() && !slot.is_readonly(),
             mmu_writable && !slot.is_readonly(),
             false,
@@ -559,8 +556,8 @@ impl ShadowMmu {
         flush |= self.set_spte(pages, ptr, Level::L1, NewSpte::Leaf { spte: leaf, gfn, slot });
         if let Some(e) = walk.entry(1).filter(|_| !role.is_direct()) {
             // What the SPTE assumed of the guest entry, for sync.
-            let d = if walk.dirty { GPTE_D } else { 0 };
-            pages.record_gpte(sp, ptr.index as usize, e.pte | GPTE_A | d);
+            debug_assert_eq!(role.gpte_bits(), gpte, "a page reads its guest entries as the walk did");
+            pages.record_gpte(sp, ptr.index as usize, gpte.as_walked(e.pte, walk.dirty));
         }
         self.prefetch(pages, sp, ptr.index as usize, gva, paging, groot, roots.as_id());
         self.discharge(flush);
@@ -749,6 +746,25 @@ impl ShadowMmu {
         self.discharge(flush);
         self.emulating.fetch_sub(1, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// An emulated locked compare-exchange of a guest entry (KVM's
+    /// `emulator_cmpxchg_emulated`, as an emulated page walk sets A/D
+    /// flags): exchanges `size` bytes at `gpa` if they hold `old`, then,
+    /// if it did, zaps what shadowed the entry as [`ShadowMmu::emulate_write`]
+    /// does. `Err(current)` if the entry changed; memory with no memslot
+    /// reads as `old` and drops the write.
+    pub fn emulate_cmpxchg(&self, gpa: Gpa, size: EntrySize, old: u64, new: u64) -> Result<(), u64> {
+        self.emulating.fetch_add(1, Ordering::AcqRel);
+        let done = self.memory.cmpxchg_entry(gpa, size, old, new).unwrap_or(Ok(()));
+        if done.is_ok() {
+            let mut guard = self.lock.write();
+            let pages = &mut *guard;
+            let flush = self.track_write(pages, gpa, size.bytes() as usize);
+            self.discharge(flush);
+        }
+        self.emulating.fetch_sub(1, Ordering::AcqRel);
+        done
     }
 
     /// KVM's `kvm_mmu_unprotect_gfn_and_retry`: instead of emulating a

@@ -9,13 +9,12 @@
 //! host range whose invalidation is in progress (an invalidation that
 //! starts later takes the MMU lock, held here, and zaps what this installs).
 
-use super::access::{Leaf, leaf_rights};
+use super::access::{Leaf, leaf_rights, spte_access};
 use super::change::NewSpte;
 use super::page::{PageId, Pages, SptePtr};
-use super::{GPTE_A, GPTE_D, LockedMemory, RMAP_RECYCLE_THRESHOLD, ShadowMmu};
+use super::{LockedMemory, RMAP_RECYCLE_THRESHOLD, ShadowMmu};
 use crate::addr::{Gva, Level};
 use crate::arch::perm::{Access, AccessKind, AccessRights};
-use crate::mmu::spte::SpteAccess;
 use crate::walker::{GuestPaging, Root};
 
 /// Entries looked at around a fault (KVM's `PTE_PREFETCH_NUM`).
@@ -40,6 +39,7 @@ impl ShadowMmu {
             return;
         }
         let (table, role, table_gfn) = (page.pfn, page.role, page.gfn);
+        let gpte = role.gpte_bits();
         let first = index & !(PTE_PREFETCH_NUM - 1);
         // The group's guest entries in one read: most groups of a fresh
         // mapping have none accessed, and need no walk at all.
@@ -53,7 +53,7 @@ impl ShadowMmu {
         let used = |k: usize| -> bool {
             let b = &raw[k * size..(k + 1) * size];
             let v = b.iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x));
-            v & (GPTE_A | 1) == GPTE_A | 1
+            gpte.is_used(v)
         };
         if !(0..PTE_PREFETCH_NUM).any(|k| first + k != index && used(k)) {
             return;
@@ -74,7 +74,7 @@ impl ShadowMmu {
             let Some(e) = walk.entry(1).filter(|e| walk.level == 1 && e.table_gfn == table_gfn) else {
                 continue;
             };
-            if e.pte & GPTE_A == 0 {
+            if !gpte.is_used(e.pte) {
                 continue; // never used by the guest: leave it to a fault
             }
             // A read: no protection key changes what it may build.
@@ -97,12 +97,7 @@ impl ShadowMmu {
             let leaf = self.fmt.make_leaf(
                 Level::L1,
                 host.pfn,
-                SpteAccess {
-                    read: true,
-                    write: rights.contains(AccessRights::WRITE),
-                    exec: rights.contains(AccessRights::EXEC),
-                    user: rights.contains(AccessRights::USER),
-                },
+                spte_access(&role, rights),
                 host.writable,
                 !tracked,
                 true,
@@ -112,8 +107,7 @@ impl ShadowMmu {
             // Only empty entries are prefetched: nothing to flush.
             self.set_spte(pages, ptr, Level::L1, new)
                 .waive("a prefetch fills an empty entry");
-            let d = if walk.dirty { GPTE_D } else { 0 };
-            pages.record_gpte(sp, j, e.pte | GPTE_A | d);
+            pages.record_gpte(sp, j, gpte.as_walked(e.pte, walk.dirty));
             tracing::trace!(target: "kvm_mmu_prefetch", gfn = gfn.raw(), index = j);
         }
     }

@@ -28,7 +28,11 @@
 //! - EFER.NX, only for guest tables with 8-byte entries (4-byte entries have
 //!   no XD bit);
 //! - the address space (SMM) and guest mode (nested), and `invalid` (a zapped
-//!   root still referenced by vCPUs).
+//!   root still referenced by vCPUs);
+//! - for an indirect page, whether the guest table is an L1 hypervisor's
+//!   EPT, and then whether its A/D flags are on (KVM's `role.ad_disabled`;
+//!   KVM needs no EPT bit because an MMU context shadows one format, vmmu
+//!   keeps it so a page says how to read its own guest entries).
 //!
 //! With paging off the guest has no protections at all: every bit but
 //! level, direct, access and the address space is meaningless and zero.
@@ -54,6 +58,10 @@ pub struct GuestContext {
     /// guest (KVM's `role.guest_mode`): their pages never share a hash
     /// entry with the pages of L1's own tables.
     guest_mode: bool,
+    /// The tables shadowed are EPT (an L1 hypervisor's EPT12).
+    ept: bool,
+    /// EPT without accessed and dirty flags (EPTP bit 6 clear).
+    ad_disabled: bool,
 }
 
 impl GuestContext {
@@ -69,6 +77,8 @@ impl GuestContext {
                 pke: false,
                 smm,
                 guest_mode: false,
+                ept: false,
+                ad_disabled: false,
             };
         }
         GuestContext {
@@ -80,6 +90,8 @@ impl GuestContext {
             pke: regs.mode().is_long() && regs.cr4.contains(Cr4::PKE),
             smm,
             guest_mode: false,
+            ept: false,
+            ad_disabled: false,
         }
     }
 
@@ -103,6 +115,22 @@ impl GuestContext {
             pke: false,
             smm: false,
             guest_mode: true,
+            ept: false,
+            ad_disabled: false,
+        }
+    }
+
+    /// The context of an L1 hypervisor's EPT for its L2 guest (KVM's
+    /// `kvm_init_shadow_ept_mmu`): `levels` (4 or 5) levels, A/D flags as
+    /// `ad`. EPT accesses are checked as user accesses with readable for
+    /// user; EPT has no XD, CR0.WP, SMEP, SMAP or protection keys (CR0.WP
+    /// is set, the form in which it changes nothing).
+    pub fn nested_ept(levels: u8, ad: bool) -> GuestContext {
+        GuestContext {
+            ept: true,
+            ad_disabled: !ad,
+            efer_nx: false,
+            ..GuestContext::nested_npt(levels, false)
         }
     }
 
@@ -158,6 +186,8 @@ pub struct Role {
     efer_nx: bool,
     smm: bool,
     guest_mode: bool,
+    ept: bool,
+    ad_disabled: bool,
     invalid: bool,
 }
 
@@ -201,6 +231,8 @@ impl Role {
             efer_nx: ctx.efer_nx,
             smm: ctx.smm,
             guest_mode: ctx.guest_mode,
+            ept: ctx.ept,
+            ad_disabled: ctx.ad_disabled,
             invalid: false,
         }
         .normalise()
@@ -215,6 +247,10 @@ impl Role {
             // meaningless, and `access` already carries the guest's XD.
             self.has_4_byte_gpte = false;
             self.efer_nx = false;
+            self.ept = false;
+        }
+        if !self.ept {
+            self.ad_disabled = false;
         }
         if self.has_4_byte_gpte {
             // 4-byte guest entries have no XD bit.
@@ -303,6 +339,18 @@ impl Role {
     pub fn is_invalid(&self) -> bool {
         self.invalid
     }
+    /// The shadowed guest table is EPT.
+    pub fn is_ept(&self) -> bool {
+        self.ept
+    }
+    /// Where the shadowed guest table's entries keep present, A and D.
+    pub fn gpte_bits(&self) -> crate::walker::GpteBits {
+        if self.ept {
+            crate::walker::GpteBits::ept(!self.ad_disabled)
+        } else {
+            crate::walker::GpteBits::X86
+        }
+    }
     /// Bytes per guest entry of the shadowed table (0 for direct pages).
     pub fn gpte_size(&self) -> usize {
         match (self.direct, self.has_4_byte_gpte) {
@@ -354,6 +402,7 @@ mod tests {
     /// Every context × every constructor path.
     fn all_roles() -> Vec<(GuestContext, Role)> {
         let mut out = Vec::new();
+        let mut contexts = Vec::new();
         for mode in MODES {
             for bits in 0..16u8 {
                 let ctx = GuestContext::new(
@@ -361,6 +410,17 @@ mod tests {
                     false,
                 );
                 assert_eq!(ctx.mode(), mode);
+                contexts.push(ctx);
+            }
+        }
+        for levels in [4, 5] {
+            for flag in [false, true] {
+                contexts.push(GuestContext::nested_npt(levels, flag));
+                contexts.push(GuestContext::nested_ept(levels, flag));
+            }
+        }
+        for ctx in contexts {
+            {
                 for q in 0..4 {
                     let root = Role::root(&ctx, ctx.root_page_level(), q);
                     out.push((ctx, root));
@@ -388,6 +448,8 @@ mod tests {
                 "{r:?}"
             );
             assert!(r.has_4_byte_gpte() || r.quadrant() == 0, "{r:?}");
+            assert!(!r.is_direct() || !r.is_ept(), "{r:?}");
+            assert!(r.is_ept() || r.gpte_bits() == crate::walker::GpteBits::X86, "{r:?}");
             assert!(
                 !r.cr0_wp() || (!r.smep_andnot_wp() && !r.smap_andnot_wp() && !r.pke_andnot_wp()),
                 "{r:?}"

@@ -37,24 +37,12 @@
 
 use std::sync::atomic::Ordering;
 
+use super::ShadowMmu;
 use super::page::{ENTRIES, LeafPage, PageId, Pages, SptePtr};
 use super::roots::ShadowRoots;
-use super::{GPTE_A, GPTE_D, ShadowMmu};
 use crate::addr::{Gpa, Gva, Level};
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::stats::MmuStats;
-
-/// Bits of a guest entry a sync compares besides A and D.
-const GPTE_PRESENT: u64 = 1;
-
-/// Whether the SPTE built from `recorded` (A set, D as assumed) still
-/// translates as the guest entry `now` does.
-pub(super) fn gpte_still_valid(recorded: u64, now: u64) -> bool {
-    now & GPTE_PRESENT != 0
-        && now & GPTE_A != 0
-        && (now ^ recorded) & !(GPTE_A | GPTE_D) == 0
-        && (recorded & GPTE_D == 0 || now & GPTE_D != 0)
-}
 
 impl ShadowMmu {
     /// KVM's `mmu_try_to_unsync_pages`: if every shadow page of the guest
@@ -174,7 +162,7 @@ impl ShadowMmu {
             }
             let now = table.entry(&buf, index);
             let recorded = pages.page(leaf.id()).gpte(index).unwrap_or(0);
-            if !gpte_still_valid(recorded, now) {
+            if !pages.page(leaf.id()).role.gpte_bits().still_valid(recorded, now) {
                 flush |= self.drop_spte(pages, ptr, Level::L1);
             }
         }
@@ -201,7 +189,7 @@ impl ShadowMmu {
             Err(_) => 0,
         };
         let recorded = page.gpte(index).unwrap_or(0);
-        if gpte_still_valid(recorded, now) {
+        if page.role.gpte_bits().still_valid(recorded, now) {
             return PendingFlush::none();
         }
         self.drop_spte(pages, ptr, Level::L1)
@@ -330,22 +318,45 @@ impl GuestTable {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::walker::GpteBits;
 
     #[test]
     fn a_synced_spte_stays_only_while_its_guest_entry_translates_the_same() {
-        let rec = 0x5000 | 0x7 | GPTE_A; // clean: the SPTE was made read-only
-        assert!(gpte_still_valid(rec, rec));
-        assert!(gpte_still_valid(rec, rec | GPTE_D), "dirtied since");
+        let x86 = GpteBits::X86;
+        let (a, d) = (x86.accessed, x86.dirty);
+        let valid = |rec, now| x86.still_valid(rec, now);
+        let rec = 0x5000 | 0x7 | a; // clean: the SPTE was made read-only
+        assert!(valid(rec, rec));
+        assert!(valid(rec, rec | d), "dirtied since");
+        assert!(!valid(rec, rec & !a), "accessed cleared: the walk must set it again");
+        assert!(!valid(rec, rec & !1), "not present");
+        assert!(!valid(rec, rec ^ 0x1000), "another frame");
+        assert!(!valid(rec, rec & !2), "write removed");
+        assert!(!valid(rec, rec | 1 << 63), "XD set");
+        let dirty = rec | d; // the SPTE is writable
+        assert!(!valid(dirty, rec), "cleaned: writes must set D again");
+    }
+
+    /// EPT: present is any of R/W/X (execute-only too), A/D at bits 8/9;
+    /// without A/D flags nothing is compared but the entry itself.
+    #[test]
+    fn ept_guest_entries_are_read_by_their_own_bits() {
+        let ept = GpteBits::ept(true);
+        let rec = 0x5000 | 0x4 | ept.accessed; // execute-only, used
+        assert!(ept.still_valid(rec, rec));
+        assert!(!ept.still_valid(rec, rec & !ept.accessed), "accessed cleared");
+        assert!(!ept.still_valid(rec, rec & !0x4), "not present");
+        assert!(!ept.still_valid(rec, rec | 0x1), "readable now: another translation");
         assert!(
-            !gpte_still_valid(rec, rec & !GPTE_A),
-            "accessed cleared: the walk must set it again"
+            !GpteBits::X86.still_valid(rec, rec),
+            "bit 0 clear is not present in x86"
         );
-        assert!(!gpte_still_valid(rec, rec & !1), "not present");
-        assert!(!gpte_still_valid(rec, rec ^ 0x1000), "another frame");
-        assert!(!gpte_still_valid(rec, rec & !2), "write removed");
-        assert!(!gpte_still_valid(rec, rec | 1 << 63), "XD set");
-        let dirty = rec | GPTE_D; // the SPTE is writable
-        assert!(!gpte_still_valid(dirty, rec), "cleaned: writes must set D again");
+        let no_ad = GpteBits::ept(false);
+        assert!(no_ad.is_used(0x5000 | 0x1), "no A bit: present is used");
+        assert!(no_ad.still_valid(0x5007, 0x5007));
+        assert!(
+            !no_ad.still_valid(0x5007 | 1 << 8, 0x5007),
+            "bit 8 is no A bit: compared"
+        );
     }
 }
