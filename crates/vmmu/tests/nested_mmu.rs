@@ -1,17 +1,22 @@
-//! The nested MMU on an AMD host: an L1 hypervisor (a vCPU on the TDP MMU,
-//! paging off) writes NPT12 for its L2 guest into its own memory; an L2
-//! vCPU runs on the nested MMU, whose NPT02 shadows NPT12. What L1 changes
-//! in NPT12 the L2 guest sees (L1's writes to the tables are trapped and
-//! emulated through the TDP MMU's write tracking), what NPT12 refuses goes
-//! to L1 as a #NPF, and L1 switching between its L2 guests reuses NPT02
-//! roots.
+//! The nested MMU on both vendors: an L1 hypervisor (a vCPU on the TDP
+//! MMU, paging off) writes NPT12 (AMD) or EPT12 (Intel) for its L2 guest
+//! into its own memory; an L2 vCPU runs on the nested MMU, whose NPT02 or
+//! EPT02 shadows them. What L1 changes in its tables the L2 guest sees
+//! (L1's writes to the tables are trapped and emulated through the TDP
+//! MMU's write tracking), what they refuse goes to L1 as a #NPF or an EPT
+//! violation or misconfiguration, and L1 switching between its L2 guests
+//! reuses the shadow's roots.
+//!
+//! The entry value 0x7 is P | R/W | U in NPT and R | W | X in EPT: the
+//! tables below are written once for both.
 
 use std::sync::Arc;
 
 use vmmu::addr::{Gfn, Gva, Hva};
 use vmmu::arch::control::{CpuFeatures, Vendor};
+use vmmu::arch::ept::Eptp;
 use vmmu::arch::perm::{Access, AccessKind};
-use vmmu::cpu::vcpu::{AccessResult, L1Npt, Vcpu};
+use vmmu::cpu::vcpu::{AccessResult, L1Nested, L1Npt, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mmu::tdp::TdpConfig;
 use vmmu::vm::Vm;
@@ -24,15 +29,45 @@ const NPT: [u64; 4] = [0x10000, 0x11000, 0x12000, 0x13000];
 /// Two L1 pages L2's page 5 is mapped to, in turn.
 const PAGE_A: u64 = 0x100000;
 const PAGE_B: u64 = 0x101000;
-/// P | R/W | U.
+/// P | R/W | U (NPT); R | W | X (EPT).
 const URW: u64 = 0x7;
+/// Both vendors.
+const VENDORS: [Vendor; 2] = [Vendor::Intel, Vendor::Amd];
 
-fn amd_vm() -> Vm {
+fn vm_of(vendor: Vendor) -> Vm {
     let config = TdpConfig {
-        vendor: Vendor::Amd,
+        vendor,
         ..TdpConfig::default()
     };
     Vm::new(8 * MB, Hva::new(0x4000_0000), VmaFlags::WRITE, config).unwrap()
+}
+
+fn amd_vm() -> Vm {
+    vm_of(Vendor::Amd)
+}
+
+/// L1's nested paging rooted at `root`, as the VM's vendor programs it
+/// (EPT with A/D flags on).
+fn l1_nested(vm: &Vm, root: u64) -> L1Nested {
+    match vm.mmu.config().vendor {
+        Vendor::Amd => L1Npt {
+            ncr3: root,
+            levels: 4,
+            nxe: true,
+        }
+        .into(),
+        Vendor::Intel => Eptp::new(root, 4, true).into(),
+    }
+}
+
+/// The same tables as the reference walker sees them in L1's memory.
+fn reference(vm: &Vm, root: u64) -> vmmu::walker::nested::NestedPaging {
+    use vmmu::walker::nested::NestedPaging;
+    let f = CpuFeatures::default();
+    match vm.mmu.config().vendor {
+        Vendor::Amd => NestedPaging::npt(vmmu::addr::Hpa::new(root), 4, true, &f),
+        Vendor::Intel => NestedPaging::ept(vmmu::addr::Hpa::new(root), 4, true, &f),
+    }
 }
 
 fn l1(vm: &Vm) -> Vcpu {
@@ -41,18 +76,13 @@ fn l1(vm: &Vm) -> Vcpu {
     v
 }
 
-fn l2(vm: &Vm, asid: u16, ncr3: u64) -> Vcpu {
-    let npt = L1Npt {
-        ncr3,
-        levels: 4,
-        nxe: true,
-    };
+fn l2(vm: &Vm, asid: u16, root: u64) -> Vcpu {
     let mut v = Vcpu::new_nested(
         vm.nested_mmu().unwrap(),
         vm.slots.clone(),
         CpuFeatures::default(),
         asid,
-        npt,
+        l1_nested(vm, root),
     );
     v.set_state(ControlRegs::default(), 0, 0).unwrap();
     v
@@ -90,7 +120,13 @@ fn build_npt12(l1: &mut Vcpu, tables: [u64; 4]) {
 
 #[test]
 fn l2_sees_what_l1_writes_into_its_nested_tables() {
-    let vm = amd_vm();
+    for vendor in VENDORS {
+        l2_sees_what_l1_writes(vendor);
+    }
+}
+
+fn l2_sees_what_l1_writes(vendor: Vendor) {
+    let vm = vm_of(vendor);
     let mut l1 = l1(&vm);
     build_npt12(&mut l1, NPT);
     let mut l2 = l2(&vm, 2, NPT[0]);
@@ -103,8 +139,9 @@ fn l2_sees_what_l1_writes_into_its_nested_tables() {
     assert_eq!(value(read(&mut l2, 0x5000)), 0xbbbb);
     // L1 still reads and writes its tables (read-only mappings, emulated
     // writes), and its data pages are its own.
-    // (with A set: the nested MMU walked the entry as the hardware would).
-    assert_eq!(value(read(&mut l1, NPT[3] + 8 * 5)) & !0x60, PAGE_B | URW);
+    // (with A set: the nested MMU walked the entry as the hardware would;
+    // bits 5/6 in NPT, 8/9 in EPT).
+    assert_eq!(value(read(&mut l1, NPT[3] + 8 * 5)) & !0x360, PAGE_B | URW);
     write(&mut l1, PAGE_B, 0xbbb2);
     assert_eq!(value(read(&mut l2, 0x5000)), 0xbbb2);
 }
@@ -157,11 +194,72 @@ fn what_npt12_refuses_exits_to_l1_as_a_nested_page_fault() {
     );
 }
 
+/// On Intel: an EPT violation with the qualification L1's hardware would
+/// give (the access, the rights of EPT12's entries, the guest-linear
+/// address of the final translation), execute-only pages, and an EPT
+/// misconfiguration for W without R.
+#[test]
+fn what_ept12_refuses_exits_to_l1_as_an_ept_violation_or_misconfiguration() {
+    use vmmu::addr::Gpa;
+    use vmmu::arch::ept::EptViolationQual as Q;
+    let vm = vm_of(Vendor::Intel);
+    let mut l1 = l1(&vm);
+    build_npt12(&mut l1, NPT);
+    let mut l2 = l2(&vm, 2, NPT[0]);
+    let access = |l2: &mut Vcpu, kind, gpa| l2.access(Gva::new(gpa), Access::new(kind, 0, false), 8, 1).unwrap();
+    // Page 6 not present: a read of the final translation, rights none.
+    assert_eq!(
+        access(&mut l2, AccessKind::Read, 0x6010),
+        AccessResult::VmExit(NestedFault::EptViolation {
+            gpa: Gpa::new(0x6010),
+            qual: Q::READ | Q::GLA_VALID | Q::GLA_TRANSLATION,
+            gla: Some(Gva::new(0x6010)),
+        })
+    );
+    // Read-only: reads complete, a write exits with R in the rights.
+    write(&mut l1, NPT[3] + 8 * 6, PAGE_A | 0x1);
+    assert_eq!(value(read(&mut l2, 0x6000)), 0xaaaa);
+    assert_eq!(
+        access(&mut l2, AccessKind::Write, 0x6000),
+        AccessResult::VmExit(NestedFault::EptViolation {
+            gpa: Gpa::new(0x6000),
+            qual: Q::WRITE | Q::READABLE | Q::GLA_VALID | Q::GLA_TRANSLATION,
+            gla: Some(Gva::new(0x6000)),
+        })
+    );
+    // Execute-only: a fetch completes, a read exits with X in the rights.
+    write(&mut l1, NPT[3] + 8 * 7, PAGE_A | 0x4);
+    assert!(matches!(
+        access(&mut l2, AccessKind::Fetch, 0x7000),
+        AccessResult::Done { mmio: false, .. }
+    ));
+    assert_eq!(
+        access(&mut l2, AccessKind::Read, 0x7000),
+        AccessResult::VmExit(NestedFault::EptViolation {
+            gpa: Gpa::new(0x7000),
+            qual: Q::READ | Q::EXECUTABLE | Q::GLA_VALID | Q::GLA_TRANSLATION,
+            gla: Some(Gva::new(0x7000)),
+        })
+    );
+    // Write without read: a misconfiguration, whatever the access.
+    write(&mut l1, NPT[3] + 8 * 8, PAGE_A | 0x2);
+    assert_eq!(
+        access(&mut l2, AccessKind::Read, 0x8000),
+        AccessResult::VmExit(NestedFault::EptMisconfig { gpa: Gpa::new(0x8000) })
+    );
+}
+
 /// L1 switching its vCPU between two L2 guests (two nCR3s) reuses the
 /// NPT02 roots from `prev_roots` (seed 001's case) instead of rebuilding.
 #[test]
-fn switching_between_l2_guests_reuses_npt02_roots() {
-    let vm = amd_vm();
+fn switching_between_l2_guests_reuses_the_shadows_roots() {
+    for vendor in VENDORS {
+        switching_reuses_roots(vendor);
+    }
+}
+
+fn switching_reuses_roots(vendor: Vendor) {
+    let vm = vm_of(vendor);
     let mut l1 = l1(&vm);
     build_npt12(&mut l1, NPT);
     let other = [0x20000, 0x21000, 0x22000, 0x23000];
@@ -169,11 +267,7 @@ fn switching_between_l2_guests_reuses_npt02_roots() {
     write(&mut l1, other[3] + 8 * 5, PAGE_B | URW);
     let mut l2 = l2(&vm, 2, NPT[0]);
     let stats = || vm.nested_mmu().unwrap().stats().snapshot();
-    let npt = |ncr3| L1Npt {
-        ncr3,
-        levels: 4,
-        nxe: true,
-    };
+    let npt = |root| l1_nested(&vm, root);
     assert_eq!(value(read(&mut l2, 0x5000)), 0xaaaa);
     let before = stats();
     for _ in 0..10 {
@@ -184,8 +278,8 @@ fn switching_between_l2_guests_reuses_npt02_roots() {
     }
     let after = stats();
     // One miss (the first switch to the other guest), then only hits.
-    assert_eq!(after.prev_roots_hit - before.prev_roots_hit, 19);
-    assert_eq!(after.prev_roots_miss - before.prev_roots_miss, 1);
+    assert_eq!(after.prev_roots_hit - before.prev_roots_hit, 19, "{vendor:?}");
+    assert_eq!(after.prev_roots_miss - before.prev_roots_miss, 1, "{vendor:?}");
 }
 
 /// The nested MMU's pages exist only while L2 runs on them: the TDP MMU
@@ -193,7 +287,13 @@ fn switching_between_l2_guests_reuses_npt02_roots() {
 /// (zapped) L1's writes are plain writes again.
 #[test]
 fn the_tracked_gfns_follow_the_nested_mmus_pages() {
-    let vm = amd_vm();
+    for vendor in VENDORS {
+        tracked_gfns_follow_pages(vendor);
+    }
+}
+
+fn tracked_gfns_follow_pages(vendor: Vendor) {
+    let vm = vm_of(vendor);
     let mut l1 = l1(&vm);
     build_npt12(&mut l1, NPT);
     let mut l2 = l2(&vm, 2, NPT[0]);
@@ -216,9 +316,15 @@ fn the_tracked_gfns_follow_the_nested_mmus_pages() {
 /// over 4-level NPT02, makes 4 x (4 + 1) + 4 = 24 memory references per
 /// walk (Bhargava et al., ASPLOS 2008), counted by the hardware model.
 #[test]
-fn a_4_level_l2_walk_over_npt02_makes_24_references() {
+fn a_4_level_l2_walk_over_4_level_nested_tables_makes_24_references() {
+    for vendor in VENDORS {
+        l2_walk_references(vendor);
+    }
+}
+
+fn l2_walk_references(vendor: Vendor) {
     use vmmu::arch::control::{Cr0, Cr4, Efer};
-    let vm = amd_vm();
+    let vm = vm_of(vendor);
     let mut l1 = l1(&vm);
     // NPT12: L2's first 2 MiB at L1's 4 MiB.
     for l in 0..3 {
@@ -251,7 +357,7 @@ fn a_4_level_l2_walk_over_npt02_makes_24_references() {
     value(read(&mut l2, 0x5000));
     let after = l2.stats();
     assert_eq!(after.walks - before.walks, 1);
-    assert_eq!(after.walk_refs - before.walk_refs, 24);
+    assert_eq!(after.walk_refs - before.walk_refs, 24, "{vendor:?}");
 }
 
 /// L1 edits NPT12 at random (remaps, rights, not present), writes its data
@@ -260,13 +366,13 @@ fn a_4_level_l2_walk_over_npt02_makes_24_references() {
 /// page holds, or a #NPF with exactly that walk's EXITINFO1 and EXITINFO2.
 /// (Stronger than the hardware, which may keep a translation until L1
 /// flushes: the nested MMU zaps what an emulated write to NPT12 changes.)
-fn l2_against_a_fresh_npt12_walk(seed: u64, steps: usize) -> Result<(u64, u64), String> {
+fn l2_against_a_fresh_l1_walk(vendor: Vendor, seed: u64, steps: usize) -> Result<(u64, u64), String> {
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
-    use vmmu::walker::nested::{NestedError, NestedPaging, NestedStage};
+    use vmmu::walker::nested::{NestedError, NestedStage};
 
     let mut rng = SmallRng::seed_from_u64(seed);
-    let vm = amd_vm();
+    let vm = vm_of(vendor);
     let mem = vm.memory();
     let mut l1 = l1(&vm);
     // NPT12: one PD with two PTs, L2's first 4 MiB.
@@ -282,7 +388,13 @@ fn l2_against_a_fresh_npt12_walk(seed: u64, steps: usize) -> Result<(u64, u64), 
         write(&mut l1, p, 0x1000 + i as u64);
     }
     let mut l2 = l2(&vm, 2, NPT[0]);
-    let reference = NestedPaging::npt(vmmu::addr::Hpa::new(NPT[0]), 4, true, &CpuFeatures::default());
+    let reference = reference(&vm, NPT[0]);
+    // Rights: NPT P, P|U, P|W|U, P|W (no user), P|W|U|XD; EPT R, R|X,
+    // R|W|X, R|W, execute-only, and W without R (a misconfiguration).
+    let rights: &[u64] = match vendor {
+        Vendor::Amd => &[0, 0x1, 0x5, 0x7, 0x3, URW | (1 << 63)],
+        Vendor::Intel => &[0, 0x1, 0x5, 0x7, 0x3, 0x4, 0x2],
+    };
     let (mut done, mut exits) = (0, 0);
     for step in 0..steps {
         let page = rng.random_range(0..64u64);
@@ -292,7 +404,7 @@ fn l2_against_a_fresh_npt12_walk(seed: u64, steps: usize) -> Result<(u64, u64), 
             // L1 remaps a page: another pool page, some rights, or none.
             0..=2 => {
                 let target = pool[rng.random_range(0..pool.len())];
-                let rights = [0, 0x1, 0x5, 0x7, 0x3, URW | (1 << 63)][rng.random_range(0..6)];
+                let rights = rights[rng.random_range(0..rights.len())];
                 write(&mut l1, pte, if rights == 0 { 0 } else { target | rights });
             }
             // L1 writes one of its pages.
@@ -338,7 +450,7 @@ fn l2_against_a_fresh_npt12_walk(seed: u64, steps: usize) -> Result<(u64, u64), 
                 };
                 if !ok {
                     return Err(format!(
-                        "step {step}: {kind:?} of L2 gpa {l2_gpa:#x}: NPT12 says {fresh:x?}, L2 got {got:x?}"
+                        "step {step}: {kind:?} of L2 gpa {l2_gpa:#x}: L1's tables say {fresh:x?}, L2 got {got:x?}"
                     ));
                 }
             }
@@ -348,29 +460,34 @@ fn l2_against_a_fresh_npt12_walk(seed: u64, steps: usize) -> Result<(u64, u64), 
 }
 
 #[test]
-fn l2_agrees_with_a_fresh_walk_of_npt12_under_random_l1_edits() {
+fn l2_agrees_with_a_fresh_walk_of_l1s_tables_under_random_l1_edits() {
     let (mut done, mut exits) = (0, 0);
-    for seed in 0..20 {
-        let (d, e) = l2_against_a_fresh_npt12_walk(seed, 400).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        done += d;
-        exits += e;
+    for vendor in VENDORS {
+        for seed in 0..20 {
+            let (d, e) =
+                l2_against_a_fresh_l1_walk(vendor, seed, 400).unwrap_or_else(|e| panic!("{vendor:?} seed {seed}: {e}"));
+            done += d;
+            exits += e;
+        }
     }
     // Both outcomes were checked, many times.
-    assert!(done > 500 && exits > 500, "{done} completed, {exits} exits to L1");
+    assert!(done > 1000 && exits > 1000, "{done} completed, {exits} exits to L1");
 }
 
 /// The same check finds the stale NPT02 that untracked NPT12 writes leave.
 #[cfg(feature = "shuttle")]
 #[test]
-fn the_random_check_catches_untracked_npt12_writes() {
+fn the_random_check_catches_untracked_nested_table_writes() {
     use vmmu::sync::{Bug, with_bugs};
-    let caught = (0..20).any(|seed| {
-        with_bugs(&[Bug::UntrackedNestedTables], || {
-            l2_against_a_fresh_npt12_walk(seed, 400)
-        })
-        .is_err()
-    });
-    assert!(caught, "no seed caught the injected bug");
+    for vendor in VENDORS {
+        let caught = (0..20).any(|seed| {
+            with_bugs(&[Bug::UntrackedNestedTables], || {
+                l2_against_a_fresh_l1_walk(vendor, seed, 400)
+            })
+            .is_err()
+        });
+        assert!(caught, "{vendor:?}: no seed caught the injected bug");
+    }
 }
 
 /// L1's memory that L2 writes is dirty-logged (KVM's
@@ -380,9 +497,14 @@ fn the_random_check_catches_untracked_npt12_writes() {
 #[test]
 fn l2_writes_are_logged_in_l1s_dirty_bitmap() {
     use vmmu::mem::{MemslotConfig, MemslotFlags};
-    for manual in [false, true] {
+    for (vendor, manual) in [
+        (Vendor::Amd, false),
+        (Vendor::Amd, true),
+        (Vendor::Intel, false),
+        (Vendor::Intel, true),
+    ] {
         let config = TdpConfig {
-            vendor: Vendor::Amd,
+            vendor,
             ..TdpConfig::default()
         };
         let memslots = MemslotConfig {
@@ -422,7 +544,7 @@ fn l2_writes_are_logged_in_l1s_dirty_bitmap() {
             write(&mut l2, 4096 * more, round);
             let mut want = vec![page(1), page(6), page(more)];
             want.sort();
-            assert_eq!(harvest(&vm), want, "round {round}, manual protect {manual}");
+            assert_eq!(harvest(&vm), want, "{vendor:?} round {round}, manual protect {manual}");
         }
     }
 }
