@@ -104,15 +104,53 @@ pub fn table(reports: &[MmuRunReport]) -> String {
         ("bytes compared", |r| mig(r, |m| human_bytes(m.bytes_compared))),
         ("mismatched pages", |r| mig(r, |m| num(m.mismatched_pages))),
     ];
+    let nested: &[(&str, Cell)] = &[
+        ("nested: vendor, L2 VMs × memory", |r| {
+            nest(r, |n| format!("{} {} × {}", n.vendor, n.vms, human_bytes(n.vm_memory)))
+        }),
+        ("nested: exits to L1 / leaves mapped", |r| {
+            nest(r, |n| format!("{} / {}", num(n.l1_exits), num(n.l1_mapped)))
+        }),
+        ("nested: leaves L1 took back", |r| nest(r, |n| num(n.l1_unmapped))),
+        ("nested: L2 switches", |r| nest(r, |n| num(n.switches))),
+        ("nested: prev_roots hit rate", |r| {
+            nest(r, |n| {
+                if n.stats.prev_roots_hit + n.stats.prev_roots_miss == 0 {
+                    "-".into()
+                } else {
+                    percent(n.prev_roots_hit_rate, 1.0)
+                }
+            })
+        }),
+        ("nested: pf_fixed / pf_emulate", |r| {
+            nest(r, |n| {
+                format!("{} / {}", inum(n.stats.pf_fixed), inum(n.stats.pf_emulate))
+            })
+        }),
+        ("nested: mmu_pte_write / mmu_unsync", |r| {
+            nest(r, |n| {
+                format!("{} / {}", inum(n.stats.mmu_pte_write), inum(n.stats.mmu_unsync))
+            })
+        }),
+        ("nested: indirect heuristic hits / tracked", |r| {
+            format!(
+                "{} / {}",
+                inum(r.stats.indirect_heuristic_hits),
+                inum(r.stats.indirect_tracked_gfns)
+            )
+        }),
+    ];
     let tail: &[(&str, Cell)] = &[
         ("processes", |r| num(r.processes)),
         ("adversarial operations", |r| num(r.adversarial_ops)),
         ("violations", |r| num(r.violations)),
     ];
     let any_migration = reports.iter().any(|r| r.migration.is_some());
+    let any_nested = reports.iter().any(|r| r.nested.is_some());
     let rows: Vec<(&str, Vec<String>)> = head
         .iter()
         .chain(migration.iter().filter(|_| any_migration))
+        .chain(nested.iter().filter(|_| any_nested))
         .chain(tail)
         .map(|(name, cell)| (*name, reports.iter().map(cell).collect()))
         .collect();
@@ -234,6 +272,11 @@ fn series_name(i: usize, r: &MmuRunReport) -> String {
 }
 
 /// A migration figure, or `-` when the run had no migration.
+/// A nested-run cell, or `-` for a run without `--nested`.
+fn nest(r: &MmuRunReport, f: impl Fn(&vmmu_sim::report::NestedRunReport) -> String) -> String {
+    r.nested.as_ref().map_or_else(|| "-".into(), f)
+}
+
 fn mig(r: &MmuRunReport, f: fn(&MigrationReport) -> String) -> String {
     r.migration.as_ref().map_or_else(|| "-".into(), f)
 }

@@ -126,6 +126,12 @@ pub struct RunArgs {
     /// Write the run's operations to this trace file (with --mmu both, the first run's).
     #[arg(long)]
     record: Option<PathBuf>,
+    /// The guest is an L1 hypervisor running this many L2 VMs (2..=4;
+    /// default 2) with nested paging (EPT12 on --vendor intel, NPT12 on
+    /// amd), each running the workload; the TDP MMU's nested MMU shadows
+    /// L1's tables. Implies --mmu tdp.
+    #[arg(long, num_args = 0..=1, default_missing_value = "2", value_parser = clap::value_parser!(u64).range(2..=4))]
+    nested: Option<u64>,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -400,7 +406,11 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
     // The configuration: the workload's, or drawn from the seed (valid
     // for every MMU of the run), then the flags given.
-    let kinds = args.mmu.kinds();
+    let kinds = match (args.mmu, args.nested) {
+        // The nested MMU shadows L1's tables on a TDP host.
+        (RunMmu::Both, Some(_)) => vec![MmuKind::Tdp],
+        (mmu, _) => mmu.kinds(),
+    };
     let only = (kinds.len() == 1).then(|| kinds[0]);
     let (base, drawn_paging) = match args.vm.config {
         ConfigSource::Given => (workload.vm, None),
@@ -426,10 +436,20 @@ pub fn run(args: RunArgs) -> ExitCode {
             ));
         }
     }
+    let nested = match (args.nested, args.vm.config) {
+        (Some(n), _) => n as usize,
+        (None, ConfigSource::Random) => vmmu_sim::config::nested_from_seed(args.seed, only, &vm, args.memory),
+        (None, ConfigSource::Given) => 0,
+    };
     if args.vm.config == ConfigSource::Random {
         // Before anything runs, so a failing run can be repeated without
         // the draw.
-        eprintln!("configuration: --paging {} {}", paging.name(), vm.flags());
+        let nested = if nested > 0 {
+            format!(" --nested {nested}")
+        } else {
+            String::new()
+        };
+        eprintln!("configuration: --paging {} {}{nested}", paging.name(), vm.flags());
     }
     let workload = Workload { vm, ..workload };
     let mut outcomes = Vec::new();
@@ -446,6 +466,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             migrate: args.dirty_log,
             check: args.check.into(),
             record: args.record.is_some() && outcomes.is_empty(),
+            nested,
             ..RunConfig::new(kind, workload.clone())
         };
         let b = bar(kind.name());

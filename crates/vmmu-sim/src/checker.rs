@@ -21,6 +21,7 @@
 //! A violation is counted, described (vCPU, MMU, gva, gpa, expected,
 //! actual) and makes the run exit 1.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
@@ -86,16 +87,49 @@ impl Oracle {
 /// The run's checker, shared by every thread.
 #[derive(Debug)]
 pub struct Checker {
-    /// The level.
+    /// How much is checked.
     pub level: CheckLevel,
     mmu: &'static str,
-    oracle: Oracle,
+    oracle: Arc<Oracle>,
+    /// Where this checker's guest-physical addresses start in the
+    /// oracle's (0, or an L2 guest's base in L1's memory).
+    base: u64,
+    log: Arc<Log>,
+    /// The operation running (for the record of a violation).
+    pub op: Arc<AtomicU64>,
+}
+
+/// The violations of a run, shared by its checkers.
+#[derive(Debug)]
+struct Log {
     violations: AtomicU64,
     details: Mutex<Vec<String>>,
-    /// The operation sequence number of the first violation.
     first_op: AtomicU64,
-    /// The operation sequence number the caller is at (for the record).
-    pub op: AtomicU64,
+}
+
+/// The oracle as one guest sees it: its guest-physical addresses offset to
+/// where its memory is in the oracle's.
+#[derive(Debug, Clone, Copy)]
+pub struct OracleView<'a> {
+    oracle: &'a Oracle,
+    base: u64,
+}
+
+impl OracleView<'_> {
+    /// The last value written to the line of `gpa`.
+    pub fn get(&self, gpa: u64) -> u64 {
+        self.oracle.get(self.base + gpa)
+    }
+
+    /// Records `v` as written to the line of `gpa`.
+    pub fn set(&self, gpa: u64, v: u64) {
+        self.oracle.set(self.base + gpa, v)
+    }
+
+    /// Records `len` bytes from `gpa` as zeroed.
+    pub fn zero(&self, gpa: u64, len: u64) {
+        self.oracle.zero(self.base + gpa, len)
+    }
 }
 
 impl Checker {
@@ -104,17 +138,37 @@ impl Checker {
         Checker {
             level,
             mmu,
-            oracle: Oracle::new(ram),
-            violations: AtomicU64::new(0),
-            details: Mutex::new(Vec::new()),
-            first_op: AtomicU64::new(u64::MAX),
-            op: AtomicU64::new(0),
+            oracle: Arc::new(Oracle::new(ram)),
+            base: 0,
+            log: Arc::new(Log {
+                violations: AtomicU64::new(0),
+                details: Mutex::new(Vec::new()),
+                first_op: AtomicU64::new(u64::MAX),
+            }),
+            op: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// The data oracle.
-    pub fn oracle(&self) -> &Oracle {
-        &self.oracle
+    /// The checker of an L2 guest whose physical memory is at `base` in
+    /// this checker's (L1's memory, as L1's nested tables map it), under
+    /// `mmu`: the same oracle, the same record of violations.
+    pub fn for_guest(&self, base: u64, mmu: &'static str) -> Checker {
+        Checker {
+            level: self.level,
+            mmu,
+            oracle: self.oracle.clone(),
+            base: self.base + base,
+            log: self.log.clone(),
+            op: self.op.clone(),
+        }
+    }
+
+    /// The data oracle, at this checker's guest-physical addresses.
+    pub fn oracle(&self) -> OracleView<'_> {
+        OracleView {
+            oracle: &self.oracle,
+            base: self.base,
+        }
     }
 
     /// Whether access number `n` of a vCPU is checked.
@@ -138,10 +192,10 @@ impl Checker {
     /// Records a violation described by `what`.
     pub fn record(&self, what: String) {
         let op = self.op.load(Ordering::Relaxed);
-        self.first_op.fetch_min(op, Ordering::Relaxed);
-        self.violations.fetch_add(1, Ordering::Relaxed);
+        self.log.first_op.fetch_min(op, Ordering::Relaxed);
+        self.log.violations.fetch_add(1, Ordering::Relaxed);
         tracing::error!(target: "vmmu_sim", violation = %what, op);
-        let mut d = self.details.lock();
+        let mut d = self.log.details.lock();
         if d.len() < KEEP {
             d.push(format!("op {op}: {what}"));
         }
@@ -149,17 +203,17 @@ impl Checker {
 
     /// Violations so far.
     pub fn violations(&self) -> u64 {
-        self.violations.load(Ordering::Relaxed)
+        self.log.violations.load(Ordering::Relaxed)
     }
 
     /// The first violations, described.
     pub fn details(&self) -> Vec<String> {
-        self.details.lock().clone()
+        self.log.details.lock().clone()
     }
 
     /// The operation of the first violation, if any.
     pub fn first_violation_op(&self) -> Option<u64> {
-        Some(self.first_op.load(Ordering::Relaxed)).filter(|&o| o != u64::MAX)
+        Some(self.log.first_op.load(Ordering::Relaxed)).filter(|&o| o != u64::MAX)
     }
 
     /// Whether the guest's tables in memory translate `va` (at CPL 3, a

@@ -72,6 +72,24 @@ pub fn from_seed(seed: u64, mmu: Option<MmuKind>) -> (VmConfig, PagingFormat) {
     random(&mut rng, mmu)
 }
 
+/// Whether a run drawn from `seed` (`vmmu run --config random --seed N`,
+/// the soak test) is a `--nested` one, and with how many L2 VMs: a quarter
+/// of the TDP runs whose configuration `vm` has no dirty ring and whose
+/// `memory` holds 2 to 4 L2 VMs; 0 otherwise. Drawn from its own stream,
+/// so a seed's other knobs stay what they were before nested runs existed.
+pub fn nested_from_seed(seed: u64, mmu: Option<MmuKind>, vm: &VmConfig, memory: u64) -> usize {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ 0x0e57_ed12_0b5e_55ed);
+    if mmu != Some(MmuKind::Tdp) || vm.dirty_ring != 0 || !rng.random_bool(0.25) {
+        return 0;
+    }
+    let vms = rng.random_range(2..=4usize);
+    (2..=vms)
+        .rev()
+        .find(|&n| crate::nested::l2_memory(memory, n).is_some())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +115,25 @@ mod tests {
             }
         }
         assert!(seen_ring && seen_init && seen_5 && seen_amd);
+    }
+
+    /// Nested runs are drawn for TDP runs without a dirty ring, with every
+    /// count of L2 VMs, and only where the memory holds them.
+    #[test]
+    fn nested_runs_are_drawn_where_they_can_run() {
+        let mut counts = [0u32; 5];
+        for seed in 0..400 {
+            for mmu in [MmuKind::Tdp, MmuKind::Shadow] {
+                let (c, _) = from_seed(seed, Some(mmu));
+                let n = nested_from_seed(seed, Some(mmu), &c, 128 << 20);
+                assert!(n == 0 || (mmu == MmuKind::Tdp && c.dirty_ring == 0), "seed {seed}");
+                counts[n] += 1;
+                assert_eq!(nested_from_seed(seed, Some(mmu), &c, 32 << 20), 0, "no room for 2 VMs");
+                let small = nested_from_seed(seed, Some(mmu), &c, 40 << 20);
+                assert!(small <= 2, "40 MiB holds 2 L2 VMs at most");
+            }
+        }
+        assert!(counts[2] > 0 && counts[3] > 0 && counts[4] > 0, "{counts:?}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod config;
 pub mod conform;
 pub mod guest;
 pub mod migration;
+pub mod nested;
 pub mod report;
 pub mod run;
 pub mod stress;

@@ -120,4 +120,30 @@ pub struct MmuRunReport {
     pub timeline: Vec<Sample>,
     /// Sampled latencies of accesses that exited to the MMU.
     pub fault_latency: LatencyHistogram,
+    /// Under `--nested`: the L1 hypervisor and the nested MMU.
+    pub nested: Option<NestedRunReport>,
+}
+
+/// What the L1 hypervisor and the nested MMU did in a `--nested` run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NestedRunReport {
+    /// `"intel"` (EPT12 shadowed by EPT02) or `"amd"` (NPT12 by NPT02).
+    pub vendor: String,
+    /// L2 VMs.
+    pub vms: u64,
+    /// Memory of each, in bytes.
+    pub vm_memory: u64,
+    /// Exits to L1 it handled by mapping memory.
+    pub l1_exits: u64,
+    /// Leaves L1 wrote into its nested tables.
+    pub l1_mapped: u64,
+    /// Leaves L1 cleared when taking memory back.
+    pub l1_unmapped: u64,
+    /// Switches of a vCPU from one L2 VM to another.
+    pub switches: u64,
+    /// `prev_roots` hits / (hits + misses) of the nested MMU: how often a
+    /// switch found the shadow of the next VM's tables cached (seed 001).
+    pub prev_roots_hit_rate: f64,
+    /// The nested MMU's counters, named as KVM's.
+    pub stats: MmuStatsSnapshot,
 }

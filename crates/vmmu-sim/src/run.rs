@@ -25,6 +25,7 @@ use vmmu::mem::{GuestMemory, MemslotFlags};
 #[doc(hidden)]
 pub use vmmu::sync::Bug;
 use vmmu::vm::{Machine, MmuKind, RAM_HVA};
+use vmmu::walker::ControlRegs;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -53,6 +54,9 @@ pub struct RunConfig {
     pub check: CheckLevel,
     /// Keep the operations for a trace.
     pub record: bool,
+    /// 0, or the L2 VMs (2..=4) of an L1 hypervisor that the guest is
+    /// (`--nested`, [`crate::nested`]): the workload runs in each L2 VM.
+    pub nested: usize,
 }
 
 mod injection {
@@ -92,6 +96,17 @@ impl RunConfig {
             migrate: false,
             check: CheckLevel::Full,
             record: false,
+            nested: 0,
+        }
+    }
+
+    /// The memory of the guest OS the workload runs on: the VM's, or each
+    /// L2 VM's under `--nested`.
+    pub fn guest_memory(&self) -> u64 {
+        if self.nested == 0 {
+            self.memory
+        } else {
+            crate::nested::l2_memory(self.memory, self.nested).unwrap_or(0)
         }
     }
 
@@ -159,8 +174,14 @@ struct Task {
     cursor: u64,
 }
 
-/// A vCPU and what it runs.
+/// A vCPU of one guest OS and what it runs there. Under `--nested` a run
+/// vCPU has one per L2 VM, and runs one at a time ([`Seat`]).
 struct Cpu {
+    /// Which guest ([`Shared::guests`]).
+    vm: usize,
+    /// The L2 vCPU state L1 keeps while it runs another L2 VM here
+    /// (VMCS12's guest state: registers, CR3, PDPTEs, PKRU).
+    saved: Option<(ControlRegs, u64, [u64; 4], u32)>,
     g: GuestCpu,
     tasks: Vec<Task>,
     cur: usize,
@@ -219,11 +240,26 @@ const BOUNDS: [u64; 12] = [
 const TIME_EVERY: u64 = 64;
 
 /// What the threads share.
+/// A guest OS the run drives: the VM's own, or under `--nested` one of
+/// the L1 hypervisor's L2 VMs.
+struct Guest {
+    os: Os,
+    /// Its checker (for an L2 VM, a view of the run's at its base).
+    ck: Checker,
+    /// Its physical memory, as its VMM reaches it.
+    memory: GuestMemory,
+    /// Where its physical memory is in the VM's (an L2 VM's base in L1).
+    base: u64,
+}
+
 struct Shared<'a> {
     cfg: &'a RunConfig,
     m: &'a Machine,
-    os: &'a Os,
+    guests: &'a [Guest],
+    /// The run's checker (the VM's, and every guest's record).
     ck: &'a Checker,
+    /// The L1 hypervisor, under `--nested`.
+    l1: Option<&'a crate::nested::L1Hypervisor>,
     stop: AtomicBool,
     next_op: AtomicU64,
     max_ops: u64,
@@ -242,17 +278,25 @@ struct Shared<'a> {
     logging: AtomicBool,
     /// Writes made while logging whose bit was not set yet.
     suspects: Mutex<Vec<Suspect>>,
-    /// The VMM's access to guest memory.
-    memory: GuestMemory,
 }
 
 impl<'a> Shared<'a> {
-    fn new(cfg: &'a RunConfig, m: &'a Machine, os: &'a Os, ck: &'a Checker, max_ops: u64, running: usize) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: &'a RunConfig,
+        m: &'a Machine,
+        guests: &'a [Guest],
+        ck: &'a Checker,
+        l1: Option<&'a crate::nested::L1Hypervisor>,
+        max_ops: u64,
+        running: usize,
+    ) -> Self {
         Shared {
             cfg,
             m,
-            os,
+            guests,
             ck,
+            l1,
             stop: AtomicBool::new(false),
             next_op: AtomicU64::new(0),
             max_ops,
@@ -267,8 +311,12 @@ impl<'a> Shared<'a> {
             dirty_epoch: AtomicU64::new(0),
             logging: AtomicBool::new(false),
             suspects: Mutex::new(Vec::new()),
-            memory: m.memory(),
         }
+    }
+
+    /// The guest `c` runs.
+    fn guest(&self, c: &Cpu) -> &'a Guest {
+        &self.guests[c.vm]
     }
 
     fn log(&self, actor: Actor, kind: OpKind, seed: u64) -> u64 {
@@ -300,10 +348,37 @@ fn validate(cfg: &RunConfig) -> Result<(), RunError> {
             cfg.memory
         ));
     }
-    if cfg.memory > cfg.paging.max_ram() {
+    if cfg.nested != 0 {
+        if !(2..=4).contains(&cfg.nested) {
+            return bad(format!("--nested runs 2..=4 L2 VMs, not {}", cfg.nested));
+        }
+        if cfg.mmu != MmuKind::Tdp {
+            return bad(format!(
+                "--nested needs --mmu tdp: the L1 hypervisor's nested tables are shadowed on a TDP host (KVM's nested MMU), and the {} MMU is not one",
+                cfg.mmu.name()
+            ));
+        }
+        if cfg.workload.vm.dirty_ring != 0 {
+            return bad(
+                "--nested with --dirty-ring: the nested MMU logs L2's writes into the memslot bitmap only".into(),
+            );
+        }
+        if cfg.record {
+            return bad("--nested with --record: traces of nested runs cannot be replayed yet".into());
+        }
+        if cfg.guest_memory() == 0 {
+            return bad(format!(
+                "--memory {} MiB is too small for {} L2 VMs of at least {} MiB each (plus 4 MiB of L1's own)",
+                cfg.memory >> 20,
+                cfg.nested,
+                crate::nested::MIN_L2_MEMORY >> 20
+            ));
+        }
+    }
+    if cfg.guest_memory() > cfg.paging.max_ram() {
         return bad(format!(
             "--memory {} MiB is more than {} paging's kernel map covers ({} MiB)",
-            cfg.memory >> 20,
+            cfg.guest_memory() >> 20,
             cfg.paging.name(),
             cfg.paging.max_ram() >> 20
         ));
@@ -325,27 +400,97 @@ fn validate(cfg: &RunConfig) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Boots the machine and the OS, and each vCPU's boot processes.
-fn boot(cfg: &RunConfig) -> Result<(Machine, Os, Checker, Vec<Cpu>), RunError> {
+/// What [`boot`] makes: the machine, its guests (the VM's own OS, or the
+/// L2 VMs' under `--nested`), the run's checker, the L1 hypervisor, and
+/// each run vCPU's seat.
+type Booted = (
+    Machine,
+    Vec<Guest>,
+    Checker,
+    Option<Arc<crate::nested::L1Hypervisor>>,
+    Vec<Seat>,
+);
+
+/// A run vCPU: its vCPU of each guest (one, or one per L2 VM), and which
+/// it runs. Under `--nested` one vCPU object runs them all in turn (the
+/// others are parked), so L1's switches go through its nested MMU
+/// context's `prev_roots`, as KVM's do.
+struct Seat {
+    cpus: Vec<Cpu>,
+    active: usize,
+}
+
+/// Boots the machine and the OS (each L2 VM's, under `--nested`), and each
+/// vCPU's boot processes.
+fn boot(cfg: &RunConfig) -> Result<Booted, RunError> {
     validate(cfg)?;
     let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
     let m = Machine::with_config(cfg.mmu, cfg.memory, cfg.workload.vm).map_err(|e| setup(&e))?;
     let format = cfg.guest_format();
-    let os = Os::boot(format, &m.memory(), cfg.memory, cfg.vcpus).map_err(|e| setup(&e))?;
     let ck = Checker::new(cfg.check, cfg.mmu.name(), cfg.memory);
-    let mut cpus = Vec::new();
+    let l1 = match cfg.nested {
+        0 => None,
+        n => Some(Arc::new(
+            crate::nested::L1Hypervisor::new(&m, cfg.vcpus, n).map_err(|e| setup(&e))?,
+        )),
+    };
+    let mut guests = Vec::new();
+    match &l1 {
+        None => guests.push(Guest {
+            os: Os::boot(format, &m.memory(), cfg.memory, cfg.vcpus).map_err(|e| setup(&e))?,
+            ck: ck.for_guest(0, cfg.mmu.name()),
+            memory: m.memory(),
+            base: 0,
+        }),
+        Some(l1) => {
+            for (i, vm) in l1.vms.iter().enumerate() {
+                let memory = l1.l2_memory(&m, i).map_err(|e| setup(&e))?;
+                guests.push(Guest {
+                    os: Os::boot(format, &memory, vm.size, cfg.vcpus).map_err(|e| setup(&e))?,
+                    ck: ck.for_guest(vm.base, "nested"),
+                    memory,
+                    base: vm.base,
+                });
+            }
+        }
+    }
+    let mut seats = Vec::new();
     for id in 0..cfg.vcpus {
-        let v = m
-            .vcpu(id as u16 + 1, format.regs(), os.kernel_cr3())
+        let mut cpus = Vec::new();
+        for (vm, g) in guests.iter().enumerate() {
+            let v = match &l1 {
+                None => m.vcpu(id as u16 + 1, format.regs(), g.os.kernel_cr3()),
+                Some(l1) => {
+                    let mut v = m
+                        .nested_vcpu(id as u16 + 1, l1.l1_nested(vm))
+                        .ok_or_else(|| setup(&"a TDP machine without a nested MMU"))?;
+                    // VM entry into the L2 guest in its boot state.
+                    v.vm_entry(format.regs(), g.os.kernel_cr3(), [0; 4], 0);
+                    Ok(v)
+                }
+            }
             .map_err(|e| setup(&e))?;
-        cpus.push(Cpu {
-            g: GuestCpu::new(id, v).with_dirty_rings(m.dirty_rings()),
-            tasks: Vec::new(),
-            cur: 0,
-            hist: [0; BOUNDS.len() + 1],
-            ops: 0,
-            isolation: (0, 0),
-            zipf: ZipfTables::default(),
+            let mut gc = GuestCpu::new(id, v).with_dirty_rings(m.dirty_rings());
+            if let Some(l1) = &l1 {
+                gc = gc.with_l1(l1.clone(), vm);
+                // PAE: the PDPTEs of the kernel's root, through L1's tables.
+                gc.mov_cr3(g.os.kernel_cr3()).map_err(|e| setup(&e))?;
+            }
+            cpus.push(Cpu {
+                vm,
+                saved: None,
+                g: gc,
+                tasks: Vec::new(),
+                cur: 0,
+                hist: [0; BOUNDS.len() + 1],
+                ops: 0,
+                isolation: (0, 0),
+                zipf: ZipfTables::default(),
+            });
+        }
+        seats.push(Seat {
+            cpus,
+            active: id % guests.len(),
         });
     }
     let w = &cfg.workload;
@@ -364,29 +509,70 @@ fn boot(cfg: &RunConfig) -> Result<(Machine, Os, Checker, Vec<Cpu>), RunError> {
             error: format!("booting processes: {e}"),
         },
     };
-    for id in 0..cfg.vcpus {
-        for _ in 0..w.processes {
-            let c = &mut cpus[id];
-            let mm = os.create_mm(&mut c.g, &ck, threads).map_err(|e| fail(id, e))?;
-            for _ in 0..w.mappings {
-                let huge = rng.random_bool(w.huge);
-                os.mmap(&mm, w.mapping_pages, true, huge, w.spread, rng.random());
-            }
-            for t in 0..threads {
-                let on = (id + t as usize) % cfg.vcpus;
-                cpus[on].tasks.push(Task {
-                    mm: mm.clone(),
-                    thread: t,
-                    cursor: 0,
-                });
+    for (vm, g) in guests.iter().enumerate() {
+        let os = &g.os;
+        for id in 0..cfg.vcpus {
+            for _ in 0..w.processes {
+                let c = &mut seats[id].cpus[vm];
+                let mm = os.create_mm(&mut c.g, &g.ck, threads).map_err(|e| fail(id, e))?;
+                for _ in 0..w.mappings {
+                    let huge = rng.random_bool(w.huge);
+                    os.mmap(&mm, w.mapping_pages, true, huge, w.spread, rng.random());
+                }
+                for t in 0..threads {
+                    let on = (id + t as usize) % cfg.vcpus;
+                    seats[on].cpus[vm].tasks.push(Task {
+                        mm: mm.clone(),
+                        thread: t,
+                        cursor: 0,
+                    });
+                }
             }
         }
     }
-    for c in &mut cpus {
-        let first = c.tasks[0].mm.clone();
-        c.g.switch_to(&os, Some(&first)).map_err(|e| fail(c.g.id, e))?;
+    for seat in &mut seats {
+        for c in &mut seat.cpus {
+            let first = c.tasks[0].mm.clone();
+            let os = &guests[c.vm].os;
+            c.g.switch_to(os, Some(&first)).map_err(|e| fail(c.g.id, e))?;
+        }
+        // Under --nested: park all but the active VM's vCPU state (L1's
+        // VMCS12 guest state), and run them all on the active one's vCPU.
+        if seat.cpus.len() > 1 {
+            for c in &mut seat.cpus {
+                let v = &c.g.vcpu;
+                c.saved = Some((v.regs(), v.cr3(), v.pdptes(), v.pkru()));
+            }
+            let a = seat.active;
+            seat.cpus[a].saved = None;
+        }
     }
-    Ok((m, os, ck, cpus))
+    Ok((m, guests, ck, l1, seats))
+}
+
+/// L1 switches seat `seat`'s vCPU to L2 VM `to` (a VM entry with VM
+/// `to`'s nested paging and VMCS12 guest state, from `prev_roots` when the
+/// nested MMU can).
+fn l2_switch(l1: &crate::nested::L1Hypervisor, seat: &mut Seat, to: usize) {
+    let from = seat.active;
+    if from == to {
+        return;
+    }
+    let v = &seat.cpus[from].g.vcpu;
+    seat.cpus[from].saved = Some((v.regs(), v.cr3(), v.pdptes(), v.pkru()));
+    let (a, b) = if from < to {
+        let (lo, hi) = seat.cpus.split_at_mut(to);
+        (&mut lo[from], &mut hi[0])
+    } else {
+        let (lo, hi) = seat.cpus.split_at_mut(from);
+        (&mut hi[0], &mut lo[to])
+    };
+    std::mem::swap(&mut a.g.vcpu, &mut b.g.vcpu);
+    let (regs, cr3, pdptes, pkru) = b.saved.take().expect("a parked VM's state is saved");
+    b.g.vcpu.set_l1_nested(l1.l1_nested(to));
+    b.g.vcpu.vm_entry(regs, cr3, pdptes, pkru);
+    seat.active = to;
+    l1.stats.switches.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Runs `cfg`; `progress` is called about every 50 ms.
@@ -407,13 +593,14 @@ pub fn run_injected(
 }
 
 fn run_with(cfg: &RunConfig, inject: &Injection, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunOutcome, RunError> {
-    let (m, os, ck, cpus) = boot(cfg)?;
+    let (m, guests, ck, l1, seats) = boot(cfg)?;
+    let (os, ck) = (&guests, &ck);
     let max_ops = if cfg.seconds.is_some() {
         u64::MAX
     } else {
         cfg.ops.unwrap_or(cfg.workload.ops)
     };
-    let sh = Shared::new(cfg, &m, &os, &ck, max_ops, cfg.vcpus);
+    let sh = Shared::new(cfg, &m, os, ck, l1.as_deref(), max_ops, cfg.vcpus);
     let start = Instant::now();
     let deadline = cfg.seconds.map(Duration::from_secs_f64);
     let fraction = |sh: &Shared| match deadline {
@@ -423,8 +610,8 @@ fn run_with(cfg: &RunConfig, inject: &Injection, progress: &(dyn Fn(Progress) + 
     let mut timeline = Vec::new();
     let mut peak = 0u64;
     let mut migration: Option<MigrationReport> = None;
-    let results: Vec<Result<Cpu, RunError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = cpus
+    let results: Vec<Result<Seat, RunError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = seats
             .into_iter()
             .map(|c| {
                 let sh = &sh;
@@ -519,7 +706,12 @@ fn run_with(cfg: &RunConfig, inject: &Injection, progress: &(dyn Fn(Progress) + 
         }
         cpus
     });
-    let cpus = results.into_iter().collect::<Result<Vec<Cpu>, RunError>>()?;
+    let cpus: Vec<Cpu> = results
+        .into_iter()
+        .collect::<Result<Vec<Seat>, RunError>>()?
+        .into_iter()
+        .flat_map(|s| s.cpus)
+        .collect();
     let seconds = start.elapsed().as_secs_f64();
     finish(&sh, cpus, seconds, timeline, peak, migration)
 }
@@ -545,28 +737,31 @@ fn finish(
     peak: u64,
     migration: Option<MigrationReport>,
 ) -> Result<RunOutcome, RunError> {
-    let (m, os, ck, cfg) = (sh.m, sh.os, sh.ck, sh.cfg);
+    let (m, ck, cfg) = (sh.m, sh.ck, sh.cfg);
     sh.audit("at the end");
     // Every leaf the OS recorded is what the tables in memory say.
     if ck.level == CheckLevel::Full {
-        let memory = m.memory();
         let regs = cfg.guest_format().regs();
         let mut seen = std::collections::HashSet::new();
         for c in &cpus {
+            let g = sh.guest(c);
             for t in &c.tasks {
-                if !seen.insert(t.mm.id) {
+                if !seen.insert((c.vm, t.mm.id)) {
                     continue;
                 }
                 let st = t.mm.state.read();
                 for (vpn, l) in st.leaves() {
                     let va = vpn << 12;
-                    if let Err(e) = ck.walk_matches(&memory, &regs, t.mm.root, va, Some(l.gfn << 12)) {
-                        ck.record(format!("at the end, process {}: {e}", t.mm.id));
+                    if let Err(e) = g.ck.walk_matches(&g.memory, &regs, t.mm.root, va, Some(l.gfn << 12)) {
+                        g.ck.record(format!("at the end, process {}: {e}", t.mm.id));
                     }
                 }
             }
         }
     }
+    let os_stat = |f: fn(&crate::guest::OsStats) -> &AtomicU64| -> u64 {
+        sh.guests.iter().map(|g| f(&g.os.stats).load(Ordering::Relaxed)).sum()
+    };
     let stats = m.stats();
     let (shadow_pages, unsync_pages) = m.shadow_pages();
     let mut vs = vmmu::cpu::vcpu::VcpuStats::default();
@@ -621,10 +816,10 @@ fn finish(
         walks: vs.walks,
         walk_refs: vs.walk_refs,
         exits: vs.ept_violations + vs.ept_misconfigs + vs.shadow_exits,
-        guest_faults: os.stats.guest_faults.load(Ordering::Relaxed),
-        guest_tlb_flushes: os.stats.flushes.load(Ordering::Relaxed),
-        shootdowns: os.stats.shootdowns.load(Ordering::Relaxed),
-        processes: os.stats.processes.load(Ordering::Relaxed),
+        guest_faults: os_stat(|s| &s.guest_faults),
+        guest_tlb_flushes: os_stat(|s| &s.flushes),
+        shootdowns: os_stat(|s| &s.shootdowns),
+        processes: os_stat(|s| &s.processes),
         shadow_pages,
         unsync_pages,
         prev_roots_hit_rate: if roots > 0 {
@@ -635,7 +830,7 @@ fn finish(
         mmu_memory_bytes: bytes,
         mmu_memory_peak_bytes: peak,
         mmu_memory_limit_bytes: limit,
-        adversarial_ops: os.stats.adversarial.load(Ordering::Relaxed),
+        adversarial_ops: os_stat(|s| &s.adversarial),
         notifier_events: host.invalidations,
         host_operations: sh.host_ops.load(Ordering::Relaxed),
         audits: sh.audits.load(Ordering::Relaxed),
@@ -648,8 +843,31 @@ fn finish(
             bounds_ns: BOUNDS.to_vec(),
             counts: hist.to_vec(),
         },
+        nested: sh.l1.map(|l1| {
+            let stats = m.nested_stats().unwrap_or_default();
+            let roots = stats.prev_roots_hit + stats.prev_roots_miss;
+            crate::report::NestedRunReport {
+                vendor: match l1.vendor() {
+                    vmmu::arch::control::Vendor::Intel => "intel".into(),
+                    vmmu::arch::control::Vendor::Amd => "amd".into(),
+                },
+                vms: l1.vms.len() as u64,
+                vm_memory: l1.vms[0].size,
+                l1_exits: l1.stats.exits.load(Ordering::Relaxed),
+                l1_mapped: l1.stats.mapped.load(Ordering::Relaxed),
+                l1_unmapped: l1.stats.unmapped.load(Ordering::Relaxed),
+                switches: l1.stats.switches.load(Ordering::Relaxed),
+                prev_roots_hit_rate: if roots > 0 {
+                    stats.prev_roots_hit as f64 / roots as f64
+                } else {
+                    0.0
+                },
+                stats,
+            }
+        }),
     };
-    let trace = (cfg.record || ck.violations() > 0).then(|| {
+    // (A nested run's operations do not replay: --record refuses it.)
+    let trace = ((cfg.record || ck.violations() > 0) && cfg.nested == 0).then(|| {
         let mut ops = std::mem::take(&mut *sh.log.lock());
         ops.sort_by_key(|o| o.seq);
         Trace {
@@ -668,9 +886,10 @@ fn finish(
     Ok(RunOutcome { report, trace })
 }
 
-fn vcpu_thread(sh: &Shared, mut c: Cpu) -> Result<Cpu, RunError> {
+fn vcpu_thread(sh: &Shared, mut seat: Seat) -> Result<Seat, RunError> {
     let w = &sh.cfg.workload;
-    let mut rng = SmallRng::seed_from_u64(sh.cfg.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(c.g.id as u64 + 1)));
+    let id = seat.cpus[seat.active].g.id;
+    let mut rng = SmallRng::seed_from_u64(sh.cfg.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(id as u64 + 1)));
     let weights = weights(w);
     let total: u64 = weights.iter().map(|(_, w)| *w).sum();
     while !sh.stop.load(Ordering::Relaxed) {
@@ -694,11 +913,35 @@ fn vcpu_thread(sh: &Shared, mut c: Cpu) -> Result<Cpu, RunError> {
             })
             .map_or(OpKind::Touch, |(k, _)| *k);
         let seed = rng.random();
+        if let Some(l1) = sh.l1 {
+            // L1's own work on this vCPU, between its L2's operations: a
+            // switch to another L2 VM (1 in 16), or taking memory back
+            // from one (1 in 32).
+            match rng.random_range(0..32) {
+                0 | 1 => {
+                    let to = rng.random_range(0..seat.cpus.len());
+                    sh.log(Actor::Vcpu(id as u32), OpKind::L2Switch, to as u64);
+                    l2_switch(l1, &mut seat, to);
+                }
+                2 => {
+                    let vm = rng.random_range(0..l1.vms.len());
+                    sh.log(Actor::Vcpu(id as u32), OpKind::L1Unmap, seed);
+                    if let Err(e) = l1.unmap(id, vm, seed) {
+                        return Err(RunError::Vcpu {
+                            vcpu: id,
+                            error: format!("L1 taking back memory of L2 VM {vm}: {e}"),
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        let c = &mut seat.cpus[seat.active];
         sh.log(Actor::Vcpu(c.g.id as u32), kind, seed);
-        if let Err(e) = guest_op(sh, &mut c, kind, seed) {
+        if let Err(e) = guest_op(sh, c, kind, seed) {
             // What the checker saw explains a vCPU that failed (e.g. a
             // walk of an invalid root makes no progress).
-            check_isolation(sh, &mut c, kind);
+            check_isolation(sh, c, kind);
             if let OsError::Vcpu(
                 v @ (vmmu::cpu::vcpu::VcpuError::Livelock { .. } | vmmu::cpu::vcpu::VcpuError::NoProgress { .. }),
             ) = &e
@@ -712,7 +955,7 @@ fn vcpu_thread(sh: &Shared, mut c: Cpu) -> Result<Cpu, RunError> {
                     c.g.id,
                     kind.name()
                 ));
-                return Ok(c);
+                return Ok(seat);
             }
             let mut error = e.to_string();
             if let Some(first) = sh.ck.details().first() {
@@ -723,9 +966,10 @@ fn vcpu_thread(sh: &Shared, mut c: Cpu) -> Result<Cpu, RunError> {
             }
             return Err(RunError::Vcpu { vcpu: c.g.id, error });
         }
-        sh.accesses[c.g.id].store(c.g.accesses, Ordering::Relaxed);
+        let total: u64 = seat.cpus.iter().map(|c| c.g.accesses).sum();
+        sh.accesses[id].store(total, Ordering::Relaxed);
     }
-    Ok(c)
+    Ok(seat)
 }
 
 fn weights(w: &Workload) -> [(OpKind, u64); 12] {
@@ -766,7 +1010,8 @@ fn pick_range(mm: &Mm, rng: &mut SmallRng) -> Option<(Vma, u64, u64)> {
 
 /// One guest operation on vCPU `c`.
 fn guest_op(sh: &Shared, c: &mut Cpu, kind: OpKind, seed: u64) -> Result<(), OsError> {
-    let (os, ck, w) = (sh.os, sh.ck, &sh.cfg.workload);
+    let g = sh.guest(c);
+    let (os, ck, w) = (&g.os, &g.ck, &sh.cfg.workload);
     let mut rng = SmallRng::seed_from_u64(seed);
     tracing::debug!(target: "vmmu_guest_op", vcpu = c.g.id, kind = kind.name(), cr3 = c.tasks[c.cur].mm.root);
     c.ops += 1;
@@ -825,9 +1070,9 @@ fn guest_op(sh: &Shared, c: &mut Cpu, kind: OpKind, seed: u64) -> Result<(), OsE
             Ok(())
         }
         OpKind::Spawn => spawn(sh, c, &mut rng),
-        OpKind::SelfMap => os.self_map(&mut c.g, ck, &sh.memory, &mm, &mut rng, w.touches.min(4096)),
-        OpKind::RecursiveMap => os.recursive_map(&mut c.g, ck, &sh.memory, &mm, &mut rng, w.touches.min(4096)),
-        OpKind::CrToggle => os.toggle_controls(&mut c.g, ck, &sh.memory, &mm, &mut rng, w.touches.min(4096)),
+        OpKind::SelfMap => os.self_map(&mut c.g, ck, &g.memory, &mm, &mut rng, w.touches.min(4096)),
+        OpKind::RecursiveMap => os.recursive_map(&mut c.g, ck, &g.memory, &mm, &mut rng, w.touches.min(4096)),
+        OpKind::CrToggle => os.toggle_controls(&mut c.g, ck, &g.memory, &mm, &mut rng, w.touches.min(4096)),
         _ => Ok(()),
     };
     match r {
@@ -835,7 +1080,7 @@ fn guest_op(sh: &Shared, c: &mut Cpu, kind: OpKind, seed: u64) -> Result<(), OsE
         other => other?,
     }
     if ck.level == CheckLevel::Full {
-        check_tables(sh, &c.tasks[c.cur].mm, &mut rng);
+        check_tables(sh, g, &c.tasks[c.cur].mm, &mut rng);
     }
     check_isolation(sh, c, kind);
     Ok(())
@@ -873,7 +1118,8 @@ fn check_isolation(sh: &Shared, c: &mut Cpu, kind: OpKind) {
 /// past this vCPU's share of `max_processes`, its oldest other process
 /// ends (a shell running short commands).
 fn spawn(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
-    let (os, ck, w) = (sh.os, sh.ck, &sh.cfg.workload);
+    let g = sh.guest(c);
+    let (os, ck, w) = (&g.os, &g.ck, &sh.cfg.workload);
     let share = (w.max_processes as usize / sh.cfg.vcpus).max(2);
     if c.tasks.len() >= share {
         // Make room: the oldest single-threaded process not running ends.
@@ -901,20 +1147,19 @@ fn spawn(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
 
 /// Checks a few addresses of `mm` in the tables in memory against the
 /// OS's record.
-fn check_tables(sh: &Shared, mm: &Mm, rng: &mut SmallRng) {
+fn check_tables(sh: &Shared, g: &Guest, mm: &Mm, rng: &mut SmallRng) {
     let st = mm.state.read();
     let vmas: Vec<Vma> = st.vmas().copied().collect();
     if vmas.is_empty() {
         return;
     }
-    let memory = sh.m.memory();
     let regs = sh.cfg.guest_format().regs();
     for _ in 0..4 {
         let v = vmas[rng.random_range(0..vmas.len())];
         let va = v.start + (rng.random_range(0..v.pages()) << 12);
-        let want = st.translate(&sh.os.format, va).map(|(g, _)| g);
-        if let Err(e) = sh.ck.walk_matches(&memory, &regs, mm.root, va, want) {
-            sh.ck.record(format!("process {}: {e}", mm.id));
+        let want = st.translate(&g.os.format, va).map(|(g, _)| g);
+        if let Err(e) = g.ck.walk_matches(&g.memory, &regs, mm.root, va, want) {
+            g.ck.record(format!("process {}: {e}", mm.id));
         }
     }
 }
@@ -955,7 +1200,10 @@ impl RecordCache {
 /// its loop is the simulator's hot path, and compiles better alone).
 #[inline(never)]
 fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
-    let (os, ck, w) = (sh.os, sh.ck, &sh.cfg.workload);
+    let g = sh.guest(c);
+    let (os, ck, w) = (&g.os, &g.ck, &sh.cfg.workload);
+    let mut l1_exits = 0u32;
+    let nested = c.g.l1().is_some();
     let task = c.tasks[c.cur].clone();
     let mm = &task.mm;
     let mut st = mm.state.read();
@@ -1068,7 +1316,8 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                         && let Some((e, _)) = expect
                     {
                         ck.oracle().set(e, stamp);
-                        check_logged(sh, id, run.vcpu(), va, gpa.raw(), epoch);
+                        // The log is L1's (the VM's): the page at the guest's base.
+                        check_logged(sh, id, run.vcpu(), va, g.base + gpa.raw(), epoch);
                     }
                     break;
                 }
@@ -1131,6 +1380,25 @@ fn touch(sh: &Shared, c: &mut Cpu, rng: &mut SmallRng) -> Result<(), OsError> {
                             }
                         }
                         None => break 'touches,
+                    }
+                }
+                // An exit to L1 (under --nested): L1 maps the memory and
+                // re-enters, outside guest mode (L1's table writes may wait
+                // for other vCPUs' flushes).
+                AccessResult::VmExit(f) if nested => {
+                    drop(run);
+                    let handled = c.g.exit_to_l1(&f)?;
+                    run = c.g.user_run();
+                    l1_exits += 1;
+                    if !handled || l1_exits > crate::nested::MAX_L1_EXITS {
+                        ck.violation(
+                            id,
+                            va,
+                            expect.map_or(0, |e| e.0),
+                            "an exit L1's tables call for (a page of the L2 VM L1 has not mapped yet)",
+                            &format!("{f:x?} (exit {l1_exits} of this access)"),
+                        );
+                        break;
                     }
                 }
                 other => {
@@ -1441,9 +1709,11 @@ pub fn replay(trace: &Trace, mmu: MmuKind, check: CheckLevel) -> Result<RunOutco
         migrate: false,
         check,
         record: false,
+        nested: 0,
     };
-    let (m, os, ck, mut cpus) = boot(&cfg)?;
-    let sh = Shared::new(&cfg, &m, &os, &ck, u64::MAX, 0);
+    let (m, guests, ck, _, seats) = boot(&cfg)?;
+    let mut cpus: Vec<Cpu> = seats.into_iter().flat_map(|s| s.cpus).collect();
+    let sh = Shared::new(&cfg, &m, &guests, &ck, None, u64::MAX, 0);
     let start = Instant::now();
     for op in &trace.ops {
         ck.op.store(op.seq, Ordering::Relaxed);

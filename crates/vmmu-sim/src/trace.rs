@@ -86,13 +86,17 @@ pub enum OpKind {
     HostMprotect,
     /// Host: age a range without a flush (`clear_young`, page reclaim).
     Age,
+    /// L1 (`--nested`): switch a vCPU to another L2 VM.
+    L2Switch,
+    /// L1 (`--nested`): take back a range of an L2 VM's memory.
+    L1Unmap,
     /// VMM: zap every SPTE.
     ZapAll,
 }
 
 impl OpKind {
     /// Every kind, with its name in traces.
-    pub const ALL: [(OpKind, &'static str); 21] = [
+    pub const ALL: [(OpKind, &'static str); 23] = [
         (OpKind::Touch, "touch"),
         (OpKind::Mmap, "mmap"),
         (OpKind::Munmap, "munmap"),
@@ -114,6 +118,8 @@ impl OpKind {
         (OpKind::HostMprotect, "host-mprotect"),
         (OpKind::Age, "age"),
         (OpKind::ZapAll, "zap-all"),
+        (OpKind::L2Switch, "l2-switch"),
+        (OpKind::L1Unmap, "l1-unmap"),
     ];
 
     /// Its name in traces.

@@ -242,6 +242,60 @@ fn bad_configurations_are_refused_with_the_reason() {
     assert!(run(&cfg, &|_| {}).unwrap_err().to_string().contains("--vcpus"));
 }
 
+/// A small `--nested` run: an L1 hypervisor with `vms` L2 VMs on `vendor`,
+/// with host churn and a live migration.
+fn nested(vendor: vmmu::arch::control::Vendor, paging: &str, vms: usize, ops: u64) -> RunConfig {
+    let mut cfg = small(MmuKind::Tdp, "default", paging, ops);
+    cfg.memory = 96 << 20;
+    cfg.nested = vms;
+    cfg.workload.vm.vendor = vendor;
+    cfg.host_churn = true;
+    cfg.migrate = true;
+    cfg
+}
+
+/// `vmmu run --nested` on both vendors, every paging mode of the L2
+/// guests, 2 and 4 L2 VMs, with host churn and a migration: no
+/// violation, and every part of the model exercised (L1 mapping on exits,
+/// taking memory back, switching its vCPUs between L2 VMs through the
+/// nested MMU's `prev_roots`, the migration copying L1's memory that the
+/// L2 VMs wrote).
+#[test]
+fn nested_runs_are_clean_on_both_vendors() {
+    use vmmu::arch::control::Vendor;
+    for vendor in [Vendor::Intel, Vendor::Amd] {
+        for (paging, vms) in [("4-level", 2), ("pae", 4), ("32-bit", 2), ("5-level", 3)] {
+            let o = go(&nested(vendor, paging, vms, 3000));
+            let n = o.report.nested.as_ref().expect("a nested report");
+            let what = format!("{vendor:?} {paging} {vms}: {n:?}");
+            assert_eq!(n.vms, vms as u64, "{what}");
+            assert!(n.l1_exits > 100 && n.l1_mapped > 100, "{what}");
+            assert!(n.switches > 10 && n.l1_unmapped > 0, "{what}");
+            assert!(n.stats.prev_roots_hit > 0 && n.stats.pf_fixed > 0, "{what}");
+            assert!(
+                o.report.migration.as_ref().is_some_and(|m| m.bytes_compared > 0),
+                "{what}"
+            );
+        }
+    }
+}
+
+#[test]
+fn impossible_nested_configurations_are_refused_with_the_reason() {
+    use vmmu::arch::control::Vendor;
+    let mut cfg = nested(Vendor::Intel, "4-level", 2, 10);
+    cfg.mmu = MmuKind::Shadow;
+    assert!(run(&cfg, &|_| {}).unwrap_err().to_string().contains("--mmu tdp"));
+    let mut cfg = nested(Vendor::Intel, "4-level", 5, 10);
+    assert!(run(&cfg, &|_| {}).unwrap_err().to_string().contains("2..=4"));
+    cfg.nested = 4;
+    cfg.memory = 48 << 20;
+    assert!(run(&cfg, &|_| {}).unwrap_err().to_string().contains("too small"));
+    let mut cfg = nested(Vendor::Intel, "4-level", 2, 10);
+    cfg.workload.vm.dirty_ring = 64;
+    assert!(run(&cfg, &|_| {}).unwrap_err().to_string().contains("--dirty-ring"));
+}
+
 #[cfg(feature = "shuttle")]
 mod injected {
     use super::*;
@@ -331,6 +385,26 @@ mod injected {
                 details.contains("invalid root"),
                 "{mmu:?}: a kept obsolete root went unnoticed: {details}"
             );
+        }
+    }
+
+    /// Under `--nested`, the TDP MMU ignores the nested MMU's write
+    /// tracking: L1's edits of its nested tables (taking memory back)
+    /// leave EPT02/NPT02 stale. The nested MMU's audit (every shadow SPTE
+    /// against L1's entry) finds it.
+    #[test]
+    fn untracked_nested_tables_are_caught_in_a_nested_run() {
+        for vendor in [vmmu::arch::control::Vendor::Intel, vmmu::arch::control::Vendor::Amd] {
+            let mut cfg = super::nested(vendor, "4-level", 2, 4000);
+            cfg.host_churn = false;
+            let n = caught(
+                cfg,
+                Injection {
+                    vcpu: vec![Bug::UntrackedNestedTables],
+                    ..Injection::default()
+                },
+            );
+            assert!(n > 0, "{vendor:?}: untracked nested tables went unnoticed");
         }
     }
 

@@ -246,7 +246,7 @@ impl Os {
         let nx = self.format.mode() != PagingMode::Bits32 && rng.random_bool(0.3);
         if nx {
             regs.efer.toggle(Efer::NXE);
-            cpu.vcpu.set_state(regs, cr3, pkru)?;
+            cpu.set_state(regs, cr3, pkru)?;
         } else {
             cpu.vcpu.set_cr0_wp(regs.cr0.contains(Cr0::WP));
             cpu.vcpu.set_cr4_bits(Some(regs.cr4.contains(Cr4::SMEP)), None, None);
@@ -307,7 +307,7 @@ impl Os {
             Ok(())
         })();
         if nx {
-            cpu.vcpu.set_state(base, cr3, pkru)?;
+            cpu.set_state(base, cr3, pkru)?;
         } else {
             cpu.vcpu.set_cr0_wp(base.cr0.contains(Cr0::WP));
             cpu.vcpu.set_cr4_bits(Some(base.cr4.contains(Cr4::SMEP)), None, None);

@@ -69,7 +69,7 @@ pub(super) fn retrying_efault(
 /// thread restores a page it made read-only within microseconds).
 const EFAULT_RETRIES: u32 = 1_000_000;
 
-pub(super) fn is_efault(e: &VcpuError) -> bool {
+pub(crate) fn is_efault(e: &VcpuError) -> bool {
     matches!(
         e,
         VcpuError::Mmu(vmmu::mmu::tdp::TdpError::Host { .. })
@@ -89,6 +89,49 @@ impl GuestCpu {
             stamp: (id as u64 + 1) << 48,
             accesses: 0,
             rings: None,
+            l1: None,
+        }
+    }
+
+    /// This OS is L2 VM `vm` of the L1 hypervisor `l1`: the exits to L1
+    /// of its accesses and its MOVs to CR3 go to it, and are retried once
+    /// it has handled them.
+    pub fn with_l1(mut self, l1: Arc<crate::nested::L1Hypervisor>, vm: usize) -> GuestCpu {
+        self.l1 = Some((l1, vm));
+        self
+    }
+
+    /// The L1 hypervisor and this OS's VM in it, under `--nested`.
+    pub fn l1(&self) -> Option<&(Arc<crate::nested::L1Hypervisor>, usize)> {
+        self.l1.as_ref()
+    }
+
+    /// Hands an exit to L1 (`Ok(false)`: no L1, or one it does not
+    /// expect, which the caller reports).
+    pub fn exit_to_l1(&self, exit: &vmmu::walker::nested::NestedFault) -> Result<bool, VcpuError> {
+        match &self.l1 {
+            Some((l1, vm)) => l1.handle_exit(self.id, *vm, exit),
+            None => Ok(false),
+        }
+    }
+
+    /// MOV to CR3, with an exit to L1 (a PAE PDPTE load through EPT that
+    /// EPT12 does not map yet) handled by L1 and the instruction retried.
+    pub fn mov_cr3(&mut self, cr3: u64) -> Result<(), VcpuError> {
+        for _ in 0..crate::nested::MAX_L1_EXITS {
+            match self.vcpu.mov_cr3(cr3) {
+                Err(VcpuError::ExitToL1(f)) if self.exit_to_l1(&f)? => {}
+                r => return r,
+            }
+        }
+        self.vcpu.mov_cr3(cr3)
+    }
+
+    /// [`Vcpu::set_state`], with exits to L1 handled as [`GuestCpu::mov_cr3`].
+    pub fn set_state(&mut self, regs: vmmu::walker::ControlRegs, cr3: u64, pkru: u32) -> Result<(), VcpuError> {
+        match self.vcpu.set_state(regs, cr3, pkru) {
+            Err(VcpuError::ExitToL1(f)) if self.exit_to_l1(&f)? => self.mov_cr3(cr3),
+            r => r,
         }
     }
 
@@ -129,8 +172,25 @@ impl GuestCpu {
         &mut self,
         mut op: impl FnMut(&mut Vcpu) -> Result<AccessResult, VcpuError>,
     ) -> Result<AccessResult, VcpuError> {
-        let rings = self.rings.as_deref();
-        retrying_efault(rings, || op(&mut self.vcpu))
+        // Exits to L1 in a row for one address: a string instruction
+        // exits once per page it reaches, an access that L1 cannot make
+        // progress on exits at the same address again and again.
+        let (mut last, mut same) = (None, 0);
+        loop {
+            let rings = self.rings.as_deref();
+            let r = retrying_efault(rings, || op(&mut self.vcpu));
+            // An exit to L1 (under --nested): L1 maps, the access again.
+            match &r {
+                Ok(AccessResult::VmExit(f)) if same < crate::nested::MAX_L1_EXITS && self.exit_to_l1(f)? => {
+                    if last == Some(f.gpa()) {
+                        same += 1;
+                    } else {
+                        (last, same) = (Some(f.gpa()), 0);
+                    }
+                }
+                _ => return r,
+            }
+        }
     }
 
     /// Opens a run of accesses that stays in guest mode between them (a
@@ -188,7 +248,7 @@ impl GuestCpu {
             None => {
                 let pcid = slot.map_or(0, |i| i as u64 + 1);
                 let cr3 = if os.format.has_pcid() { root | pcid } else { root };
-                self.vcpu.mov_cr3(cr3)?;
+                self.mov_cr3(cr3)?;
                 os.stats.flushes.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -227,7 +287,7 @@ impl GuestCpu {
         self.clock += 1;
         let Some(mm) = mm else {
             let cr3 = os.kernel_root | if os.format.has_pcid() { CR3_NOFLUSH } else { 0 };
-            self.vcpu.mov_cr3(cr3)?;
+            self.mov_cr3(cr3)?;
             return Ok(());
         };
         let st = mm.state.read();
@@ -236,7 +296,7 @@ impl GuestCpu {
         let tlb_gen = mm.tlb_gen.load(Ordering::Acquire);
         if !os.format.has_pcid() || !self.vcpu.regs().cr4.contains(Cr4::PCIDE) {
             os.stats.flushes.fetch_add(1, Ordering::Relaxed);
-            self.vcpu.mov_cr3(mm.root)?;
+            self.mov_cr3(mm.root)?;
             return Ok(());
         }
         let (i, fresh) = match self.slots.iter().position(|s| s.0 == mm.id) {
@@ -253,10 +313,10 @@ impl GuestCpu {
         let pcid = i as u64 + 1;
         tracing::debug!(target: "vmmu_guest_switch", root = mm.root, pcid, fresh);
         if fresh {
-            self.vcpu.mov_cr3(mm.root | pcid | CR3_NOFLUSH)?;
+            self.mov_cr3(mm.root | pcid | CR3_NOFLUSH)?;
         } else {
             os.stats.flushes.fetch_add(1, Ordering::Relaxed);
-            self.vcpu.mov_cr3(mm.root | pcid)?;
+            self.mov_cr3(mm.root | pcid)?;
             self.slots[i].1 = tlb_gen;
         }
         drop(st);

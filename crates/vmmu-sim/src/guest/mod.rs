@@ -33,6 +33,7 @@
 mod adversary;
 pub mod alloc;
 mod cpu;
+pub(crate) use cpu::is_efault;
 pub mod format;
 mod mm;
 mod pt;
@@ -280,6 +281,10 @@ pub struct GuestCpu {
     pub accesses: u64,
     /// The VMM's dirty-ring reaper, with the dirty ring on.
     rings: Option<Arc<DirtyRings>>,
+    /// The L1 hypervisor this OS runs under, and which of its L2 VMs it
+    /// is (`vmmu run --nested`): it handles the exits its nested paging
+    /// causes.
+    l1: Option<(Arc<crate::nested::L1Hypervisor>, usize)>,
 }
 
 /// Accesses made in guest mode back to back (see [`GuestCpu::user_run`]).

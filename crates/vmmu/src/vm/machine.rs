@@ -34,6 +34,9 @@ pub struct Machine {
     mmu: Mmu,
     /// The vCPUs' dirty rings, when the dirty ring is on.
     rings: Arc<DirtyRings>,
+    /// The nested MMU, once the guest runs L2 guests with nested paging
+    /// ([`Machine::nested_mmu`]).
+    nested: std::sync::OnceLock<Arc<crate::mmu::shadow::ShadowMmu>>,
 }
 
 /// The VMM's side of the dirty ring (QEMU's reaper): every vCPU's ring
@@ -115,7 +118,33 @@ impl Machine {
             config,
             mmu,
             rings,
+            nested: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The nested MMU of a TDP machine whose guest is an L1 hypervisor
+    /// ([`crate::vm::Vm::nested_mmu`]): created at the first call. `None`
+    /// under the shadow MMU (KVM shadows L1's nested tables on a TDP host
+    /// only, as vmmu does) or with the dirty ring on (its pages reach the
+    /// memslot bitmap only).
+    pub fn nested_mmu(&self) -> Option<Arc<crate::mmu::shadow::ShadowMmu>> {
+        let Mmu::Tdp(tdp) = &self.mmu else { return None };
+        if self.config.dirty_ring != 0 {
+            return None;
+        }
+        Some(
+            self.nested
+                .get_or_init(|| super::nested_mmu_of(&self.host, &self.slots, tdp))
+                .clone(),
+        )
+    }
+
+    /// A vCPU of an L2 guest tagged `vpid`, running under L1's nested
+    /// paging `l1` on the nested MMU; `None` where there is none
+    /// ([`Machine::nested_mmu`]).
+    pub fn nested_vcpu(&self, vpid: u16, l1: crate::cpu::vcpu::L1Nested) -> Option<Vcpu> {
+        let mmu = self.nested_mmu()?;
+        Some(Vcpu::new_nested(mmu, self.slots.clone(), self.features, vpid, l1))
     }
 
     /// The configuration.
@@ -165,9 +194,14 @@ impl Machine {
         self.mmu.stats()
     }
 
-    /// Bytes of page-table memory the MMU holds now.
+    /// The nested MMU's counters, once it exists.
+    pub fn nested_stats(&self) -> Option<MmuStatsSnapshot> {
+        self.nested.get().map(|n| n.stats().snapshot())
+    }
+
+    /// Bytes of page-table memory the MMU (and the nested MMU) hold now.
     pub fn mmu_bytes(&self) -> u64 {
-        self.mmu.bytes()
+        self.mmu.bytes() + self.nested.get().map_or(0, |n| n.page_count() as u64 * 4096)
     }
 
     /// The most page-table memory the MMU held at once, in bytes.
@@ -213,14 +247,24 @@ impl Machine {
         self.mmu.describe_gfn(gfn)
     }
 
-    /// Zaps every SPTE ([`Mmu::zap_all`]).
+    /// Zaps every SPTE ([`Mmu::zap_all`]), the nested MMU's too (KVM's
+    /// `kvm_mmu_zap_all_fast` takes the shadow pages of nested guests
+    /// with the rest).
     pub fn zap_all(&self) {
-        self.mmu.zap_all()
+        self.mmu.zap_all();
+        if let Some(n) = self.nested.get() {
+            n.zap_all();
+        }
     }
 
-    /// The MMU's audit ([`Mmu::audit`]). Empty when all is right.
+    /// The MMU's audit ([`Mmu::audit`]), and the nested MMU's. Empty when
+    /// all is right.
     pub fn audit(&self) -> Vec<String> {
-        self.mmu.audit()
+        let mut v = self.mmu.audit();
+        if let Some(n) = self.nested.get() {
+            v.extend(n.audit().into_iter().map(|v| format!("nested MMU: {v}")));
+        }
+        v
     }
 }
 

@@ -179,6 +179,26 @@ pub struct Vm {
     nested: std::sync::OnceLock<Arc<ShadowMmu>>,
 }
 
+/// A nested MMU for the TDP VM of `tdp` over `host` and `slots`, in the
+/// vendor's format, linked with the TDP MMU by gfn write tracking.
+pub(crate) fn nested_mmu_of(
+    host: &Arc<HostAddressSpace>,
+    slots: &Arc<MemslotTable>,
+    tdp: &Arc<TdpMmu>,
+) -> Arc<ShadowMmu> {
+    // L0's nested tables are in the vendor's format: EPT02 on Intel,
+    // NPT02 (the IA-32e format) on AMD.
+    let fmt = match tdp.config().vendor {
+        crate::arch::control::Vendor::Intel => crate::mmu::spte::SpteFormat::Ept { ad: true },
+        crate::arch::control::Vendor::Amd => crate::mmu::spte::SpteFormat::Legacy,
+    };
+    let nested = ShadowMmu::with_format(host.clone(), slots.clone(), fmt);
+    let protector: Arc<dyn crate::mmu::track::WriteProtector> = tdp.clone();
+    nested.add_write_protector(Arc::downgrade(&protector));
+    tdp.set_write_tracker(nested.clone());
+    nested
+}
+
 impl Vm {
     /// The nested MMU (KVM's shadow MMU for an L1 hypervisor's nested
     /// tables), created at the first call: a shadow MMU over the same host
@@ -197,19 +217,7 @@ impl Vm {
         }
         Ok(self
             .nested
-            .get_or_init(|| {
-                // L0's nested tables are in the vendor's format: EPT02 on
-                // Intel, NPT02 (the IA-32e format) on AMD.
-                let fmt = match self.mmu.config().vendor {
-                    crate::arch::control::Vendor::Intel => crate::mmu::spte::SpteFormat::Ept { ad: true },
-                    crate::arch::control::Vendor::Amd => crate::mmu::spte::SpteFormat::Legacy,
-                };
-                let nested = ShadowMmu::with_format(self.host.clone(), self.slots.clone(), fmt);
-                let protector: Arc<dyn crate::mmu::track::WriteProtector> = self.mmu.clone();
-                nested.add_write_protector(Arc::downgrade(&protector));
-                self.mmu.set_write_tracker(nested.clone());
-                nested
-            })
+            .get_or_init(|| nested_mmu_of(&self.host, &self.slots, &self.mmu))
             .clone())
     }
 
