@@ -111,7 +111,9 @@ pub fn table(reports: &[MmuRunReport]) -> String {
         ("nested: exits to L1 / leaves mapped", |r| {
             nest(r, |n| format!("{} / {}", num(n.l1_exits), num(n.l1_mapped)))
         }),
-        ("nested: leaves L1 took back", |r| nest(r, |n| num(n.l1_unmapped))),
+        ("nested: leaves taken back / invalidations", |r| {
+            nest(r, |n| format!("{} / {}", num(n.l1_unmapped), num(n.invalidations)))
+        }),
         ("nested: L2 switches", |r| nest(r, |n| num(n.switches))),
         ("nested: prev_roots hit rate", |r| {
             nest(r, |n| {
@@ -127,9 +129,14 @@ pub fn table(reports: &[MmuRunReport]) -> String {
                 format!("{} / {}", inum(n.stats.pf_fixed), inum(n.stats.pf_emulate))
             })
         }),
-        ("nested: mmu_pte_write / mmu_unsync", |r| {
+        ("nested: mmu_pte_write / mmu_unsync / mmu_synced", |r| {
             nest(r, |n| {
-                format!("{} / {}", inum(n.stats.mmu_pte_write), inum(n.stats.mmu_unsync))
+                format!(
+                    "{} / {} / {}",
+                    inum(n.stats.mmu_pte_write),
+                    inum(n.stats.mmu_unsync),
+                    inum(n.stats.mmu_synced)
+                )
             })
         }),
         ("nested: indirect heuristic hits / tracked", |r| {

@@ -18,10 +18,12 @@
 //!   write tracking and emulated, as KVM does for an L1 that edits EPT12.
 //! - **Taking memory back.** Now and then L1 unmaps a range of a VM's
 //!   memory (clears the leaves, as a hypervisor that reclaims or migrates
-//!   L2 pages does) and invalidates it (INVEPT single-context: the nested
-//!   MMU has already zapped what shadowed the cleared entries when it
-//!   emulated the writes, and flushed); the next L2 access there exits
-//!   and L1 maps it again, to the same L1 frames, so L2's data stays.
+//!   L2 pages does) and invalidates it on every vCPU, as an IPI would have
+//!   each run it before its next L2 operation: INVEPT single-context on
+//!   Intel, a VMRUN flushing the ASID on AMD (its leaf tables are unsync
+//!   in the nested MMU, so until then an L2 vCPU may still reach the old
+//!   frame, as on hardware); the next L2 access there exits and L1 maps it
+//!   again, to the same L1 frames, so L2's data stays.
 //!
 //! The run checks every L2 access against the L2 OS's record of its page
 //! tables and a data oracle over L1's memory at `base(i) + gpa`: a
@@ -40,7 +42,7 @@ use vmmu::arch::control::Vendor;
 use vmmu::arch::ept::{EptViolationQual, Eptp};
 use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::arch::pfec::PfErrorCode;
-use vmmu::cpu::vcpu::{AccessResult, L1Nested, L1Npt, Vcpu, VcpuError};
+use vmmu::cpu::vcpu::{AccessResult, L1Invalidation, L1Nested, L1Npt, Vcpu, VcpuError};
 use vmmu::mem::{GuestMemory, MemoryRegion, MemslotFlags, MemslotTable};
 use vmmu::vm::{Machine, RAM_HVA};
 use vmmu::walker::ControlRegs;
@@ -90,6 +92,8 @@ pub struct L1Stats {
     pub unmapped: AtomicU64,
     /// Switches of a vCPU from one L2 VM to another.
     pub switches: AtomicU64,
+    /// Invalidations L1 made on its vCPUs (INVEPT, flushing VMRUNs).
+    pub invalidations: AtomicU64,
 }
 
 /// The L1 hypervisor.
@@ -101,6 +105,9 @@ pub struct L1Hypervisor {
     vcpus: Vec<Mutex<Vcpu>>,
     /// The next free frame of the table region.
     next_table: Mutex<u64>,
+    /// Per run vCPU: the VMs (bit `i` for VM `i`) whose invalidation it
+    /// has yet to run (L1's IPIs).
+    pending: Vec<AtomicU64>,
     /// What it did.
     pub stats: L1Stats,
 }
@@ -145,6 +152,7 @@ impl L1Hypervisor {
             vms: Vec::new(),
             vcpus: l1,
             next_table: Mutex::new(TABLES),
+            pending: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             stats: L1Stats::default(),
         };
         for i in 0..vms {
@@ -299,7 +307,29 @@ impl L1Hypervisor {
             }
         }
         self.stats.unmapped.fetch_add(cleared, Ordering::Relaxed);
+        if cleared > 0 {
+            for p in &self.pending {
+                p.fetch_or(1 << vm, Ordering::AcqRel);
+            }
+        }
         Ok(cleared)
+    }
+
+    /// Runs on vCPU `vcpu` (whose L2 vCPU, now running VM `active`, is
+    /// `l2`) the invalidations L1 asked of it since its last operation.
+    pub fn run_pending(&self, vcpu: usize, active: usize, l2: &mut Vcpu) {
+        let bits = self.pending[vcpu].swap(0, Ordering::AcqRel);
+        for vm in (0..self.vms.len()).filter(|vm| bits >> vm & 1 != 0) {
+            let what = match self.vendor {
+                Vendor::Intel => L1Invalidation::InveptSingle(Eptp::new(self.vms[vm].root, 4, true)),
+                // A VMRUN into another VM syncs anyway (KVM's
+                // `nested_svm_transition_tlb_flush`).
+                Vendor::Amd if vm == active => L1Invalidation::TlbControlFlush,
+                Vendor::Amd => continue,
+            };
+            l2.l1_invalidate(what);
+            self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

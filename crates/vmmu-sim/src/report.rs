@@ -141,6 +141,9 @@ pub struct NestedRunReport {
     pub l1_unmapped: u64,
     /// Switches of a vCPU from one L2 VM to another.
     pub switches: u64,
+    /// Invalidations L1 ran on its vCPUs after taking memory back
+    /// (INVEPT, flushing VMRUNs).
+    pub invalidations: u64,
     /// `prev_roots` hits / (hits + misses) of the nested MMU: how often a
     /// switch found the shadow of the next VM's tables cached (seed 001).
     pub prev_roots_hit_rate: f64,

@@ -857,6 +857,7 @@ fn finish(
                 l1_mapped: l1.stats.mapped.load(Ordering::Relaxed),
                 l1_unmapped: l1.stats.unmapped.load(Ordering::Relaxed),
                 switches: l1.stats.switches.load(Ordering::Relaxed),
+                invalidations: l1.stats.invalidations.load(Ordering::Relaxed),
                 prev_roots_hit_rate: if roots > 0 {
                     stats.prev_roots_hit as f64 / roots as f64
                 } else {
@@ -937,6 +938,10 @@ fn vcpu_thread(sh: &Shared, mut seat: Seat) -> Result<Seat, RunError> {
             }
         }
         let c = &mut seat.cpus[seat.active];
+        if let Some(l1) = sh.l1 {
+            // L1's invalidations this vCPU owes (its IPIs).
+            l1.run_pending(id, seat.active, &mut c.g.vcpu);
+        }
         sh.log(Actor::Vcpu(c.g.id as u32), kind, seed);
         if let Err(e) = guest_op(sh, c, kind, seed) {
             // What the checker saw explains a vCPU that failed (e.g. a

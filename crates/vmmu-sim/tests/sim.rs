@@ -270,7 +270,10 @@ fn nested_runs_are_clean_on_both_vendors() {
             let what = format!("{vendor:?} {paging} {vms}: {n:?}");
             assert_eq!(n.vms, vms as u64, "{what}");
             assert!(n.l1_exits > 100 && n.l1_mapped > 100, "{what}");
-            assert!(n.switches > 10 && n.l1_unmapped > 0, "{what}");
+            assert!(n.switches > 10 && n.l1_unmapped > 0 && n.invalidations > 0, "{what}");
+            // L1's leaf tables went unsync for its stores, and were synced
+            // at its invalidations.
+            assert!(n.stats.mmu_unsync > 0 && n.stats.mmu_synced > 0, "{what}");
             assert!(n.stats.prev_roots_hit > 0 && n.stats.pf_fixed > 0, "{what}");
             assert!(
                 o.report.migration.as_ref().is_some_and(|m| m.bytes_compared > 0),
@@ -389,22 +392,26 @@ mod injected {
     }
 
     /// Under `--nested`, the TDP MMU ignores the nested MMU's write
-    /// tracking: L1's edits of its nested tables (taking memory back)
-    /// leave EPT02/NPT02 stale. The nested MMU's audit (every shadow SPTE
-    /// against L1's entry) finds it.
+    /// tracking, or a sync leaves L1 its writable mapping of the tables it
+    /// syncs: L1's edits of its nested tables (taking memory back) leave
+    /// EPT02/NPT02 stale in pages that count as in sync. The nested MMU's
+    /// audit (every shadow SPTE of a page in sync against L1's entry) finds
+    /// it.
     #[test]
-    fn untracked_nested_tables_are_caught_in_a_nested_run() {
-        for vendor in [vmmu::arch::control::Vendor::Intel, vmmu::arch::control::Vendor::Amd] {
-            let mut cfg = super::nested(vendor, "4-level", 2, 4000);
-            cfg.host_churn = false;
-            let n = caught(
-                cfg,
-                Injection {
-                    vcpu: vec![Bug::UntrackedNestedTables],
-                    ..Injection::default()
-                },
-            );
-            assert!(n > 0, "{vendor:?}: untracked nested tables went unnoticed");
+    fn stale_nested_tables_are_caught_in_a_nested_run() {
+        for bug in [Bug::UntrackedNestedTables, Bug::SyncLeavesWritableElsewhere] {
+            for vendor in [vmmu::arch::control::Vendor::Intel, vmmu::arch::control::Vendor::Amd] {
+                let mut cfg = super::nested(vendor, "4-level", 2, 4000);
+                cfg.host_churn = false;
+                let n = caught(
+                    cfg,
+                    Injection {
+                        vcpu: vec![bug],
+                        ..Injection::default()
+                    },
+                );
+                assert!(n > 0, "{vendor:?}: {bug:?} went unnoticed");
+            }
         }
     }
 

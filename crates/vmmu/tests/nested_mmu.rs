@@ -60,6 +60,16 @@ fn l1_nested(vm: &Vm, root: u64) -> L1Nested {
     }
 }
 
+/// L1's invalidation of everything it gave L2 at `root`: INVEPT
+/// single-context (Intel), a VMRUN flushing the ASID (AMD).
+fn invalidate_all(vm: &Vm, root: u64) -> vmmu::cpu::vcpu::L1Invalidation {
+    use vmmu::cpu::vcpu::L1Invalidation;
+    match vm.mmu.config().vendor {
+        Vendor::Intel => L1Invalidation::InveptSingle(Eptp::new(root, 4, true)),
+        Vendor::Amd => L1Invalidation::TlbControlFlush,
+    }
+}
+
 /// The same tables as the reference walker sees them in L1's memory.
 fn reference(vm: &Vm, root: u64) -> vmmu::walker::nested::NestedPaging {
     use vmmu::walker::nested::NestedPaging;
@@ -131,11 +141,29 @@ fn l2_sees_what_l1_writes(vendor: Vendor) {
     build_npt12(&mut l1, NPT);
     let mut l2 = l2(&vm, 2, NPT[0]);
     assert_eq!(value(read(&mut l2, 0x5008 - 8)), 0xaaaa);
-    // L1 remaps L2's page 5 to B: its store to NPT12 must be trapped (the
-    // table is shadowed), or L2 would keep reading A through a stale NPT02.
-    let emulated = vm.nested_mmu().unwrap().stats().snapshot().mmu_pte_write;
+    let stats = || vm.nested_mmu().unwrap().stats().snapshot();
+    // L1 remaps L2's page 5 to B. The leaf table is shadowed by a 4K page
+    // only: the store makes it unsync (KVM allows it for shadowed EPT12
+    // and NPT12) and goes through a writable mapping, and L2 may go on
+    // reading A, as on hardware, until L1 invalidates.
+    let (emulated, unsync) = (stats().mmu_pte_write, stats().mmu_unsync);
     write(&mut l1, NPT[3] + 8 * 5, PAGE_B | URW);
-    assert_eq!(vm.nested_mmu().unwrap().stats().snapshot().mmu_pte_write, emulated + 1);
+    assert_eq!((stats().mmu_pte_write, stats().mmu_unsync), (emulated, unsync + 1));
+    assert_eq!(value(read(&mut l2, 0x5000)), 0xaaaa, "no sync before L1's invalidation");
+    l2.l1_invalidate(invalidate_all(&vm, NPT[0]));
+    assert_eq!(value(read(&mut l2, 0x5000)), 0xbbbb);
+    assert_eq!(stats().mmu_synced, 1);
+    // A store to an upper-level table (shadowed by a page that may not go
+    // unsync) is trapped and emulated, and seen at once: L1 moves page 5
+    // under a second PT.
+    for p in 0..512 {
+        write(&mut l1, 0x14000 + 8 * p, 0);
+    }
+    write(&mut l1, 0x14000 + 8 * 5, PAGE_A | URW);
+    write(&mut l1, NPT[2], 0x14000 | URW);
+    assert_eq!(stats().mmu_pte_write, emulated + 1);
+    assert_eq!(value(read(&mut l2, 0x5000)), 0xaaaa);
+    write(&mut l1, NPT[2], NPT[3] | URW);
     assert_eq!(value(read(&mut l2, 0x5000)), 0xbbbb);
     // L1 still reads and writes its tables (read-only mappings, emulated
     // writes), and its data pages are its own.
@@ -360,12 +388,14 @@ fn l2_walk_references(vendor: Vendor) {
     assert_eq!(after.walk_refs - before.walk_refs, 24, "{vendor:?}");
 }
 
-/// L1 edits NPT12 at random (remaps, rights, not present), writes its data
-/// pages, and zaps; L2 accesses at random. Every L2 access must end as a
-/// fresh walk of NPT12 in L1's memory says, now: done, reading what L1's
-/// page holds, or a #NPF with exactly that walk's EXITINFO1 and EXITINFO2.
-/// (Stronger than the hardware, which may keep a translation until L1
-/// flushes: the nested MMU zaps what an emulated write to NPT12 changes.)
+/// L1 edits its tables at random (remaps, rights, not present), each edit
+/// followed by its invalidation (INVEPT, or a VMRUN flushing the ASID), as
+/// a correct hypervisor does; it writes its data pages, and either MMU
+/// zaps; L2 accesses at random. Every L2 access must end as a fresh walk of
+/// L1's tables in L1's memory says, now: done, reading what L1's page
+/// holds, or the exit that walk gives (#NPF with its EXITINFO1/2, EPT
+/// violation with its qualification, EPT misconfiguration). The leaf
+/// tables go unsync on L1's first store, so this is the sync's test.
 fn l2_against_a_fresh_l1_walk(vendor: Vendor, seed: u64, steps: usize) -> Result<(u64, u64), String> {
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
@@ -406,6 +436,8 @@ fn l2_against_a_fresh_l1_walk(vendor: Vendor, seed: u64, steps: usize) -> Result
                 let target = pool[rng.random_range(0..pool.len())];
                 let rights = rights[rng.random_range(0..rights.len())];
                 write(&mut l1, pte, if rights == 0 { 0 } else { target | rights });
+                // As a correct hypervisor does before L2 runs again.
+                l2.l1_invalidate(invalidate_all(&vm, NPT[0]));
             }
             // L1 writes one of its pages.
             3 => {
@@ -482,6 +514,24 @@ fn the_random_check_catches_untracked_nested_table_writes() {
     for vendor in VENDORS {
         let caught = (0..20).any(|seed| {
             with_bugs(&[Bug::UntrackedNestedTables], || {
+                l2_against_a_fresh_l1_walk(vendor, seed, 400)
+            })
+            .is_err()
+        });
+        assert!(caught, "{vendor:?}: no seed caught the injected bug");
+    }
+}
+
+/// The same check finds a sync that leaves L1 its writable mapping of a
+/// table it syncs: L1's later stores go unseen, and L2 reads through a
+/// stale shadow even after L1 invalidated.
+#[cfg(feature = "shuttle")]
+#[test]
+fn the_random_check_catches_a_sync_that_leaves_l1_writing() {
+    use vmmu::sync::{Bug, with_bugs};
+    for vendor in VENDORS {
+        let caught = (0..20).any(|seed| {
+            with_bugs(&[Bug::SyncLeavesWritableElsewhere], || {
                 l2_against_a_fresh_l1_walk(vendor, seed, 400)
             })
             .is_err()

@@ -28,7 +28,7 @@ use crate::mmu::tdp::{RootRef, TdpError, TdpMmu};
 use crate::walker::nested::NestedFault;
 use crate::walker::{ControlRegs, GuestPaging};
 
-pub use super::context::{L1Nested, L1Npt, NESTED_PREV_ROOTS, PREV_ROOTS};
+pub use super::context::{L1Invalidation, L1Nested, L1Npt, NESTED_PREV_ROOTS, PREV_ROOTS};
 pub use super::state::{AccessResult, GuestFault, LIVELOCK_EXITS, VcpuError, VcpuStats};
 
 /// The registers of a `rep stosq` ([`Vcpu::rep_stos`]): RDI, the next
@@ -196,6 +196,15 @@ impl Vcpu {
         if let MmuContext::Nested(c) = &mut self.ctx {
             c.set_l1(l1.into(), &self.cpu.features);
             self.cpu.settled = false;
+        }
+    }
+
+    /// An invalidation L1 makes for this L2 guest (INVEPT, INVVPID, INVLPGA,
+    /// a flushing VMRUN; [`L1Invalidation`]), emulated by L0 as KVM does.
+    /// Ignored on a vCPU that is not an L2 guest's.
+    pub fn l1_invalidate(&mut self, what: L1Invalidation) {
+        if let MmuContext::Nested(c) = &mut self.ctx {
+            c.l1_invalidate(&mut self.cpu, what);
         }
     }
 

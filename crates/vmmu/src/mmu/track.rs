@@ -17,6 +17,13 @@
 //!   memory and zaps the shadow SPTEs built from the old entry (KVM's
 //!   `kvm_mmu_track_write`); a page walk's A/D update there unprotects the
 //!   gfn instead (KVM's `kvm_mmu_unprotect_gfn_and_retry`);
+//! - unless the gfn's shadow pages may all go unsync (4K pages, KVM allows
+//!   it for shadowed EPT12 and NPT12 as for a guest's tables): then the
+//!   first write makes them unsync and the TDP MMU maps the gfn writable
+//!   ([`WriteTracker::try_unsync`], [`WriteTracker::write_allowed`]); L1
+//!   writes its leaf tables freely and makes L0 sync with INVEPT (or a
+//!   VMRUN that flushes), and a sync takes the permission back (out of the
+//!   set, then the TDP mappings write-protected) before it reads them;
 //! - the TDP fault path asks first whether anything is tracked at all, a
 //!   lockless read of the count of indirect shadow pages (seed 002: a
 //!   false answer either way is harmless, the tracked set itself is what
@@ -47,6 +54,16 @@ pub trait WriteTracker: Send + Sync {
     fn any_tracked(&self) -> bool;
     /// Whether a gfn in `start..end` is tracked.
     fn is_tracked(&self, start: Gfn, end: Gfn) -> bool;
+    /// Whether the other MMU may map `gfn` writable: untracked, or every
+    /// page shadowing it unsync ([`WriteTracker::try_unsync`]). Asked
+    /// under the other MMU's lock, as `is_tracked`.
+    fn write_allowed(&self, gfn: Gfn) -> bool;
+    /// A write to tracked `gfn` by the other MMU's guest (L1): if every
+    /// page shadowing it is a 4K page, marks them unsync and lets the other
+    /// MMU map it writable until the next sync (KVM's
+    /// `mmu_try_to_unsync_pages` from the TDP MMU's `make_spte`); false if
+    /// the write must be emulated. Called without the other MMU's lock.
+    fn try_unsync(&self, gfn: Gfn) -> bool;
     /// A write of `size` bytes of `value` at `gpa`, trapped: the tracker
     /// writes it and zaps what shadowed the old contents.
     fn track_write(&self, gpa: Gpa, size: usize, value: u64);

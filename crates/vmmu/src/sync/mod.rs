@@ -163,6 +163,10 @@ pub enum Bug {
     /// mappings: a TDP fault in between sees nothing tracked and maps the
     /// gfn writable.
     CountAfterProtect = 1 << 19,
+    /// A sync of the nested MMU's unsync pages does not take back the TDP
+    /// MMU's permission to map their gfns writable: L1 keeps writing its
+    /// tables without a trap while the pages count as in sync.
+    SyncLeavesWritableElsewhere = 1 << 20,
 }
 
 /// Whether the injected bug `b` is active on this thread (**test-only**

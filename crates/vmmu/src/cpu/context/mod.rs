@@ -37,7 +37,7 @@ mod shadow;
 mod tdp;
 
 pub(crate) use nested::NestedContext;
-pub use nested::{L1Nested, L1Npt, NESTED_PREV_ROOTS};
+pub use nested::{L1Invalidation, L1Nested, L1Npt, NESTED_PREV_ROOTS};
 pub use shadow::PREV_ROOTS;
 pub(crate) use shadow::ShadowContext;
 pub(crate) use tdp::TdpContext;

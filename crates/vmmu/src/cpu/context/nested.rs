@@ -73,6 +73,27 @@ pub struct L1Npt {
     pub nxe: bool,
 }
 
+/// A TLB or paging-structure invalidation an L1 hypervisor makes for its
+/// L2 guests, intercepted and emulated by L0 on the L2 guest's vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L1Invalidation {
+    /// INVEPT single-context: everything derived from the EPTP with this
+    /// root (KVM's `handle_invept`: the matching roots are freed, and the
+    /// next VM entry loads them again and syncs them).
+    InveptSingle(Eptp),
+    /// INVEPT all-context: every EPTP's.
+    InveptAll,
+    /// INVVPID for L2's VPID: its linear translations, one address or all
+    /// (EPT-derived structures stay).
+    Invvpid(Option<Gva>),
+    /// A VMRUN with TLB_CONTROL asking for a flush of L2's ASID: KVM syncs
+    /// the nested MMU and flushes (`nested_svm_transition_tlb_flush`;
+    /// unlike EPT, SVM's ASID flush invalidates nested-paging mappings).
+    TlbControlFlush,
+    /// INVLPGA: one L2 linear address of L2's ASID.
+    Invlpga(Gva),
+}
+
 /// L1's nested paging for its L2 guest: what the nested MMU shadows, and
 /// the key of its cached roots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -150,6 +171,9 @@ pub(crate) struct NestedContext {
     /// The L1 table a guest paging-structure write was last unprotected
     /// for (KVM's `last_retry_addr`): the same write again is emulated.
     last_retry: Option<Gpa>,
+    /// The current roots' unsync pages must be synced before the next
+    /// access (a flushing VMRUN).
+    sync_pending: bool,
 }
 
 /// L1's memory as an emulated L2 page walk uses it: reads as the shadow
@@ -187,13 +211,48 @@ impl NestedContext {
             hw: l1.shadow(features),
             roots: RootCache::new(NESTED_PREV_ROOTS),
             last_retry: None,
+            sync_pending: false,
         }
+    }
+
+    /// An invalidation L1 made (see [`L1Invalidation`]).
+    pub(crate) fn l1_invalidate(&mut self, cpu: &mut CpuState, what: L1Invalidation) {
+        let flush = match what {
+            L1Invalidation::InveptSingle(eptp) => {
+                // KVM's `nested_ept_root_matches`: by the root's address.
+                self.roots
+                    .drop_where(&self.mmu, |k| matches!(k, L1Nested::Ept(e) if e.root() == eptp.root()));
+                Flush::Everything
+            }
+            L1Invalidation::InveptAll => {
+                self.roots.drop_where(&self.mmu, |_| true);
+                Flush::Everything
+            }
+            L1Invalidation::Invvpid(Some(va)) | L1Invalidation::Invlpga(va) => Flush::VpidPage {
+                vpid: cpu.vpid,
+                va: va.raw(),
+            },
+            L1Invalidation::Invvpid(None) => Flush::Vpid(cpu.vpid),
+            L1Invalidation::TlbControlFlush => {
+                self.sync_pending = true;
+                Flush::Vpid(cpu.vpid)
+            }
+        };
+        cpu.tlb.flush(flush);
+        cpu.tlb.clear_l1();
+        cpu.settled = false;
     }
 
     /// L1 changes its nested paging (a VM entry with another nCR3 or EPTP,
     /// for another L2 or the same one): the roots switch at the next
     /// access.
     pub(crate) fn set_l1(&mut self, l1: L1Nested, features: &CpuFeatures) {
+        if let L1Nested::Npt(_) = l1 {
+            // KVM syncs the nested MMU on every nested VMRUN
+            // (`nested_svm_transition_tlb_flush`): SVM's ASID management
+            // can invalidate nested-paging mappings there.
+            self.sync_pending = true;
+        }
         if l1 != self.l1 {
             self.l1_tables = l1.tables(features);
             self.l1_paging = self.l1_tables.guest_paging();
@@ -504,6 +563,13 @@ impl VcpuMmu for NestedContext {
         })?;
         if how != Switch::Current {
             cpu.tlb.clear_l1();
+        }
+        // Roots loaded (not reused from `prev_roots`) are synced, as KVM's
+        // `kvm_mmu_load` does: after an INVEPT freed them, what L1 wrote
+        // into its unsync tables shows now. A flushing VMRUN syncs too.
+        let sync = std::mem::take(&mut self.sync_pending) || how == Switch::Loaded;
+        if sync && let Some((_, roots)) = self.roots.current() {
+            self.mmu.sync_roots(roots);
         }
         Ok(())
     }

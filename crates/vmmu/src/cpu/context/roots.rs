@@ -102,6 +102,23 @@ impl<K: Copy + PartialEq> RootCache<K> {
         Ok(how)
     }
 
+    /// Gives back the roots whose key `drop` selects (an L1 hypervisor's
+    /// INVEPT: KVM's `kvm_mmu_free_roots` of the matching roots); returns
+    /// whether the current ones went.
+    pub(crate) fn drop_where(&mut self, mmu: &ShadowMmu, drop: impl Fn(&K) -> bool) -> bool {
+        let current = self.current.as_ref().is_some_and(|(k, _)| drop(k));
+        if current {
+            let (_, r) = self.current.take().expect("current roots were just seen");
+            mmu.release_roots(r);
+        }
+        let (gone, keep): (Vec<_>, Vec<_>) = self.prev.drain(..).partition(|(k, _)| drop(k));
+        self.prev = keep.into();
+        for (_, r) in gone {
+            mmu.release_roots(r);
+        }
+        current
+    }
+
     /// Gives back every root (the vCPU is going away).
     pub(crate) fn release(&mut self, mmu: &ShadowMmu) {
         for (_, r) in self.current.take().into_iter().chain(self.prev.drain(..)) {

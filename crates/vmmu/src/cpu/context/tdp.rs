@@ -331,8 +331,11 @@ impl VcpuMmu for TdpContext {
                 .write_tracker()
                 .expect("only a tracker makes a gfn write-tracked");
             return Ok(match final_gpa {
-                // L1 writes one of its nested tables: the nested MMU
+                // L1 writes one of its nested tables: its shadow pages go
+                // unsync and the write is made again through a writable
+                // mapping, if they may (4K pages only); else the nested MMU
                 // emulates the write (and zaps what it shadowed).
+                Some(gpa) if tracker.try_unsync(gpa.frame()) => ExitAnswer::Retry,
                 Some(gpa) => {
                     tracker.track_write(gpa, size, value);
                     ExitAnswer::Done(AccessResult::Done {

@@ -200,6 +200,14 @@ pub struct ShadowMmu {
     /// The gfns its indirect pages shadow, for the other MMUs of the VM
     /// (a leaf lock: never held while taking another).
     tracked: parking_lot::Mutex<std::collections::HashSet<Gfn>>,
+    /// Tracked gfns the other MMUs may map writable: every shadow page of
+    /// the gfn is an unsync 4K page (KVM's `mmu_try_to_unsync_pages` called
+    /// from the TDP MMU's `make_spte`: an L1 hypervisor writes its EPT12 or
+    /// NPT12 leaf tables without a trap, and makes them coherent with
+    /// INVEPT or a flushing VMRUN, which sync). Leaves the set, with those
+    /// mappings write-protected, before a sync reads the gfn or another
+    /// page starts to shadow it (a leaf lock, as `tracked`).
+    writable_elsewhere: parking_lot::Mutex<std::collections::HashSet<Gfn>>,
     /// The MMUs that map those gfns for someone else (the TDP MMU, for L1).
     protectors: parking_lot::Mutex<Vec<std::sync::Weak<dyn crate::mmu::track::WriteProtector>>>,
 }
@@ -241,6 +249,7 @@ impl ShadowMmu {
             stats: MmuStats::default(),
             fmt,
             tracked: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            writable_elsewhere: parking_lot::Mutex::new(std::collections::HashSet::new()),
             protectors: parking_lot::Mutex::new(Vec::new()),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
@@ -626,10 +635,12 @@ impl ShadowMmu {
                 protect();
                 crate::sync::sched_point();
             }
-            if self.tracked.lock().insert(gfn) && !protect_first {
-                // First shadowed here: no other MMU may map it writable
-                // from now on (tracked first, so a racing fault there maps
-                // it read-only or is zapped by this).
+            let first = self.tracked.lock().insert(gfn);
+            // Shadowed by a new page: no other MMU may map it writable
+            // from now on, unsync pages or not (tracked first, so a racing
+            // fault there maps it read-only or is zapped by this).
+            let was_writable = self.writable_elsewhere.lock().remove(&gfn);
+            if (first || was_writable) && !protect_first {
                 protect();
             }
             if count_late {
@@ -642,6 +653,27 @@ impl ShadowMmu {
             flush |= self.write_protect_gfn(pages, gfn);
         }
         (id, flush)
+    }
+
+    /// Takes back another MMU's permission to map `gfn` writable (a sync
+    /// is about to read it): out of the set first, then every writable
+    /// mapping there goes, with its TLB entries, before this returns.
+    pub(super) fn protect_elsewhere(&self, gfn: Gfn) {
+        if crate::sync::bug(crate::sync::Bug::SyncLeavesWritableElsewhere) {
+            return;
+        }
+        if !self.writable_elsewhere.lock().remove(&gfn) {
+            return;
+        }
+        let protectors: Vec<_> = self
+            .protectors
+            .lock()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        for p in protectors {
+            p.write_protect_gfn(gfn);
+        }
     }
 
     /// Write-protects every leaf SPTE mapping `gfn`. Returns whether one
@@ -676,6 +708,7 @@ impl ShadowMmu {
             self.indirect_shadow_pages.fetch_sub(1, Ordering::Relaxed);
             if last {
                 self.tracked.lock().remove(&gfn);
+                self.writable_elsewhere.lock().remove(&gfn);
             }
         }
         for index in 0..ENTRIES {
@@ -991,6 +1024,27 @@ impl crate::mmu::track::WriteTracker for ShadowMmu {
             return tracked.contains(&start);
         }
         tracked.iter().any(|g| (start..end).contains(g))
+    }
+
+    fn write_allowed(&self, gfn: Gfn) -> bool {
+        !self.tracked.lock().contains(&gfn) || self.writable_elsewhere.lock().contains(&gfn)
+    }
+
+    fn try_unsync(&self, gfn: Gfn) -> bool {
+        let mut guard = self.lock.write();
+        let pages = &mut *guard;
+        if !pages.is_write_tracked(gfn) {
+            // Not shadowed (any more): nothing to unsync, the other MMU
+            // maps it as it likes.
+            return true;
+        }
+        if !self.try_unsync(pages, gfn) {
+            return false;
+        }
+        // Under the lock: a sync, which takes it, removes the gfn before
+        // it reads the guest table.
+        self.writable_elsewhere.lock().insert(gfn);
+        true
     }
 
     fn track_write(&self, gpa: Gpa, size: usize, value: u64) {

@@ -93,7 +93,11 @@ impl ShadowMmu {
         // never see it.
         let mut protected = PendingFlush::none();
         for leaf in &leaves {
-            protected |= self.write_protect_gfn(pages, pages.page(leaf.id()).gfn);
+            let gfn = pages.page(leaf.id()).gfn;
+            protected |= self.write_protect_gfn(pages, gfn);
+            // And in the other MMUs that were let map it writable (their
+            // flush is done when this returns).
+            self.protect_elsewhere(gfn);
         }
         self.discharge(protected);
         let mut flush = PendingFlush::none();

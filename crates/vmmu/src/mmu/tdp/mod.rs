@@ -674,13 +674,18 @@ impl TdpMmu {
             .get()
             .filter(|t| t.any_tracked() && !sync::bug(sync::Bug::UntrackedNestedTables));
         let tracked = tracker.is_some_and(|t| t.is_tracked(gfn, gfn.add(1)));
+        // Unless its shadow pages went unsync for L1's writes (KVM's
+        // `mmu_try_to_unsync_pages` in `make_spte`): then writable, until a
+        // sync takes it back (out of the set, then a zap under the write
+        // lock, which waits for this fault's read lock).
+        let write_protected = tracked && !tracker.is_some_and(|t| t.write_allowed(gfn));
         if tracker.is_some() {
             MmuStats::inc(&self.stats.local().indirect_heuristic_hits);
             if tracked {
                 MmuStats::inc(&self.stats.local().indirect_tracked_gfns);
             }
         }
-        if tracked && fault.write {
+        if write_protected && fault.write {
             return Ok(FaultOutcome::WriteTracked);
         }
         // Dirty logging tracks 4K pages (KVM's hugepage adjust).
@@ -728,7 +733,7 @@ impl TdpMmu {
             user: true,
         };
         let mut leaf = self.make_leaf(level, pfn, access, valid.writable());
-        if tracked {
+        if write_protected {
             // Read-only, and not MMU-writable: the fast path must not make
             // it writable either.
             leaf = leaf.write_protect(self.fmt);
