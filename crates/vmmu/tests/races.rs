@@ -610,6 +610,113 @@ mod model {
         assert_found("protect before track", run);
     }
 
+    // ---- 8. L1 writes a leaf table that is unsync while L2 syncs it -------
+
+    /// An L1 vCPU (TDP MMU, AMD) stores twice into its NPT12 leaf table
+    /// (gfn 11, shadowed by a 4K page only: the first store makes the page
+    /// unsync and maps the gfn writable for L1), remapping L2's page 1 to
+    /// gfn 13, then 14; an L2 vCPU meanwhile makes a flushing VMRUN (a
+    /// sync) and reads page 1. Whatever the order: a tracked gfn is
+    /// writable in the TDP MMU only while the nested MMU allows it (a sync
+    /// takes the permission back before it reads the table), and after
+    /// both, one more flushing VMRUN makes L2 read what L1 stored last.
+    fn l1_writes_an_unsync_table_while_l2_syncs() {
+        let config = TdpConfig {
+            vendor: vmmu::arch::control::Vendor::Amd,
+            max_level: 1,
+            ..TdpConfig::default()
+        };
+        let vm = Vm::new(PAGES << 12, Hva::new(BASE), VmaFlags::WRITE, config).expect("a VM");
+        for gfn in 8..=14 {
+            vm.host.fault_in(hva(gfn), true).expect("a host page");
+        }
+        let mem = vm.memory();
+        for (table, next) in [(8u64, 9u64), (9, 10), (10, 11), (11, 12)] {
+            mem.write_value(Gpa::new(table << 12), 8, (next << 12) | 0x7)
+                .expect("NPT12");
+        }
+        mem.write_value(Gpa::new((11 << 12) + 8), 8, (13 << 12) | 0x7)
+            .expect("NPT12");
+        for (gfn, v) in [(12u64, 0x1234u64), (13, 0x5678), (14, 0x9abc)] {
+            mem.write_value(Gpa::new(gfn << 12), 8, v).expect("L2's data");
+        }
+        let mut l1 = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1).expect("L1");
+        l1.set_state(ControlRegs::default(), 0, 0).expect("paging off");
+        let npt = vmmu::cpu::vcpu::L1Npt {
+            ncr3: 8 << 12,
+            levels: 4,
+            nxe: true,
+        };
+        let nested = vm.nested_mmu().expect("a nested MMU");
+        let mut l2 = Vcpu::new_nested(nested, vm.slots.clone(), CpuFeatures::default(), 2, npt);
+        l2.set_state(ControlRegs::default(), 0, 0).expect("paging off");
+        let read =
+            |l2: &mut Vcpu, page: u64| l2.access(Gva::new(page << 12), Access::new(AccessKind::Read, 0, false), 8, 0);
+        // L2 has run: NPT12's tables are shadowed.
+        assert!(matches!(read(&mut l2, 1), Ok(AccessResult::Done { value: 0x5678, .. })));
+        let l1_thread = thread::spawn(move || {
+            for gfn in [14u64, 13, 14] {
+                let w = l1.access(
+                    Gva::new((11 << 12) + 8),
+                    Access::new(AccessKind::Write, 0, false),
+                    8,
+                    (gfn << 12) | 0x7,
+                );
+                assert!(matches!(w, Ok(AccessResult::Done { mmio: false, .. })), "{w:?}");
+            }
+        });
+        let l2_thread = thread::spawn(move || {
+            l2.l1_invalidate(vmmu::cpu::vcpu::L1Invalidation::TlbControlFlush);
+            let r = read(&mut l2, 1);
+            assert!(
+                matches!(
+                    r,
+                    Ok(AccessResult::Done {
+                        value: 0x5678 | 0x9abc,
+                        ..
+                    })
+                ),
+                "{r:?}"
+            );
+            l2
+        });
+        l1_thread.join().expect("the L1 thread");
+        let mut l2 = l2_thread.join().expect("the L2 thread");
+        let tracker = vm.mmu.write_tracker().expect("the nested MMU tracks");
+        for gfn in 8..=11u64 {
+            let g = vmmu::addr::Gfn::new(gfn);
+            for (_, _, spte) in vm.mmu.leaves_of(0, g) {
+                assert!(
+                    !spte.is_mmu_present() || !spte.is_writable(vm.mmu.format()) || tracker.write_allowed(g),
+                    "gfn {gfn} is writable in the TDP MMU without the nested MMU's leave: {spte:?}"
+                );
+            }
+        }
+        l2.l1_invalidate(vmmu::cpu::vcpu::L1Invalidation::TlbControlFlush);
+        let r = read(&mut l2, 1);
+        assert!(
+            matches!(r, Ok(AccessResult::Done { value: 0x9abc, .. })),
+            "after L1's last store and a flushing VMRUN, L2 reads {r:?}"
+        );
+    }
+
+    #[test]
+    fn l1_writing_an_unsync_table_while_l2_syncs() {
+        check_random(17, ITERATIONS / 10, l1_writes_an_unsync_table_while_l2_syncs);
+        check_pct(18, ITERATIONS / 10, 3, l1_writes_an_unsync_table_while_l2_syncs);
+    }
+
+    #[test]
+    fn a_sync_leaving_l1_writing_is_caught() {
+        let run = explore(
+            PctScheduler::new_from_seed(27, 3, BUG_LIMIT),
+            &[Bug::SyncLeavesWritableElsewhere],
+            false,
+            l1_writes_an_unsync_table_while_l2_syncs,
+        );
+        assert_found("sync leaves writable elsewhere", run);
+    }
+
     // ---- How fast each injected bug is found ------------------------------
 
     /// For every injected bug and both schedulers: over 40 seeds, how many

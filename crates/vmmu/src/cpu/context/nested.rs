@@ -558,9 +558,14 @@ impl VcpuMmu for NestedContext {
         }
         let key = self.l1;
         let (mmu, tables) = (&self.mmu, &mut self.tables);
-        let how = self.roots.switch(mmu, key, || {
-            mmu.load_roots(&key.context(), 0, key.root(), [0; 4], tables)
-        })?;
+        let policy = mmu.prev_roots_match();
+        let ctx = key.context();
+        // KVM's `is_root_usable`: the same L1 tables, and a root role that
+        // matches L1's context (seed 001).
+        let usable = |k: &L1Nested, r: &ShadowRoots| k.root() == key.root() && r.role().is_root_role_of(&ctx, policy);
+        let how = self
+            .roots
+            .switch(mmu, key, usable, || mmu.load_roots(&ctx, 0, key.root(), [0; 4], tables))?;
         if how != Switch::Current {
             cpu.tlb.clear_l1();
         }

@@ -68,12 +68,15 @@ impl<K: Copy + PartialEq> RootCache<K> {
     }
 
     /// Makes the roots of `key` current (KVM's `fast_pgd_switch`): the
-    /// cached ones if there are, else `load`'s; the roots they replace go to
-    /// the cache, and what falls off its end is given back.
+    /// cached ones that are `usable` for it if there are (KVM's
+    /// `is_root_usable`: the same tables, and a root role that matches),
+    /// else `load`'s; the roots they replace go to the cache, and what
+    /// falls off its end is given back.
     pub(crate) fn switch<E>(
         &mut self,
         mmu: &ShadowMmu,
         key: K,
+        usable: impl Fn(&K, &ShadowRoots) -> bool,
         load: impl FnOnce() -> Result<ShadowRoots, E>,
     ) -> Result<Switch, E> {
         if self.current.as_ref().is_some_and(|(k, _)| *k == key) {
@@ -82,12 +85,12 @@ impl<K: Copy + PartialEq> RootCache<K> {
         let hit = self
             .prev
             .iter()
-            .position(|(k, _)| *k == key)
+            .position(|(k, r)| usable(k, r))
             .and_then(|i| self.prev.remove(i));
         let (next, how) = match hit {
-            Some(cached) => {
+            Some((_, cached)) => {
                 MmuStats::inc(&mmu.stats().local().prev_roots_hit);
-                (cached, Switch::Hit)
+                ((key, cached), Switch::Hit)
             }
             // On error nothing changed.
             None => ((key, load()?), Switch::Loaded),

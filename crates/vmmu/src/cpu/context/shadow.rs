@@ -254,9 +254,20 @@ impl VcpuMmu for ShadowContext {
             // 5-level guests only; here the PDPTEs are part of the key, so
             // PAE and 32-bit guests get them too).
             let (mmu, tables) = (&self.mmu, &mut self.tables);
-            let how = self
-                .roots
-                .switch(mmu, key, || mmu.load_roots(&ctx, 0, key.pgd, cpu.pdptes, tables))?;
+            // KVM's `is_root_usable`: the same tables, and a root role that
+            // matches the context's (seed 001: compared normalised, roots
+            // of contexts that differ only in bits the root does not use
+            // are reused).
+            let policy = mmu.prev_roots_match();
+            let usable = |k: &RootKey, r: &ShadowRoots| {
+                k.pgd == key.pgd
+                    && k.pdptes == key.pdptes
+                    && k.pcid == key.pcid
+                    && r.role().is_root_role_of(&ctx, policy)
+            };
+            let how = self.roots.switch(mmu, key, usable, || {
+                mmu.load_roots(&ctx, 0, key.pgd, cpu.pdptes, tables)
+            })?;
             if how == Switch::Loaded {
                 // A root load syncs what it links (KVM's `kvm_mmu_load`).
                 self.requests.current = true;

@@ -208,6 +208,9 @@ pub struct ShadowMmu {
     /// mappings write-protected, before a sync reads the gfn or another
     /// page starts to shadow it (a leaf lock, as `tracked`).
     writable_elsewhere: parking_lot::Mutex<std::collections::HashSet<Gfn>>,
+    /// How the vCPUs match cached roots to a context (seed 001): 0 =
+    /// normalised roles, 1 = the old un-normalised comparison.
+    prev_roots_match: std::sync::atomic::AtomicU8,
     /// The MMUs that map those gfns for someone else (the TDP MMU, for L1).
     protectors: parking_lot::Mutex<Vec<std::sync::Weak<dyn crate::mmu::track::WriteProtector>>>,
 }
@@ -240,6 +243,7 @@ impl ShadowMmu {
             invalidate: InvalidateState::default(),
             remote_tlb: RemoteTlb::default(),
             valid_gen: AtomicU64::new(0),
+            prev_roots_match: std::sync::atomic::AtomicU8::new(0),
             zap_all_done: AtomicU64::new(0),
             root_generation: AtomicU64::new(0),
             indirect_shadow_pages: AtomicU64::new(0),
@@ -262,6 +266,26 @@ impl ShadowMmu {
     /// this MMU starts to shadow it ([`crate::mmu::track`]).
     pub fn add_write_protector(&self, protector: std::sync::Weak<dyn crate::mmu::track::WriteProtector>) {
         self.protectors.lock().push(protector);
+    }
+
+    /// How its vCPUs match a cached root (`prev_roots`) to the context
+    /// that wants it: seed 001's policy, normalised by default; the
+    /// un-normalised comparison is KVM's before the thread, for measuring
+    /// what it cost.
+    pub fn set_prev_roots_match(&self, how: role::PrevRootsMatch) {
+        let v = match how {
+            role::PrevRootsMatch::Normalised => 0,
+            role::PrevRootsMatch::Unnormalised => 1,
+        };
+        self.prev_roots_match.store(v, Ordering::Relaxed);
+    }
+
+    /// The policy [`ShadowMmu::set_prev_roots_match`] set.
+    pub fn prev_roots_match(&self) -> role::PrevRootsMatch {
+        match self.prev_roots_match.load(Ordering::Relaxed) {
+            0 => role::PrevRootsMatch::Normalised,
+            _ => role::PrevRootsMatch::Unnormalised,
+        }
     }
 
     /// The format of its SPTEs.

@@ -170,6 +170,23 @@ impl GuestContext {
     }
 }
 
+/// How a cached root (`prev_roots`) is matched to the context that wants
+/// it: seed 001's question, a runtime policy of the MMU
+/// ([`crate::mmu::shadow::ShadowMmu::set_prev_roots_match`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PrevRootsMatch {
+    /// The root page's role against the context's normalised root role
+    /// (KVM since the thread: the bits a root does not use are equal on
+    /// both sides, so an equal translation always matches).
+    #[default]
+    Normalised,
+    /// The root page's (normalised) role against the context's raw bits,
+    /// as KVM compared before the thread: a direct root's page has
+    /// `cr4_pae` (here EFER.NX, the 4-byte-entry bit) cleared and the
+    /// MMU's role does not, so a direct root is never reused.
+    Unnormalised,
+}
+
 /// The role of a shadow page: with its gfn, the key of the page hash.
 /// Always normalised; see the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -218,6 +235,13 @@ impl Role {
     }
 
     fn new(ctx: &GuestContext, level: Level, direct: bool, quadrant: u8, access: Acc) -> Role {
+        Role::raw(ctx, level, direct, quadrant, access).normalise()
+    }
+
+    /// The fields as `ctx` gives them, before normalisation: never a page's
+    /// role (every constructor normalises), only what the un-normalised
+    /// comparison of [`PrevRootsMatch::Unnormalised`] compares with.
+    fn raw(ctx: &GuestContext, level: Level, direct: bool, quadrant: u8, access: Acc) -> Role {
         Role {
             level,
             direct,
@@ -235,7 +259,19 @@ impl Role {
             ad_disabled: ctx.ad_disabled,
             invalid: false,
         }
-        .normalise()
+    }
+
+    /// Whether this role, a root page's, is the role `ctx` wants for its
+    /// root, compared as `how` says (KVM's `is_root_usable`: the cached
+    /// root's page role against the MMU's root role). The quadrant of a
+    /// 32-bit guest's PAE roots is the root's own.
+    pub fn is_root_role_of(&self, ctx: &GuestContext, how: PrevRootsMatch) -> bool {
+        let (level, direct) = (ctx.root_page_level(), ctx.mode == PagingMode::None);
+        let want = Role::raw(ctx, level, direct, self.quadrant, Acc::all());
+        match how {
+            PrevRootsMatch::Normalised => *self == want.normalise(),
+            PrevRootsMatch::Unnormalised => *self == want,
+        }
     }
 
     /// The one normal form: clears every bit that means nothing for this

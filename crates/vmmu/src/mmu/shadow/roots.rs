@@ -42,6 +42,9 @@ enum RootKind {
 #[derive(Debug)]
 #[must_use = "roots must be released with ShadowMmu::release_roots"]
 pub struct ShadowRoots {
+    /// The role of the root page(s) (for PAE-format roots, the first
+    /// one's; their quadrants are their own).
+    role: Role,
     as_id: u16,
     generation: u64,
     hw_root: Pfn,
@@ -50,6 +53,11 @@ pub struct ShadowRoots {
 }
 
 impl ShadowRoots {
+    /// The role of the root page (KVM's `root_role` of the root).
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
     /// The address space.
     pub fn as_id(&self) -> u16 {
         self.as_id
@@ -133,6 +141,7 @@ impl ShadowMmu {
                     tables,
                 );
                 ShadowRoots {
+                    role: Role::root(ctx, level, 0),
                     as_id,
                     generation,
                     hw_root: pages.page(id).pfn,
@@ -175,6 +184,7 @@ impl ShadowMmu {
                     }
                 }
                 ShadowRoots {
+                    role: Role::root(ctx, Level::L2, 0),
                     as_id,
                     generation,
                     hw_root: pml4,
