@@ -1,10 +1,11 @@
 //! `nested-fault`: what a fault costs an L2 guest on the nested MMU against
 //! what it costs its L1 hypervisor on the TDP MMU, in one run, on an AMD
-//! host. L1 (paging off) writes fresh pages of its own memory: each a TDP
-//! fault (#NPF, `kvm_tdp_mmu_page_fault`, retry). L2 (paging off) writes
-//! fresh pages of its memory, which NPT12 maps to other L1 pages: each a
-//! nested fault (#NPF of NPT02, NPT12 walked in L1's memory, shadow pages
-//! found or made, the NPT02 leaf installed, retry). Both touch host pages
+//! host (NPT) and on an Intel host (EPT). L1 (paging off) writes fresh
+//! pages of its own memory: each a TDP fault (#NPF or EPT violation,
+//! `kvm_tdp_mmu_page_fault`, retry). L2 (paging off) writes fresh pages of
+//! its memory, which NPT12/EPT12 maps to other L1 pages: each a nested
+//! fault (the exit of NPT02/EPT02, L1's table walked in L1's memory, shadow
+//! pages found or made, the leaf installed, retry). Both touch host pages
 //! that are resident, so neither pays a host fault; every round starts from
 //! empty tables (both MMUs zapped). The memory references of each TLB miss
 //! are reported beside: a 1-D NPT walk for L1, and for L2 (paging off) a
@@ -17,8 +18,9 @@ use std::time::Instant;
 
 use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::{CpuFeatures, Vendor};
+use vmmu::arch::ept::Eptp;
 use vmmu::arch::perm::{Access, AccessKind};
-use vmmu::cpu::vcpu::{AccessResult, L1Npt, Vcpu};
+use vmmu::cpu::vcpu::{AccessResult, L1Nested, L1Npt, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mmu::tdp::TdpConfig;
 use vmmu::vm::Vm;
@@ -38,7 +40,7 @@ const NPT12: u64 = 0x10000;
 const L2_BACKING: u64 = 16 * MB;
 /// L1's own fresh pages, from here.
 const L1_PAGES: u64 = 32 * MB;
-/// P | R/W | U.
+/// P | R/W | U (NPT); R | W | X (EPT, memory type UC).
 const URW: u64 = 0x7;
 
 fn write(v: &mut Vcpu, gpa: u64) -> Result<(), BenchError> {
@@ -48,11 +50,82 @@ fn write(v: &mut Vcpu, gpa: u64) -> Result<(), BenchError> {
     }
 }
 
-/// Runs the benchmark: the best of `rounds` (3 unless given) per phase.
+/// One vendor's figures: best ns per nested fault, per L1 fault, per L1
+/// fault with nested pages present; references per miss (L2, L1); the
+/// heuristic's answers; the seconds of nested faulting.
+struct VendorRun {
+    nested_ns: f64,
+    l1_ns: f64,
+    l1_nested_ns: f64,
+    refs: (f64, f64),
+    heuristic: (i64, i64),
+    seconds: f64,
+}
+
+/// Runs the benchmark: the best of `rounds` (3 unless given) per phase,
+/// on each vendor.
 pub fn run(rounds: Option<u64>) -> Result<Report, BenchError> {
     let rounds = rounds.unwrap_or(3).max(1);
+    let amd = run_vendor(Vendor::Amd, rounds)?;
+    let intel = run_vendor(Vendor::Intel, rounds)?;
+    let phase = |phase, per_op_ns: f64, reference_ns: f64| Phase {
+        phase,
+        per_op_ns,
+        reference_ns,
+        ratio: per_op_ns / reference_ns,
+    };
+    let result = BenchResult {
+        bench: "nested-fault",
+        mmu: "nested",
+        vcpus: 1,
+        pages: PAGES,
+        seconds: amd.seconds + intel.seconds,
+        per_op_ns: amd.nested_ns,
+        reference_ns: amd.l1_ns,
+        ratio: amd.nested_ns / amd.l1_ns,
+        reference: "per 4K write fault: the same write fault of the L1 hypervisor on the TDP MMU (AMD, NPT; then Intel, EPT)",
+        goal_ratio: None,
+        phases: vec![
+            phase("nested fault/npt", amd.nested_ns, amd.l1_ns),
+            phase("L1 fault/npt", amd.l1_ns, amd.l1_ns),
+            phase("L1 fault, nested pages present/npt", amd.l1_nested_ns, amd.l1_ns),
+            phase("nested fault/ept", intel.nested_ns, intel.l1_ns),
+            phase("L1 fault/ept", intel.l1_ns, intel.l1_ns),
+            phase("L1 fault, nested pages present/ept", intel.l1_nested_ns, intel.l1_ns),
+        ],
+    };
+    let mut figures = Vec::new();
+    for (v, r) in [("NPT", &amd), ("EPT", &intel)] {
+        figures.push(Figure {
+            name: format!("memory references per TLB miss, L2 on {v}02 (L1 on {v})"),
+            unit: "refs",
+            value: r.refs.0,
+            reference: Some(r.refs.1),
+            goal: None,
+        });
+        figures.push(Figure {
+            name: format!(
+                "{v}: L1 faults, nested pages present: indirect_shadow_pages said maybe (seed 002); the gfn was tracked"
+            ),
+            unit: "faults",
+            value: r.heuristic.0 as f64,
+            reference: Some(r.heuristic.1 as f64),
+            goal: None,
+        });
+    }
+    Ok(Report {
+        result,
+        backing: Some("anon"),
+        figures,
+        notes: vec![format!(
+            "{PAGES} pages per phase, best of {rounds} rounds, both MMUs zapped before each; paging off in L1 and L2 (each TLB miss is one walk of the MMU's 4-level tables)"
+        )],
+    })
+}
+
+fn run_vendor(vendor: Vendor, rounds: u64) -> Result<VendorRun, BenchError> {
     let config = TdpConfig {
-        vendor: Vendor::Amd,
+        vendor,
         // 4K leaves for L1 too, so both phases install one leaf per page.
         max_level: 1,
         ..TdpConfig::default()
@@ -87,12 +160,16 @@ pub fn run(rounds: Option<u64>) -> Result<Report, BenchError> {
     let mut l1 = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), features, 1).map_err(|e| run(&e))?;
     l1.set_state(ControlRegs::default(), 0, 0).map_err(|e| run(&e))?;
     let nested = vm.nested_mmu().map_err(|e| BenchError::Run(e.to_string()))?;
-    let npt = L1Npt {
-        ncr3: NPT12,
-        levels: 4,
-        nxe: true,
+    let l1_tables: L1Nested = match vendor {
+        Vendor::Amd => L1Npt {
+            ncr3: NPT12,
+            levels: 4,
+            nxe: true,
+        }
+        .into(),
+        Vendor::Intel => Eptp::new(NPT12, 4, true).into(),
     };
-    let mut l2 = Vcpu::new_nested(nested.clone(), vm.slots.clone(), features, 2, npt);
+    let mut l2 = Vcpu::new_nested(nested.clone(), vm.slots.clone(), features, 2, l1_tables);
     l2.set_state(ControlRegs::default(), 0, 0).map_err(|e| run(&e))?;
     let (mut best_l1, mut best_l2, mut best_l1_nested) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
     let mut heuristic = (0i64, 0i64);
@@ -150,68 +227,12 @@ pub fn run(rounds: Option<u64>) -> Result<Report, BenchError> {
         )));
     }
     let per = |(refs, walks): (u64, u64)| refs as f64 / walks.max(1) as f64;
-    let result = BenchResult {
-        bench: "nested-fault",
-        mmu: "nested",
-        vcpus: 1,
-        pages: PAGES,
+    Ok(VendorRun {
+        nested_ns: best_l2,
+        l1_ns: best_l1,
+        l1_nested_ns: best_l1_nested,
+        refs: (per(l2_refs), per(l1_refs)),
+        heuristic,
         seconds,
-        per_op_ns: best_l2,
-        reference_ns: best_l1,
-        ratio: best_l2 / best_l1,
-        reference: "per 4K write fault: the same write fault of the L1 hypervisor on the TDP MMU (AMD, NPT)",
-        goal_ratio: None,
-        phases: vec![
-            Phase {
-                phase: "nested fault",
-                per_op_ns: best_l2,
-                reference_ns: best_l1,
-                ratio: best_l2 / best_l1,
-            },
-            Phase {
-                phase: "L1 fault",
-                per_op_ns: best_l1,
-                reference_ns: best_l1,
-                ratio: 1.0,
-            },
-            Phase {
-                phase: "L1 fault, nested pages present",
-                per_op_ns: best_l1_nested,
-                reference_ns: best_l1,
-                ratio: best_l1_nested / best_l1,
-            },
-        ],
-    };
-    Ok(Report {
-        result,
-        backing: Some("anon"),
-        figures: vec![
-            Figure {
-                name: "memory references per TLB miss, L2 on NPT02".into(),
-                unit: "refs",
-                value: per(l2_refs),
-                reference: Some(per(l1_refs)),
-                goal: None,
-            },
-            Figure {
-                name: "memory references per TLB miss, L1 on NPT".into(),
-                unit: "refs",
-                value: per(l1_refs),
-                reference: None,
-                goal: None,
-            },
-            Figure {
-                name:
-                    "L1 faults, nested pages present: indirect_shadow_pages said maybe (seed 002); the gfn was tracked"
-                        .into(),
-                unit: "faults",
-                value: heuristic.0 as f64,
-                reference: Some(heuristic.1 as f64),
-                goal: None,
-            },
-        ],
-        notes: vec![format!(
-            "{PAGES} pages per phase, best of {rounds} rounds, both MMUs zapped before each; paging off in L1 and L2 (each TLB miss is one walk of the MMU's 4-level tables)"
-        )],
     })
 }
