@@ -19,7 +19,7 @@
 //! | `nx_recovery_period_ms` | `kvm.nx_huge_pages_recovery_period_ms` (0: an hour / ratio) | 0 |
 //! | `max_page_size` | the largest TDP leaf (`4K`, `2M`, `1G`) | `1G` |
 //! | `ept_levels` | 4- or 5-level EPT (NPT on `amd`: the host's paging levels) | 4 |
-//! | `mmu_pages` | `KVM_SET_NR_MMU_PAGES`: the shadow MMU's page limit, 0 = 2% of RAM | 0 |
+//! | `mmu_pages` | `KVM_SET_NR_MMU_PAGES`: the shadow MMU's page limit (on a TDP VM, the nested MMU's), 0 = 2% of RAM | 0 |
 //! | `pku`, `smep`, `smap` | CPUID features the guest may use (it enables each it sees) | off |
 //! | `la57` | CPUID.LA57: 5-level paging allowed | on |
 //!

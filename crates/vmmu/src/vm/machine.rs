@@ -134,7 +134,15 @@ impl Machine {
         }
         Some(
             self.nested
-                .get_or_init(|| super::nested_mmu_of(&self.host, &self.slots, tdp))
+                .get_or_init(|| {
+                    let nested = super::nested_mmu_of(&self.host, &self.slots, tdp);
+                    // KVM_SET_NR_MMU_PAGES limits every shadow page of the
+                    // VM: on a TDP VM, the nested MMU's.
+                    if self.config.mmu_pages != 0 {
+                        nested.set_max_pages(self.config.mmu_pages);
+                    }
+                    nested
+                })
                 .clone(),
         )
     }
@@ -206,7 +214,7 @@ impl Machine {
 
     /// The most page-table memory the MMU held at once, in bytes.
     pub fn mmu_peak_bytes(&self) -> u64 {
-        self.mmu.peak_bytes()
+        self.mmu.peak_bytes() + self.nested.get().map_or(0, |n| n.peak_page_count() as u64 * 4096)
     }
 
     /// Sets the shadow MMU's page limit (KVM's `KVM_SET_NR_MMU_PAGES`);
@@ -215,10 +223,16 @@ impl Machine {
         self.mmu.set_max_pages(pages)
     }
 
-    /// The page-table memory the MMU may hold, in bytes, with `vcpus`
-    /// vCPUs ([`Mmu::limit_bytes`]).
+    /// The page-table memory the MMU (and the nested MMU) may hold, in
+    /// bytes, with `vcpus` vCPUs ([`Mmu::limit_bytes`]).
     pub fn mmu_limit_bytes(&self, vcpus: u64) -> u64 {
-        self.mmu.limit_bytes(&self.slots, vcpus)
+        // The nested MMU's own page limit (KVM's, 2% of the memory), with
+        // the roots each vCPU may pin on top, as for a shadow MMU.
+        let nested = self.nested.get().map_or(0, |n| {
+            let roots = vcpus * (1 + crate::cpu::vcpu::NESTED_PREV_ROOTS as u64) * 5;
+            (n.max_pages() + roots) * 4096
+        });
+        self.mmu.limit_bytes(&self.slots, vcpus) + nested
     }
 
     /// Shadow pages and unsync shadow pages now (0 on the TDP MMU).
