@@ -512,37 +512,13 @@ mod model {
     }
 
     fn l1_writes_a_table_while_it_is_shadowed(premapped: bool) {
-        let config = TdpConfig {
-            vendor: vmmu::arch::control::Vendor::Amd,
-            max_level: 1,
-            ..TdpConfig::default()
-        };
-        let vm = Vm::new(PAGES << 12, Hva::new(BASE), VmaFlags::WRITE, config).expect("a VM");
-        for gfn in 8..=12 {
-            vm.host.fault_in(hva(gfn), true).expect("a host page");
-        }
-        // NPT12: gfns 8 (PML4) .. 11 (PT); L2's page 0 is L1's gfn 12.
-        let mem = vm.memory();
-        for (table, next) in [(8u64, 9u64), (9, 10), (10, 11), (11, 12)] {
-            mem.write_value(Gpa::new(table << 12), 8, (next << 12) | 0x7)
-                .expect("NPT12");
-        }
-        mem.write_value(Gpa::new(12 << 12), 8, 0x1234).expect("L2's data");
-        let mut l1 = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1).expect("L1");
-        l1.set_state(ControlRegs::default(), 0, 0).expect("paging off");
+        let (vm, mut l1) = npt12_vm(&[(12, 0x1234)]);
         if premapped {
             // L1 maps its table page writable before the race.
             let w = l1.access(Gva::new((8 << 12) + 16), Access::new(AccessKind::Write, 0, false), 8, 0);
             assert!(matches!(w, Ok(AccessResult::Done { .. })), "{w:?}");
         }
-        let npt = vmmu::cpu::vcpu::L1Npt {
-            ncr3: 8 << 12,
-            levels: 4,
-            nxe: true,
-        };
-        let nested = vm.nested_mmu().expect("a nested MMU");
-        let mut l2 = Vcpu::new_nested(nested, vm.slots.clone(), CpuFeatures::default(), 2, npt);
-        l2.set_state(ControlRegs::default(), 0, 0).expect("paging off");
+        let mut l2 = l2_on_npt12(&vm);
         let l1_thread = thread::spawn(move || {
             for n in 0..2u64 {
                 let w = l1.access(Gva::new((8 << 12) + 24), Access::new(AccessKind::Write, 0, false), 8, n);
@@ -610,6 +586,46 @@ mod model {
         assert_found("protect before track", run);
     }
 
+    /// An AMD VM (4K TDP leaves) whose L1 keeps NPT12 at gfns 8 (PML4) ..
+    /// 11 (PT), L2's page 0 mapped to L1's gfn 12, and `data` (gfn,
+    /// value) written; with L1's vCPU, paging off. The gfns used are
+    /// resident in the host.
+    fn npt12_vm(data: &[(u64, u64)]) -> (Vm, Vcpu) {
+        let config = TdpConfig {
+            vendor: vmmu::arch::control::Vendor::Amd,
+            max_level: 1,
+            ..TdpConfig::default()
+        };
+        let vm = Vm::new(PAGES << 12, Hva::new(BASE), VmaFlags::WRITE, config).expect("a VM");
+        for gfn in (8..=11).chain(data.iter().map(|&(g, _)| g)) {
+            vm.host.fault_in(hva(gfn), true).expect("a host page");
+        }
+        let mem = vm.memory();
+        for (table, next) in [(8u64, 9u64), (9, 10), (10, 11), (11, 12)] {
+            mem.write_value(Gpa::new(table << 12), 8, (next << 12) | 0x7)
+                .expect("NPT12");
+        }
+        for &(gfn, v) in data {
+            mem.write_value(Gpa::new(gfn << 12), 8, v).expect("L2's data");
+        }
+        let mut l1 = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1).expect("L1");
+        l1.set_state(ControlRegs::default(), 0, 0).expect("paging off");
+        (vm, l1)
+    }
+
+    /// An L2 vCPU (paging off) on the nested MMU of `vm`, under its NPT12.
+    fn l2_on_npt12(vm: &Vm) -> Vcpu {
+        let npt = vmmu::cpu::vcpu::L1Npt {
+            ncr3: 8 << 12,
+            levels: 4,
+            nxe: true,
+        };
+        let nested = vm.nested_mmu().expect("a nested MMU");
+        let mut l2 = Vcpu::new_nested(nested, vm.slots.clone(), CpuFeatures::default(), 2, npt);
+        l2.set_state(ControlRegs::default(), 0, 0).expect("paging off");
+        l2
+    }
+
     // ---- 8. L1 writes a leaf table that is unsync while L2 syncs it -------
 
     /// An L1 vCPU (TDP MMU, AMD) stores twice into its NPT12 leaf table
@@ -621,35 +637,12 @@ mod model {
     /// takes the permission back before it reads the table), and after
     /// both, one more flushing VMRUN makes L2 read what L1 stored last.
     fn l1_writes_an_unsync_table_while_l2_syncs() {
-        let config = TdpConfig {
-            vendor: vmmu::arch::control::Vendor::Amd,
-            max_level: 1,
-            ..TdpConfig::default()
-        };
-        let vm = Vm::new(PAGES << 12, Hva::new(BASE), VmaFlags::WRITE, config).expect("a VM");
-        for gfn in 8..=14 {
-            vm.host.fault_in(hva(gfn), true).expect("a host page");
-        }
-        let mem = vm.memory();
-        for (table, next) in [(8u64, 9u64), (9, 10), (10, 11), (11, 12)] {
-            mem.write_value(Gpa::new(table << 12), 8, (next << 12) | 0x7)
-                .expect("NPT12");
-        }
-        mem.write_value(Gpa::new((11 << 12) + 8), 8, (13 << 12) | 0x7)
+        let (vm, mut l1) = npt12_vm(&[(12, 0x1234), (13, 0x5678), (14, 0x9abc)]);
+        // L2's page 1 is L1's gfn 13.
+        vm.memory()
+            .write_value(Gpa::new((11 << 12) + 8), 8, (13 << 12) | 0x7)
             .expect("NPT12");
-        for (gfn, v) in [(12u64, 0x1234u64), (13, 0x5678), (14, 0x9abc)] {
-            mem.write_value(Gpa::new(gfn << 12), 8, v).expect("L2's data");
-        }
-        let mut l1 = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), CpuFeatures::default(), 1).expect("L1");
-        l1.set_state(ControlRegs::default(), 0, 0).expect("paging off");
-        let npt = vmmu::cpu::vcpu::L1Npt {
-            ncr3: 8 << 12,
-            levels: 4,
-            nxe: true,
-        };
-        let nested = vm.nested_mmu().expect("a nested MMU");
-        let mut l2 = Vcpu::new_nested(nested, vm.slots.clone(), CpuFeatures::default(), 2, npt);
-        l2.set_state(ControlRegs::default(), 0, 0).expect("paging off");
+        let mut l2 = l2_on_npt12(&vm);
         let read =
             |l2: &mut Vcpu, page: u64| l2.access(Gva::new(page << 12), Access::new(AccessKind::Read, 0, false), 8, 0);
         // L2 has run: NPT12's tables are shadowed.

@@ -643,17 +643,7 @@ impl ShadowMmu {
             if !count_late {
                 self.indirect_shadow_pages.fetch_add(1, Ordering::Relaxed);
             }
-            let protect = || {
-                let protectors: Vec<_> = self
-                    .protectors
-                    .lock()
-                    .iter()
-                    .filter_map(std::sync::Weak::upgrade)
-                    .collect();
-                for p in protectors {
-                    p.write_protect_gfn(gfn);
-                }
-            };
+            let protect = || self.protect_in_others(gfn);
             let protect_first = crate::sync::bug(crate::sync::Bug::ProtectBeforeTrack);
             if protect_first {
                 protect();
@@ -686,9 +676,15 @@ impl ShadowMmu {
         if crate::sync::bug(crate::sync::Bug::SyncLeavesWritableElsewhere) {
             return;
         }
-        if !self.writable_elsewhere.lock().remove(&gfn) {
-            return;
+        if self.writable_elsewhere.lock().remove(&gfn) {
+            self.protect_in_others(gfn);
         }
+    }
+
+    /// Removes every writable mapping of `gfn` in the MMUs that map it
+    /// for someone else ([`crate::mmu::track::WriteProtector`]), with
+    /// their TLB entries, before it returns.
+    fn protect_in_others(&self, gfn: Gfn) {
         let protectors: Vec<_> = self
             .protectors
             .lock()
