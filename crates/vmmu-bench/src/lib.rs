@@ -56,6 +56,18 @@ pub struct Phase {
     pub ratio: f64,
 }
 
+impl Phase {
+    /// A phase of `per_op_ns` against `reference_ns`, with their ratio.
+    pub fn new(phase: &'static str, per_op_ns: f64, reference_ns: f64) -> Phase {
+        Phase {
+            phase,
+            per_op_ns,
+            reference_ns,
+            ratio: per_op_ns / reference_ns,
+        }
+    }
+}
+
 /// Runs `f` `iters` times and returns the best of `rounds` rounds in
 /// nanoseconds per iteration (best-of filters out scheduling noise).
 pub fn best_ns_per_iter(rounds: u32, iters: u64, mut f: impl FnMut(u64) -> u64) -> (f64, f64, u64) {

@@ -18,9 +18,8 @@ use std::time::Instant;
 
 use vmmu::addr::{Gpa, Gva, Hva};
 use vmmu::arch::control::{CpuFeatures, Vendor};
-use vmmu::arch::ept::Eptp;
 use vmmu::arch::perm::{Access, AccessKind};
-use vmmu::cpu::vcpu::{AccessResult, L1Nested, L1Npt, Vcpu};
+use vmmu::cpu::vcpu::{AccessResult, L1Nested, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mmu::tdp::TdpConfig;
 use vmmu::vm::Vm;
@@ -68,12 +67,7 @@ pub fn run(rounds: Option<u64>) -> Result<Report, BenchError> {
     let rounds = rounds.unwrap_or(3).max(1);
     let amd = run_vendor(Vendor::Amd, rounds)?;
     let intel = run_vendor(Vendor::Intel, rounds)?;
-    let phase = |phase, per_op_ns: f64, reference_ns: f64| Phase {
-        phase,
-        per_op_ns,
-        reference_ns,
-        ratio: per_op_ns / reference_ns,
-    };
+    let phase = Phase::new;
     let result = BenchResult {
         bench: "nested-fault",
         mmu: "nested",
@@ -160,15 +154,7 @@ fn run_vendor(vendor: Vendor, rounds: u64) -> Result<VendorRun, BenchError> {
     let mut l1 = Vcpu::new(vm.mmu.clone(), vm.slots.clone(), features, 1).map_err(|e| run(&e))?;
     l1.set_state(ControlRegs::default(), 0, 0).map_err(|e| run(&e))?;
     let nested = vm.nested_mmu().map_err(|e| BenchError::Run(e.to_string()))?;
-    let l1_tables: L1Nested = match vendor {
-        Vendor::Amd => L1Npt {
-            ncr3: NPT12,
-            levels: 4,
-            nxe: true,
-        }
-        .into(),
-        Vendor::Intel => Eptp::new(NPT12, 4, true).into(),
-    };
+    let l1_tables = L1Nested::four_level(vendor, NPT12);
     let mut l2 = Vcpu::new_nested(nested.clone(), vm.slots.clone(), features, 2, l1_tables);
     l2.set_state(ControlRegs::default(), 0, 0).map_err(|e| run(&e))?;
     let (mut best_l1, mut best_l2, mut best_l1_nested) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);

@@ -134,12 +134,7 @@ pub fn cr3_switch(iterations: Option<u64>) -> Result<Report, BenchError> {
             s2.prev_roots_hit - s1.prev_roots_hit
         )));
     }
-    let phase = |phase, per_op_ns: f64, reference_ns: f64| Phase {
-        phase,
-        per_op_ns,
-        reference_ns,
-        ratio: per_op_ns / reference_ns,
-    };
+    let phase = Phase::new;
     let result = BenchResult {
         bench: "cr3-switch",
         mmu: "shadow",

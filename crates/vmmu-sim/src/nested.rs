@@ -42,7 +42,7 @@ use vmmu::arch::control::Vendor;
 use vmmu::arch::ept::{EptViolationQual, Eptp};
 use vmmu::arch::perm::{Access, AccessKind};
 use vmmu::arch::pfec::PfErrorCode;
-use vmmu::cpu::vcpu::{AccessResult, L1Invalidation, L1Nested, L1Npt, Vcpu, VcpuError};
+use vmmu::cpu::vcpu::{AccessResult, L1Invalidation, L1Nested, Vcpu, VcpuError};
 use vmmu::mem::{GuestMemory, MemoryRegion, MemslotFlags, MemslotTable};
 use vmmu::vm::{Machine, RAM_HVA};
 use vmmu::walker::ControlRegs;
@@ -175,16 +175,7 @@ impl L1Hypervisor {
 
     /// VM `vm`'s nested paging as L1 programs it at VM entry.
     pub fn l1_nested(&self, vm: usize) -> L1Nested {
-        let root = self.vms[vm].root;
-        match self.vendor {
-            Vendor::Intel => Eptp::new(root, 4, true).into(),
-            Vendor::Amd => L1Npt {
-                ncr3: root,
-                levels: 4,
-                nxe: true,
-            }
-            .into(),
-        }
+        L1Nested::four_level(self.vendor, self.vms[vm].root)
     }
 
     /// VM `vm`'s physical memory as its VMM (L1) reaches it: a view of

@@ -16,7 +16,7 @@ use vmmu::addr::{Gfn, Gva, Hva};
 use vmmu::arch::control::{CpuFeatures, Vendor};
 use vmmu::arch::ept::Eptp;
 use vmmu::arch::perm::{Access, AccessKind};
-use vmmu::cpu::vcpu::{AccessResult, L1Nested, L1Npt, Vcpu};
+use vmmu::cpu::vcpu::{AccessResult, L1Nested, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mmu::tdp::TdpConfig;
 use vmmu::vm::Vm;
@@ -49,15 +49,7 @@ fn amd_vm() -> Vm {
 /// L1's nested paging rooted at `root`, as the VM's vendor programs it
 /// (EPT with A/D flags on).
 fn l1_nested(vm: &Vm, root: u64) -> L1Nested {
-    match vm.mmu.config().vendor {
-        Vendor::Amd => L1Npt {
-            ncr3: root,
-            levels: 4,
-            nxe: true,
-        }
-        .into(),
-        Vendor::Intel => Eptp::new(root, 4, true).into(),
-    }
+    L1Nested::four_level(vm.mmu.config().vendor, root)
 }
 
 /// L1's invalidation of everything it gave L2 at `root`: INVEPT

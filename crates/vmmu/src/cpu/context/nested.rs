@@ -117,6 +117,21 @@ impl From<Eptp> for L1Nested {
 }
 
 impl L1Nested {
+    /// L1's nested paging at L1-physical `root` as a 4-level hypervisor
+    /// (KVM as L1, say) programs it on `vendor`: EPT with accessed and
+    /// dirty flags, or NPT with EFER.NXE.
+    pub fn four_level(vendor: crate::arch::control::Vendor, root: u64) -> L1Nested {
+        match vendor {
+            crate::arch::control::Vendor::Intel => Eptp::new(root, 4, true).into(),
+            crate::arch::control::Vendor::Amd => L1Npt {
+                ncr3: root,
+                levels: 4,
+                nxe: true,
+            }
+            .into(),
+        }
+    }
+
     /// The shadow MMU's context for L1's tables.
     fn context(&self) -> GuestContext {
         match *self {
