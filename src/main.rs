@@ -4,6 +4,7 @@
 //! Exit codes, for every command: 0 success; 1 the run worked but found a
 //! failure; 2 bad usage or bad input.
 
+mod experiment;
 mod input;
 mod migrate;
 mod report;
@@ -50,6 +51,10 @@ enum Command {
     /// Stress the TDP MMU: vCPUs against host churn, zap-all and dirty
     /// logging, with the checker on; exit 1 on any violation.
     Stress(StressArgs),
+    /// Run a seed thread's design decision in its variants side by side and
+    /// report what differs; exit 1 unless every safe variant is clean and
+    /// every unsafe one caught.
+    Experiment(experiment::ExperimentArgs),
 }
 
 #[derive(clap::Args)]
@@ -291,6 +296,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => run::replay(args),
         Command::Migrate(args) => migrate::run(args),
         Command::Soak(args) => soak::run(args),
+        Command::Experiment(args) => experiment::run(args),
     }
 }
 

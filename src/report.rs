@@ -660,7 +660,7 @@ fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, Vec<
 }
 
 /// A bar chart: one group per category, one bar per series in each group.
-fn bar_chart(
+pub(crate) fn bar_chart(
     title: &str,
     x_label: &str,
     y_label: &str,

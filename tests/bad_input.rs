@@ -507,6 +507,29 @@ fn soak_flags() {
 }
 
 #[test]
+fn experiment_flags() {
+    let e = ["experiment", "001"];
+    let mut cases = Vec::new();
+    cases.extend(flag_cases(&e, "--seconds", &BAD_SECONDS, "--seconds"));
+    cases.extend(flag_cases(&e, "--seconds", &["3601"], "--seconds"));
+    cases.extend(flag_cases(&e, "--seed", &BAD_UINTS, "--seed"));
+    let not_a_dir = file("experiment-report-file", b"a file");
+    cases.extend([
+        case(&["experiment"], &["<WHICH>"]),
+        case(&["experiment", "005"], &["005", "000", "all"]),
+        case(&["experiment", "frobnicate"], &["frobnicate"]),
+        case(&["experiment", "003"], &["003", "not built yet"]),
+        case(
+            &["experiment", "001", "--report", &not_a_dir],
+            &["--report", &not_a_dir],
+        ),
+        case(&["experiment", "001", "--json=1"], &["--json"]),
+        case(&["experiment", "001", "extra"], &["extra"]),
+    ]);
+    check_all("experiment flags", &cases);
+}
+
+#[test]
 fn bench_flags() {
     let p = ["bench", "populate"];
     let mut cases = Vec::new();
@@ -632,7 +655,16 @@ fn every_command_rejects_unknown_commands_and_flags() {
         case(&["--frobnicate"], &["--frobnicate"]),
         case(&["replay"], &["<FILE>"]),
     ];
-    for cmd in ["run", "replay", "migrate", "soak", "conform", "bench", "stress"] {
+    for cmd in [
+        "run",
+        "replay",
+        "migrate",
+        "soak",
+        "conform",
+        "bench",
+        "stress",
+        "experiment",
+    ] {
         cases.push(case(&[cmd, "--no-such-flag"], &["--no-such-flag"]));
     }
     check_all("unknown commands and flags", &cases);
@@ -1166,7 +1198,16 @@ fn trace_files() {
 
 #[test]
 fn help_exits_0_for_every_command() {
-    for cmd in ["run", "replay", "migrate", "soak", "conform", "bench", "stress"] {
+    for cmd in [
+        "run",
+        "replay",
+        "migrate",
+        "soak",
+        "conform",
+        "bench",
+        "stress",
+        "experiment",
+    ] {
         let (code, out, _) = vmmu(&[cmd.to_string(), "--help".to_string()]).expect("vmmu --help");
         assert_eq!(code, Some(0), "{cmd} --help");
         assert!(out.contains("Usage"), "{cmd} --help: {out}");

@@ -12,6 +12,7 @@
 pub mod checker;
 pub mod config;
 pub mod conform;
+pub mod experiment;
 pub mod guest;
 pub mod migration;
 pub mod nested;

@@ -57,6 +57,9 @@ pub struct RunConfig {
     /// 0, or the L2 VMs (2..=4) of an L1 hypervisor that the guest is
     /// (`--nested`, [`crate::nested`]): the workload runs in each L2 VM.
     pub nested: usize,
+    /// The seed threads' decisions (KVM's today unless an experiment
+    /// says otherwise, [`crate::experiment`]).
+    pub policies: vmmu::vm::Policies,
 }
 
 mod injection {
@@ -97,6 +100,7 @@ impl RunConfig {
             check: CheckLevel::Full,
             record: false,
             nested: 0,
+            policies: vmmu::vm::Policies::default(),
         }
     }
 
@@ -426,6 +430,7 @@ fn boot(cfg: &RunConfig) -> Result<Booted, RunError> {
     validate(cfg)?;
     let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
     let m = Machine::with_config(cfg.mmu, cfg.memory, cfg.workload.vm).map_err(|e| setup(&e))?;
+    m.set_policies(cfg.policies);
     let format = cfg.guest_format();
     let ck = Checker::new(cfg.check, cfg.mmu.name(), cfg.memory);
     let l1 = match cfg.nested {
@@ -1715,6 +1720,7 @@ pub fn replay(trace: &Trace, mmu: MmuKind, check: CheckLevel) -> Result<RunOutco
         check,
         record: false,
         nested: 0,
+        policies: vmmu::vm::Policies::default(),
     };
     let (m, guests, ck, _, seats) = boot(&cfg)?;
     let mut cpus: Vec<Cpu> = seats.into_iter().flat_map(|s| s.cpus).collect();

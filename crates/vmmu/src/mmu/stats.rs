@@ -147,6 +147,11 @@ stats!(
         /// Of those, the faults whose gfn was tracked (the rest are the
         /// heuristic's false positives: a set lookup for nothing).
         indirect_tracked_gfns: AtomicU64,
+        /// TDP faults whose gate said "nothing tracked" while their gfn
+        /// was (the heuristic's false negatives, harmless: the nested
+        /// MMU's zap follows), counted only when asked
+        /// ([`crate::mmu::track::IndirectGate`]).
+        indirect_heuristic_misses: AtomicU64,
     }
 );
 

@@ -45,6 +45,23 @@
 
 use crate::addr::{Gfn, Gpa};
 
+/// How the TDP fault path reads the nested MMU's count of indirect shadow
+/// pages (`WriteTracker::any_tracked`) before it asks whether its gfn is
+/// tracked: seed 002's question, a runtime policy of the TDP MMU
+/// ([`crate::mmu::tdp::TdpMmu::set_indirect_gate`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum IndirectGate {
+    /// A plain load (KVM since the thread: the heuristic is wrong either
+    /// way only for a moment, and the tracked set decides).
+    #[default]
+    Lockless,
+    /// Read with `mmu_lock` held for write, taken and dropped around the
+    /// read (KVM before the thread: the answer is as stale once the lock
+    /// is dropped, and every fault of a VM with a nested MMU serializes on
+    /// the lock).
+    UnderMmuLock,
+}
+
 /// Which gfns must not be written without a trap, and what a trapped
 /// write does (the shadow MMU).
 pub trait WriteTracker: Send + Sync {

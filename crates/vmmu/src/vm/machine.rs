@@ -37,6 +37,8 @@ pub struct Machine {
     /// The nested MMU, once the guest runs L2 guests with nested paging
     /// ([`Machine::nested_mmu`]).
     nested: std::sync::OnceLock<Arc<crate::mmu::shadow::ShadowMmu>>,
+    /// The seed threads' decisions, as [`Machine::set_policies`] set them.
+    policies: Mutex<super::Policies>,
 }
 
 /// The VMM's side of the dirty ring (QEMU's reaper): every vCPU's ring
@@ -119,6 +121,21 @@ impl Machine {
             mmu,
             rings,
             nested: std::sync::OnceLock::new(),
+            policies: Mutex::new(super::Policies::default()),
+        }
+    }
+
+    /// Runs the seed threads' decisions as `p` says (the default is KVM's
+    /// today): on the MMU now, and on the nested MMU, now or when it is
+    /// made.
+    pub fn set_policies(&self, p: super::Policies) {
+        *self.policies.lock() = p;
+        match &self.mmu {
+            Mmu::Tdp(t) => t.set_indirect_gate(p.indirect_gate, p.count_gate_misses),
+            Mmu::Shadow(s) => s.set_prev_roots_match(p.prev_roots_match),
+        }
+        if let Some(n) = self.nested.get() {
+            n.set_prev_roots_match(p.prev_roots_match);
         }
     }
 
@@ -141,6 +158,7 @@ impl Machine {
                     if self.config.mmu_pages != 0 {
                         nested.set_max_pages(self.config.mmu_pages);
                     }
+                    nested.set_prev_roots_match(self.policies.lock().prev_roots_match);
                     nested
                 })
                 .clone(),

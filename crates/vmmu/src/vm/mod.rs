@@ -179,6 +179,24 @@ pub struct Vm {
     nested: std::sync::OnceLock<Arc<ShadowMmu>>,
 }
 
+/// The design decisions of the seed threads that vmmu can run either way:
+/// runtime policies of the real MMU code, each documented beside the code
+/// it switches. The default is KVM's behaviour today. `vmmu experiment`
+/// runs the variants side by side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Policies {
+    /// Seed 001: how a cached root is matched to the context that wants
+    /// it ([`crate::mmu::shadow::role::PrevRootsMatch`]), on the shadow
+    /// MMU and the nested MMU.
+    pub prev_roots_match: crate::mmu::shadow::role::PrevRootsMatch,
+    /// Seed 002: how the TDP MMU's faults read the nested MMU's count of
+    /// indirect shadow pages ([`crate::mmu::track::IndirectGate`]).
+    pub indirect_gate: crate::mmu::track::IndirectGate,
+    /// Seed 002, for measuring: count the gate's false negatives (a
+    /// tracked-set lookup on each fault the gate lets through).
+    pub count_gate_misses: bool,
+}
+
 /// A nested MMU for the TDP VM of `tdp` over `host` and `slots`, in the
 /// vendor's format, linked with the TDP MMU by gfn write tracking.
 pub(crate) fn nested_mmu_of(

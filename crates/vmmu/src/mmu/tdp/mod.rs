@@ -367,6 +367,10 @@ pub struct TdpMmu {
     nx_worker: Mutex<Option<NxRecoveryWorker>>,
     /// The nested MMU's gfn write tracking, when the VM has one.
     tracker: std::sync::OnceLock<Arc<dyn crate::mmu::track::WriteTracker>>,
+    /// How the fault path reads the tracker's "anything tracked?" (seed
+    /// 002): 0 lockless, 1 under the write lock; bit 1: count the gate's
+    /// false negatives too.
+    indirect_gate: std::sync::atomic::AtomicU8,
     stats: Arc<MmuStats>,
 }
 
@@ -401,6 +405,7 @@ impl TdpMmu {
             split_cache: Mutex::new(MmuMemoryCache::new(host.arena().clone())),
             nx_worker: Mutex::new(None),
             tracker: std::sync::OnceLock::new(),
+            indirect_gate: std::sync::atomic::AtomicU8::new(0),
             stats: Arc::new(MmuStats::default()),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
@@ -660,6 +665,13 @@ impl TdpMmu {
             Ok(m) => m,
             Err(source) => return Err(TdpError::Host { gpa: fault.gpa, source }),
         };
+        let gate = self.indirect_gate.load(std::sync::atomic::Ordering::Relaxed);
+        // Seed 002's old gate: the count read under the write lock, taken
+        // and dropped around the read (a fault holds no lock here yet).
+        let counted = (gate & 1 != 0).then(|| self.tracker.get()).flatten().map(|t| {
+            let _w = self.lock.write();
+            t.any_tracked()
+        });
         let guard = self.lock.read();
         let Ok(valid) = mapping.validate(&guard, &self.invalidate) else {
             MmuStats::inc(&self.stats.local().pf_retry);
@@ -668,11 +680,16 @@ impl TdpMmu {
         // A gfn the nested MMU shadows as a table: never writable here.
         // Asked under the lock: the nested MMU marks a gfn tracked before
         // it zaps the gfn's mappings under the write lock, so a fault that
-        // saw it untracked installs before that zap, which removes it.
+        // saw it untracked installs before that zap, which removes it. The
+        // gate (seed 002) is a lockless read of the nested MMU's count of
+        // indirect shadow pages, unless the policy says otherwise.
         let tracker = self
             .tracker
             .get()
-            .filter(|t| t.any_tracked() && !sync::bug(sync::Bug::UntrackedNestedTables));
+            .filter(|t| counted.unwrap_or_else(|| t.any_tracked()) && !sync::bug(sync::Bug::UntrackedNestedTables));
+        if gate & 2 != 0 && tracker.is_none() && self.tracker.get().is_some_and(|t| t.is_tracked(gfn, gfn.add(1))) {
+            MmuStats::inc(&self.stats.local().indirect_heuristic_misses);
+        }
         let tracked = tracker.is_some_and(|t| t.is_tracked(gfn, gfn.add(1)));
         // Unless its shadow pages went unsync for L1's writes (KVM's
         // `mmu_try_to_unsync_pages` in `make_spte`): then writable, until a
@@ -1030,6 +1047,20 @@ impl TdpMmu {
         gfn: Gfn,
     ) -> SpteIter<'a> {
         SpteIter::new(epoch, &self.arena, self.config.geometry, root, min_level, gfn)
+    }
+
+    /// How the fault path reads the nested MMU's count of indirect shadow
+    /// pages (seed 002's policy; lockless by default), and whether it
+    /// counts the gate's false negatives (`indirect_heuristic_misses`: a
+    /// tracked-set lookup on every fault the gate lets through, for
+    /// measuring only).
+    pub fn set_indirect_gate(&self, gate: crate::mmu::track::IndirectGate, count_misses: bool) {
+        let g = match gate {
+            crate::mmu::track::IndirectGate::Lockless => 0,
+            crate::mmu::track::IndirectGate::UnderMmuLock => 1,
+        };
+        self.indirect_gate
+            .store(g | u8::from(count_misses) << 1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Makes the nested MMU's gfn write tracking this MMU's: tracked gfns

@@ -1,0 +1,172 @@
+//! The seed threads as experiments (`vmmu experiment`): each thread's
+//! design decision run in its variants side by side, on the same workload
+//! and seed, with the metric the thread argues about and the checker's
+//! findings per variant.
+//!
+//! A variant is a runtime policy of the real MMU code ([`vmmu::vm::Policies`],
+//! each switch documented beside the code it switches), never a copy of
+//! it. A variant is *safe* (the checker must find nothing) or *unsafe*
+//! (the checker must catch it: that is part of the result, and the run
+//! goes on to report it). An experiment passes when every safe variant is
+//! clean and every unsafe one was caught.
+//!
+//! Adding one: `docs/EXPERIMENTS.md`.
+
+pub mod seed001;
+pub mod seed002;
+
+use serde::Serialize;
+
+/// What every experiment is given.
+#[derive(Clone, Copy, Debug)]
+pub struct ExperimentConfig {
+    /// Seconds of simulator runs per variant (the measurements beside
+    /// them take what they take: a fixed amount of work).
+    pub seconds: f64,
+    /// The seed of every run.
+    pub seed: u64,
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> ExperimentConfig {
+        ExperimentConfig { seconds: 4.0, seed: 1 }
+    }
+}
+
+/// One measured value of a variant.
+#[derive(Clone, Debug, Serialize)]
+pub struct Metric {
+    /// What it is.
+    pub name: String,
+    /// Its unit.
+    pub unit: &'static str,
+    /// The value.
+    pub value: f64,
+}
+
+/// One variant's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct VariantResult {
+    /// Its name (`normalised`, `lockless`, ...).
+    pub name: &'static str,
+    /// What it does, in one line.
+    pub what: &'static str,
+    /// Whether the checker must find nothing (else it must catch it).
+    pub safe: bool,
+    /// Runs behind the figures (simulator runs and measurement rounds).
+    pub runs: u64,
+    /// The checker's violations over its runs.
+    pub violations: u64,
+    /// The first violations, described.
+    pub details: Vec<String>,
+    /// The metrics the thread argues about.
+    pub metrics: Vec<Metric>,
+}
+
+impl VariantResult {
+    /// Whether the variant came out as it must: clean if safe, caught if
+    /// not.
+    pub fn as_expected(&self) -> bool {
+        if self.safe {
+            self.violations == 0
+        } else {
+            self.violations > 0
+        }
+    }
+
+    /// The value of metric `name`, if measured.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics.iter().find(|m| m.name == name).map(|m| m.value)
+    }
+}
+
+/// One experiment's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExperimentResult {
+    /// The seed thread (`000`..`004`).
+    pub seed: &'static str,
+    /// Its title.
+    pub title: &'static str,
+    /// The thread's question, in one paragraph.
+    pub question: &'static str,
+    /// The variants, side by side.
+    pub variants: Vec<VariantResult>,
+    /// The metric a plot compares across the variants.
+    pub plot_metric: &'static str,
+    /// What the figures say, written from them.
+    pub verdict: String,
+}
+
+impl ExperimentResult {
+    /// Whether every safe variant is clean and every unsafe one caught.
+    pub fn passed(&self) -> bool {
+        self.variants.iter().all(VariantResult::as_expected)
+    }
+}
+
+/// The experiments by seed, in order.
+pub const SEEDS: [&str; 2] = ["001", "002"];
+
+/// The seeds not built yet: named so that asking for one says so.
+pub const NOT_YET: [&str; 3] = ["000", "003", "004"];
+
+/// Runs experiment `seed` (`001`, `002`) or every one (`all`).
+pub fn run(which: &str, cfg: &ExperimentConfig) -> Result<Vec<ExperimentResult>, String> {
+    let seeds: Vec<&str> = match which {
+        "all" => SEEDS.to_vec(),
+        s if SEEDS.contains(&s) => vec![s],
+        s if NOT_YET.contains(&s) => {
+            return Err(format!(
+                "experiment {s} is not built yet (built: {}); `vmmu experiment all` runs those",
+                SEEDS.join(", ")
+            ));
+        }
+        s => {
+            return Err(format!(
+                "no experiment `{s}`: the seeds are {}, or all",
+                SEEDS
+                    .iter()
+                    .chain(NOT_YET.iter())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    };
+    seeds
+        .into_iter()
+        .map(|s| match s {
+            "001" => seed001::run(cfg),
+            "002" => seed002::run(cfg),
+            _ => unreachable!("listed in SEEDS"),
+        })
+        .collect()
+}
+
+/// A simulator run of `cfg`, as a variant sees it: its violations and
+/// report, or the run's failure as one violation (a vCPU that failed is
+/// the MMU's failure).
+pub(crate) fn sim_run(cfg: &crate::run::RunConfig) -> (u64, Vec<String>, Option<crate::report::MmuRunReport>) {
+    match crate::run::run(cfg, &|_| {}) {
+        Ok(o) => (o.report.violations, o.report.violation_details.clone(), Some(o.report)),
+        Err(e) => (1, vec![format!("the run failed: {e}")], None),
+    }
+}
+
+/// A metric.
+pub(crate) fn metric(name: impl Into<String>, unit: &'static str, value: f64) -> Metric {
+    Metric {
+        name: name.into(),
+        unit,
+        value,
+    }
+}
+
+/// Percentile `p` (0..=100) of sorted `v`.
+pub(crate) fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}

@@ -1,0 +1,70 @@
+//! The experiments' switches (`vmmu experiment`): each variant runs the
+//! real MMU code under its policy, the checker finds nothing in a safe
+//! variant, and the figures the threads argue about move as they must.
+//! (No timing is asserted: speeds are the benchmarks' business.)
+
+use vmmu::mmu::shadow::role::PrevRootsMatch;
+use vmmu::mmu::track::IndirectGate;
+use vmmu_sim::experiment::{ExperimentConfig, seed001, seed002};
+
+/// Seed 001: a guest turning paging off and on reuses its direct root only
+/// with roles compared normalised; an L1 switching among its L2 guests
+/// reuses their roots either way.
+#[test]
+fn seed_001_normalised_roles_make_a_direct_root_reusable() {
+    let rounds = 20;
+    let n = seed001::paging_on_and_off(PrevRootsMatch::Normalised, rounds).unwrap();
+    let u = seed001::paging_on_and_off(PrevRootsMatch::Unnormalised, rounds).unwrap();
+    assert_eq!((n.hits, n.misses), (2 * rounds as i64 - 1, 1), "{n:?}");
+    assert_eq!((u.hits, u.misses), (rounds as i64 - 1, rounds as i64 + 1), "{u:?}");
+    let n = seed001::l1_switching_among_three_l2s(PrevRootsMatch::Normalised, rounds).unwrap();
+    let u = seed001::l1_switching_among_three_l2s(PrevRootsMatch::Unnormalised, rounds).unwrap();
+    assert_eq!((n.hits, n.misses), (3 * rounds as i64 - 3, 3), "{n:?}");
+    assert_eq!((u.hits, u.misses), (n.hits, n.misses));
+}
+
+/// Seed 002: either gate lets every fault of a VM with nested pages
+/// through to the tracked-set lookup, and none of the faulting pages is
+/// tracked (the gate's false positives, harmless).
+#[test]
+fn seed_002_either_gate_lets_the_faults_through() {
+    for gate in [IndirectGate::Lockless, IndirectGate::UnderMmuLock] {
+        let f = seed002::faults_with_nested_pages(gate).unwrap();
+        let faults = (seed002::THREADS * seed002::PAGES) as i64;
+        assert!(f.gate_maybe >= 3 * faults, "{gate:?}: {f:?}");
+        assert_eq!(f.tracked, 0, "{gate:?}: {f:?}");
+    }
+}
+
+/// Both experiments end as they must (every variant safe and clean), and
+/// report every variant's metrics; the nested runs behind them count the
+/// gate's errors and `prev_roots` hits.
+#[test]
+fn the_experiments_pass_with_every_variant_clean() {
+    let cfg = ExperimentConfig { seconds: 1.0, seed: 3 };
+    let results = vmmu_sim::experiment::run("all", &cfg).unwrap();
+    assert_eq!(results.iter().map(|r| r.seed).collect::<Vec<_>>(), ["001", "002"]);
+    for r in &results {
+        assert!(r.passed(), "{}: {:#?}", r.seed, r.variants);
+        assert_eq!(r.variants.len(), 2);
+        for v in &r.variants {
+            assert!(v.safe && v.violations == 0, "{}: {v:?}", r.seed);
+            assert!(v.metric(r.plot_metric).is_some(), "{}: {v:?}", r.seed);
+        }
+        assert!(!r.verdict.is_empty());
+    }
+    let gate = &results[1];
+    for v in &gate.variants {
+        assert!(v.metric("nested runs: gate said maybe").unwrap() > 0.0, "{v:?}");
+    }
+    assert!(
+        vmmu_sim::experiment::run("003", &cfg)
+            .unwrap_err()
+            .contains("not built yet")
+    );
+    assert!(
+        vmmu_sim::experiment::run("9", &cfg)
+            .unwrap_err()
+            .contains("no experiment")
+    );
+}
