@@ -224,7 +224,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentResult, String> {
     let get = |v: &VariantResult, m: &str| v.metric(m).unwrap_or(0.0);
     let fps = format!("{THREADS} vCPUs faulting: faults per second");
     let verdict = format!(
-        "With nested pages present every L1 fault passes the gate; read without the lock, {THREADS} vCPUs fault {:.0} pages/s (p50 {:.0} ns, p99 {:.0} ns); read under mmu_lock taken for write, {:.0} pages/s (p50 {:.0} ns, p99 {:.0} ns): {:.2}x the throughput for dropping the lock. The gate was wrong as the thread says it may be, both ways and harmlessly: false positives {:.0} and {:.0} in the nested runs (a lookup for nothing), false negatives {:.0} and {:.0} (the nested MMU's zap closes them), and the checker found {} and {} violations.",
+        "With nested pages present every L1 fault passes the gate; read without the lock, {THREADS} vCPUs fault {:.0} pages/s (p50 {:.0} ns, p99 {:.0} ns); read under mmu_lock taken for write, {:.0} pages/s (p50 {:.0} ns, p99 {:.0} ns): {:.2}x the throughput for dropping the lock. The gate's errors, counted in the nested runs: false positives {:.0} and {:.0} (a tracked-set lookup for nothing), false negatives {:.0} and {:.0} (a gfn tracked after the gate said none, which the nested MMU's zap closes); the checker found {} and {} violations.",
         get(l, &fps),
         get(l, "fault latency p50"),
         get(l, "fault latency p99"),
