@@ -647,6 +647,18 @@ fn conform_flags() {
     check_all("conform flags", &cases);
 }
 
+/// Every command of the CLI.
+const COMMANDS: [&str; 8] = [
+    "run",
+    "replay",
+    "migrate",
+    "soak",
+    "conform",
+    "bench",
+    "stress",
+    "experiment",
+];
+
 #[test]
 fn every_command_rejects_unknown_commands_and_flags() {
     let mut cases = vec![
@@ -655,16 +667,7 @@ fn every_command_rejects_unknown_commands_and_flags() {
         case(&["--frobnicate"], &["--frobnicate"]),
         case(&["replay"], &["<FILE>"]),
     ];
-    for cmd in [
-        "run",
-        "replay",
-        "migrate",
-        "soak",
-        "conform",
-        "bench",
-        "stress",
-        "experiment",
-    ] {
+    for cmd in COMMANDS {
         cases.push(case(&[cmd, "--no-such-flag"], &["--no-such-flag"]));
     }
     check_all("unknown commands and flags", &cases);
@@ -1198,16 +1201,7 @@ fn trace_files() {
 
 #[test]
 fn help_exits_0_for_every_command() {
-    for cmd in [
-        "run",
-        "replay",
-        "migrate",
-        "soak",
-        "conform",
-        "bench",
-        "stress",
-        "experiment",
-    ] {
+    for cmd in COMMANDS {
         let (code, out, _) = vmmu(&[cmd.to_string(), "--help".to_string()]).expect("vmmu --help");
         assert_eq!(code, Some(0), "{cmd} --help");
         assert!(out.contains("Usage"), "{cmd} --help: {out}");

@@ -153,6 +153,34 @@ pub(crate) fn sim_run(cfg: &crate::run::RunConfig) -> (u64, Vec<String>, Option<
     }
 }
 
+/// The checker's runs behind a variant: `vmmu run --mmu tdp --nested
+/// vms --host-churn --dirty-log` of the default workload under `policies`,
+/// `cfg.seconds / 2` on each vendor. Their violations and details, and the
+/// reports of the runs that finished.
+pub(crate) fn nested_runs(
+    cfg: &ExperimentConfig,
+    vms: usize,
+    policies: vmmu::vm::Policies,
+) -> Result<(u64, Vec<String>, Vec<crate::report::MmuRunReport>), String> {
+    let (mut violations, mut details, mut reports) = (0, Vec::new(), Vec::new());
+    for vendor in [vmmu::arch::control::Vendor::Intel, vmmu::arch::control::Vendor::Amd] {
+        let workload = crate::workload::Workload::load("default").map_err(|e| e.to_string())?;
+        let mut rc = crate::run::RunConfig::new(vmmu::vm::MmuKind::Tdp, workload);
+        rc.seconds = Some(cfg.seconds / 2.0);
+        rc.seed = cfg.seed;
+        rc.nested = vms;
+        rc.host_churn = true;
+        rc.migrate = true;
+        rc.workload.vm.vendor = vendor;
+        rc.policies = policies;
+        let (v, d, report) = sim_run(&rc);
+        violations += v;
+        details.extend(d);
+        reports.extend(report);
+    }
+    Ok((violations, details, reports))
+}
+
 /// A metric.
 pub(crate) fn metric(name: impl Into<String>, unit: &'static str, value: f64) -> Metric {
     Metric {

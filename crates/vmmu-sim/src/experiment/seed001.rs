@@ -19,7 +19,7 @@ use vmmu::mmu::tdp::TdpConfig;
 use vmmu::vm::{Machine, Mmu, MmuKind, Policies, Vm};
 use vmmu::walker::ControlRegs;
 
-use super::{ExperimentConfig, ExperimentResult, VariantResult, metric, sim_run};
+use super::{ExperimentConfig, ExperimentResult, VariantResult, metric, nested_runs};
 
 const MB: u64 = 1 << 20;
 
@@ -178,29 +178,15 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentResult, String> {
     for ((name, what, how), (direct, nested)) in policies.into_iter().zip(measured) {
         // The checker over a nested run: L1 switching among its L2 VMs
         // under host churn and a migration, on each vendor.
-        let (mut violations, mut details, mut sim_hits, mut sim_total) = (0, Vec::new(), 0i64, 0i64);
-        for vendor in [Vendor::Intel, Vendor::Amd] {
-            let mut rc = crate::run::RunConfig::new(
-                MmuKind::Tdp,
-                crate::workload::Workload::load("default").map_err(|e| e.to_string())?,
-            );
-            rc.seconds = Some(cfg.seconds / 2.0);
-            rc.seed = cfg.seed;
-            rc.nested = 3;
-            rc.host_churn = true;
-            rc.migrate = true;
-            rc.workload.vm.vendor = vendor;
-            rc.policies = Policies {
-                prev_roots_match: how,
-                ..Policies::default()
-            };
-            let (v, d, report) = sim_run(&rc);
-            violations += v;
-            details.extend(d);
-            if let Some(n) = report.and_then(|r| r.nested) {
-                sim_hits += n.stats.prev_roots_hit;
-                sim_total += n.stats.prev_roots_hit + n.stats.prev_roots_miss;
-            }
+        let policies = Policies {
+            prev_roots_match: how,
+            ..Policies::default()
+        };
+        let (violations, details, reports) = nested_runs(cfg, 3, policies)?;
+        let (mut sim_hits, mut sim_total) = (0i64, 0i64);
+        for n in reports.into_iter().filter_map(|r| r.nested) {
+            sim_hits += n.stats.prev_roots_hit;
+            sim_total += n.stats.prev_roots_hit + n.stats.prev_roots_miss;
         }
         variants.push(VariantResult {
             name,

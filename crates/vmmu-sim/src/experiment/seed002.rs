@@ -18,10 +18,10 @@ use vmmu::cpu::vcpu::{AccessResult, L1Nested, Vcpu};
 use vmmu::host::VmaFlags;
 use vmmu::mmu::tdp::TdpConfig;
 use vmmu::mmu::track::IndirectGate;
-use vmmu::vm::{MmuKind, Policies, Vm};
+use vmmu::vm::{Policies, Vm};
 use vmmu::walker::ControlRegs;
 
-use super::{ExperimentConfig, ExperimentResult, VariantResult, metric, percentile, sim_run};
+use super::{ExperimentConfig, ExperimentResult, VariantResult, metric, nested_runs, percentile};
 
 const MB: u64 = 1 << 20;
 /// vCPU threads faulting at once (more than this machine's cores: the
@@ -167,32 +167,17 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentResult, String> {
         .collect::<Result<Vec<_>, String>>()?;
     for ((name, what, gate), f) in gates.into_iter().zip(measured) {
         // The checker, and the gate's errors both ways, over nested runs.
-        let (mut violations, mut details) = (0, Vec::new());
+        let policies = Policies {
+            indirect_gate: gate,
+            count_gate_misses: true,
+            ..Policies::default()
+        };
+        let (violations, details, reports) = nested_runs(cfg, 2, policies)?;
         let (mut maybe, mut tracked, mut misses) = (0i64, 0i64, 0i64);
-        for vendor in [Vendor::Intel, Vendor::Amd] {
-            let mut rc = crate::run::RunConfig::new(
-                MmuKind::Tdp,
-                crate::workload::Workload::load("default").map_err(|e| e.to_string())?,
-            );
-            rc.seconds = Some(cfg.seconds / 2.0);
-            rc.seed = cfg.seed;
-            rc.nested = 2;
-            rc.host_churn = true;
-            rc.migrate = true;
-            rc.workload.vm.vendor = vendor;
-            rc.policies = Policies {
-                indirect_gate: gate,
-                count_gate_misses: true,
-                ..Policies::default()
-            };
-            let (v, d, report) = sim_run(&rc);
-            violations += v;
-            details.extend(d);
-            if let Some(r) = report {
-                maybe += r.stats.indirect_heuristic_hits;
-                tracked += r.stats.indirect_tracked_gfns;
-                misses += r.stats.indirect_heuristic_misses;
-            }
+        for r in reports {
+            maybe += r.stats.indirect_heuristic_hits;
+            tracked += r.stats.indirect_tracked_gfns;
+            misses += r.stats.indirect_heuristic_misses;
         }
         variants.push(VariantResult {
             name,
