@@ -38,30 +38,46 @@ fn seed_002_either_gate_lets_the_faults_through() {
 
 /// Both experiments end as they must (every variant safe and clean), and
 /// report every variant's metrics; the nested runs behind them count the
-/// gate's errors and `prev_roots` hits.
+/// gate's errors and `prev_roots` hits; the unsafe variant of seed 000 is
+/// caught.
 #[test]
-fn the_experiments_pass_with_every_variant_clean() {
+fn the_experiments_pass_safe_variants_clean_and_unsafe_ones_caught() {
     let cfg = ExperimentConfig { seconds: 1.0, seed: 3 };
     let results = vmmu_sim::experiment::run("all", &cfg).unwrap();
-    assert_eq!(results.iter().map(|r| r.seed).collect::<Vec<_>>(), ["001", "002"]);
+    assert_eq!(
+        results.iter().map(|r| r.seed).collect::<Vec<_>>(),
+        ["000", "001", "002"]
+    );
     for r in &results {
         assert!(r.passed(), "{}: {:#?}", r.seed, r.variants);
-        assert_eq!(r.variants.len(), 2);
         for v in &r.variants {
-            assert!(v.safe && v.violations == 0, "{}: {v:?}", r.seed);
+            // Safe and clean, or unsafe and caught.
+            assert_eq!(v.safe, v.violations == 0, "{}: {v:?}", r.seed);
             assert!(v.metric(r.plot_metric).is_some(), "{}: {v:?}", r.seed);
         }
         assert!(!r.verdict.is_empty());
     }
-    let gate = &results[1];
+    // Seed 000: the two checks do the same work, and breaking the rule
+    // they rest on (only 4K pages unsync) is caught.
+    let sync = &results[0];
+    assert_eq!(sync.variants.iter().filter(|v| !v.safe).count(), 1);
+    let (a, b) = (&sync.variants[0], &sync.variants[1]);
+    assert_eq!(
+        a.metric("roots checked under mmu_lock"),
+        b.metric("roots checked under mmu_lock")
+    );
+    assert!(a.metric("roots walked").unwrap() > 0.0, "{a:?}");
+    let gate = &results[2];
     for v in &gate.variants {
         assert!(v.metric("nested runs: gate said maybe").unwrap() > 0.0, "{v:?}");
     }
-    assert!(
-        vmmu_sim::experiment::run("003", &cfg)
-            .unwrap_err()
-            .contains("not built yet")
-    );
+    for seed in ["003", "004"] {
+        assert!(
+            vmmu_sim::experiment::run(seed, &cfg)
+                .unwrap_err()
+                .contains("not built yet")
+        );
+    }
     assert!(
         vmmu_sim::experiment::run("9", &cfg)
             .unwrap_err()

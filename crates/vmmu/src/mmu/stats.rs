@@ -152,6 +152,13 @@ stats!(
         /// MMU's zap follows), counted only when asked
         /// ([`crate::mmu::track::IndirectGate`]).
         indirect_heuristic_misses: AtomicU64,
+        /// Syncs of a vCPU's roots (CR3 loads, flushes) that found no page
+        /// unsync anywhere and returned without `mmu_lock` (seed 000).
+        mmu_sync_roots_lockless_skip: AtomicU64,
+        /// Root pages a sync of roots checked under the lock.
+        mmu_sync_roots_checked: AtomicU64,
+        /// Of those, the roots whose unsync children it walked.
+        mmu_sync_roots_walked: AtomicU64,
     }
 );
 

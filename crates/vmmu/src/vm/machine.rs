@@ -132,10 +132,14 @@ impl Machine {
         *self.policies.lock() = p;
         match &self.mmu {
             Mmu::Tdp(t) => t.set_indirect_gate(p.indirect_gate, p.count_gate_misses),
-            Mmu::Shadow(s) => s.set_prev_roots_match(p.prev_roots_match),
+            Mmu::Shadow(s) => {
+                s.set_prev_roots_match(p.prev_roots_match);
+                s.set_unsync_policy(p.sync_roots_check, p.unsync_levels);
+            }
         }
         if let Some(n) = self.nested.get() {
             n.set_prev_roots_match(p.prev_roots_match);
+            n.set_unsync_policy(p.sync_roots_check, p.unsync_levels);
         }
     }
 
@@ -158,7 +162,9 @@ impl Machine {
                     if self.config.mmu_pages != 0 {
                         nested.set_max_pages(self.config.mmu_pages);
                     }
-                    nested.set_prev_roots_match(self.policies.lock().prev_roots_match);
+                    let p = *self.policies.lock();
+                    nested.set_prev_roots_match(p.prev_roots_match);
+                    nested.set_unsync_policy(p.sync_roots_check, p.unsync_levels);
                     nested
                 })
                 .clone(),

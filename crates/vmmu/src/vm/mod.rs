@@ -195,6 +195,12 @@ pub struct Policies {
     /// Seed 002, for measuring: count the gate's false negatives (a
     /// tracked-set lookup on each fault the gate lets through).
     pub count_gate_misses: bool,
+    /// Seed 000: what a sync of roots checks of a root
+    /// ([`crate::mmu::shadow::sync::SyncRootsCheck`]).
+    pub sync_roots_check: crate::mmu::shadow::sync::SyncRootsCheck,
+    /// Seed 000: which shadow pages may go unsync
+    /// ([`crate::mmu::shadow::sync::UnsyncLevels`]; `AnyLevel` is unsafe).
+    pub unsync_levels: crate::mmu::shadow::sync::UnsyncLevels,
 }
 
 /// A nested MMU for the TDP VM of `tdp` over `host` and `slots`, in the

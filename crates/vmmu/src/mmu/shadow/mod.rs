@@ -41,7 +41,7 @@ pub mod page;
 pub mod prefetch;
 pub mod role;
 pub mod roots;
-mod sync;
+pub mod sync;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -211,6 +211,9 @@ pub struct ShadowMmu {
     /// How the vCPUs match cached roots to a context (seed 001): 0 =
     /// normalised roles, 1 = the old un-normalised comparison.
     prev_roots_match: std::sync::atomic::AtomicU8,
+    /// Seed 000's policies (`sync::SyncRootsCheck` in bit 0,
+    /// `sync::UnsyncLevels` in bit 1).
+    unsync_policy: std::sync::atomic::AtomicU8,
     /// The MMUs that map those gfns for someone else (the TDP MMU, for L1).
     protectors: parking_lot::Mutex<Vec<std::sync::Weak<dyn crate::mmu::track::WriteProtector>>>,
 }
@@ -244,6 +247,7 @@ impl ShadowMmu {
             remote_tlb: RemoteTlb::default(),
             valid_gen: AtomicU64::new(0),
             prev_roots_match: std::sync::atomic::AtomicU8::new(0),
+            unsync_policy: std::sync::atomic::AtomicU8::new(0),
             zap_all_done: AtomicU64::new(0),
             root_generation: AtomicU64::new(0),
             indirect_shadow_pages: AtomicU64::new(0),

@@ -44,16 +44,56 @@ use crate::addr::{Gpa, Gva, Level};
 use crate::mmu::flush::PendingFlush;
 use crate::mmu::stats::MmuStats;
 
+/// Seed 000: what the sync of a vCPU's roots checks of a root before it
+/// walks the root's unsync children (KVM's `kvm_mmu_sync_roots`). A
+/// runtime policy of the shadow MMU ([`ShadowMmu::set_unsync_policy`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SyncRootsCheck {
+    /// `unsync_children` only (the thread's patch): only 4K pages may be
+    /// unsync, so a root never is.
+    #[default]
+    UnsyncChildren,
+    /// `unsync || unsync_children` (before the patch): the root's own
+    /// `unsync`, always false, read too.
+    UnsyncOrUnsyncChildren,
+}
+
+/// Seed 000's rule: which shadow pages may go unsync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum UnsyncLevels {
+    /// 4K pages only (KVM's `WARN_ON(sp->role.level != PG_LEVEL_4K)` in
+    /// `kvm_unsync_page`; here also a type, `LeafPage`).
+    #[default]
+    FourK,
+    /// **Unsafe**, for the experiment: a guest table that upper-level
+    /// shadow pages shadow too is let written without a trap (its 4K
+    /// pages go unsync; the upper-level pages, which the type does not
+    /// let be marked unsync and no sync visits, go stale, as a non-4K
+    /// unsync page would).
+    AnyLevel,
+}
+
 impl ShadowMmu {
+    /// Seed 000's policies: what a sync of roots checks, and which pages
+    /// may go unsync (the unsafe [`UnsyncLevels::AnyLevel`] is for the
+    /// experiment that shows the checker catching it).
+    pub fn set_unsync_policy(&self, check: SyncRootsCheck, levels: UnsyncLevels) {
+        let v =
+            u8::from(check == SyncRootsCheck::UnsyncOrUnsyncChildren) | u8::from(levels == UnsyncLevels::AnyLevel) << 1;
+        self.unsync_policy.store(v, Ordering::Relaxed);
+    }
+
     /// KVM's `mmu_try_to_unsync_pages`: if every shadow page of the guest
     /// table `gfn` is a 4K page, marks them unsync and returns true (the
     /// caller maps `gfn` writable); otherwise the table stays
     /// write-protected.
     pub(super) fn try_unsync(&self, pages: &mut Pages, gfn: crate::addr::Gfn) -> bool {
         let ids = pages.indirect_of(gfn).to_vec();
-        let Some(leaves) = ids.iter().map(|&id| pages.leaf(id)).collect::<Option<Vec<LeafPage>>>() else {
+        let leaves: Vec<LeafPage> = ids.iter().filter_map(|&id| pages.leaf(id)).collect();
+        let any_level = self.unsync_policy.load(Ordering::Relaxed) & 2 != 0;
+        if leaves.len() != ids.len() && !any_level {
             return false;
-        };
+        }
         for leaf in leaves {
             if pages.mark_unsync(leaf) {
                 // Counted before the writable SPTE is stored (release): a
@@ -210,6 +250,7 @@ impl ShadowMmu {
         // mapping happens after the count went up (see `try_unsync`), and
         // the flush asking for this sync after that write.
         if self.unsync_pages.load(Ordering::Acquire) == 0 {
+            MmuStats::inc(&self.stats.local().mmu_sync_roots_lockless_skip);
             return;
         }
         let mut guard = self.lock.write();
@@ -226,11 +267,19 @@ impl ShadowMmu {
     pub fn sync_roots(&self, roots: &ShadowRoots) {
         self.sync_under_lock(roots, |pages| {
             let mut flush = PendingFlush::none();
+            let check_unsync = self.unsync_policy.load(Ordering::Relaxed) & 1 != 0;
             for id in roots.pages() {
                 let root = pages.page(id);
                 // Only 4K pages may be unsync; a root never is (seed 000).
                 assert!(!root.is_unsync(), "a root shadow page is unsync");
-                if root.unsync_child_count() > 0 {
+                MmuStats::inc(&self.stats.local().mmu_sync_roots_checked);
+                let walk = if check_unsync {
+                    root.is_unsync() || root.unsync_child_count() > 0
+                } else {
+                    root.unsync_child_count() > 0
+                };
+                if walk {
+                    MmuStats::inc(&self.stats.local().mmu_sync_roots_walked);
                     flush |= self.sync_children(pages, id);
                 }
             }
