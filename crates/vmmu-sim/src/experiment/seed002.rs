@@ -160,7 +160,8 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentResult, String> {
         ),
     ];
     // The fault measurements first, each variant in the same process
-    // state (see seed 001).
+    // state, after a warm-up (see seed 001).
+    faults_with_nested_pages(IndirectGate::Lockless)?;
     let measured = gates
         .iter()
         .map(|&(_, _, gate)| faults_with_nested_pages(gate))
