@@ -96,6 +96,9 @@ struct MmuSoak {
     by_paging: BTreeMap<String, Totals>,
     /// By workload.
     by_workload: BTreeMap<String, Totals>,
+    /// By guest: the VM's own OS, or an L1 hypervisor's N L2 VMs
+    /// (`--nested N`, drawn for a quarter of the TDP seeds).
+    by_guest: BTreeMap<String, Totals>,
     /// Runs that found violations: the command that repeats each, and its
     /// first violations.
     failures: Vec<Failure>,
@@ -151,6 +154,11 @@ pub fn run(args: SoakArgs) -> ExitCode {
                     s.by_dirty_log.entry(outcome.dirty_log.clone()).or_default().add(r);
                     s.by_paging.entry(r.paging.clone()).or_default().add(r);
                     s.by_workload.entry(r.workload.clone()).or_default().add(r);
+                    let guest = r.nested.as_ref().map_or_else(
+                        || "single-level".to_string(),
+                        |n| format!("nested {} x {} MiB ({})", n.vms, n.vm_memory >> 20, n.vendor),
+                    );
+                    s.by_guest.entry(guest).or_default().add(r);
                     if r.violations > 0 {
                         let trace = outcome.trace.as_ref().and_then(|t| {
                             let path = traces.join(format!("vmmu-soak-{}-seed{seed}.trace", kind.name()));
@@ -320,6 +328,7 @@ fn tables(soaks: &[MmuSoak]) -> String {
         ),
         ("paging", |m| &m.by_paging),
         ("workload", |m| &m.by_workload),
+        ("guest", |m| &m.by_guest),
     ] {
         s.push('\n');
         header(&mut s, title);
