@@ -81,6 +81,13 @@ pub struct L2Vm {
     lock: Mutex<()>,
 }
 
+impl L2Vm {
+    /// The address bits below a leaf of its tables (12, or 21 for 2M).
+    fn leaf_shift(&self) -> u32 {
+        if self.huge { 21 } else { 12 }
+    }
+}
+
 /// What L1 did, counted.
 #[derive(Debug, Default)]
 pub struct L1Stats {
@@ -232,25 +239,11 @@ impl L1Hypervisor {
         self.stats.exits.fetch_add(1, Ordering::Relaxed);
         let mut cpu = self.vcpus[vcpu].lock();
         let _tables = v.lock.lock();
-        let leaf_level = if v.huge { 2 } else { 1 };
-        let mut table = v.root;
-        for level in (leaf_level + 1..=4u32).rev() {
-            let at = table + 8 * ((gpa >> (12 + 9 * (level - 1))) & 511);
-            let e = l1_read(&mut cpu, at)?;
-            if e & RWX != 0 {
-                table = e & 0x000f_ffff_ffff_f000;
-                continue;
-            }
-            let next = self.alloc_table().map_err(|_| VcpuError::NoProgress {
-                gva: Gva::new(gpa),
-                last: Some(*exit),
-            })?;
-            l1_write(&mut cpu, next, 0, 4096)?;
-            l1_write(&mut cpu, at, next | RWX, 8)?;
-            table = next;
-        }
-        let shift = 12 + 9 * (leaf_level - 1);
-        let at = table + 8 * ((gpa >> shift) & 511);
+        let shift = v.leaf_shift();
+        let at = self.leaf_entry(&mut cpu, v, gpa, true)?.ok_or(VcpuError::NoProgress {
+            gva: Gva::new(gpa),
+            last: Some(*exit),
+        })?;
         if l1_read(&mut cpu, at)? & RWX == 0 {
             let frame = v.base + (gpa & !((1 << shift) - 1));
             let mut leaf = frame | RWX;
@@ -274,25 +267,15 @@ impl L1Hypervisor {
         let v = &self.vms[vm];
         let mut cpu = self.vcpus[vcpu].lock();
         let _tables = v.lock.lock();
-        let leaf_level = if v.huge { 2 } else { 1 };
-        let shift = 12 + 9 * (leaf_level - 1);
+        let shift = v.leaf_shift();
         let leaves = v.size >> shift;
         let first = rng.random_range(0..leaves);
         let mut cleared = 0;
         for n in first..(first + rng.random_range(1..=16)).min(leaves) {
-            let gpa = n << shift;
-            let mut table = v.root;
-            let mut found = true;
-            for level in (leaf_level + 1..=4u32).rev() {
-                let e = l1_read(&mut cpu, table + 8 * ((gpa >> (12 + 9 * (level - 1))) & 511))?;
-                if e & RWX == 0 {
-                    found = false;
-                    break;
-                }
-                table = e & 0x000f_ffff_ffff_f000;
-            }
-            let at = table + 8 * ((gpa >> shift) & 511);
-            if found && l1_read(&mut cpu, at)? & RWX != 0 {
+            let at = self.leaf_entry(&mut cpu, v, n << shift, false)?;
+            if let Some(at) = at
+                && l1_read(&mut cpu, at)? & RWX != 0
+            {
                 l1_write(&mut cpu, at, 0, 8)?;
                 cleared += 1;
             }
@@ -304,6 +287,33 @@ impl L1Hypervisor {
             }
         }
         Ok(cleared)
+    }
+
+    /// The L1-physical address of the leaf entry of VM `v`'s tables for
+    /// `gpa`, walked with L1's vCPU `cpu` (L1's table lock held). A
+    /// missing table is made (`create`; `None` when the table region is
+    /// full) or ends the walk (`None`).
+    fn leaf_entry(&self, cpu: &mut Vcpu, v: &L2Vm, gpa: u64, create: bool) -> Result<Option<u64>, VcpuError> {
+        let leaf_level = if v.huge { 2 } else { 1 };
+        let mut table = v.root;
+        for level in (leaf_level + 1..=4u32).rev() {
+            let at = table + 8 * ((gpa >> (12 + 9 * (level - 1))) & 511);
+            let e = l1_read(cpu, at)?;
+            if e & RWX != 0 {
+                table = e & 0x000f_ffff_ffff_f000;
+                continue;
+            }
+            if !create {
+                return Ok(None);
+            }
+            let Ok(next) = self.alloc_table() else {
+                return Ok(None);
+            };
+            l1_write(cpu, next, 0, 4096)?;
+            l1_write(cpu, at, next | RWX, 8)?;
+            table = next;
+        }
+        Ok(Some(table + 8 * ((gpa >> v.leaf_shift()) & 511)))
     }
 
     /// Runs on vCPU `vcpu` (whose L2 vCPU, now running VM `active`, is

@@ -623,6 +623,21 @@ impl GuestPaging {
         }
     }
 
+    /// The fault (an error code) these paging rules give an access with
+    /// cached `rights` and protection key `pkey` under `pkru`, if any
+    /// (none without paging but a fetch the rights forbid).
+    #[inline]
+    pub fn check_access(&self, access: Access, rights: AccessRights, pkey: u8, pkru: u32) -> Option<PfErrorCode> {
+        match self {
+            GuestPaging::None => {
+                (access.is_fetch() && !rights.contains(AccessRights::EXEC)).then_some(PfErrorCode::FETCH)
+            }
+            GuestPaging::Bits32(p) => p.check_access(access, rights, pkey, pkru),
+            GuestPaging::Pae64(p, _) => p.check_access(access, rights, pkey, pkru),
+            GuestPaging::Ept(p) => p.check_access(access, rights, pkey, pkru),
+        }
+    }
+
     /// Translates `va` for `access`, setting A/D bits on success.
     pub fn walk<M: PtMemory>(
         &self,

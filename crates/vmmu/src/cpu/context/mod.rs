@@ -284,14 +284,7 @@ impl VcpuMmu for MmuContext {
 /// and its write right (and D bit) into `dirty`.
 #[inline]
 pub(crate) fn check_2d(cpu: &CpuState, access: Access, e: &TlbEntry) -> bool {
-    use crate::arch::perm::AccessRights;
-    use crate::walker::GuestPaging;
-    let allowed = match &cpu.paging {
-        // No guest paging, but the second dimension still applies.
-        GuestPaging::None => !access.is_fetch() || e.rights.contains(AccessRights::EXEC),
-        GuestPaging::Bits32(p) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
-        GuestPaging::Pae64(p, _) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
-        GuestPaging::Ept(p) => p.check_access(access, e.rights, e.pkey, cpu.pkru).is_none(),
-    };
+    // Without guest paging the second dimension still applies (EXEC).
+    let allowed = cpu.paging.check_access(access, e.rights, e.pkey, cpu.pkru).is_none();
     allowed && (!access.is_write() || e.dirty)
 }
