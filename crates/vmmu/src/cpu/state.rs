@@ -82,8 +82,12 @@ pub struct VcpuStats {
     pub guest_faults: u64,
     /// Full TLB flushes requested by the MMU.
     pub remote_flushes: u64,
-    /// Roots dropped after a fast zap and reloaded.
+    /// Current roots dropped on the MMU's request after a zap, and
+    /// reloaded.
     pub root_reloads: u64,
+    /// Cached roots (`prev_roots`) dropped on the MMU's request after a
+    /// zap (seed 003: only obsolete ones, unless every root is reloaded).
+    pub cached_roots_dropped: u64,
     /// Isolation: accesses that reached a frame the host had freed (a
     /// translation that outlived its frame). Always 0 on a correct MMU.
     pub freed_frame_accesses: u64,

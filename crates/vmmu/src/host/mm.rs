@@ -49,7 +49,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::addr::{Hva, Level, PAGE_SIZE, PageSize, Pfn};
 use crate::host::frames::FrameArena;
-use crate::host::{HostError, HostFault};
+use crate::host::{FrameError, HostError, HostFault};
 use crate::host::{HvaRange, MmuNotifier, NotifierEvent, NotifierId, NotifierRange};
 
 /// One past the highest user address (47-bit user half, like x86-64 Linux).
@@ -166,6 +166,10 @@ pub struct HostStats {
     pub cow_breaks: u64,
     /// invalidate_range_start/end pairs delivered.
     pub invalidations: u64,
+    /// Checked lock-free walks that read a frame as a page table that was
+    /// none, or returned a page table as a leaf's frame (seed 004's
+    /// re-reading walk; always 0 when each entry is read once).
+    pub walks_astray: u64,
 }
 
 #[derive(Default)]
@@ -180,6 +184,7 @@ struct Counters {
     ksm_merges: AtomicU64,
     cow_breaks: AtomicU64,
     invalidations: AtomicU64,
+    walks_astray: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -250,7 +255,32 @@ pub struct HostAddressSpace {
     next_notifier: AtomicU64,
     released: AtomicBool,
     table_frames: AtomicU64,
+    /// The frames that are page tables of this address space, linked or
+    /// retired but not yet freed: what a checked walk may read as a table
+    /// ([`HostAddressSpace::set_walk_policy`]).
+    tables: Arc<Mutex<std::collections::HashSet<Pfn>>>,
+    /// Seed 004's walk policy: bit 0 [`HostWalk::ReRead`], bit 1 checked.
+    walk_policy: std::sync::atomic::AtomicU8,
     counters: Counters,
+}
+
+/// How the lock-free host walk ([`HostAddressSpace::lookup`]) reads each
+/// entry: seed 004's comment on `host_pfn_mapping_level`, a runtime policy
+/// of the host model ([`HostAddressSpace::set_walk_policy`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HostWalk {
+    /// Each entry read once (the kernel's `READ_ONCE`): whether it is a
+    /// leaf, and the table or frame it points at, come from one value.
+    /// A promotion or a split during the walk leaves it on the old or the
+    /// new tables, never between.
+    #[default]
+    ReadOnce,
+    /// Unsafe: the entry read again for each use (`p*d_large(*pmd)`, then
+    /// `pte_offset(pmd)` dereferencing it anew): a table promoted to a huge
+    /// page between the reads sends the walk into the huge page's data as
+    /// if it were a page table ("into the weeds"), and a huge page split
+    /// between them returns a page table as the leaf's frame.
+    ReRead,
 }
 
 impl std::fmt::Debug for HostAddressSpace {
@@ -276,6 +306,8 @@ impl HostAddressSpace {
             next_notifier: AtomicU64::new(0),
             released: AtomicBool::new(false),
             table_frames: AtomicU64::new(1),
+            tables: Arc::new(Mutex::new(std::collections::HashSet::from([root]))),
+            walk_policy: std::sync::atomic::AtomicU8::new(0),
             counters: Counters::default(),
         })
     }
@@ -300,6 +332,7 @@ impl HostAddressSpace {
             ksm_merges: l(&c.ksm_merges),
             cow_breaks: l(&c.cow_breaks),
             invalidations: l(&c.invalidations),
+            walks_astray: l(&c.walks_astray),
         }
     }
 
@@ -394,6 +427,10 @@ impl HostAddressSpace {
         }
         // Tables unlinked concurrently are freed only after this guard.
         let _epoch = epoch::pin();
+        let policy = self.walk_policy.load(Ordering::Relaxed);
+        if policy != 0 {
+            return self.lookup_by_policy(hva, policy);
+        }
         let mut table = self.root;
         let mut level = Level::L4;
         loop {
@@ -406,6 +443,61 @@ impl HostAddressSpace {
                 return Some(Self::leaf_of(hva, level, pte));
             }
             table = pte.pfn();
+            level = level.down()?;
+        }
+    }
+
+    /// Seed 004's walk policy: whether the lock-free walk reads each entry
+    /// once or again for each use ([`HostWalk`]), and whether walks are
+    /// `checked`: a re-reading walk is slowed by a yield between its two
+    /// reads of an entry (another CPU's progress, so that a promotion
+    /// lands between them), and every frame read as a table must be one of
+    /// this address space's
+    /// page tables, linked or retired, and a leaf must not point at one. A
+    /// step that fails counts in [`HostStats::walks_astray`] and ends the
+    /// walk with no result (the kernel would read on through garbage).
+    pub fn set_walk_policy(&self, walk: HostWalk, checked: bool) {
+        let v = u8::from(walk == HostWalk::ReRead) | u8::from(checked) << 1;
+        self.walk_policy.store(v, Ordering::Relaxed);
+    }
+
+    /// [`HostAddressSpace::lookup`] under a non-default walk policy.
+    fn lookup_by_policy(&self, hva: Hva, policy: u8) -> Option<HostLeaf> {
+        let (reread, checked) = (policy & 1 != 0, policy & 2 != 0);
+        let astray = || {
+            bump(&self.counters.walks_astray);
+            None
+        };
+        let mut table = self.root;
+        let mut level = Level::L4;
+        loop {
+            if checked && !self.tables.lock().contains(&table) {
+                return astray();
+            }
+            let slot = &self.arena.try_table(table)?[index(hva.raw(), level)];
+            let pte = HostPte(slot.load(Ordering::Acquire));
+            if !pte.present() {
+                return None;
+            }
+            // What the rest of this step uses: the value judged, or (the
+            // unsafe walk) the entry read again, after a yield that stands
+            // for another CPU's progress between the two reads (read once,
+            // there is no "between" to widen).
+            let used = if reread {
+                if checked {
+                    std::thread::yield_now();
+                }
+                HostPte(slot.load(Ordering::Acquire))
+            } else {
+                pte
+            };
+            if level == Level::L1 || pte.has(HostPte::HUGE) {
+                if checked && self.tables.lock().contains(&used.pfn()) {
+                    return astray();
+                }
+                return Some(Self::leaf_of(hva, level, used));
+            }
+            table = used.pfn();
             level = level.down()?;
         }
     }
@@ -474,11 +566,10 @@ impl HostAddressSpace {
             table = if pte.present() {
                 pte.pfn()
             } else {
-                let t = self.arena.alloc_4k().map_err(|source| HostFault::OutOfMemory {
+                let t = self.new_table().map_err(|source| HostFault::OutOfMemory {
                     hva: Hva::new(hva),
                     source,
                 })?;
-                self.table_frames.fetch_add(1, Ordering::Relaxed);
                 slot.store(HostPte::table(t).0, Ordering::Release);
                 t
             };
@@ -857,6 +948,14 @@ impl HostAddressSpace {
         self.retire_tables(rel.tables);
     }
 
+    /// A zeroed frame for a page table, counted and registered.
+    fn new_table(&self) -> Result<Pfn, FrameError> {
+        let t = self.arena.alloc_4k()?;
+        self.table_frames.fetch_add(1, Ordering::Relaxed);
+        self.tables.lock().insert(t);
+        Ok(t)
+    }
+
     /// Frees unlinked host page tables after every lock-free lookup that
     /// might be inside them has finished (crossbeam-epoch grace period).
     fn retire_tables(&self, tables: Vec<Pfn>) {
@@ -865,9 +964,12 @@ impl HostAddressSpace {
         }
         self.table_frames.fetch_sub(tables.len() as u64, Ordering::Relaxed);
         let arena = self.arena.clone();
+        let registry = self.tables.clone();
         let guard = epoch::pin();
         guard.defer(move || {
+            let mut registry = registry.lock();
             for t in tables {
+                registry.remove(&t);
                 arena
                     .free(t, PageSize::Size4K)
                     .expect("a retired host page table is freed once");
@@ -946,8 +1048,7 @@ impl HostAddressSpace {
                 reason: "not mapped by a 2 MiB huge page",
             });
         }
-        let table = self.arena.alloc_4k()?;
-        self.table_frames.fetch_add(1, Ordering::Relaxed);
+        let table = self.new_table()?;
         let keep = pte.0 & (HostPte::WRITABLE | HostPte::YOUNG | HostPte::DIRTY);
         for (i, e) in self.arena.table(table).iter().enumerate() {
             e.store(

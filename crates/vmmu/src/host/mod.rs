@@ -22,5 +22,5 @@ pub mod notifier;
 
 pub use error::{FrameError, HostError, HostFault};
 pub use frames::{FrameArena, FrameArenaConfig, FrameState, FrameTable, poison_word};
-pub use mm::{HVA_LIMIT, HostAddressSpace, HostLeaf, HostStats, VmaFlags};
+pub use mm::{HVA_LIMIT, HostAddressSpace, HostLeaf, HostStats, HostWalk, VmaFlags};
 pub use notifier::{HvaRange, MmuNotifier, NotifierEvent, NotifierId, NotifierRange};

@@ -60,6 +60,25 @@ pub struct InvalidateState {
     /// Starts since `in_progress` last left 0: the range is the union of
     /// their ranges until it returns to 0.
     episode_begins: AtomicU64,
+    /// Seed 004's unsafe policy: [`HostMappingUse::Unchecked`].
+    unchecked: std::sync::atomic::AtomicBool,
+}
+
+/// Whether a fault consumes the host mapping it looked up only after the
+/// retry check (rule 1 of the host level, above): seed 004's question, a
+/// runtime policy of the MMU's invalidation state
+/// ([`InvalidateState::set_host_mapping_use`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HostMappingUse {
+    /// [`HostMapping::validate`] refuses a mapping an invalidation may
+    /// have changed since it was looked up (KVM).
+    #[default]
+    RetryChecked,
+    /// Unsafe: `validate` always succeeds, so the level and frame are
+    /// consumed even when an invalidation of the hva ran or runs: the
+    /// SPTE may map a frame the host has moved, or a level the host has
+    /// split.
+    Unchecked,
 }
 
 impl Default for InvalidateState {
@@ -77,7 +96,15 @@ impl InvalidateState {
             range_start: AtomicU64::new(INVALID_HVA),
             range_end: AtomicU64::new(INVALID_HVA),
             episode_begins: AtomicU64::new(0),
+            unchecked: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Seed 004: whether faults consume host mappings only after the retry
+    /// check ([`HostMappingUse`]).
+    pub fn set_host_mapping_use(&self, how: HostMappingUse) {
+        self.unchecked
+            .store(how == HostMappingUse::Unchecked, Ordering::Relaxed);
     }
 
     /// `kvm_mmu_invalidate_begin`: one more invalidation in progress; the
@@ -235,7 +262,10 @@ impl HostMapping {
         guard: &'g G,
         state: &InvalidateState,
     ) -> Result<ValidatedMapping<'g>, Retry> {
-        if state.retry_hva(guard, self.seq, self.hva) && !crate::sync::take_bug(crate::sync::Bug::SkipNotifierRetry) {
+        if state.retry_hva(guard, self.seq, self.hva)
+            && !state.unchecked.load(Ordering::Relaxed)
+            && !crate::sync::take_bug(crate::sync::Bug::SkipNotifierRetry)
+        {
             return Err(Retry {
                 sampled_seq: self.seq,
                 current_seq: state.seq(),

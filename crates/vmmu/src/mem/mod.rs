@@ -29,7 +29,7 @@ pub use dirty::{DirtyBitmap, DirtyGfn, DirtyRing, RingFull};
 pub use error::{FaultinError, GuestMemoryError, MemslotError};
 pub use guest::GuestMemory;
 pub use invalidate::{
-    HostMapping, InvalidateState, Retry, ValidatedMapping, faultin_gfn, faultin_pfn, stable_host_level,
+    HostMapping, HostMappingUse, InvalidateState, Retry, ValidatedMapping, faultin_gfn, faultin_pfn, stable_host_level,
 };
 pub use memslot::{
     MemoryRegion, Memslot, MemslotChange, MemslotConfig, MemslotFlags, MemslotObserver, MemslotTable, Memslots,

@@ -102,6 +102,9 @@ stats!(
         huge_pages_split: AtomicU64,
         /// Huge SPTEs recovered in place after dirty logging.
         huge_pages_recovered: AtomicU64,
+        /// Tables zapped after dirty logging for faults to map huge again
+        /// (KVM's `kvm_mmu_zap_collapsible_sptes`; seed 004's rule 3).
+        huge_pages_zapped_collapsible: AtomicU64,
         /// Huge regions mapped 4K because of an instruction fetch (NX huge
         /// pages), now: the regions the recovery worker may make huge again.
         nx_lpage_splits: AtomicI64,

@@ -131,15 +131,14 @@ impl Machine {
     pub fn set_policies(&self, p: super::Policies) {
         *self.policies.lock() = p;
         match &self.mmu {
-            Mmu::Tdp(t) => t.set_indirect_gate(p.indirect_gate, p.count_gate_misses),
+            Mmu::Tdp(t) => p.apply_tdp(t, &self.host),
             Mmu::Shadow(s) => {
-                s.set_prev_roots_match(p.prev_roots_match);
-                s.set_unsync_policy(p.sync_roots_check, p.unsync_levels);
+                set_shadow_policies(s, &p);
+                self.host.set_walk_policy(p.host_walk, p.check_host_walks);
             }
         }
         if let Some(n) = self.nested.get() {
-            n.set_prev_roots_match(p.prev_roots_match);
-            n.set_unsync_policy(p.sync_roots_check, p.unsync_levels);
+            set_shadow_policies(n, &p);
         }
     }
 
@@ -162,9 +161,7 @@ impl Machine {
                     if self.config.mmu_pages != 0 {
                         nested.set_max_pages(self.config.mmu_pages);
                     }
-                    let p = *self.policies.lock();
-                    nested.set_prev_roots_match(p.prev_roots_match);
-                    nested.set_unsync_policy(p.sync_roots_check, p.unsync_levels);
+                    set_shadow_policies(&nested, &self.policies.lock());
                     nested
                 })
                 .clone(),
@@ -304,6 +301,15 @@ impl Machine {
         }
         v
     }
+}
+
+/// The policies of [`super::Policies`] a shadow MMU (the VM's, or a TDP
+/// VM's nested MMU) has.
+fn set_shadow_policies(s: &crate::mmu::shadow::ShadowMmu, p: &super::Policies) {
+    s.set_prev_roots_match(p.prev_roots_match);
+    s.set_unsync_policy(p.sync_roots_check, p.unsync_levels);
+    s.set_zap_request(p.zap_request);
+    s.invalidate_state().set_host_mapping_use(p.host_mapping_use);
 }
 
 /// The page numbers whose bits are set.

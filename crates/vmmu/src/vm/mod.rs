@@ -201,6 +201,40 @@ pub struct Policies {
     /// Seed 000: which shadow pages may go unsync
     /// ([`crate::mmu::shadow::sync::UnsyncLevels`]; `AnyLevel` is unsafe).
     pub unsync_levels: crate::mmu::shadow::sync::UnsyncLevels,
+    /// Seed 003: what vCPUs drop when the MMU asks after a zap
+    /// ([`crate::mmu::ZapRequest`]), on every MMU.
+    pub zap_request: crate::mmu::ZapRequest,
+    /// Seed 003: how the TDP MMU's fast zap orders invalidation and request
+    /// ([`crate::mmu::tdp::ZapAllFastOrder`]; `RequestYieldInvalidate` is
+    /// unsafe).
+    pub zap_all_fast_order: crate::mmu::tdp::ZapAllFastOrder,
+    /// Seed 004: whether faults consume a host mapping only after the
+    /// retry check ([`crate::mem::HostMappingUse`]; `Unchecked` is unsafe),
+    /// on every MMU.
+    pub host_mapping_use: crate::mem::HostMappingUse,
+    /// Seed 004: how the TDP MMU brings huge pages back after dirty
+    /// logging ([`crate::mmu::tdp::HugeRecovery`]; `InPlaceNonLeaf` is
+    /// unsafe).
+    pub huge_recovery: crate::mmu::tdp::HugeRecovery,
+    /// Seed 004: how the host's lock-free walk reads its entries
+    /// ([`crate::host::HostWalk`]; `ReRead` is unsafe).
+    pub host_walk: crate::host::HostWalk,
+    /// Seed 004, for measuring: walks of the host checked and slowed
+    /// ([`crate::host::HostAddressSpace::set_walk_policy`]).
+    pub check_host_walks: bool,
+}
+
+impl Policies {
+    /// Applies the TDP MMU's and the host's policies to a TDP VM's `mmu`
+    /// over `host` (a [`Machine`] applies them all with
+    /// [`Machine::set_policies`]).
+    pub fn apply_tdp(&self, mmu: &TdpMmu, host: &HostAddressSpace) {
+        mmu.set_indirect_gate(self.indirect_gate, self.count_gate_misses);
+        mmu.set_zap_request(self.zap_request, self.zap_all_fast_order);
+        mmu.set_huge_recovery(self.huge_recovery);
+        mmu.invalidate_state().set_host_mapping_use(self.host_mapping_use);
+        host.set_walk_policy(self.host_walk, self.check_host_walks);
+    }
 }
 
 /// A nested MMU for the TDP VM of `tdp` over `host` and `slots`, in the

@@ -566,7 +566,9 @@ impl VcpuMmu for NestedContext {
         let generation = self.mmu.root_generation();
         if generation != self.seen_root_gen {
             self.seen_root_gen = generation;
-            if self.roots.drop_obsolete(&self.mmu) {
+            let (current, cached) = self.roots.drop_obsolete(&self.mmu);
+            cpu.stats.cached_roots_dropped += cached;
+            if current {
                 cpu.tlb.flush(Flush::Vpid(cpu.vpid));
                 cpu.stats.root_reloads += 1;
             }

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 
+use crate::mmu::ZapRequest;
 use crate::mmu::shadow::ShadowMmu;
 use crate::mmu::shadow::roots::ShadowRoots;
 use crate::mmu::stats::MmuStats;
@@ -50,21 +51,25 @@ impl<K: Copy + PartialEq> RootCache<K> {
             .chain(self.prev.iter().map(|c| (c, false)))
     }
 
-    /// Gives back every root the MMU made obsolete (a zap); returns whether
-    /// the current ones were.
-    pub(crate) fn drop_obsolete(&mut self, mmu: &ShadowMmu) -> bool {
-        let current = self.current.as_ref().is_some_and(|(_, r)| mmu.roots_obsolete(r))
+    /// Answers the MMU's request after a zap (seed 003): gives back every
+    /// root the MMU made obsolete, or under [`ZapRequest::ReloadAll`] every
+    /// root held. Returns whether the current ones went, and how many
+    /// cached ones did.
+    pub(crate) fn drop_obsolete(&mut self, mmu: &ShadowMmu) -> (bool, u64) {
+        let all = mmu.zap_request() == ZapRequest::ReloadAll;
+        let current = self.current.as_ref().is_some_and(|(_, r)| all || mmu.roots_obsolete(r))
             && !crate::sync::bug(crate::sync::Bug::KeepObsoleteRoot);
         if current {
             let (_, r) = self.current.take().expect("current roots were just seen");
             mmu.release_roots(r);
         }
-        let (keep, drop): (Vec<_>, Vec<_>) = self.prev.drain(..).partition(|(_, r)| !mmu.roots_obsolete(r));
+        let (keep, drop): (Vec<_>, Vec<_>) = self.prev.drain(..).partition(|(_, r)| !all && !mmu.roots_obsolete(r));
         self.prev = keep.into();
+        let dropped = drop.len() as u64;
         for (_, r) in drop {
             mmu.release_roots(r);
         }
-        current
+        (current, dropped)
     }
 
     /// Makes the roots of `key` current (KVM's `fast_pgd_switch`): the

@@ -227,7 +227,9 @@ impl VcpuMmu for ShadowContext {
             // Some root was zapped: drop every obsolete one, the current
             // roots and the cached ones alike.
             self.seen_root_gen = generation;
-            if self.roots.drop_obsolete(&self.mmu) {
+            let (current, cached) = self.roots.drop_obsolete(&self.mmu);
+            cpu.stats.cached_roots_dropped += cached;
+            if current {
                 cpu.tlb.flush(Flush::Vpid(cpu.vpid));
                 cpu.stats.root_reloads += 1;
             }

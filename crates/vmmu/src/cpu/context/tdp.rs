@@ -200,7 +200,11 @@ impl VcpuMmu for TdpContext {
     fn reload(&mut self, cpu: &mut CpuState) -> Result<(), VcpuError> {
         let generation = self.mmu.root_generation();
         if generation != self.seen_root_gen {
-            if !self.root.root().is_valid() && !crate::sync::bug(crate::sync::Bug::KeepObsoleteRoot) {
+            // Seed 003: an obsolete root goes; under `ReloadAll` a valid
+            // one too (`get_root` hands the same root back: a reload and a
+            // flushed TLB for nothing).
+            let all = self.mmu.zap_request() == crate::mmu::ZapRequest::ReloadAll;
+            if (all || !self.root.root().is_valid()) && !crate::sync::bug(crate::sync::Bug::KeepObsoleteRoot) {
                 let old = self.root.root().pfn().raw();
                 // Out of frames for the new root: the request stays pending
                 // (the generation unseen) and the next entry tries again,

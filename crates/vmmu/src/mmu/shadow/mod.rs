@@ -214,6 +214,9 @@ pub struct ShadowMmu {
     /// Seed 000's policies (`sync::SyncRootsCheck` in bit 0,
     /// `sync::UnsyncLevels` in bit 1).
     unsync_policy: std::sync::atomic::AtomicU8,
+    /// Seed 003: whether vCPUs answer a zap's request by dropping every
+    /// root ([`crate::mmu::ZapRequest::ReloadAll`]) or the obsolete ones.
+    reload_all: std::sync::atomic::AtomicBool,
     /// The MMUs that map those gfns for someone else (the TDP MMU, for L1).
     protectors: parking_lot::Mutex<Vec<std::sync::Weak<dyn crate::mmu::track::WriteProtector>>>,
 }
@@ -248,6 +251,7 @@ impl ShadowMmu {
             valid_gen: AtomicU64::new(0),
             prev_roots_match: std::sync::atomic::AtomicU8::new(0),
             unsync_policy: std::sync::atomic::AtomicU8::new(0),
+            reload_all: std::sync::atomic::AtomicBool::new(false),
             zap_all_done: AtomicU64::new(0),
             root_generation: AtomicU64::new(0),
             indirect_shadow_pages: AtomicU64::new(0),
@@ -289,6 +293,27 @@ impl ShadowMmu {
         match self.prev_roots_match.load(Ordering::Relaxed) {
             0 => role::PrevRootsMatch::Normalised,
             _ => role::PrevRootsMatch::Unnormalised,
+        }
+    }
+
+    /// What its vCPUs drop when a root was zapped (seed 003's policy): the
+    /// obsolete roots by default; every root is KVM's before the thread.
+    pub fn set_zap_request(&self, request: crate::mmu::ZapRequest) {
+        self.reload_all
+            .store(request == crate::mmu::ZapRequest::ReloadAll, Ordering::Relaxed);
+    }
+
+    /// The invalidation state (`mmu_invalidate_seq` and friends).
+    pub fn invalidate_state(&self) -> &InvalidateState {
+        &self.invalidate
+    }
+
+    /// The policy [`ShadowMmu::set_zap_request`] set.
+    pub fn zap_request(&self) -> crate::mmu::ZapRequest {
+        if self.reload_all.load(Ordering::Relaxed) {
+            crate::mmu::ZapRequest::ReloadAll
+        } else {
+            crate::mmu::ZapRequest::FreeObsolete
         }
     }
 

@@ -35,6 +35,8 @@
 //! was). A clear (`clear_dirty_log`) cleans the D bits of the pages it
 //! clears without logging them: the VMM copies those pages afterwards.
 
+use std::sync::atomic::Ordering;
+
 use super::TdpMmu;
 use super::change::DirtyBit;
 use crate::addr::{Gfn, Level};
@@ -352,8 +354,11 @@ impl TdpMmu {
 
     /// Logging was turned off: replace tables by one huge leaf where the
     /// memslot, the configured largest leaf and the host mapping allow it
-    /// (in place, largest first; KVM's `kvm_mmu_recover_huge_pages`).
+    /// (in place, largest first; KVM's `kvm_mmu_recover_huge_pages`), or
+    /// zap them for faults to map huge again, as the policy says
+    /// ([`HugeRecovery`], seed 004).
     fn recover_huge_pages(&self, slot: &Memslot) {
+        let policy = self.huge_recovery();
         let guard = self.lock.write();
         let epoch = crossbeam_epoch::pin();
         let start = slot.base_gfn();
@@ -381,9 +386,28 @@ impl TdpMmu {
                         .get()
                         .is_some_and(|t| t.any_tracked() && t.is_tracked(gfn, gfn.add(pages)))
                     && let Some(hva) = slot.gfn_to_hva(gfn)
-                    && matches!(stable_host_level(&self.host, &self.invalidate, &guard, hva), Ok(Some(l)) if l >= huge)
+                    // What may consume the host level here (seed 004).
+                    && match policy {
+                        HugeRecovery::InPlaceNotifierChecked => {
+                            matches!(stable_host_level(&self.host, &self.invalidate, &guard, hva), Ok(Some(l)) if l >= huge)
+                        }
+                        HugeRecovery::InPlaceExistingLeaf => self.maps_gfn(&epoch, root.pfn(), gfn),
+                        // Rule 3 (a zap decision), and the unsafe check of
+                        // the table alone: the lookup below decides.
+                        HugeRecovery::ZapCollapsible | HugeRecovery::InPlaceNonLeaf => true,
+                    }
                     && let Some(host) = self.host.lookup(hva)
+                    && host.level >= huge
                 {
+                    if policy == HugeRecovery::ZapCollapsible {
+                        // KVM's `kvm_mmu_zap_collapsible_sptes`: the next
+                        // fault maps the region huge, by the retry protocol.
+                        self.zap_spte(&guard, &mut it, slot.as_id());
+                        MmuStats::inc(&self.stats.local().huge_pages_zapped_collapsible);
+                        flush = true;
+                        it.next();
+                        continue;
+                    }
                     let access = SpteAccess {
                         read: true,
                         write: !slot.is_readonly(),
@@ -404,6 +428,59 @@ impl TdpMmu {
         self.discharge(PendingFlush::new(flush));
         drop(guard);
     }
+}
+
+impl TdpMmu {
+    /// Seed 004's policy: how huge pages come back after dirty logging.
+    pub fn set_huge_recovery(&self, how: HugeRecovery) {
+        self.huge_recovery.store(how as u8, Ordering::Relaxed);
+    }
+
+    /// The policy [`TdpMmu::set_huge_recovery`] set.
+    pub fn huge_recovery(&self) -> HugeRecovery {
+        match self.huge_recovery.load(Ordering::Relaxed) {
+            0 => HugeRecovery::InPlaceNotifierChecked,
+            1 => HugeRecovery::InPlaceExistingLeaf,
+            2 => HugeRecovery::ZapCollapsible,
+            _ => HugeRecovery::InPlaceNonLeaf,
+        }
+    }
+
+    /// Whether a present leaf SPTE of the tree at `root` maps `gfn`.
+    fn maps_gfn(&self, epoch: &crossbeam_epoch::Guard, root: crate::addr::Pfn, gfn: Gfn) -> bool {
+        let mut it = self.cursor(epoch, root, Level::L1, gfn);
+        while it.step_down() {}
+        let spte = it.old_spte();
+        spte.is_mmu_present() && spte.is_leaf(it.level())
+    }
+}
+
+/// How huge pages come back when a memslot stops logging dirty pages, and
+/// what a promotion checks before it consumes the host mapping level: seed
+/// 004's rules for `host_pfn_mapping_level` ([`crate::mem::invalidate`]),
+/// a runtime policy of the TDP MMU ([`TdpMmu::set_huge_recovery`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HugeRecovery {
+    /// In place under `mmu_lock`, where no invalidation of the hva is in
+    /// progress, checked explicitly (rule 2 by the notifier state).
+    #[default]
+    InPlaceNotifierChecked,
+    /// In place under `mmu_lock`, where a leaf SPTE maps the region's first
+    /// gfn (rule 2 by an existing valid mapping: an invalidation in
+    /// progress has zapped it, and no fault installs it again before the
+    /// invalidation ends). What the comment says in-place promotion needs.
+    InPlaceExistingLeaf,
+    /// Zap each table the host level would allow as a huge page (rule 3:
+    /// the level decides a zap, never a mapping); the next fault maps the
+    /// region huge under the retry protocol (rule 1). KVM's
+    /// `kvm_mmu_zap_collapsible_sptes`, before in-place recovery.
+    ZapCollapsible,
+    /// Unsafe: in place wherever a non-leaf SPTE is present ("unsafe if
+    /// the caller only checks that there's a non-leaf SPTE"): an
+    /// invalidation in progress has zapped the leaves below but not the
+    /// table, and the level and frame read in the middle of the host's
+    /// change are installed.
+    InPlaceNonLeaf,
 }
 
 /// How an eager split of one huge leaf went.

@@ -22,6 +22,7 @@ mod nx;
 mod ring;
 
 pub use audit::AuditViolation;
+pub use dirty::HugeRecovery;
 pub use nx::{NX_HUGE_PAGES_RECOVERY_RATIO, NxRecoveryWorker};
 pub use ring::{DIRTY_RING_MAX_ENTRIES, DirtyRingError};
 
@@ -371,8 +372,48 @@ pub struct TdpMmu {
     /// 002): 0 lockless, 1 under the write lock; bit 1: count the gate's
     /// false negatives too.
     indirect_gate: std::sync::atomic::AtomicU8,
+    /// Seed 003: whether vCPUs drop a valid root too on the request
+    /// ([`crate::mmu::ZapRequest::ReloadAll`]).
+    reload_all: AtomicBool,
+    /// Seed 003: how [`TdpMmu::zap_all_fast`] orders invalidation and
+    /// request ([`ZapAllFastOrder`], as its index).
+    zap_order: std::sync::atomic::AtomicU8,
+    /// Seed 004: how huge pages come back after dirty logging
+    /// ([`HugeRecovery`], as its index).
+    huge_recovery: std::sync::atomic::AtomicU8,
     stats: Arc<MmuStats>,
 }
+
+/// How [`TdpMmu::zap_all_fast`] orders invalidating the roots and asking
+/// the vCPUs to drop them: seed 003's comment ("there cannot be any yield
+/// between kvm_tdp_mmu_invalidate_all_roots and the free request"), a
+/// runtime policy of the TDP MMU ([`TdpMmu::set_zap_all_fast_order`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ZapAllFastOrder {
+    /// Both in one critical section under `mmu_lock` held for write (KVM).
+    #[default]
+    OneCriticalSection,
+    /// The roots invalidated, `mmu_lock` dropped for a yield
+    /// ([`ZAP_YIELD`]), then the request. Safe here: a reference is only
+    /// taken to a root seen valid under the root list's lock, and a fault
+    /// checks its root under `mmu_lock`, so nobody gets into an invalid
+    /// root in the window; a vCPU faulting there retries until the
+    /// request comes.
+    InvalidateYieldRequest,
+    /// Unsafe: the request, `mmu_lock` dropped for a yield, then the roots
+    /// invalidated (the invalidation moved below a yielding
+    /// `kvm_zap_obsolete_pages`, which KVM's comment forbids): a vCPU that
+    /// answers the request in the window keeps its root, still valid, or
+    /// takes a new reference to it, and nothing asks it again once the
+    /// root is invalid. Its faults retry forever; the hardware model counts
+    /// its walks of the root it was told to drop.
+    RequestYieldInvalidate,
+}
+
+/// How long [`TdpMmu::zap_all_fast`] leaves `mmu_lock` dropped between
+/// invalidation and request under the yielding [`ZapAllFastOrder`]s: a
+/// reschedule while KVM's `kvm_zap_obsolete_pages` yields.
+pub const ZAP_YIELD: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl std::fmt::Debug for TdpMmu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -406,6 +447,9 @@ impl TdpMmu {
             nx_worker: Mutex::new(None),
             tracker: std::sync::OnceLock::new(),
             indirect_gate: std::sync::atomic::AtomicU8::new(0),
+            reload_all: AtomicBool::new(false),
+            zap_order: std::sync::atomic::AtomicU8::new(0),
+            huge_recovery: std::sync::atomic::AtomicU8::new(0),
             stats: Arc::new(MmuStats::default()),
         });
         host.register_notifier(Arc::new(Notifier(Arc::downgrade(&mmu))));
@@ -525,25 +569,85 @@ impl TdpMmu {
     /// [`TdpMmu::zap_invalidated_roots`] and freed when their last
     /// reference goes; the caller waits only for the invalidation, whatever
     /// the amount of memory mapped.
+    ///
+    /// The order of invalidation and request is seed 003's policy
+    /// ([`TdpMmu::set_zap_all_fast_order`]); the default is the one above.
     pub fn zap_all_fast(&self) {
-        let _guard = self.lock.write();
+        let order = self.zap_all_fast_order();
+        let mut guard = self.lock.write();
         // Model tests: `get_root` does not take `mmu_lock` and may run here.
         sync::sched_point();
+        match order {
+            ZapAllFastOrder::OneCriticalSection => {
+                // The request to vCPUs in the same critical section (seed
+                // 003_*): no yield between invalidating and asking vCPUs
+                // to drop.
+                self.invalidate_all_roots(&guard, self.root_generation() + 1);
+                self.root_generation.fetch_add(1, Ordering::AcqRel);
+            }
+            ZapAllFastOrder::InvalidateYieldRequest => {
+                self.invalidate_all_roots(&guard, self.root_generation() + 1);
+                drop(guard);
+                std::thread::sleep(ZAP_YIELD);
+                guard = self.lock.write();
+                self.root_generation.fetch_add(1, Ordering::AcqRel);
+            }
+            ZapAllFastOrder::RequestYieldInvalidate => {
+                let announced = self.root_generation.fetch_add(1, Ordering::AcqRel) + 1;
+                drop(guard);
+                std::thread::sleep(ZAP_YIELD);
+                guard = self.lock.write();
+                // Invalidated "for" the request already made: a vCPU that
+                // answered it in the window has acknowledged these roots'
+                // invalidation without seeing it.
+                self.invalidate_all_roots(&guard, announced);
+            }
+        }
+        sync::sched_point();
+        // vCPUs still running on the old roots must not keep translations.
+        self.flush_remote_tlbs();
+        drop(guard);
+    }
+
+    /// Marks every valid root invalid and queues it for
+    /// [`TdpMmu::zap_invalidated_roots`] with its list reference (KVM's
+    /// `kvm_tdp_mmu_invalidate_all_roots`); `announced` is the root
+    /// generation of the request that asks vCPUs to drop them.
+    fn invalidate_all_roots(&self, _guard: &impl MmuWriteLockHeld, announced: u64) {
         let mut roots = self.roots.lock();
         let valid = std::mem::take(&mut roots.valid);
-        let announced = self.root_generation.load(Ordering::Acquire) + 1;
         for r in &valid {
             r.invalidated_at.store(announced, Ordering::Release);
             r.valid.store(false, Ordering::Release);
         }
         roots.invalidated.extend(valid);
-        // The request to vCPUs, in the same critical section (seed 003_*):
-        // no yield between invalidating and asking vCPUs to drop.
-        self.root_generation.fetch_add(1, Ordering::AcqRel);
-        drop(roots);
-        sync::sched_point();
-        // vCPUs still running on the old roots must not keep translations.
-        self.flush_remote_tlbs();
+    }
+
+    /// Seed 003's policies: what vCPUs drop on the request after a zap,
+    /// and how [`TdpMmu::zap_all_fast`] orders invalidation and request.
+    pub fn set_zap_request(&self, request: crate::mmu::ZapRequest, order: ZapAllFastOrder) {
+        self.reload_all
+            .store(request == crate::mmu::ZapRequest::ReloadAll, Ordering::Relaxed);
+        self.zap_order.store(order as u8, Ordering::Relaxed);
+    }
+
+    /// What vCPUs drop on the request after a zap (seed 003).
+    pub fn zap_request(&self) -> crate::mmu::ZapRequest {
+        if self.reload_all.load(Ordering::Relaxed) {
+            crate::mmu::ZapRequest::ReloadAll
+        } else {
+            crate::mmu::ZapRequest::FreeObsolete
+        }
+    }
+
+    /// How [`TdpMmu::zap_all_fast`] orders invalidation and request (seed
+    /// 003).
+    pub fn zap_all_fast_order(&self) -> ZapAllFastOrder {
+        match self.zap_order.load(Ordering::Relaxed) {
+            0 => ZapAllFastOrder::OneCriticalSection,
+            1 => ZapAllFastOrder::InvalidateYieldRequest,
+            _ => ZapAllFastOrder::RequestYieldInvalidate,
+        }
     }
 
     /// Zaps the leaves of every invalidated root under the read lock, while
