@@ -776,3 +776,56 @@ fn a_recheck_that_ignores_a_and_d_is_caught_by_the_audit() {
     let audit = a_bit_cleared_between_walk_and_lock(&[vmmu::sync::Bug::GpteChangeIgnoresAd]);
     assert!(audit.iter().any(|v| v.contains("StaleSyncSpte")), "{audit:?}");
 }
+
+/// Seed 003: a root zapped while cached (address space 2's top-level
+/// table, written misaligned from space 0) is the only root the vCPU
+/// drops when it answers the MMU's request (`KVM_REQ_MMU_FREE_OBSOLETE_ROOTS`);
+/// the other cached address spaces still hit. Under `ReloadAll` (KVM's
+/// `KVM_REQ_MMU_RELOAD` before the thread) it drops every root it holds,
+/// and the next switch rebuilds. Either way every space translates right.
+#[test]
+fn a_zapped_root_is_the_only_root_dropped() {
+    use vmmu::mmu::ZapRequest;
+    for request in [ZapRequest::FreeObsolete, ZapRequest::ReloadAll] {
+        let (vm, mut v) = vm();
+        vm.mmu.set_zap_request(request);
+        assert_eq!(vm.mmu.zap_request(), request);
+        let mem = vm.memory();
+        let cr3s: Vec<u64> = (0..4).map(|i| space(&mem, i)).collect();
+        // Space 0 maps space 2's PML4 at va 0x3000 (supervisor RW).
+        mem.write_u64(Gpa::new(cr3s[0] + 0x3000 + 24), cr3s[2] | P | W).unwrap();
+        // Space 0 current, 1..3 cached.
+        v.set_state(regs(true, false), cr3s[3], 0).unwrap();
+        for &cr3 in cr3s.iter().rev() {
+            v.mov_cr3(cr3).unwrap();
+            read(&mut v, 0);
+        }
+        let (before, zapped) = (v.stats(), vm.mmu.stats().snapshot().mmu_shadow_zapped);
+        // Eight bytes straddling two unused PML4Es of space 2.
+        v.access(
+            Gva::new(0x3000 + 8 * 100 + 4),
+            Access::new(AccessKind::Write, 0, false),
+            8,
+            0,
+        )
+        .unwrap();
+        assert!(vm.mmu.stats().snapshot().mmu_shadow_zapped > zapped);
+        // The request is answered at the next entry.
+        assert_eq!(read(&mut v, 0).0, 0x100 << 12);
+        let after = v.stats();
+        let reloaded = after.root_reloads - before.root_reloads;
+        let dropped = after.cached_roots_dropped - before.cached_roots_dropped;
+        let hits = vm.mmu.stats().snapshot().prev_roots_hit;
+        v.mov_cr3(cr3s[1]).unwrap();
+        assert_eq!(read(&mut v, 0).0, 0x101 << 12);
+        let hit = vm.mmu.stats().snapshot().prev_roots_hit - hits;
+        match request {
+            ZapRequest::FreeObsolete => assert_eq!((reloaded, dropped, hit), (0, 1, 1)),
+            ZapRequest::ReloadAll => assert_eq!((reloaded, dropped, hit), (1, 3, 0)),
+        }
+        for (i, &cr3) in cr3s.iter().enumerate() {
+            v.mov_cr3(cr3).unwrap();
+            assert_eq!(read(&mut v, 0).0, (0x100 + i as u64) << 12, "{request:?}");
+        }
+    }
+}

@@ -368,3 +368,108 @@ fn enabling_logging_without_frames_for_the_split_finishes_and_logs() {
     assert_eq!(pages(&vm.mmu.get_dirty_log(0, 0).unwrap()), [5, 0x203]);
     assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
 }
+
+/// Seed 004: an invalidation of block 0 is in progress as the host's
+/// `invalidate_range_start` leaves it (its leaves zapped, its table still
+/// linked) when dirty logging ends. Promoting in place with the notifier
+/// checked, or only where a leaf SPTE exists, leaves block 0 alone and
+/// makes block 1 huge; zapping collapsible tables (rule 3) zaps both, for
+/// faults to map them huge; promoting wherever a table is present installs
+/// a huge SPTE inside the range being invalidated, which the audit names.
+#[test]
+fn recovery_consumes_the_host_level_only_as_its_rule_allows() {
+    use vmmu::addr::Gfn;
+    use vmmu::mmu::tdp::HugeRecovery;
+    for policy in [
+        HugeRecovery::InPlaceNotifierChecked,
+        HugeRecovery::InPlaceExistingLeaf,
+        HugeRecovery::ZapCollapsible,
+        HugeRecovery::InPlaceNonLeaf,
+    ] {
+        let vm = vm(
+            TdpConfig {
+                eager_page_split: true,
+                ..TdpConfig::default()
+            },
+            MemslotConfig::default(),
+        );
+        vm.mmu.set_huge_recovery(policy);
+        assert_eq!(vm.mmu.huge_recovery(), policy);
+        let mut v = vcpu(&vm);
+        write(&mut v, 0x1000, 1);
+        write(&mut v, 0x20_1000, 2);
+        assert_eq!(vm.mmu.stats().snapshot().pages_2m, 2);
+        set_logging(&vm, true);
+        assert_eq!(vm.mmu.stats().snapshot().pages_2m, 0, "eagerly split");
+        let state = vm.mmu.invalidate_state();
+        {
+            let g = vm.mmu.write_lock();
+            state.begin(&g);
+            state.range_add(&g, HvaRange::new(Hva::new(RAM_HVA), 2 * MB));
+            let flush = vm.mmu.zap_gfn_range(&g, 0, Gfn::new(0), Gfn::new(512));
+            vm.mmu.discharge(flush);
+        }
+        set_logging(&vm, false);
+        let huge = |gfn: u64| {
+            vm.mmu
+                .leaves_of(0, Gfn::new(gfn))
+                .iter()
+                .any(|(valid, level, spte)| *valid && level.get() == 2 && spte.is_mmu_present())
+        };
+        let audit = vm.mmu.audit();
+        match policy {
+            HugeRecovery::InPlaceNotifierChecked | HugeRecovery::InPlaceExistingLeaf => {
+                assert_eq!((huge(0), huge(512)), (false, true), "{policy:?}");
+                assert!(audit.is_empty(), "{policy:?}: {audit:?}");
+            }
+            HugeRecovery::ZapCollapsible => {
+                assert_eq!((huge(0), huge(512)), (false, false), "{policy:?}");
+                assert_eq!(vm.mmu.stats().snapshot().huge_pages_zapped_collapsible, 2);
+                assert!(audit.is_empty(), "{policy:?}: {audit:?}");
+            }
+            HugeRecovery::InPlaceNonLeaf => {
+                assert!(huge(0), "{policy:?}");
+                assert!(
+                    audit
+                        .iter()
+                        .any(|a| matches!(a, vmmu::mmu::tdp::AuditViolation::InInvalidatedRange { .. })),
+                    "{audit:?}"
+                );
+            }
+        }
+        {
+            let g = vm.mmu.write_lock();
+            state.end(&g);
+        }
+        // The vCPU's data is where it was, and a fault maps huge again.
+        assert_eq!(read(&mut v, 0x20_1000), 2);
+        if policy != HugeRecovery::InPlaceNonLeaf {
+            assert_eq!(read(&mut v, 0x1000), 1);
+            assert!(huge(0) && huge(512), "{policy:?}");
+        }
+    }
+}
+
+/// Seed 004, rule 1: a host mapping looked up before an invalidation (a
+/// page migration) is refused at validation, so its frame, freed by the
+/// migration, is never installed; consumed unchecked
+/// (`HostMappingUse::Unchecked`), the freed frame is what a fault would
+/// map.
+#[test]
+fn the_retry_check_refuses_a_mapping_an_invalidation_changed() {
+    use vmmu::mem::{HostMappingUse, faultin_pfn};
+    for how in [HostMappingUse::RetryChecked, HostMappingUse::Unchecked] {
+        let vm = vm(TdpConfig::default(), MemslotConfig::default());
+        let state = vm.mmu.invalidate_state();
+        state.set_host_mapping_use(how);
+        let hva = Hva::new(RAM_HVA + 0x1000);
+        let mapping = faultin_pfn(&vm.host, state, hva, true).unwrap();
+        vm.host.migrate(hva).unwrap();
+        let g = vm.mmu.write_lock();
+        match (how, mapping.validate(&g, state)) {
+            (HostMappingUse::RetryChecked, Err(retry)) => assert!(retry.current_seq > retry.sampled_seq),
+            (HostMappingUse::Unchecked, Ok(m)) => assert!(vm.host.arena().is_freed(m.pfn()), "{m:?}"),
+            (how, other) => panic!("{how:?}: {other:?}"),
+        }
+    }
+}

@@ -800,3 +800,63 @@ fn mmio_on_amd_exits_with_a_reserved_bit_npf() {
     assert_eq!(after.ept_misconfigs, before.ept_misconfigs + 1);
     assert_eq!(after.ept_violations, before.ept_violations);
 }
+
+/// Seed 003: the fast zap's request and its invalidation of the roots in
+/// one critical section (KVM), or invalidation, a yield, then the request
+/// (safe here: nobody takes a reference to an invalid root, and a fault
+/// on one retries until the request comes), leave no vCPU on an invalid
+/// root. With the request first and the invalidation after the yield, a
+/// vCPU that answers the request in the window keeps its still-valid root
+/// and is never asked again: the hardware model counts its walks of the
+/// root it was told to drop, and its access cannot complete.
+#[test]
+fn a_request_made_before_the_invalidation_leaves_a_vcpu_on_an_invalid_root() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vmmu::mmu::ZapRequest;
+    use vmmu::mmu::tdp::ZapAllFastOrder;
+    for order in [
+        ZapAllFastOrder::OneCriticalSection,
+        ZapAllFastOrder::InvalidateYieldRequest,
+        ZapAllFastOrder::RequestYieldInvalidate,
+    ] {
+        let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+        vm.mmu.set_zap_request(ZapRequest::FreeObsolete, order);
+        assert_eq!(vm.mmu.zap_all_fast_order(), order);
+        let mut v = vcpu(&vm, 1);
+        write(&mut v, 0x1000, 7);
+        let unsafe_order = order == ZapAllFastOrder::RequestYieldInvalidate;
+        // Zaps while the vCPU runs: 10 for the safe orders, for the unsafe
+        // one until a zap's window catches the vCPU (one in a few).
+        let mut failed = false;
+        for _ in 0..if unsafe_order { 200 } else { 10 } {
+            let done = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    vm.mmu.zap_all_fast();
+                    vm.mmu.zap_invalidated_roots();
+                    done.store(true, Ordering::Release);
+                });
+                while !done.load(Ordering::Acquire) && !failed {
+                    failed = v
+                        .access(Gva::new(0x1000), Access::new(AccessKind::Read, 0, false), 8, 0)
+                        .is_err();
+                }
+            });
+            if !failed {
+                failed = v
+                    .access(Gva::new(0x1000), Access::new(AccessKind::Read, 0, false), 8, 0)
+                    .is_err();
+            }
+            if failed {
+                break;
+            }
+        }
+        let uses = v.stats().invalid_root_uses;
+        if unsafe_order {
+            assert!(failed && uses > 0, "{order:?}: not caught ({uses} invalid-root walks)");
+        } else {
+            assert!(!failed && uses == 0, "{order:?}: {uses} invalid-root walks");
+            assert_eq!(read(&mut v, 0x1000).0, 7);
+        }
+    }
+}
