@@ -108,6 +108,17 @@ pub struct MmuRunReport {
     pub host_operations: u64,
     /// MMU audits run (every SPTE checked against memslots and host).
     pub audits: u64,
+    /// Current roots the vCPUs dropped and reloaded on the MMU's request
+    /// after a zap (seed 003).
+    pub root_reloads: u64,
+    /// Cached roots (`prev_roots`) the vCPUs dropped on such a request.
+    pub cached_roots_dropped: u64,
+    /// Zaps of everything the VMM made (under `--host-churn`).
+    pub zaps: u64,
+    /// Their median latency for the caller, in microseconds.
+    pub zap_p50_us: f64,
+    /// Their longest, in microseconds.
+    pub zap_max_us: f64,
     /// The MMU's counters, named as KVM's.
     pub stats: MmuStatsSnapshot,
     /// Live migration, when one ran.

@@ -282,6 +282,8 @@ struct Shared<'a> {
     logging: AtomicBool,
     /// Writes made while logging whose bit was not set yet.
     suspects: Mutex<Vec<Suspect>>,
+    /// How long each of the VMM's zaps of everything took its caller, ns.
+    zap_ns: Mutex<Vec<u64>>,
 }
 
 impl<'a> Shared<'a> {
@@ -315,6 +317,7 @@ impl<'a> Shared<'a> {
             dirty_epoch: AtomicU64::new(0),
             logging: AtomicBool::new(false),
             suspects: Mutex::new(Vec::new()),
+            zap_ns: Mutex::new(Vec::new()),
         }
     }
 
@@ -675,7 +678,9 @@ fn run_with(cfg: &RunConfig, inject: &Injection, progress: &(dyn Fn(Progress) + 
                 }
                 if cfg.churn() && last_zap.elapsed() >= Duration::from_millis(400) {
                     sh.log(Actor::Vmm, OpKind::ZapAll, 0);
+                    let t = Instant::now();
                     m.zap_all();
+                    sh.zap_ns.lock().push(t.elapsed().as_nanos() as u64);
                     last_zap = Instant::now();
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -781,6 +786,8 @@ fn finish(
         vs.ept_violations += s.ept_violations;
         vs.ept_misconfigs += s.ept_misconfigs;
         vs.shadow_exits += s.shadow_exits;
+        vs.root_reloads += s.root_reloads;
+        vs.cached_roots_dropped += s.cached_roots_dropped;
         accesses += c.g.accesses;
         operations += c.ops;
         for (h, x) in hist.iter_mut().zip(c.hist) {
@@ -806,6 +813,8 @@ fn finish(
     });
     let roots = stats.prev_roots_hit + stats.prev_roots_miss;
     let host = m.host.stats();
+    let mut zap_ns = std::mem::take(&mut *sh.zap_ns.lock());
+    zap_ns.sort_unstable();
     let report = MmuRunReport {
         mmu: m.kind().name().into(),
         workload: cfg.workload.name.clone(),
@@ -839,6 +848,11 @@ fn finish(
         notifier_events: host.invalidations,
         host_operations: sh.host_ops.load(Ordering::Relaxed),
         audits: sh.audits.load(Ordering::Relaxed),
+        root_reloads: vs.root_reloads,
+        cached_roots_dropped: vs.cached_roots_dropped,
+        zaps: zap_ns.len() as u64,
+        zap_p50_us: zap_ns.get(zap_ns.len() / 2).map_or(0.0, |&n| n as f64 / 1e3),
+        zap_max_us: zap_ns.last().map_or(0.0, |&n| n as f64 / 1e3),
         stats,
         migration,
         violations: ck.violations(),
