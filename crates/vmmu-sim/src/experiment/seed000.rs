@@ -39,7 +39,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentResult, String> {
             UnsyncLevels::FourK,
         ),
         (
-            "non-4K unsync (unsafe)",
+            "non-4K unsync",
             "a guest table shadowed at an upper level too is let written without a trap, as a non-4K unsync page would be",
             false,
             SyncRootsCheck::UnsyncChildren,
