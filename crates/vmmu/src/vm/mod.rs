@@ -12,10 +12,12 @@
 pub mod config;
 pub mod machine;
 mod mmu;
+pub mod policy;
 
 pub use config::{DirtyProtocol, VmConfig};
 pub use machine::{DirtyRings, Machine, bitmap_pages};
 pub use mmu::{Mmu, MmuKind};
+pub use policy::{POLICY_KNOBS, Policies, PolicyError, PolicyKnob};
 
 use std::sync::Arc;
 
@@ -177,64 +179,6 @@ pub struct Vm {
     /// The nested MMU, once an L1 hypervisor runs a guest with nested
     /// paging ([`Vm::nested_mmu`]).
     nested: std::sync::OnceLock<Arc<ShadowMmu>>,
-}
-
-/// The design decisions of the seed threads that vmmu can run either way:
-/// runtime policies of the real MMU code, each documented beside the code
-/// it switches. The default is KVM's behaviour today. `vmmu experiment`
-/// runs the variants side by side.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Policies {
-    /// Seed 001: how a cached root is matched to the context that wants
-    /// it ([`crate::mmu::shadow::role::PrevRootsMatch`]), on the shadow
-    /// MMU and the nested MMU.
-    pub prev_roots_match: crate::mmu::shadow::role::PrevRootsMatch,
-    /// Seed 002: how the TDP MMU's faults read the nested MMU's count of
-    /// indirect shadow pages ([`crate::mmu::track::IndirectGate`]).
-    pub indirect_gate: crate::mmu::track::IndirectGate,
-    /// Seed 002, for measuring: count the gate's false negatives (a
-    /// tracked-set lookup on each fault the gate lets through).
-    pub count_gate_misses: bool,
-    /// Seed 000: what a sync of roots checks of a root
-    /// ([`crate::mmu::shadow::sync::SyncRootsCheck`]).
-    pub sync_roots_check: crate::mmu::shadow::sync::SyncRootsCheck,
-    /// Seed 000: which shadow pages may go unsync
-    /// ([`crate::mmu::shadow::sync::UnsyncLevels`]; `AnyLevel` is unsafe).
-    pub unsync_levels: crate::mmu::shadow::sync::UnsyncLevels,
-    /// Seed 003: what vCPUs drop when the MMU asks after a zap
-    /// ([`crate::mmu::ZapRequest`]), on every MMU.
-    pub zap_request: crate::mmu::ZapRequest,
-    /// Seed 003: how the TDP MMU's fast zap orders invalidation and request
-    /// ([`crate::mmu::tdp::ZapAllFastOrder`]; `RequestYieldInvalidate` is
-    /// unsafe).
-    pub zap_all_fast_order: crate::mmu::tdp::ZapAllFastOrder,
-    /// Seed 004: whether faults consume a host mapping only after the
-    /// retry check ([`crate::mem::HostMappingUse`]; `Unchecked` is unsafe),
-    /// on every MMU.
-    pub host_mapping_use: crate::mem::HostMappingUse,
-    /// Seed 004: how the TDP MMU brings huge pages back after dirty
-    /// logging ([`crate::mmu::tdp::HugeRecovery`]; `InPlaceNonLeaf` is
-    /// unsafe).
-    pub huge_recovery: crate::mmu::tdp::HugeRecovery,
-    /// Seed 004: how the host's lock-free walk reads its entries
-    /// ([`crate::host::HostWalk`]; `ReRead` is unsafe).
-    pub host_walk: crate::host::HostWalk,
-    /// Seed 004, for measuring: walks of the host checked and slowed
-    /// ([`crate::host::HostAddressSpace::set_walk_policy`]).
-    pub check_host_walks: bool,
-}
-
-impl Policies {
-    /// Applies the TDP MMU's and the host's policies to a TDP VM's `mmu`
-    /// over `host` (a [`Machine`] applies them all with
-    /// [`Machine::set_policies`]).
-    pub fn apply_tdp(&self, mmu: &TdpMmu, host: &HostAddressSpace) {
-        mmu.set_indirect_gate(self.indirect_gate, self.count_gate_misses);
-        mmu.set_zap_request(self.zap_request, self.zap_all_fast_order);
-        mmu.set_huge_recovery(self.huge_recovery);
-        mmu.invalidate_state().set_host_mapping_use(self.host_mapping_use);
-        host.set_walk_policy(self.host_walk, self.check_host_walks);
-    }
 }
 
 /// A nested MMU for the TDP VM of `tdp` over `host` and `slots`, in the
