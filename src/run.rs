@@ -132,8 +132,22 @@ pub struct RunArgs {
     /// L1's tables. Implies --mmu tdp.
     #[arg(long, num_args = 0..=1, default_missing_value = "2", value_parser = clap::value_parser!(u64).range(2..=4))]
     nested: Option<u64>,
+    /// A seed thread's design decision run another way, as NAME=VALUE
+    /// (repeatable; e.g. zap-request=reload-all): the runtime policies of
+    /// `vmmu experiment`, listed with their values in docs/EXPERIMENTS.md.
+    /// An unsafe value is the checker's to catch.
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_policy)]
+    policy: Vec<String>,
     #[command(flatten)]
     vm: VmArgs,
+}
+
+/// `--policy NAME=VALUE`, checked against the policies' table.
+fn parse_policy(s: &str) -> Result<String, String> {
+    vmmu::vm::Policies::default()
+        .set_from_str(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// A knob that is on or off.
@@ -441,6 +455,15 @@ pub fn run(args: RunArgs) -> ExitCode {
         (None, ConfigSource::Random) => vmmu_sim::config::nested_from_seed(args.seed, only, &vm, args.memory),
         (None, ConfigSource::Given) => 0,
     };
+    // The policies: drawn from the seed under --config random, then the
+    // flags given.
+    let mut policies = match args.vm.config {
+        ConfigSource::Random => vmmu_sim::config::policies_from_seed(args.seed),
+        ConfigSource::Given => vmmu::vm::Policies::default(),
+    };
+    for p in &args.policy {
+        policies.set_from_str(p).expect("checked when parsed");
+    }
     if args.vm.config == ConfigSource::Random {
         // Before anything runs, so a failing run can be repeated without
         // the draw.
@@ -449,7 +472,23 @@ pub fn run(args: RunArgs) -> ExitCode {
         } else {
             String::new()
         };
-        eprintln!("configuration: --paging {} {}{nested}", paging.name(), vm.flags());
+        let policy = if policies.flags().is_empty() {
+            String::new()
+        } else {
+            format!(" {}", policies.flags())
+        };
+        eprintln!(
+            "configuration: --paging {} {}{nested}{policy}",
+            paging.name(),
+            vm.flags()
+        );
+    }
+    let unsafe_ones = policies.unsafe_ones();
+    if !unsafe_ones.is_empty() && !args.json {
+        eprintln!(
+            "note: unsafe policy {}: the checker must catch this run",
+            unsafe_ones.join(", ")
+        );
     }
     let workload = Workload { vm, ..workload };
     let mut outcomes = Vec::new();
@@ -467,6 +506,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             check: args.check.into(),
             record: args.record.is_some() && outcomes.is_empty(),
             nested,
+            policies,
             ..RunConfig::new(kind, workload.clone())
         };
         let b = bar(kind.name());

@@ -271,6 +271,7 @@ fn soak_run(args: &SoakArgs, kind: MmuKind, seed: u64, seconds: f64) -> Result<S
         migrate: true,
         check: CheckLevel::Full,
         nested: vmmu_sim::config::nested_from_seed(seed, Some(kind), &vm, args.memory),
+        policies: vmmu_sim::config::policies_from_seed(seed),
         ..RunConfig::new(kind, workload)
     };
     let outcome = vmmu_sim::run::run(&cfg, &|_| {}).map_err(|e| e.to_string())?;

@@ -223,6 +223,14 @@ fn run_flags() {
         "--paging",
     ));
     cases.extend(flag_cases(&r, "--check", &[EMPTY, "some", "FULL2"], "--check"));
+    cases.extend(flag_cases(&r, "--policy", &[EMPTY, "zap-request"], "name=value"));
+    cases.extend(flag_cases(&r, "--policy", &["frob=1", "=reload-all"], "no policy"));
+    cases.extend(flag_cases(
+        &r,
+        "--policy",
+        &["zap-request=sometimes", "zap-request=", "host-walk=RE-READ"],
+        "not a value of policy",
+    ));
     // The VM configuration: switches, numbers and sizes.
     for switch in [
         "--ept-ad",

@@ -627,6 +627,48 @@ fn run_records_a_trace_that_replays_under_either_mmu_and_writes_a_report_dir() {
     assert_eq!(out.lines().last(), Some("check: 0 violations"));
 }
 
+/// `--policy` runs a seed's decision another way: the report's
+/// configuration line names it, the trace keeps it, and the replay runs
+/// under it.
+#[test]
+fn run_under_policies_records_them_for_the_replay() {
+    let trace = temp_file("policy.trace", "");
+    let o = vmmu(&[
+        "run",
+        "--mmu",
+        "tdp",
+        "--vcpus",
+        "2",
+        "--ops",
+        "300",
+        "--memory",
+        "32M",
+        "--policy",
+        "zap-request=reload-all",
+        "--policy",
+        "huge-recovery=zap-collapsible",
+        "--record",
+        trace.to_str().unwrap(),
+    ]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("--policy zap-request=reload-all --policy huge-recovery=zap-collapsible"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&trace).unwrap();
+    assert!(text.contains("zap-request=reload-all"), "{text}");
+    let o = vmmu(&["replay", trace.to_str().unwrap(), "--mmu", "tdp"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("--policy zap-request=reload-all"), "{out}");
+    // A policy the trace names wrong is the trace's error, named.
+    let bad = temp_file("policy-bad.trace", &text.replace("zap-request=reload-all", "zap-request=never"));
+    let o = vmmu(&["replay", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("zap-request=never"), "{}", stderr(&o));
+}
+
 #[test]
 fn run_and_replay_bad_input_exits_2_naming_the_problem() {
     let cases: Vec<(Vec<String>, &str)> = vec![

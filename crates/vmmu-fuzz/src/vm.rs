@@ -552,6 +552,14 @@ fn arbitrary_config(u: &mut Unstructured<'_>) -> arbitrary::Result<VmConfig> {
     Ok(vmmu_sim::config::from_seed(seed, Some(MmuKind::Tdp)).0)
 }
 
+/// The seed threads' policies drawn from a fuzzer's input: safe ones only
+/// (an unsafe one is the experiments' and the checker's to catch, not a
+/// fuzzer finding).
+fn arbitrary_policies(u: &mut Unstructured<'_>) -> arbitrary::Result<vmmu::vm::Policies> {
+    let seed: u64 = u.arbitrary()?;
+    Ok(vmmu_sim::config::policies_from_seed(seed))
+}
+
 /// A whole-VM program: the MMU, the paging mode, the initial control
 /// state and configuration, and up to [`MAX_OPS`] operations.
 #[derive(Arbitrary, Clone, Debug, PartialEq, Eq)]
@@ -578,6 +586,9 @@ pub struct VmProgram {
     /// ignored by the shadow MMU, which has no dirty ring).
     #[arbitrary(with = arbitrary_config)]
     pub config: VmConfig,
+    /// The seed threads' policies ([`vmmu::vm::Policies`]).
+    #[arbitrary(with = arbitrary_policies)]
+    pub policies: vmmu::vm::Policies,
     /// Memslot 1 exists at start (at the first placement).
     pub slot1: bool,
     /// Memslot 0 logs dirty pages from the start.
@@ -882,6 +893,7 @@ impl Runner {
             .reserve(2 * (RAM + SLOT1_SIZE) + (64 << 20))
             .build(kind, config)
             .expect("the fuzz VM");
+        vm.set_policies(p.policies);
         let (host, slots, mmu) = (vm.host.clone(), vm.slots.clone(), vm.mmu().clone());
         host.mmap(Hva::new(SLOT1_HVA), SLOT1_SIZE, vma)
             .expect("mmap of memslot 1");

@@ -595,6 +595,7 @@ fn vm_edit_then_flush(mmu: vm::MmuChoice, mode: vm::VmMode) -> VmProgram {
             max_page_size: 2 << 20,
             ..Default::default()
         },
+        policies: Default::default(),
         slot1: false,
         log0: false,
         ops: vm::VmOps(vec![

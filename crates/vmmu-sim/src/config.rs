@@ -90,6 +90,31 @@ pub fn nested_from_seed(seed: u64, mmu: Option<MmuKind>, vm: &VmConfig, memory: 
         .unwrap_or(0)
 }
 
+/// The seed threads' policies of a run drawn from `seed` (`vmmu run
+/// --config random --seed N`, the soak test): each policy
+/// ([`vmmu::vm::POLICY_KNOBS`]) takes one of its other safe values in a
+/// quarter of the seeds, so every safe variant of every decision runs
+/// under the checker with every configuration. Never an unsafe value.
+/// Drawn from its own stream.
+pub fn policies_from_seed(seed: u64) -> vmmu::vm::Policies {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ 0x90_11c1_e5d2_a3b1);
+    let mut p = vmmu::vm::Policies::default();
+    for k in &vmmu::vm::POLICY_KNOBS {
+        let others: Vec<&str> = k.values[1..]
+            .iter()
+            .copied()
+            .filter(|v| !k.unsafe_values.contains(v))
+            .collect();
+        if !others.is_empty() && rng.random_bool(0.25) {
+            let v = others[rng.random_range(0..others.len())];
+            p.set_from_str(&format!("{}={v}", k.name))
+                .expect("a value of the knob's own table");
+        }
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +159,26 @@ mod tests {
             }
         }
         assert!(counts[2] > 0 && counts[3] > 0 && counts[4] > 0, "{counts:?}");
+    }
+
+    /// Drawn policies are safe, and every safe value of every policy is
+    /// drawn by some seed.
+    #[test]
+    fn drawn_policies_are_safe_and_cover_every_safe_value() {
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..400 {
+            let p = policies_from_seed(seed);
+            assert!(p.unsafe_ones().is_empty(), "seed {seed}: {p:?}");
+            assert_eq!(policies_from_seed(seed), p);
+            for k in &vmmu::vm::POLICY_KNOBS {
+                seen.insert((k.name, k.get(&p)));
+            }
+        }
+        for k in &vmmu::vm::POLICY_KNOBS {
+            for v in k.values.iter().filter(|v| !k.unsafe_values.contains(v)) {
+                assert!(seen.contains(&(k.name, *v)), "{}={v} never drawn", k.name);
+            }
+        }
     }
 
     #[test]

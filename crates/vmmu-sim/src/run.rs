@@ -813,13 +813,23 @@ fn finish(
     });
     let roots = stats.prev_roots_hit + stats.prev_roots_miss;
     let host = m.host.stats();
+    if host.walks_astray > 0 {
+        ck.record(format!(
+            "host: {} checked walk(s) read a frame as a page table that was none, or returned a page table as a leaf's frame",
+            host.walks_astray
+        ));
+    }
     let mut zap_ns = std::mem::take(&mut *sh.zap_ns.lock());
     zap_ns.sort_unstable();
     let report = MmuRunReport {
         mmu: m.kind().name().into(),
         workload: cfg.workload.name.clone(),
         paging: cfg.paging.name().into(),
-        config: cfg.workload.vm.flags(),
+        config: if cfg.policies.flags().is_empty() {
+            cfg.workload.vm.flags()
+        } else {
+            format!("{} {}", cfg.workload.vm.flags(), cfg.policies.flags())
+        },
         vcpus: cfg.vcpus as u64,
         memory: cfg.memory,
         operations,
@@ -899,6 +909,7 @@ fn finish(
                 host_churn: cfg.churn(),
                 migrate: cfg.migrates(),
                 workload: cfg.workload.clone(),
+                policies: cfg.policies.assignments(),
             },
             ops,
         }
@@ -1720,6 +1731,12 @@ pub fn replay(trace: &Trace, mmu: MmuKind, check: CheckLevel) -> Result<RunOutco
     let h = &trace.header;
     let paging = PagingFormat::parse(&h.paging)
         .ok_or_else(|| RunError::Config(format!("unknown paging mode `{}` in the trace", h.paging)))?;
+    let mut policies = vmmu::vm::Policies::default();
+    for p in &h.policies {
+        policies
+            .set_from_str(p)
+            .map_err(|e| RunError::Config(format!("policy `{p}` in the trace: {e}")))?;
+    }
     let cfg = RunConfig {
         mmu,
         workload: h.workload.clone(),
@@ -1734,7 +1751,7 @@ pub fn replay(trace: &Trace, mmu: MmuKind, check: CheckLevel) -> Result<RunOutco
         check,
         record: false,
         nested: 0,
-        policies: vmmu::vm::Policies::default(),
+        policies,
     };
     let (m, guests, ck, _, seats) = boot(&cfg)?;
     let mut cpus: Vec<Cpu> = seats.into_iter().flat_map(|s| s.cpus).collect();

@@ -198,6 +198,10 @@ pub struct TraceHeader {
     pub migrate: bool,
     /// The workload.
     pub workload: Workload,
+    /// The seed threads' policies that were not the default, as
+    /// `name=value` (`vmmu run --policy`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
 }
 
 /// A trace: the header and the operations in order.
@@ -349,6 +353,7 @@ mod tests {
                 host_churn: true,
                 migrate: false,
                 workload: Workload::default(),
+                policies: vec!["zap-request=reload-all".into()],
             },
             ops: vec![
                 Op {
