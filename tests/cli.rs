@@ -663,7 +663,10 @@ fn run_under_policies_records_them_for_the_replay() {
     assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
     assert!(out.contains("--policy zap-request=reload-all"), "{out}");
     // A policy the trace names wrong is the trace's error, named.
-    let bad = temp_file("policy-bad.trace", &text.replace("zap-request=reload-all", "zap-request=never"));
+    let bad = temp_file(
+        "policy-bad.trace",
+        &text.replace("zap-request=reload-all", "zap-request=never"),
+    );
     let o = vmmu(&["replay", bad.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("zap-request=never"), "{}", stderr(&o));

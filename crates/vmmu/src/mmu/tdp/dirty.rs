@@ -468,7 +468,9 @@ pub enum HugeRecovery {
     /// In place under `mmu_lock`, where a leaf SPTE maps the region's first
     /// gfn (rule 2 by an existing valid mapping: an invalidation in
     /// progress has zapped it, and no fault installs it again before the
-    /// invalidation ends). What the comment says in-place promotion needs.
+    /// invalidation ends; the host changes a huge mapping only as a whole,
+    /// so one page's witness covers the region the host level is read
+    /// for). What the comment says in-place promotion needs.
     InPlaceExistingLeaf,
     /// Zap each table the host level would allow as a huge page (rule 3:
     /// the level decides a zap, never a mapping); the next fault maps the
