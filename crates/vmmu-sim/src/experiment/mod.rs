@@ -156,21 +156,34 @@ pub(crate) fn nested_runs(
 ) -> Result<(u64, Vec<String>, Vec<crate::report::MmuRunReport>), String> {
     let (mut violations, mut details, mut reports) = (0, Vec::new(), Vec::new());
     for vendor in [vmmu::arch::control::Vendor::Intel, vmmu::arch::control::Vendor::Amd] {
-        let workload = crate::workload::Workload::load("default").map_err(|e| e.to_string())?;
-        let mut rc = crate::run::RunConfig::new(vmmu::vm::MmuKind::Tdp, workload);
+        let mut rc = default_run(cfg, vmmu::vm::MmuKind::Tdp, vendor, policies)?;
         rc.seconds = Some(cfg.seconds / 2.0);
-        rc.seed = cfg.seed;
         rc.nested = vms;
         rc.host_churn = true;
         rc.migrate = true;
-        rc.workload.vm.vendor = vendor;
-        rc.policies = policies;
         let (v, d, report) = sim_run(&rc);
         violations += v;
         details.extend(d);
         reports.extend(report);
     }
     Ok((violations, details, reports))
+}
+
+/// A `vmmu run` of the default workload on `mmu` (on `vendor`'s host)
+/// with `cfg`'s seed under `policies`; the caller sets its length and
+/// the rest.
+pub(crate) fn default_run(
+    cfg: &ExperimentConfig,
+    mmu: vmmu::vm::MmuKind,
+    vendor: vmmu::arch::control::Vendor,
+    policies: vmmu::vm::Policies,
+) -> Result<crate::run::RunConfig, String> {
+    let workload = crate::workload::Workload::load("default").map_err(|e| e.to_string())?;
+    let mut rc = crate::run::RunConfig::new(mmu, workload);
+    rc.seed = cfg.seed;
+    rc.workload.vm.vendor = vendor;
+    rc.policies = policies;
+    Ok(rc)
 }
 
 /// A metric.

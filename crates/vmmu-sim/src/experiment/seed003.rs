@@ -24,7 +24,7 @@ use vmmu::mmu::ZapRequest;
 use vmmu::mmu::tdp::ZapAllFastOrder;
 use vmmu::vm::{MmuKind, Policies};
 
-use super::{ExperimentConfig, ExperimentResult, Metric, VariantResult, metric, sim_run};
+use super::{ExperimentConfig, ExperimentResult, Metric, VariantResult, default_run, metric, sim_run};
 use crate::report::MmuRunReport;
 use crate::run::RunConfig;
 
@@ -64,19 +64,13 @@ impl Totals {
 /// reused), and a TDP VM whose L1 runs [`L2_VMS`] L2 VMs on each vendor.
 fn root_zap_runs(cfg: &ExperimentConfig, policies: Policies, t: &mut Totals) -> Result<(), String> {
     let ops = ((cfg.seconds * OPS_PER_SECOND / 3.0) as u64).max(200);
-    let workload = crate::workload::Workload::load("default").map_err(|e| e.to_string())?;
-    let mut rc = RunConfig::new(MmuKind::Shadow, workload.clone());
+    let mut rc = default_run(cfg, MmuKind::Shadow, Vendor::Intel, policies)?;
     rc.ops = Some(ops);
-    rc.seed = cfg.seed;
-    rc.policies = policies;
     t.add(&rc);
     for vendor in [Vendor::Intel, Vendor::Amd] {
-        let mut rc = RunConfig::new(MmuKind::Tdp, workload.clone());
+        let mut rc = default_run(cfg, MmuKind::Tdp, vendor, policies)?;
         rc.ops = Some(ops);
-        rc.seed = cfg.seed;
         rc.nested = L2_VMS;
-        rc.workload.vm.vendor = vendor;
-        rc.policies = policies;
         t.add(&rc);
     }
     Ok(())
@@ -91,13 +85,9 @@ const ZAP_RUN_MIN_SECONDS: f64 = 1.3;
 /// [`ZAP_RUN_MIN_SECONDS`]).
 fn zap_all_runs(cfg: &ExperimentConfig, policies: Policies, t: &mut Totals) -> Result<(), String> {
     for vendor in [Vendor::Intel, Vendor::Amd] {
-        let workload = crate::workload::Workload::load("default").map_err(|e| e.to_string())?;
-        let mut rc = RunConfig::new(MmuKind::Tdp, workload);
+        let mut rc = default_run(cfg, MmuKind::Tdp, vendor, policies)?;
         rc.seconds = Some((cfg.seconds / 2.0).max(ZAP_RUN_MIN_SECONDS));
-        rc.seed = cfg.seed;
         rc.host_churn = true;
-        rc.workload.vm.vendor = vendor;
-        rc.policies = policies;
         t.add(&rc);
     }
     Ok(())
