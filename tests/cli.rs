@@ -332,7 +332,10 @@ fn bench_populate_json_has_the_contract_fields() {
         .iter()
         .map(|p| p["phase"].as_str().unwrap())
         .collect();
-    assert_eq!(phases, ["page_fault", "vcpu", "page_fault/store", "2-vcpus"]);
+    assert_eq!(
+        phases,
+        ["page_fault", "vcpu", "page_fault/store", "pre_fault", "2-vcpus"]
+    );
 }
 
 #[test]

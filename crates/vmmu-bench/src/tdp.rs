@@ -759,6 +759,9 @@ pub(super) fn prefault_note() -> String {
 ///   the root in preallocated tables (one load per level) and written with
 ///   one atomic store, on as many threads;
 /// - `page_fault/store`: `page_fault` against the store reference;
+/// - `pre_fault`: the same pages mapped by [`TdpMmu::pre_fault_memory`]
+///   (KVM's `KVM_PRE_FAULT_MEMORY`), each thread its region in one call,
+///   against the store reference (goal 3x per page);
 /// - `2-vcpus` (only when `vcpus` is 1): `vcpu` on two threads, for the
 ///   scaling figure (two threads' aggregate pages/s over one's).
 pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report, BenchError> {
@@ -837,6 +840,33 @@ pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report,
         seconds += d.as_secs_f64();
         pf_best = pf_best.min(ns(d) / ppt as f64);
     }
+    // The same pages by `pre_fault_memory` (KVM_PRE_FAULT_MEMORY), each
+    // thread its region in one call.
+    let mut pre_best = f64::INFINITY;
+    for _ in 0..rounds {
+        let vm = Vm::new(bytes * u64::from(vcpus), 1, backing)?;
+        vm.prefault()?;
+        let d = parallel(vcpus as usize, |t| {
+            let root = vm.mmu.get_root(0).map_err(|e| run_err("root", e))?;
+            let mut cache = vm.mmu.vcpu_caches();
+            let start = Gpa::new(t as u64 * bytes);
+            let r = vm
+                .mmu
+                .pre_fault_memory(&root, start, bytes, &mut cache)
+                .map_err(|e| run_err("pre-fault", e))?;
+            if r.bytes != bytes {
+                return Err(BenchError::Run(format!("pre-fault stopped early: {r:?}")));
+            }
+            Ok(())
+        })?;
+        let mapped = vm.mapped_pages();
+        retire(vm);
+        if mapped != (ppt * u64::from(vcpus)) as i64 {
+            return Err(BenchError::Run(format!("pre-fault: {mapped} pages mapped")));
+        }
+        seconds += d.as_secs_f64();
+        pre_best = pre_best.min(ns(d) / ppt as f64);
+    }
     // The floor, on the memslots and host memory of a VM like the ones
     // the faults ran on.
     let floor_ns = {
@@ -850,6 +880,7 @@ pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report,
         phase("page_fault", pf_best, floor_ns),
         phase("vcpu", vcpu_ns, ref_ns),
         phase("page_fault/store", pf_best, ref_ns),
+        phase("pre_fault", pre_best, ref_ns),
     ];
 
     let mut figures = vec![
@@ -861,6 +892,13 @@ pub fn populate(cfg: &TdpBenchConfig, progress: &dyn Fn(&str)) -> Result<Report,
             None,
         ),
         figure("vcpu", "pages/s/thread", 1e9 / vcpu_ns, Some(1e9 / ref_ns), None),
+        figure(
+            "pre_fault per 4K page / bare insert",
+            "x",
+            pre_best / ref_ns,
+            None,
+            Some("<= 3"),
+        ),
     ];
     if vcpus == 1 {
         progress("populate: the same on 2 threads, for the scaling");
@@ -1716,7 +1754,7 @@ mod tests {
         };
         let r = populate(&cfg, &|_| {}).unwrap();
         assert_eq!(r.result.pages, 512);
-        assert_eq!(r.result.phases.len(), 4);
+        assert_eq!(r.result.phases.len(), 5);
         assert_eq!(r.result.phases[0].phase, "page_fault");
         assert!(r.result.reference_ns > 0.0);
         let r = dirty_log(&cfg, &|_| {}).unwrap();

@@ -860,3 +860,125 @@ fn a_request_made_before_the_invalidation_leaves_a_vcpu_on_an_invalid_root() {
         }
     }
 }
+
+/// `KVM_PRE_FAULT_MEMORY`: a pre-faulted range is mapped as read faults
+/// would map it (4K on 4K host pages, 2M on THP), the vCPU then reads it
+/// without an exit, and the range stops at the first gpa without a
+/// memslot, saying so.
+#[test]
+fn pre_faulted_memory_is_mapped_as_faults_would_map_it() {
+    use vmmu::mmu::tdp::PreFaultStop;
+    for (flags, pages_4k, pages_2m) in [(VmaFlags::WRITE, 512, 0), (VmaFlags::WRITE | VmaFlags::THP, 0, 1)] {
+        let vm = vm(8 * MB, 0x4000_0000, flags);
+        let mem = vm.memory();
+        for page in 0..512u64 {
+            mem.write_value(Gpa::new(0x20_0000 + (page << 12)), 8, page + 1)
+                .unwrap();
+        }
+        let root = vm.mmu.get_root(0).unwrap();
+        let mut caches = vm.mmu.vcpu_caches();
+        let r = vm
+            .mmu
+            .pre_fault_memory(&root, Gpa::new(0x20_0000), 2 * MB, &mut caches)
+            .unwrap();
+        assert_eq!((r.bytes, r.stopped), (2 * MB, None), "{flags:?}");
+        let s = vm.mmu.stats().snapshot();
+        assert_eq!((s.pages_4k, s.pages_2m), (pages_4k, pages_2m), "{flags:?}");
+        let mut v = vcpu(&vm, 1);
+        let exits = v.stats().ept_violations;
+        for page in 0..512u64 {
+            assert_eq!(read(&mut v, 0x20_0000 + (page << 12)).0, page + 1);
+        }
+        assert_eq!(v.stats().ept_violations, exits, "{flags:?}: a pre-faulted page exited");
+        assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
+        // Past the end of RAM: mapped up to it, stopped at the first gpa
+        // without a memslot.
+        let r = vm
+            .mmu
+            .pre_fault_memory(&root, Gpa::new(7 * MB + 0x1000), 2 * MB, &mut caches)
+            .unwrap();
+        assert_eq!(
+            (r.bytes, r.stopped),
+            (MB - 0x1000, Some((Gpa::new(8 * MB), PreFaultStop::NoMemslot)))
+        );
+        // An invalidated root: the vCPU must load a new one first.
+        vm.mmu.zap_all_fast();
+        let r = vm.mmu.pre_fault_memory(&root, Gpa::new(0), MB, &mut caches).unwrap();
+        assert_eq!(
+            (r.bytes, r.stopped),
+            (0, Some((Gpa::new(0), PreFaultStop::RootInvalid)))
+        );
+    }
+}
+
+/// A pre-fault while dirty logging maps what a read fault would: not
+/// writable, so the guest's first write exits and logs the page.
+#[test]
+fn pre_faulted_memory_under_dirty_logging_logs_the_first_write() {
+    let vm = vm(4 * MB, 0x4000_0000, VmaFlags::WRITE);
+    vm.slots.update_flags(0, 0, MemslotFlags::LOG_DIRTY_PAGES).unwrap();
+    let root = vm.mmu.get_root(0).unwrap();
+    let mut caches = vm.mmu.vcpu_caches();
+    let r = vm.mmu.pre_fault_memory(&root, Gpa::new(0), MB, &mut caches).unwrap();
+    assert_eq!(r.bytes, MB);
+    let mut v = vcpu(&vm, 1);
+    write(&mut v, 0x5000, 9);
+    let bitmap = vm.mmu.get_dirty_log(0, 0).unwrap();
+    assert_eq!(vmmu::vm::bitmap_pages(&bitmap), [5]);
+}
+
+/// Pre-faults racing host changes (migrations, THP splits and collapses)
+/// install only mappings the retry protocol validated: the audit after
+/// every pre-fault finds every SPTE pointing at the frame the host maps
+/// then. (With the retry check off, `HostMappingUse::Unchecked`, it
+/// fails within a few rounds.)
+#[test]
+fn pre_faults_racing_the_host_leave_no_stale_mapping() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let vm = vm(8 * MB, 0x4000_0000, VmaFlags::WRITE | VmaFlags::THP);
+    let mem = vm.memory();
+    for off in (0..8 * MB).step_by(4096) {
+        mem.write_value(Gpa::new(off), 8, off).unwrap();
+    }
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let block = Hva::new(0x4000_0000 + (i % 4) * 2 * MB);
+                let _ = match i % 3 {
+                    0 => vm.host.split_thp(block).map(|_| ()),
+                    1 => vm.host.migrate(Hva::new(block.raw() + 0x3000)).map(|_| ()),
+                    _ => vm.host.collapse_thp(block),
+                };
+                i += 1;
+            }
+        });
+        let mut caches = vm.mmu.vcpu_caches();
+        for round in 0..1000 {
+            let root = vm.mmu.get_root(0).unwrap();
+            let r = vm
+                .mmu
+                .pre_fault_memory(&root, Gpa::new(0), 8 * MB, &mut caches)
+                .unwrap();
+            assert!(r.stopped.is_none() || r.bytes < 8 * MB, "{r:?}");
+            // The audit runs under the write lock, between the host's
+            // changes: what it sees must be right at that moment.
+            let audit = vm.mmu.audit();
+            if !audit.is_empty() {
+                stop.store(true, Ordering::Relaxed);
+                panic!("round {round}: {audit:?}");
+            }
+            if round % 10 == 0 {
+                vm.mmu.zap_all_fast();
+                vm.mmu.zap_invalidated_roots();
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(vm.mmu.audit().is_empty(), "{:?}", vm.mmu.audit());
+    let mut v = vcpu(&vm, 1);
+    for off in (0..8 * MB).step_by(0x7000) {
+        assert_eq!(read(&mut v, off).0, off);
+    }
+}

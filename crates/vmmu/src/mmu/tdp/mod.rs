@@ -19,11 +19,13 @@ mod change;
 mod dirty;
 mod fast;
 mod nx;
+mod prefault;
 mod ring;
 
 pub use audit::AuditViolation;
 pub use dirty::HugeRecovery;
 pub use nx::{NX_HUGE_PAGES_RECOVERY_RATIO, NxRecoveryWorker};
+pub use prefault::{PreFaultStop, PreFaulted};
 pub use ring::{DIRTY_RING_MAX_ENTRIES, DirtyRingError};
 
 use change::DirtyBit;
@@ -809,6 +811,49 @@ impl TdpMmu {
         if write_protected && fault.write {
             return Ok(FaultOutcome::WriteTracked);
         }
+        let (level, leaf) = self.fault_leaf(root.root.as_id, gfn, slot, &valid, &fault, tracker, write_protected)?;
+        let outcome = self.install(
+            &guard,
+            root,
+            gfn.align_down(level.pages()),
+            level,
+            leaf,
+            &mut caches.pages,
+        );
+        // A leaf that lets hardware write without recording it: logged
+        // now, still under the read lock, so no harvest runs between the
+        // install and the mark (KVM's `make_spte`). A clean writable leaf
+        // in D-bit mode records its first write in its D bit.
+        if logging
+            && leaf.is_writable(self.fmt)
+            && (leaf.is_dirty(self.fmt) || !self.dirty_bit_logging())
+            && outcome == FaultOutcome::Fixed
+        {
+            self.mark_dirty(slot, gfn, ring);
+        }
+        Ok(outcome)
+    }
+
+    /// The level and the leaf SPTE a fault maps `gfn` of `slot` with, from
+    /// its validated host mapping (KVM's hugepage adjust and `make_spte`):
+    /// as large as the host mapping, the memslot and the configuration
+    /// allow; 4K while the slot logs dirty pages, over a gfn the nested MMU
+    /// tracks, and for an instruction fetch (or in a region split by one)
+    /// under the NX huge page mitigation; write-protected where `tracker`
+    /// says so; made to log its first write while the slot logs dirty
+    /// pages and the fault is not a write.
+    #[allow(clippy::too_many_arguments)]
+    fn fault_leaf(
+        &self,
+        as_id: u16,
+        gfn: Gfn,
+        slot: &crate::mem::Memslot,
+        valid: &crate::mem::ValidatedMapping<'_>,
+        fault: &TdpFault,
+        tracker: Option<&Arc<dyn crate::mmu::track::WriteTracker>>,
+        write_protected: bool,
+    ) -> Result<(Level, Spte), TdpError> {
+        let logging = slot.logs_dirty_pages();
         // Dirty logging tracks 4K pages (KVM's hugepage adjust).
         let max = if logging {
             Level::L1
@@ -819,7 +864,9 @@ impl TdpMmu {
                     max_level: self.config.max_level,
                 })?
         };
-        let mut level = valid.mapping_level(slot.max_mapping_level(gfn, max));
+        // The memslot's lpage_info is asked only about levels the host
+        // mapping reaches (a 4K host page asks nothing).
+        let mut level = valid.mapping_level(slot.max_mapping_level(gfn, max.min(valid.host_level())));
         // No huge leaf over a tracked gfn (KVM's `kvm_mmu_gfn_disallow_lpage`).
         while level > Level::L1
             && let Some(t) = tracker
@@ -831,7 +878,7 @@ impl TdpMmu {
             level = level.down().expect("above level 1");
         }
         if self.config.nx_huge_pages && level > Level::L1 {
-            let region = (root.root.as_id, gfn.align_down(level.pages()), level);
+            let region = (as_id, gfn.align_down(level.pages()), level);
             let mut split = self.nx_split.lock();
             if fault.exec {
                 // Executable pages are mapped 4K: remember the huge region
@@ -868,26 +915,7 @@ impl TdpMmu {
                 leaf.clear_writable(self.fmt)
             };
         }
-        let outcome = self.install(
-            &guard,
-            root,
-            gfn.align_down(level.pages()),
-            level,
-            leaf,
-            &mut caches.pages,
-        );
-        // A leaf that lets hardware write without recording it: logged
-        // now, still under the read lock, so no harvest runs between the
-        // install and the mark (KVM's `make_spte`). A clean writable leaf
-        // in D-bit mode records its first write in its D bit.
-        if logging
-            && leaf.is_writable(self.fmt)
-            && (leaf.is_dirty(self.fmt) || !self.dirty_bit_logging())
-            && outcome == FaultOutcome::Fixed
-        {
-            self.mark_dirty(slot, gfn, ring);
-        }
-        Ok(outcome)
+        Ok((level, leaf))
     }
 
     /// Tables one fault may need: one per level below the root (a path
@@ -956,27 +984,44 @@ impl TdpMmu {
         let as_id = root.root.as_id;
         let epoch = crossbeam_epoch::pin();
         let mut it = self.cursor(&epoch, root.root.pfn, level, gfn);
+        if let Err(outcome) = self.descend(guard, &mut it, as_id, level, tables) {
+            return outcome;
+        }
+        self.set_leaf(&mut it, as_id, leaf)
+    }
+
+    /// Walks the cursor down to `level`, linking tables from `tables` where
+    /// none is and splitting a huge leaf in the way; `Err` is the fault's
+    /// answer when a race stops it.
+    fn descend(
+        &self,
+        guard: &MmuLockReadGuard<'_, ()>,
+        it: &mut SpteIter<'_>,
+        as_id: u16,
+        level: Level,
+        tables: &mut MmuMemoryCache,
+    ) -> Result<(), FaultOutcome> {
         while it.level() > level {
             let spte = it.old_spte();
             if spte.is_frozen() {
                 MmuStats::inc(&self.stats.local().pf_retry);
-                return FaultOutcome::Retry;
+                return Err(FaultOutcome::Retry);
             }
             if spte.is_mmu_present() && spte.is_leaf(it.level()) {
                 // A huge leaf above the level we need: split it in place
                 // (its other pages stay mapped).
-                if !self.split_huge_spte(guard, &mut it, as_id, tables) {
+                if !self.split_huge_spte(guard, it, as_id, tables) {
                     MmuStats::inc(&self.stats.local().pf_retry);
-                    return FaultOutcome::Retry;
+                    return Err(FaultOutcome::Retry);
                 }
             } else if !spte.is_mmu_present() {
                 let table = self.take_table(tables);
-                if !self.set_spte_atomic(&mut it, as_id, self.fmt.make_nonleaf(table), DirtyBit::Log) {
+                if !self.set_spte_atomic(it, as_id, self.fmt.make_nonleaf(table), DirtyBit::Log) {
                     // Another fault linked a table first; ours was never
                     // visible, so it goes back to the cache.
                     self.give_back_table(tables, table);
                     if it.old_spte().is_frozen() {
-                        return FaultOutcome::Retry;
+                        return Err(FaultOutcome::Retry);
                     }
                     continue;
                 }
@@ -984,9 +1029,16 @@ impl TdpMmu {
             if !it.step_down() {
                 // Zapped under us between the link and the step.
                 MmuStats::inc(&self.stats.local().pf_retry);
-                return FaultOutcome::Retry;
+                return Err(FaultOutcome::Retry);
             }
         }
+        Ok(())
+    }
+
+    /// Sets the cursor's SPTE, at the level the leaf is for, to `leaf`
+    /// (the end of KVM's `tdp_mmu_map_handle_target_level`).
+    fn set_leaf(&self, it: &mut SpteIter<'_>, as_id: u16, leaf: Spte) -> FaultOutcome {
+        let (gfn, level) = (it.gfn(), it.level());
         let old = it.old_spte();
         if old.is_frozen() {
             MmuStats::inc(&self.stats.local().pf_retry);
@@ -997,7 +1049,7 @@ impl TdpMmu {
             MmuStats::inc(&self.stats.local().pf_spurious);
             return FaultOutcome::Spurious;
         }
-        if !self.set_spte_atomic(&mut it, as_id, leaf, DirtyBit::Log) {
+        if !self.set_spte_atomic(it, as_id, leaf, DirtyBit::Log) {
             MmuStats::inc(&self.stats.local().pf_retry);
             return FaultOutcome::Retry;
         }
