@@ -109,6 +109,7 @@ impl<'a> SpteIter<'a> {
     /// the root, under `epoch` (the cursor cannot outlive it: tables it
     /// reads are freed only after every epoch pinned while they were
     /// linked).
+    #[inline]
     pub fn new(
         epoch: &'a Guard,
         arena: &'a FrameArena,
@@ -140,6 +141,7 @@ impl<'a> SpteIter<'a> {
     }
 
     /// Walks again from the root to the first unfinished gfn (after a yield).
+    #[inline]
     pub fn restart(&mut self) {
         self.yielded_gfn = self.next_last_level_gfn;
         self.level = self.root_level;
@@ -247,6 +249,7 @@ impl<'a> SpteIter<'a> {
 
     /// Steps into the table the current SPTE points to, re-reading it
     /// first. Fails at `min_level`, on a leaf, and on a non-present SPTE.
+    #[inline]
     pub fn step_down(&mut self) -> bool {
         if self.level <= self.min_level {
             return false;
@@ -261,6 +264,39 @@ impl<'a> SpteIter<'a> {
         self.gfn = self.align(self.next_last_level_gfn, self.level);
         self.refresh();
         true
+    }
+
+    /// Steps down through present tables to `level` (not below the
+    /// cursor's lowest level), as [`SpteIter::step_down`] would one level
+    /// at a time (each SPTE read again before the cursor steps through
+    /// it), with the walk kept in registers: the fault path's descent,
+    /// whose tables are mostly all there. Stops on the first SPTE that is
+    /// not a present table (absent, frozen, a leaf) with the cursor on
+    /// it. Returns the level reached.
+    #[inline]
+    pub fn step_down_to(&mut self, level: Level) -> Level {
+        let target = level.get().max(self.min_level);
+        let (g, goal) = (self.geometry, self.next_last_level_gfn);
+        let mut lvl = self.level;
+        let mut table = self.pt_path[lvl as usize - 1];
+        let mut spte = self.old_spte;
+        while lvl > target {
+            sched_point();
+            let cur = Spte::from_raw(self.arena.table(table)[g.index(goal, lvl) as usize].load(Ordering::Acquire));
+            if !cur.is_mmu_present() || cur.is_leaf(Level::from_known(lvl)) {
+                spte = cur;
+                break;
+            }
+            table = cur.pfn();
+            lvl -= 1;
+            self.pt_path[lvl as usize - 1] = table;
+            sched_point();
+            spte = Spte::from_raw(self.arena.table(table)[g.index(goal, lvl) as usize].load(Ordering::Acquire));
+        }
+        self.level = lvl;
+        self.gfn = self.align(goal, lvl);
+        self.old_spte = spte;
+        Level::from_known(lvl)
     }
 
     /// Steps to the next SPTE of the same table. Fails at the table's end.

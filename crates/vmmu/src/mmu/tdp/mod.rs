@@ -1001,7 +1001,18 @@ impl TdpMmu {
         level: Level,
         tables: &mut MmuMemoryCache,
     ) -> Result<(), FaultOutcome> {
-        while it.level() > level {
+        // The level where this fault linked a table or split a leaf last.
+        let mut changed_at = None;
+        loop {
+            // Through the tables that are there, in one go.
+            if it.step_down_to(level) == level {
+                return Ok(());
+            }
+            if changed_at == Some(it.level()) {
+                // Zapped under us between the link (or split) and the step.
+                MmuStats::inc(&self.stats.local().pf_retry);
+                return Err(FaultOutcome::Retry);
+            }
             let spte = it.old_spte();
             if spte.is_frozen() {
                 MmuStats::inc(&self.stats.local().pf_retry);
@@ -1014,7 +1025,7 @@ impl TdpMmu {
                     MmuStats::inc(&self.stats.local().pf_retry);
                     return Err(FaultOutcome::Retry);
                 }
-            } else if !spte.is_mmu_present() {
+            } else {
                 let table = self.take_table(tables);
                 if !self.set_spte_atomic(it, as_id, self.fmt.make_nonleaf(table), DirtyBit::Log) {
                     // Another fault linked a table first; ours was never
@@ -1026,13 +1037,8 @@ impl TdpMmu {
                     continue;
                 }
             }
-            if !it.step_down() {
-                // Zapped under us between the link and the step.
-                MmuStats::inc(&self.stats.local().pf_retry);
-                return Err(FaultOutcome::Retry);
-            }
+            changed_at = Some(it.level());
         }
-        Ok(())
     }
 
     /// Sets the cursor's SPTE, at the level the leaf is for, to `leaf`
