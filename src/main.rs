@@ -179,10 +179,13 @@ enum BenchName {
     /// Guest accesses served by the vCPU's TLB, per second per vCPU thread, on both MMUs, against the bare memory access.
     #[value(name = "tlb-hit")]
     TlbHit,
+    /// TLB misses refilled by the 1-D (shadow) and 2-D (TDP) walks, per page.
+    #[value(name = "tlb-miss")]
+    TlbMiss,
     /// An L2 guest's fault on the nested MMU against its L1 hypervisor's on the TDP MMU (AMD), with memory references per TLB miss.
     #[value(name = "nested-fault")]
     NestedFault,
-    /// Every benchmark: walk, tlb-hit, populate, dirty-log, zap-all, access-tracking, cr3-switch, wp-emulate, nested-fault.
+    /// Every benchmark: walk, tlb-hit, tlb-miss, populate, dirty-log, zap-all, access-tracking, cr3-switch, wp-emulate, nested-fault.
     All,
 }
 
@@ -562,6 +565,7 @@ impl BenchName {
             BenchName::AccessTracking => Benchmark::AccessTracking,
             BenchName::Walk => Benchmark::Walk,
             BenchName::TlbHit => Benchmark::TlbHit,
+            BenchName::TlbMiss => Benchmark::TlbMiss,
             BenchName::NestedFault => Benchmark::NestedFault,
             BenchName::All => return None,
         })

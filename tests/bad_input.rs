@@ -594,6 +594,11 @@ fn bench_flags() {
         // Iterations past what each benchmark takes.
         case(&["bench", "walk", "-i", "100000001"], &["--iterations", "walk"]),
         case(&["bench", "tlb-hit", "-i", "100000001"], &["--iterations", "tlb-hit"]),
+        case(&["bench", "tlb-miss", "-i", "1000001"], &["--iterations", "tlb-miss"]),
+        case(
+            &["bench", "tlb-miss", "--mmu", "shadow"],
+            &["--mmu", "tlb-miss", "both MMUs"],
+        ),
         case(
             &["bench", "cr3-switch", "-i", "20000001"],
             &["--iterations", "cr3-switch"],

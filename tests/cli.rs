@@ -409,6 +409,27 @@ fn bench_populate_shadow_json() {
 }
 
 #[test]
+fn bench_tlb_miss_counts_the_references_of_each_walk() {
+    let v = bench_json(&["bench", "tlb-miss", "-i", "2", "--json"]);
+    assert_eq!(v["bench"], "tlb-miss");
+    assert_eq!(v["mmu"], "both");
+    let phases: Vec<&str> = v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["tdp (2-D walk)", "shadow (1-D walk)"]);
+    let refs: Vec<f64> = v["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(refs, [24.0, 4.0], "a 4-level 2-D walk and a 4-level 1-D walk");
+}
+
+#[test]
 fn bench_tlb_hit_json_measures_both_mmus() {
     let v = bench_json(&["bench", "tlb-hit", "-i", "2000", "--json"]);
     assert_eq!(v["bench"], "tlb-hit");

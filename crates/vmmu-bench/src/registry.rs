@@ -13,6 +13,8 @@ pub enum Benchmark {
     Walk,
     /// Guest accesses served by the vCPU's TLB, on both MMUs.
     TlbHit,
+    /// TLB misses refilled by the hardware model's walk, on both MMUs.
+    TlbMiss,
     /// vCPUs faulting in their memory with 4K writes (KVM's
     /// `demand_paging_test`), on either MMU.
     Populate,
@@ -52,9 +54,10 @@ pub enum Mmus {
 
 impl Benchmark {
     /// Every benchmark, in the order `vmmu bench all` runs them.
-    pub const ALL: [Benchmark; 9] = [
+    pub const ALL: [Benchmark; 10] = [
         Benchmark::Walk,
         Benchmark::TlbHit,
+        Benchmark::TlbMiss,
         Benchmark::Populate,
         Benchmark::DirtyLog,
         Benchmark::ZapAll,
@@ -68,7 +71,7 @@ impl Benchmark {
     pub fn mmus(self) -> Mmus {
         match self {
             Benchmark::Walk => Mmus::None,
-            Benchmark::TlbHit | Benchmark::NestedFault => Mmus::Both,
+            Benchmark::TlbHit | Benchmark::TlbMiss | Benchmark::NestedFault => Mmus::Both,
             Benchmark::Populate => Mmus::Either,
             Benchmark::DirtyLog | Benchmark::ZapAll | Benchmark::AccessTracking => Mmus::Tdp,
             Benchmark::Cr3Switch | Benchmark::WpEmulate => Mmus::Shadow,
@@ -99,6 +102,7 @@ impl Benchmark {
             )),
             (Mmus::Both, Some(_)) => Err(match self {
                 Benchmark::NestedFault => "--mmu has no effect on nested-fault: it measures both MMUs of a nested VM in one run (the TDP MMU for L1, the nested MMU for L2)".into(),
+                Benchmark::TlbMiss => "--mmu has no effect on tlb-miss: it measures both MMUs, each phase named by its MMU".into(),
                 _ => "--mmu has no effect on tlb-hit: it measures both MMUs, each phase named by its MMU".into(),
             }),
             (Mmus::Tdp | Mmus::None, Some(MmuKind::Shadow)) => Err(format!(
@@ -126,6 +130,7 @@ impl Benchmark {
     pub fn max_iterations(self) -> u64 {
         match self {
             Benchmark::Walk | Benchmark::TlbHit => 100_000_000,
+            Benchmark::TlbMiss => 1_000_000,
             Benchmark::Cr3Switch | Benchmark::WpEmulate => 20_000_000,
             Benchmark::NestedFault => 100,
             Benchmark::Populate | Benchmark::DirtyLog | Benchmark::ZapAll | Benchmark::AccessTracking => 100,
@@ -145,6 +150,7 @@ impl Benchmark {
         match self {
             Benchmark::Walk => Ok(crate::walk::run(iterations.unwrap_or(2_000_000)).into()),
             Benchmark::TlbHit => crate::tlb::run(iterations),
+            Benchmark::TlbMiss => crate::tlb::miss::run(iterations),
             Benchmark::Populate if mmu == Some(MmuKind::Shadow) => crate::shadow::populate(cfg, progress),
             Benchmark::Populate => crate::tdp::populate(cfg, progress),
             Benchmark::DirtyLog => crate::tdp::dirty_log(cfg, progress),
