@@ -318,6 +318,16 @@ fn bench_json(args: &[&str]) -> serde_json::Value {
     v
 }
 
+/// The phases of a benchmark's JSON report, by name.
+fn phase_names(v: &serde_json::Value) -> Vec<&str> {
+    v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn bench_populate_json_has_the_contract_fields() {
     let v = bench_json(&["bench", "populate", "-b", "4M", "-i", "1", "--json"]);
@@ -326,12 +336,7 @@ fn bench_populate_json_has_the_contract_fields() {
     assert_eq!(v["vcpus"], 1);
     assert_eq!(v["pages"], 1024, "4M of 4K pages");
     assert!(v["per_op_ns"].as_f64().unwrap() > 0.0);
-    let phases: Vec<&str> = v["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["phase"].as_str().unwrap())
-        .collect();
+    let phases = phase_names(&v);
     assert_eq!(
         phases,
         ["page_fault", "vcpu", "page_fault/store", "pre_fault", "2-vcpus"]
@@ -413,12 +418,7 @@ fn bench_tlb_miss_counts_the_references_of_each_walk() {
     let v = bench_json(&["bench", "tlb-miss", "-i", "2", "--json"]);
     assert_eq!(v["bench"], "tlb-miss");
     assert_eq!(v["mmu"], "both");
-    let phases: Vec<&str> = v["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["phase"].as_str().unwrap())
-        .collect();
+    let phases = phase_names(&v);
     assert_eq!(phases, ["tdp (2-D walk)", "shadow (1-D walk)"]);
     let refs: Vec<f64> = v["figures"]
         .as_array()
@@ -434,12 +434,7 @@ fn bench_tlb_hit_json_measures_both_mmus() {
     let v = bench_json(&["bench", "tlb-hit", "-i", "2000", "--json"]);
     assert_eq!(v["bench"], "tlb-hit");
     assert_eq!(v["mmu"], "both");
-    let phases: Vec<&str> = v["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["phase"].as_str().unwrap())
-        .collect();
+    let phases = phase_names(&v);
     assert_eq!(
         phases,
         [
@@ -465,12 +460,7 @@ fn bench_cr3_switch_json_hits_beat_misses() {
     let v = bench_json(&["bench", "cr3-switch", "-i", "2000", "--json"]);
     assert_eq!(v["bench"], "cr3-switch");
     assert_eq!(v["mmu"], "shadow");
-    let phases: Vec<&str> = v["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["phase"].as_str().unwrap())
-        .collect();
+    let phases = phase_names(&v);
     assert_eq!(phases, ["hit", "miss", "rebuild"]);
     let ratio = v["ratio"].as_f64().unwrap();
     assert!(ratio.is_finite() && ratio > 0.0, "{v}");
