@@ -55,6 +55,19 @@ pub struct WalkEntry {
     pub rights: AccessRights,
 }
 
+/// Where a walk led, without its per-level record ([`Walk`] less its
+/// entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WalkOutcome {
+    pub(crate) va: Gva,
+    pub(crate) level: u8,
+    pub(crate) page_size: PageSize,
+    pub(crate) gpa: Gpa,
+    pub(crate) rights: AccessRights,
+    pub(crate) pkey: u8,
+    pub(crate) dirty: bool,
+}
+
 /// A completed walk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Walk {
@@ -362,6 +375,23 @@ impl<F: PteFormat> Paging<F> {
         self.walk_inner(mem, root, va, access, pkru, AdMode::Peek)
     }
 
+    /// [`Paging::walk`] for a caller that needs only where the walk led
+    /// (the translation of a table's address through nested tables, five
+    /// per two-dimensional walk): the per-level record stays on this
+    /// frame instead of being copied out with the result.
+    #[inline]
+    pub(crate) fn walk_outcome<M: PtMemory>(
+        &self,
+        mem: &M,
+        root: &Root,
+        va: Gva,
+        access: Access,
+        pkru: u32,
+    ) -> Result<WalkOutcome, WalkError<M::Error>> {
+        let mut entries = [WalkEntry::default(); 5];
+        self.walk_into(mem, root, va, access, pkru, AdMode::Update, &mut entries)
+    }
+
     #[inline(always)]
     fn walk_inner<M: PtMemory>(
         &self,
@@ -372,12 +402,40 @@ impl<F: PteFormat> Paging<F> {
         pkru: u32,
         ad: AdMode,
     ) -> Result<Walk, WalkError<M::Error>> {
+        let mut entries = [WalkEntry::default(); 5];
+        let o = self.walk_into(mem, root, va, access, pkru, ad, &mut entries)?;
+        Ok(Walk {
+            va: o.va,
+            root_level: self.root_level,
+            level: o.level,
+            page_size: o.page_size,
+            gpa: o.gpa,
+            rights: o.rights,
+            pkey: o.pkey,
+            dirty: o.dirty,
+            entries,
+        })
+    }
+
+    /// The walk, recording each level's entry into `entries`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn walk_into<M: PtMemory>(
+        &self,
+        mem: &M,
+        root: &Root,
+        va: Gva,
+        access: Access,
+        pkru: u32,
+        ad: AdMode,
+        entries: &mut [WalkEntry; 5],
+    ) -> Result<WalkOutcome, WalkError<M::Error>> {
         if self.canonical_bits != 0 && !crate::arch::control::is_canonical(va.raw(), self.canonical_bits) {
             return Err(WalkError::NonCanonical);
         }
         let va = va.raw() & self.va_mask;
         'restart: loop {
-            let mut entries = [WalkEntry::default(); 5];
+            *entries = [WalkEntry::default(); 5];
             let mut rights = AccessRights::all();
             let mut level = self.root_level;
             let mut table = match root {
@@ -481,9 +539,8 @@ impl<F: PteFormat> Paging<F> {
                 _ => PageSize::Size4K,
             };
             let gpa = F::leaf_addr(leaf_pte, level) | (va & (size - 1));
-            return Ok(Walk {
+            return Ok(WalkOutcome {
                 va: Gva::new(va),
-                root_level: self.root_level,
                 level,
                 page_size,
                 gpa: Gpa::new(gpa),
@@ -492,7 +549,6 @@ impl<F: PteFormat> Paging<F> {
                 // Without A/D flags there is no D to set: a write needs no
                 // walk to mark the page dirty.
                 dirty: !self.ad || (leaf_pte & F::DIRTY != 0) || (set_dirty && ad == AdMode::Update),
-                entries,
             });
         }
     }

@@ -378,6 +378,29 @@ impl NestedPaging {
         self.translate_as(host, fault.gpa(), access, stage)
     }
 
+    /// The access a nested walk checks (user: for EPT, USER stands for
+    /// readable), and the fault of a gpa above what the nested levels
+    /// translate (the walk would otherwise index with its low bits and
+    /// alias another).
+    fn nested_access<E>(&self, gpa: Gpa, access: NestedAccess) -> (Access, Option<WalkError<E>>) {
+        let user = Access {
+            kind: access.need,
+            privilege: Privilege::User,
+            rflags_ac: false,
+        };
+        let reach = 12 + 9 * u32::from(self.levels());
+        let beyond = (reach < 64 && gpa.raw() >> reach != 0).then(|| {
+            WalkError::PageFault(super::PageFault {
+                error_code: PfErrorCode::USER,
+                level: self.levels(),
+                pte: 0,
+                pte_gpa: Gpa::new(0),
+                rights: AccessRights::empty(),
+            })
+        });
+        (user, beyond)
+    }
+
     fn translate_as<M: PtMemory>(
         &self,
         host: &M,
@@ -385,44 +408,57 @@ impl NestedPaging {
         access: NestedAccess,
         stage: NestedStage,
     ) -> Result<Walk, NestedError<M::Error>> {
-        // Nested rights are checked as user accesses: for EPT, USER stands
-        // for readable.
-        let user = Access {
-            kind: access.need,
-            privilege: Privilege::User,
-            rflags_ac: false,
+        let (user, beyond) = self.nested_access(gpa, access);
+        let va = Gva::new(gpa.raw());
+        let walk = match (beyond, &self.kind) {
+            (Some(e), _) => Err(e),
+            (None, NestedKind::Ept { paging, .. }) => paging.walk(host, &self.root, va, user, 0),
+            (None, NestedKind::Npt { paging }) => paging.walk(host, &self.root, va, user, 0),
         };
-        // A gpa above what the nested levels translate has no translation:
-        // the walk would otherwise index with its low bits and alias another.
-        let reach = 12 + 9 * u32::from(self.levels());
-        let walk = if reach < 64 && gpa.raw() >> reach != 0 {
-            Err(WalkError::PageFault(super::PageFault {
-                error_code: PfErrorCode::USER,
-                level: self.levels(),
-                pte: 0,
-                pte_gpa: Gpa::new(0),
-                rights: AccessRights::empty(),
-            }))
-        } else {
-            let va = Gva::new(gpa.raw());
-            match &self.kind {
-                NestedKind::Ept { paging, .. } => paging.walk(host, &self.root, va, user, 0),
-                NestedKind::Npt { paging } => paging.walk(host, &self.root, va, user, 0),
-            }
+        walk.map_err(|e| self.nested_error(gpa, access, stage, e))
+    }
+
+    /// [`NestedPaging::translate_as`] for the address alone (a guest
+    /// table's, read or written through these tables): the walk's record
+    /// of each level is not copied out.
+    fn translate_addr_as<M: PtMemory>(
+        &self,
+        host: &M,
+        gpa: Gpa,
+        access: NestedAccess,
+        stage: NestedStage,
+    ) -> Result<Gpa, NestedError<M::Error>> {
+        let (user, beyond) = self.nested_access(gpa, access);
+        let va = Gva::new(gpa.raw());
+        let walk = match (beyond, &self.kind) {
+            (Some(e), _) => Err(e),
+            (None, NestedKind::Ept { paging, .. }) => paging.walk_outcome(host, &self.root, va, user, 0),
+            (None, NestedKind::Npt { paging }) => paging.walk_outcome(host, &self.root, va, user, 0),
         };
+        walk.map(|o| o.gpa)
+            .map_err(|e| self.nested_error(gpa, access, stage, e))
+    }
+
+    /// The exit a failed nested walk of `gpa` makes, or the host's error.
+    fn nested_error<E>(
+        &self,
+        gpa: Gpa,
+        access: NestedAccess,
+        stage: NestedStage,
+        walk: WalkError<E>,
+    ) -> NestedError<E> {
         let pf = match walk {
-            Ok(w) => return Ok(w),
-            Err(WalkError::Memory { gpa: hpa, error, .. }) => {
-                return Err(NestedError::Host {
+            WalkError::Memory { gpa: hpa, error, .. } => {
+                return NestedError::Host {
                     hpa: Hpa::new(hpa.raw()),
                     error,
-                });
+                };
             }
             // Nested walks make no canonicality check.
-            Err(WalkError::NonCanonical) => unreachable!("a nested walk has no canonical form"),
-            Err(WalkError::PageFault(pf)) => pf,
+            WalkError::NonCanonical => unreachable!("a nested walk has no canonical form"),
+            WalkError::PageFault(pf) => pf,
         };
-        Err(NestedError::Fault(match self.kind {
+        NestedError::Fault(match self.kind {
             NestedKind::Ept { .. } if pf.error_code.contains(PfErrorCode::RSVD) => NestedFault::EptMisconfig { gpa },
             NestedKind::Ept { .. } => {
                 let mut qual = access.qual;
@@ -460,7 +496,7 @@ impl NestedPaging {
                     exitinfo2: gpa.raw(),
                 }
             }
-        }))
+        })
     }
 }
 
@@ -495,9 +531,9 @@ impl<M: PtMemory> PtMemory for NestedMemory<'_, M> {
     fn read_entry(&self, gpa: Gpa, size: EntrySize) -> Result<u64, Self::Error> {
         let w = self
             .nested
-            .translate_as(self.host, gpa, self.access(false), self.stage)?;
-        self.host.read_entry(w.gpa, size).map_err(|error| NestedError::Host {
-            hpa: Hpa::new(w.gpa.raw()),
+            .translate_addr_as(self.host, gpa, self.access(false), self.stage)?;
+        self.host.read_entry(w, size).map_err(|error| NestedError::Host {
+            hpa: Hpa::new(w.raw()),
             error,
         })
     }
@@ -505,11 +541,11 @@ impl<M: PtMemory> PtMemory for NestedMemory<'_, M> {
     fn cmpxchg_entry(&self, gpa: Gpa, size: EntrySize, old: u64, new: u64) -> Result<Result<(), u64>, Self::Error> {
         let w = self
             .nested
-            .translate_as(self.host, gpa, self.access(true), self.stage)?;
+            .translate_addr_as(self.host, gpa, self.access(true), self.stage)?;
         self.host
-            .cmpxchg_entry(w.gpa, size, old, new)
+            .cmpxchg_entry(w, size, old, new)
             .map_err(|error| NestedError::Host {
-                hpa: Hpa::new(w.gpa.raw()),
+                hpa: Hpa::new(w.raw()),
                 error,
             })
     }
