@@ -982,3 +982,80 @@ fn pre_faults_racing_the_host_leave_no_stale_mapping() {
         assert_eq!(read(&mut v, off).0, off);
     }
 }
+
+/// A guest whose page tables sit in a read-only memslot (ROM): the
+/// hardware's walk must set their Accessed bits, which EPT forbids, so
+/// every access exits. The VMM makes the access in software, as KVM's
+/// emulator does, leaving the tables in ROM unwritten (KVM's
+/// `pte_writable`); retrying the access instead made no progress, ever
+/// (found by the vm fuzz target).
+#[test]
+fn page_tables_in_a_read_only_memslot_do_not_stall_the_guest() {
+    use vmmu::arch::control::{Cr0, Cr4, Efer};
+    use vmmu::mem::{MemoryRegion, MemslotFlags};
+    for vendor in [vmmu::arch::control::Vendor::Intel, vmmu::arch::control::Vendor::Amd] {
+        let vm = Vm::new(
+            4 * MB,
+            Hva::new(0x4000_0000),
+            VmaFlags::WRITE,
+            TdpConfig {
+                vendor,
+                ..TdpConfig::default()
+            },
+        )
+        .unwrap();
+        let rom_hva = 0x5000_0000u64;
+        vm.host.mmap(Hva::new(rom_hva), 2 * MB, VmaFlags::WRITE).unwrap();
+        vm.slots
+            .create(MemoryRegion {
+                as_id: 0,
+                id: 1,
+                flags: MemslotFlags::READONLY,
+                guest_phys_addr: Gpa::new(4 * MB),
+                memory_size: 2 * MB,
+                userspace_addr: Hva::new(rom_hva),
+            })
+            .unwrap();
+        // PML4, PDPT, PD, PT at the start of the ROM, written by the VMM
+        // through the host; va 0 maps gpa 0x1000 in RAM, nothing accessed.
+        let rom = |off: u64, v: u64| vm.host.write(Hva::new(rom_hva + off), &v.to_le_bytes()).unwrap();
+        let table = 0x7; // P, W, U
+        rom(0, (4 * MB + 0x1000) | table);
+        rom(0x1000, (4 * MB + 0x2000) | table);
+        rom(0x2000, (4 * MB + 0x3000) | table);
+        rom(0x3000, 0x1000 | table);
+        vm.memory().write_u64(Gpa::new(0x1008), 0x5eed).unwrap();
+        let regs = ControlRegs {
+            cr0: Cr0::PE | Cr0::PG | Cr0::WP,
+            cr4: Cr4::PAE,
+            efer: Efer::LME | Efer::LMA,
+        };
+        let mut v = vm.vcpu(CpuFeatures::default(), 1, regs, 4 * MB).unwrap();
+        let read = v
+            .access(Gva::new(0x8), Access::new(AccessKind::Read, 3, false), 8, 0)
+            .unwrap();
+        assert!(
+            matches!(
+                read,
+                AccessResult::Done {
+                    value: 0x5eed,
+                    mmio: false,
+                    ..
+                }
+            ),
+            "{vendor:?}: {read:?}"
+        );
+        let write = v
+            .access(Gva::new(0x10), Access::new(AccessKind::Write, 3, false), 8, 0xfeed)
+            .unwrap();
+        assert!(
+            matches!(write, AccessResult::Done { mmio: false, .. }),
+            "{vendor:?}: {write:?}"
+        );
+        assert_eq!(vm.memory().read_u64(Gpa::new(0x1010)).unwrap(), 0xfeed);
+        // The ROM is as the VMM wrote it: no Accessed or Dirty bit set.
+        let mut b = [0u8; 8];
+        vm.host.read(Hva::new(rom_hva + 0x3000), &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 0x1000 | table, "{vendor:?}");
+    }
+}

@@ -182,7 +182,17 @@ impl GuestMemory {
 
     /// Writes `buf` at `gpa`, marking the pages dirty.
     pub fn write(&self, gpa: Gpa, buf: &[u8]) -> Result<(), GuestMemoryError> {
-        self.for_each_page(gpa, buf.len(), true, true, |_, hva, done, n| {
+        self.write_logged(gpa, buf, true)
+    }
+
+    /// [`GuestMemory::write`] that leaves the dirty log to the caller (a
+    /// vCPU's write, logged into its dirty ring when there is one).
+    pub(crate) fn write_unlogged(&self, gpa: Gpa, buf: &[u8]) -> Result<(), GuestMemoryError> {
+        self.write_logged(gpa, buf, false)
+    }
+
+    fn write_logged(&self, gpa: Gpa, buf: &[u8], log: bool) -> Result<(), GuestMemoryError> {
+        self.for_each_page(gpa, buf.len(), true, log, |_, hva, done, n| {
             let off = hva.page_offset() as usize;
             self.host
                 .with_frame(hva, true, |a, pfn| a.write(pfn, off, &buf[done..done + n]))

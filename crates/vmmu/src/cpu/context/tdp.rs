@@ -17,6 +17,7 @@ use crate::host::FrameArena;
 use crate::mem::DirtyRing;
 use crate::mmu::cache::MmuCaches;
 use crate::mmu::flush::RemoteTlb;
+use crate::mmu::shadow::WalkerMemory;
 use crate::mmu::tdp::{FaultOutcome, RootRef, TdpError, TdpFault, TdpMmu};
 use crate::walker::nested::{NestedFault, NestedPaging, NestedStage};
 use crate::walker::{CountingMemory, EntrySize, PtMemory, WalkError};
@@ -320,8 +321,8 @@ impl VcpuMmu for TdpContext {
         &mut self,
         cpu: &mut CpuState,
         exit: Exit,
-        _gva: Gva,
-        _access: Access,
+        gva: Gva,
+        access: Access,
         size: usize,
         value: u64,
     ) -> Result<ExitAnswer, VcpuError> {
@@ -329,6 +330,14 @@ impl VcpuMmu for TdpContext {
             unreachable!("a shadow page fault on the TDP MMU")
         };
         let outcome = self.page_fault(cpu, exit)?;
+        if matches!(outcome, FaultOutcome::Mmio | FaultOutcome::ReadOnlySlot) && final_gpa.is_none() {
+            // The hardware's walk reached a guest page table it cannot use
+            // as it must: one in a read-only memslot whose A/D bits the
+            // walk sets, or one with no memory behind it. Retrying would
+            // fault the same way forever; the VMM does the access in
+            // software, as KVM's emulator does.
+            return Ok(ExitAnswer::Done(self.emulate_access(cpu, gva, access, size, value)));
+        }
         if outcome == FaultOutcome::WriteTracked {
             let tracker = self
                 .mmu
@@ -378,4 +387,51 @@ impl VcpuMmu for TdpContext {
     fn set_string_op(&mut self, _on: bool) {}
 
     fn release(&mut self) {}
+}
+
+impl TdpContext {
+    /// The access made in software (KVM's emulator): the guest's walk over
+    /// its tables as the VMM reads them (no memory behind one: zeros),
+    /// their A/D bits set where the memory is writable and left alone
+    /// where it is not (KVM's `pte_writable`: a table in a read-only
+    /// memslot is never written), then the access itself to memory,
+    /// logged as the vCPU's write, or to MMIO (reads see 0, writes are
+    /// dropped). Nothing is cached in the TLB.
+    fn emulate_access(&self, cpu: &CpuState, gva: Gva, access: Access, size: usize, value: u64) -> AccessResult {
+        let memory = self.mmu.memory();
+        let root = cpu.paging.root(cpu.cr3, cpu.pdptes);
+        let walk = match cpu.paging.walk(&WalkerMemory(&memory), &root, gva, access, cpu.pkru) {
+            Ok(w) => w,
+            Err(WalkError::PageFault(pf)) => {
+                return AccessResult::Fault(GuestFault::PageFault {
+                    error_code: pf.error_code,
+                    gva,
+                });
+            }
+            Err(WalkError::NonCanonical) => return AccessResult::Fault(GuestFault::GeneralProtection),
+            Err(WalkError::Memory { error, .. }) => match error {},
+        };
+        let gpa = walk.gpa;
+        if access.is_write() {
+            let written = self.mmu.emulated_write(gpa, size, value, self.dirty_ring.as_deref());
+            AccessResult::Done {
+                gpa,
+                value: 0,
+                mmio: !written,
+            }
+        } else {
+            match memory.read_value(gpa, size) {
+                Ok(value) => AccessResult::Done {
+                    gpa,
+                    value,
+                    mmio: false,
+                },
+                Err(_) => AccessResult::Done {
+                    gpa,
+                    value: 0,
+                    mmio: true,
+                },
+            }
+        }
+    }
 }

@@ -1237,6 +1237,35 @@ impl TdpMmu {
         self.tracker.get()
     }
 
+    /// The guest's memory as the VMM accesses it.
+    pub fn memory(&self) -> crate::mem::GuestMemory {
+        crate::mem::GuestMemory::new(self.host.clone(), self.slots.clone())
+    }
+
+    /// A vCPU's write the VMM makes for it (an emulated access, KVM's
+    /// `kvm_vcpu_write_guest`), logged as the vCPU's write: into its dirty
+    /// `ring` when the ring is on. `false` when nothing writable is there
+    /// (MMIO, a read-only memslot): the write is dropped.
+    pub(crate) fn emulated_write(&self, gpa: Gpa, size: usize, value: u64, ring: Option<&DirtyRing>) -> bool {
+        if self
+            .memory()
+            .write_unlogged(gpa, &value.to_le_bytes()[..size.min(8)])
+            .is_err()
+        {
+            return false;
+        }
+        let slots = self.slots.load(0);
+        for gfn in [gpa.frame(), gpa.add(size.max(1) as u64 - 1).frame()] {
+            if let Some(slot) = slots.lookup(gfn) {
+                self.mark_dirty(slot, gfn, ring);
+            }
+            if gpa.frame() == gpa.add(size.max(1) as u64 - 1).frame() {
+                break;
+            }
+        }
+        true
+    }
+
     /// Takes `mmu_lock` for write.
     pub fn write_lock(&self) -> crate::sync::MmuLockWriteGuard<'_, ()> {
         self.lock.write()
