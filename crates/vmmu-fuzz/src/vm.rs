@@ -401,6 +401,14 @@ pub enum VmOp {
     /// One run of the NX huge page recovery worker (its ratio from the
     /// configuration, at least 1).
     NxRecover,
+    /// `KVM_PRE_FAULT_MEMORY` of `pages` 4K pages from gpa `first * 16K`
+    /// (TDP only; memslot 0 and past it, where it stops).
+    PreFault {
+        /// The first page, in 16 KiB steps over the first 4 MiB.
+        first: u8,
+        /// Pages.
+        pages: u8,
+    },
 }
 
 /// An entry value: mostly a valid-looking entry pointing at one of
@@ -447,7 +455,7 @@ impl<'a> Arbitrary<'a> for VmOp {
                 u.choose_index(N_PAGES)? as u8
             })
         };
-        let sel = u.int_in_range(0..=103u8)?;
+        let sel = u.int_in_range(0..=105u8)?;
         Ok(match sel {
             0..=23 => VmOp::WriteEntry {
                 // Mostly the leaf table and the directory above it, mostly
@@ -524,7 +532,11 @@ impl<'a> Arbitrary<'a> for VmOp {
                 0
             }),
             102 => VmOp::SetPke(u.arbitrary()?),
-            _ => VmOp::NxRecover,
+            103 => VmOp::NxRecover,
+            _ => VmOp::PreFault {
+                first: u.arbitrary()?,
+                pages: u.arbitrary()?,
+            },
         })
     }
 }
@@ -1252,6 +1264,20 @@ impl Runner {
             VmOp::NxRecover => {
                 if let Mmu::Tdp(m) = &self.mmu {
                     m.recover_nx_huge_pages(self.config.nx_recovery_ratio.max(1));
+                }
+            }
+            VmOp::PreFault { first, pages } => {
+                if let (Mmu::Tdp(m), Some(root)) = (&self.mmu, self.vcpu.root()) {
+                    let mut caches = m.vcpu_caches();
+                    let start = Gpa::new(u64::from(first) << 14);
+                    match m.pre_fault_memory(root, start, (u64::from(pages) + 1) << 12, &mut caches) {
+                        Ok(r) if r.stopped.is_none() || r.stopped.is_some_and(|(gpa, _)| gpa >= start) => {}
+                        Ok(r) => self.fail(step, op, format_args!("pre-fault stopped before its start: {r:?}")),
+                        // A host that cannot give the first page (a
+                        // read-only or unmapped range the program made).
+                        Err(vmmu::mmu::tdp::TdpError::Host { .. }) => {}
+                        Err(e) => self.fail(step, op, format_args!("pre-fault failed: {e}")),
+                    }
                 }
             }
         }
