@@ -590,3 +590,64 @@ fn l2_writes_are_logged_in_l1s_dirty_bitmap() {
         }
     }
 }
+
+/// L2's page tables in a read-only memslot of L1's memory (ROM): L2's
+/// walk must set their Accessed bits, which NPT02/EPT02 forbid, so the
+/// access exits, and the nested MMU finds a read-only memslot behind a
+/// paging-structure access. The access is then made in software, as KVM's
+/// emulator does, the ROM left unwritten: it reads what L1's page holds
+/// (it used to complete as an MMIO read of 0).
+#[test]
+fn l2_page_tables_in_l1_rom_are_walked_not_read_as_mmio() {
+    use vmmu::arch::control::{Cr0, Cr4, Efer};
+    use vmmu::mem::{MemoryRegion, MemslotFlags};
+    for vendor in VENDORS {
+        let vm = vm_of(vendor);
+        let rom_hva = 0x6000_0000u64;
+        vm.host.mmap(Hva::new(rom_hva), 2 * MB, VmaFlags::WRITE).unwrap();
+        vm.slots
+            .create(MemoryRegion {
+                as_id: 0,
+                id: 1,
+                flags: MemslotFlags::READONLY,
+                guest_phys_addr: vmmu::addr::Gpa::new(8 * MB),
+                memory_size: 2 * MB,
+                userspace_addr: Hva::new(rom_hva),
+            })
+            .unwrap();
+        let mut l1 = l1(&vm);
+        // NPT12: L2's pages 1..=4 (its tables) at L1's ROM, page 5 at L1's
+        // 4 MiB + 0x5000.
+        for l in 0..3 {
+            write(&mut l1, NPT[l], NPT[l + 1] | URW);
+        }
+        for p in 1..=4u64 {
+            write(&mut l1, NPT[3] + 8 * p, (8 * MB + 4096 * p) | URW);
+        }
+        write(&mut l1, NPT[3] + 8 * 5, (4 * MB + 0x5000) | URW);
+        write(&mut l1, 4 * MB + 0x5000, 0xc0de);
+        // L2's tables, written into the ROM by the VMM: PML4 at L2's
+        // 0x1000, PDPT 0x2000, PD 0x3000, PT 0x4000; va 0x5000 -> 0x5000.
+        let rom = |off: u64, v: u64| vm.host.write(Hva::new(rom_hva + off), &v.to_le_bytes()).unwrap();
+        rom(0x1000, 0x2000 | URW);
+        rom(0x2000, 0x3000 | URW);
+        rom(0x3000, 0x4000 | URW);
+        rom(0x4000 + 8 * 5, 0x5000 | URW);
+        let mut l2 = l2(&vm, 2, NPT[0]);
+        let regs = ControlRegs {
+            cr0: Cr0::PE | Cr0::PG | Cr0::WP,
+            cr4: Cr4::PAE,
+            efer: Efer::LME | Efer::LMA | Efer::NXE,
+        };
+        l2.set_state(regs, 0x1000, 0).unwrap();
+        assert_eq!(value(read(&mut l2, 0x5000)), 0xc0de, "{vendor:?}");
+        write(&mut l2, 0x5008, 0xbeef);
+        assert_eq!(
+            vm.memory().read_u64(vmmu::addr::Gpa::new(4 * MB + 0x5008)).unwrap(),
+            0xbeef
+        );
+        let mut b = [0u8; 8];
+        vm.host.read(Hva::new(rom_hva + 0x4000 + 8 * 5), &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 0x5000 | URW, "{vendor:?}: the ROM was written");
+    }
+}

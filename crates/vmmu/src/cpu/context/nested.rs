@@ -713,6 +713,14 @@ impl VcpuMmu for NestedContext {
             ShadowOutcome::GuestGeneralProtection => {
                 unreachable!("an L2-physical address has no canonical form")
             }
+            // A paging-structure access of L2's walk there (L2's table in
+            // L1's ROM, whose A/D bits the walk sets; or with no memory
+            // behind it): the access is made in software, as KVM's
+            // emulator does, the A/D updates skipped where L1's memory is
+            // not writable.
+            ShadowOutcome::Mmio(_) | ShadowOutcome::ReadOnlySlot(_) if final_gpa.is_none() => {
+                ExitAnswer::Done(self.emulate_access(cpu, gva, access, size, value)?)
+            }
             // No memslot at the L1-physical address L1's tables give: the
             // VMM emulates the access there (KVM reports the L1 gpa, in
             // the address space the VMM owns).
