@@ -829,3 +829,45 @@ fn a_zapped_root_is_the_only_root_dropped() {
         }
     }
 }
+
+/// A guest whose page tables sit in a read-only memslot (ROM): the shadow
+/// MMU walks them in software and cannot set their Accessed bits; the
+/// access completes (the tables left unwritten, as KVM's `pte_writable`
+/// leaves them), reading and writing the guest's RAM, and the audit
+/// accepts SPTEs built from entries whose A/D bits could not be set. The
+/// fault's check that the entries still hold used to want the A bit the
+/// walk could not set, and retried forever.
+#[test]
+fn page_tables_in_a_read_only_memslot_are_walked() {
+    use vmmu::mem::{MemoryRegion, MemslotFlags};
+    let (vm, mut v) = vm();
+    let rom_hva = 0x5000_0000u64;
+    vm.host.mmap(Hva::new(rom_hva), 2 << 20, VmaFlags::WRITE).unwrap();
+    vm.slots
+        .create(MemoryRegion {
+            as_id: 0,
+            id: 1,
+            flags: MemslotFlags::READONLY,
+            guest_phys_addr: Gpa::new(4 << 20),
+            memory_size: 2 << 20,
+            userspace_addr: Hva::new(rom_hva),
+        })
+        .unwrap();
+    let rom = |off: u64, val: u64| vm.host.write(Hva::new(rom_hva + off), &val.to_le_bytes()).unwrap();
+    let base = 4 << 20;
+    rom(0, (base + 0x1000) | TABLE);
+    rom(0x1000, (base + 0x2000) | TABLE);
+    rom(0x2000, (base + 0x3000) | TABLE);
+    rom(0x3000, 0x100000 | P | W | U);
+    vm.memory().write_u64(Gpa::new(0x100008), 0x5eed).unwrap();
+    v.set_state(regs(true, false), base, 0).unwrap();
+    assert_eq!(read(&mut v, 8), (0x100008, 0x5eed));
+    let w = access(&mut v, 0x10, AccessKind::Write, 3, 0xfeed);
+    assert!(matches!(w, AccessResult::Done { mmio: false, .. }), "{w:?}");
+    assert_eq!(vm.memory().read_u64(Gpa::new(0x100010)).unwrap(), 0xfeed);
+    let mut b = [0u8; 8];
+    vm.host.read(Hva::new(rom_hva + 0x3000), &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), 0x100000 | P | W | U, "the ROM was written");
+    let audit = vm.mmu.audit();
+    assert!(audit.is_empty(), "{audit:?}");
+}

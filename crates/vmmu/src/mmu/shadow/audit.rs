@@ -191,6 +191,13 @@ impl ShadowMmu {
                 Err(_) => 0,
             };
             let recorded = p.gpte(index).unwrap_or(0);
+            // A table the guest cannot write: its A/D bits stay as the
+            // guest left them, the walk counted them as set.
+            let now = if super::table_writable(&self.slots.load(u16::from(p.role.smm())), table.gpa(index)) {
+                now
+            } else {
+                now | (recorded & p.role.gpte_bits().ad())
+            };
             // Checked after the read: an emulated write in flight has stored
             // the new entry and waits for the lock (held here) to zap the
             // SPTE built from the old one, and counts until it has.

@@ -141,6 +141,13 @@ impl PtMemory for WalkerMemory<'_> {
     }
 }
 
+/// Whether the guest's table holding `gpa` is in memory the guest may
+/// write: else (a read-only memslot, no memslot) no walk can set the A/D
+/// bits of its entries.
+pub(crate) fn table_writable(slots: &crate::mem::Memslots, gpa: Gpa) -> bool {
+    slots.lookup(gpa.frame()).is_some_and(|s| !s.is_readonly())
+}
+
 /// Leaf SPTEs one gfn may have before they are all dropped (KVM's
 /// `RMAP_RECYCLE_THRESHOLD`).
 pub const RMAP_RECYCLE_THRESHOLD: usize = 1000;
@@ -490,6 +497,14 @@ impl ShadowMmu {
             };
             let Ok(now) = LockedMemory(&self.memory).read_entry(e.pte_gpa, size);
             let seen = gpte.as_walked(e.pte, level == walk.level && walk.dirty);
+            // A table the guest cannot write (ROM, no memory): the walk could
+            // not set its A/D bits (KVM's `pte_writable`); it counts as
+            // having set them.
+            let now = if table_writable(&slots, e.pte_gpa) {
+                now
+            } else {
+                now | (seen & gpte.ad())
+            };
             if !gpte.still_valid(seen, now) && !crate::sync::bug(crate::sync::Bug::GpteChangeIgnoresAd) {
                 MmuStats::inc(&self.stats.local().pf_retry);
                 return Ok(ShadowOutcome::Retry);
