@@ -352,15 +352,7 @@ pub mod miss {
             )));
         }
         let vas: Vec<u64> = order.iter().map(|p| p << 12 | 8).collect();
-        let hpas: Vec<u64> = vas
-            .iter()
-            .map(|&va| {
-                let hva = HVA + ((DATA_GFN + (va >> 12)) << 12);
-                host.lookup(Hva::new(hva))
-                    .map(|leaf| leaf.pfn.raw() << 12 | (va & 0xfff))
-                    .ok_or_else(|| run(format!("no host page at hva {hva:#x}")))
-            })
-            .collect::<Result<_, _>>()?;
+        let hpas = host_addresses(host, &vas)?;
         let (ref_ns, _, sink) = best_ns_per_iter(5, rounds * MISS_PAGES, |n| {
             let mut sink = 0u64;
             for i in 0..n {

@@ -193,7 +193,9 @@ impl ShadowMmu {
             let recorded = p.gpte(index).unwrap_or(0);
             // A table the guest cannot write: its A/D bits stay as the
             // guest left them, the walk counted them as set.
-            let now = if super::table_writable(&self.slots.load(u16::from(p.role.smm())), table.gpa(index)) {
+            let now = if p.role.gpte_bits().still_valid(recorded, now)
+                || super::table_writable(&self.slots.load(u16::from(p.role.smm())), table.gpa(index))
+            {
                 now
             } else {
                 now | (recorded & p.role.gpte_bits().ad())

@@ -499,8 +499,8 @@ impl ShadowMmu {
             let seen = gpte.as_walked(e.pte, level == walk.level && walk.dirty);
             // A table the guest cannot write (ROM, no memory): the walk could
             // not set its A/D bits (KVM's `pte_writable`); it counts as
-            // having set them.
-            let now = if table_writable(&slots, e.pte_gpa) {
+            // having set them. (Asked only of an entry that looks changed.)
+            let now = if gpte.still_valid(seen, now) || table_writable(&slots, e.pte_gpa) {
                 now
             } else {
                 now | (seen & gpte.ad())

@@ -1254,14 +1254,10 @@ impl TdpMmu {
         {
             return false;
         }
-        let slots = self.slots.load(0);
-        for gfn in [gpa.frame(), gpa.add(size.max(1) as u64 - 1).frame()] {
-            if let Some(slot) = slots.lookup(gfn) {
-                self.mark_dirty(slot, gfn, ring);
-            }
-            if gpa.frame() == gpa.add(size.max(1) as u64 - 1).frame() {
-                break;
-            }
+        // The vCPU splits an access at page boundaries: one page.
+        let gfn = gpa.frame();
+        if let Some(slot) = self.slots.load(0).lookup(gfn) {
+            self.mark_dirty(slot, gfn, ring);
         }
         true
     }
